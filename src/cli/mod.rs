@@ -1,0 +1,105 @@
+//! The command line: one file per subcommand. `main` parses [`Cli`], sets up
+//! logging and calls [`execute`]; errors become exit codes (see [`CliError`]).
+
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand, ValueEnum};
+
+use crate::error::CliError;
+
+/// Turns committed PostgreSQL row changes into Redis cache invalidations.
+#[derive(Debug, Parser)]
+#[command(name = "cache-invalidator", version, about)]
+pub struct Cli {
+    /// Service config file.
+    #[arg(
+        long,
+        global = true,
+        env = "CACHE_INVALIDATOR_CONFIG",
+        default_value = "cache-invalidator.toml"
+    )]
+    pub config: PathBuf,
+
+    /// Log format on stderr.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Log output format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// The subcommands of the design.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the worker in the foreground (SIGINT/SIGTERM stop it gracefully).
+    Run,
+    /// Create the publication and the slot, add mapped tables, emit flush markers (idempotent).
+    Setup {
+        /// Set REPLICA IDENTITY FULL on tables whose rules need old values.
+        #[arg(long)]
+        replica_identity_full: bool,
+    },
+    /// Validate config and mappings (and, when reachable, against the catalog and Redis).
+    Check,
+    /// Fire the `truncate` invalidations of every mapped table, or one.
+    Flush {
+        /// Only this table (`schema.table` or `table`).
+        #[arg(long)]
+        table: Option<String>,
+    },
+    /// Stream decoded committed transactions as JSON lines from a temporary slot.
+    Record {
+        /// Output file (`-` for stdout).
+        #[arg(long)]
+        out: PathBuf,
+        /// Stop after this many transactions.
+        #[arg(long)]
+        max_txns: Option<u64>,
+        /// Stop after this many seconds.
+        #[arg(long)]
+        timeout: Option<f64>,
+    },
+    /// Run the mappings over a recorded file offline and print the plan per transaction.
+    Replay {
+        /// The recorded file (JSON lines, as `record` writes).
+        file: PathBuf,
+        /// Execute the plan against Redis.
+        #[arg(long)]
+        apply: bool,
+        /// Skip malformed lines instead of stopping.
+        #[arg(long)]
+        skip_bad_lines: bool,
+    },
+    /// Show the slot, its lag and retained WAL, and whether a worker streams.
+    Status {
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
+    /// The guided demo on a local PostgreSQL and Redis.
+    Demo,
+}
+
+/// Runs one parsed command line.
+pub async fn execute(cli: Cli) -> Result<(), CliError> {
+    match cli.command {
+        Command::Run => Err(CliError::NotImplemented("run")),
+        Command::Setup { .. } => Err(CliError::NotImplemented("setup")),
+        Command::Check => Err(CliError::NotImplemented("check")),
+        Command::Flush { .. } => Err(CliError::NotImplemented("flush")),
+        Command::Record { .. } => Err(CliError::NotImplemented("record")),
+        Command::Replay { .. } => Err(CliError::NotImplemented("replay")),
+        Command::Status { .. } => Err(CliError::NotImplemented("status")),
+        Command::Demo => Err(CliError::NotImplemented("demo")),
+    }
+}

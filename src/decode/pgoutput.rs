@@ -1,0 +1,1 @@
+//! pgoutput protocol v1 messages, parsed from one XLogData payload.

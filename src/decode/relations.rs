@@ -1,0 +1,1 @@
+//! The relation cache: pgoutput messages -> [`super::Event`]s.

@@ -1,0 +1,83 @@
+//! Folding row changes into deduplicated invalidation plans.
+//!
+//! A [`Plan`] is what one batch (or one transaction, for `replay`) asks of Redis.
+//! Every field is a set: a transaction that updates one row a million times
+//! yields one invalidation per distinct key. Memory is bounded by the batch.
+
+use std::collections::HashSet;
+
+/// A pub/sub message to send after the deletes of the same batch.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Publish {
+    /// Channel name.
+    pub channel: String,
+    /// The JSON payload, serialized.
+    pub message: String,
+}
+
+/// The Redis work derived from a set of changes. All names are full Redis keys
+/// (`tag_prefix` / `version_prefix` already applied); patterns are glob patterns
+/// whose substituted values are already escaped.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Plan {
+    /// Keys to UNLINK.
+    pub keys: HashSet<String>,
+    /// Tag set keys (e.g. `tag:user:1`): every member is unlinked, then the set.
+    pub tags: HashSet<String>,
+    /// Version keys (e.g. `version:user:1`) to bump (a missing key becomes 2).
+    pub versions: HashSet<String>,
+    /// Glob patterns: every matching key is unlinked (one SCAN pass per batch).
+    pub patterns: HashSet<String>,
+    /// Glob patterns over tag set keys (from `truncate`): each matching set is invalidated like a tag.
+    pub tag_patterns: HashSet<String>,
+    /// Glob patterns over version keys (from `truncate`): each matching key is bumped.
+    pub version_patterns: HashSet<String>,
+    /// Messages to PUBLISH after the deletes, deduplicated, in first-seen order.
+    pub publish: Vec<Publish>,
+    /// Dedup index for `publish`.
+    pub publish_seen: HashSet<Publish>,
+}
+
+impl Plan {
+    /// True when the plan asks nothing of Redis.
+    pub fn is_empty(&self) -> bool {
+        self.keys.is_empty()
+            && self.tags.is_empty()
+            && self.versions.is_empty()
+            && self.patterns.is_empty()
+            && self.tag_patterns.is_empty()
+            && self.version_patterns.is_empty()
+            && self.publish.is_empty()
+    }
+
+    /// Number of distinct operations, the measure `max_batch_ops` bounds.
+    pub fn ops(&self) -> usize {
+        self.keys.len()
+            + self.tags.len()
+            + self.versions.len()
+            + self.patterns.len()
+            + self.tag_patterns.len()
+            + self.version_patterns.len()
+            + self.publish.len()
+    }
+
+    /// Adds a message unless the same one is already planned.
+    pub fn add_publish(&mut self, publish: Publish) {
+        if self.publish_seen.insert(publish.clone()) {
+            self.publish.push(publish);
+        }
+    }
+
+    /// Folds another plan into this one.
+    pub fn merge(&mut self, other: Plan) {
+        self.keys.extend(other.keys);
+        self.tags.extend(other.tags);
+        self.versions.extend(other.versions);
+        self.patterns.extend(other.patterns);
+        self.tag_patterns.extend(other.tag_patterns);
+        self.version_patterns.extend(other.version_patterns);
+        for p in other.publish {
+            self.add_publish(p);
+        }
+    }
+}
