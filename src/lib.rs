@@ -26,11 +26,15 @@
 //! removes (or bumps, or announces) what a committed change made stale.
 #![warn(missing_docs)]
 
+pub mod ack;
+pub mod cache;
 pub mod cli;
 pub mod decode;
 pub mod error;
 pub mod lsn;
+pub mod map;
 pub mod plan;
+pub mod sink;
 
 pub use error::CliError;
 pub use lsn::Lsn;

@@ -1,0 +1,2 @@
+//! Mapping rules (placeholder until the mappings work lands).
+pub mod glob;
