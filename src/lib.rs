@@ -28,8 +28,10 @@
 
 pub mod cli;
 pub mod decode;
+pub mod diag;
 pub mod error;
 pub mod lsn;
+pub mod map;
 pub mod plan;
 
 pub use error::CliError;
