@@ -33,6 +33,7 @@ pub mod error;
 pub mod lsn;
 pub mod map;
 pub mod plan;
+pub mod replay;
 
 pub use error::CliError;
 pub use lsn::Lsn;

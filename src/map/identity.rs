@@ -91,10 +91,14 @@ pub fn missing_old_columns(rule: &Rule, identity: &ReplicaIdentity) -> Vec<Strin
     if !rule.needs_old_values() {
         return Vec::new();
     }
+    let used = rule.invalidation_columns();
     rule.columns
         .iter()
-        .filter(|c| !identity.carries(c) && !rule.assume_unchanged.iter().any(|a| a == *c))
-        .cloned()
+        .zip(used)
+        .filter(|(c, used)| {
+            *used && !identity.carries(c) && !rule.assume_unchanged.iter().any(|a| a == *c)
+        })
+        .map(|(c, _)| c.clone())
         .collect()
 }
 

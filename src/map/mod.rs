@@ -224,6 +224,29 @@ impl Rule {
         !self.columns.is_empty()
     }
 
+    /// Which of [`Rule::columns`] the invalidation templates (keys, tags,
+    /// versions, patterns) use; the others are only used by shaped messages,
+    /// which render from one image and need no old values.
+    pub fn invalidation_columns(&self) -> Vec<bool> {
+        let mut used = vec![false; self.columns.len()];
+        for t in self
+            .keys
+            .iter()
+            .chain(&self.tags)
+            .chain(&self.versions)
+            .chain(&self.patterns)
+        {
+            for seg in t.segments() {
+                if let template::Segment::Column(i) = seg {
+                    if let Some(u) = used.get_mut(*i) {
+                        *u = true;
+                    }
+                }
+            }
+        }
+        used
+    }
+
     /// True when the rule needs the old image of a change (it fires on update or delete).
     pub fn needs_old_values(&self) -> bool {
         self.on.update || self.on.delete

@@ -162,15 +162,14 @@ impl Template {
             .any(|s| matches!(s, Segment::Column(_)))
     }
 
-    /// Renders into `out` (cleared first). `value(i)` gives the text of the
-    /// rule's column `i`, or why it has none. On `Err`, `out` holds garbage.
+    /// Renders by appending to `out`. `value(i)` gives the text of the rule's
+    /// column `i`, or why it has none. On `Err`, `out` holds a partial rendering.
     #[inline]
     pub fn render_into<'v>(
         &self,
         out: &mut String,
         mut value: impl FnMut(usize) -> Result<&'v str, Missing>,
     ) -> Result<(), Missing> {
-        out.clear();
         for seg in &self.segments {
             match seg {
                 Segment::Literal(s) => out.push_str(s),
