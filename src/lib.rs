@@ -27,6 +27,7 @@
 #![warn(missing_docs)]
 
 pub mod cli;
+pub mod config;
 pub mod decode;
 pub mod diag;
 pub mod error;
