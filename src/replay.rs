@@ -379,3 +379,42 @@ pub fn replay_str(
         .map(|t| TxnPlan::from_plan(t.xid, t.lsn, r.transaction(t)))
         .collect())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parse_errors_name_the_line() {
+        let e = parse_file("\n{\"xid\":1,\"lsn\":\"0/1\"}\nnot json\n", false).unwrap_err();
+        assert_eq!(e.line, 3);
+        let e = parse_line(r#"{"xid":1,"lsn":"0/1","changes":[{"table":"t","op":"delete"}]}"#)
+            .unwrap_err();
+        assert_eq!(e, "change 1: a delete needs \"old\"");
+        let e = parse_line(
+            r#"{"xid":1,"lsn":"0/1","changes":[{"table":"t","op":"insert","new":{"a":true}}]}"#,
+        )
+        .unwrap_err();
+        assert!(e.contains("values are text as PostgreSQL prints it"), "{e}");
+        let e = parse_line(r#"{"xid":1,"lsn":"zz","changes":[]}"#).unwrap_err();
+        assert!(e.contains("invalid LSN"), "{e}");
+        let (ok, bad) = parse_file("x\n{\"xid\":1,\"lsn\":\"0/1\"}\n", true).unwrap();
+        assert_eq!((ok.len(), bad.len(), bad[0].line), (1, 1, 1));
+    }
+
+    #[test]
+    fn absent_columns_are_unknown_and_numbers_are_text() {
+        let m = Arc::new(
+            Mappings::parse(
+                "m.toml",
+                "[[table]]\nname = \"posts\"\nkeys = [\"post:{id}\", \"author:{author_id}\"]\n",
+            )
+            .unwrap(),
+        );
+        let text = r#"{"xid":1,"lsn":"0/1","changes":[{"table":"posts","op":"insert","new":{"id":7,"author_id":null}},{"table":"posts","op":"delete","old":{"id":"8"}}]}"#;
+        let plans = replay_str(m, PlannerContext::default(), text).unwrap();
+        // post 7: author NULL renders nothing; post 8's delete lacks author_id: fallback.
+        assert_eq!(plans[0].keys, ["post:7"]);
+        assert_eq!(plans[0].patterns, ["author:*", "post:*"]);
+    }
+}
