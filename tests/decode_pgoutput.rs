@@ -326,3 +326,149 @@ fn errors_name_message_type_lsn_and_offset() {
         "pgoutput Update message at LSN 0/15534F8: unknown relation OID 16398: no Relation message for it was received on this stream"
     );
 }
+
+mod no_panic {
+    //! Whatever the bytes, `parse` and `RelationCache::decode` return; a strict
+    //! prefix of a valid message is always an error.
+
+    use std::sync::OnceLock;
+
+    use super::*;
+    use proptest::prelude::*;
+
+    const FILES: [&str; 6] = [
+        "insert_types",
+        "default_identity",
+        "full_identity",
+        "toast",
+        "truncate",
+        "messages",
+    ];
+
+    fn all_messages() -> &'static [(Lsn, Vec<u8>)] {
+        static ALL: OnceLock<Vec<(Lsn, Vec<u8>)>> = OnceLock::new();
+        ALL.get_or_init(|| FILES.iter().flat_map(|f| fixture(f)).collect())
+    }
+
+    /// A cache that knows every fixture relation and is inside a transaction,
+    /// so mutated row messages reach the row-building code.
+    fn primed_cache() -> RelationCache {
+        static PRIMED: OnceLock<RelationCache> = OnceLock::new();
+        PRIMED
+            .get_or_init(|| {
+                let mut cache = RelationCache::new();
+                let mut out = Vec::new();
+                for (lsn, payload) in all_messages() {
+                    if payload.first() == Some(&b'R') || payload.first() == Some(&b'B') {
+                        cache.decode_payload(payload, *lsn, &mut out).unwrap();
+                    }
+                }
+                cache
+            })
+            .clone()
+    }
+
+    /// Parses and decodes; only a panic fails the test. Returns whether it decoded.
+    fn exercise(cache: &mut RelationCache, payload: &[u8]) -> bool {
+        let mut out = Vec::new();
+        match cache.decode_payload(payload, Lsn(0x16B_3748), &mut out) {
+            Ok(()) => true,
+            Err(e) => {
+                assert!(out.is_empty(), "events appended before an error: {out:?}");
+                assert!(!e.to_string().is_empty());
+                false
+            }
+        }
+    }
+
+    #[derive(Debug, Clone)]
+    enum Mutation {
+        Truncate(prop::sample::Index),
+        FlipBits(Vec<(prop::sample::Index, u8)>),
+        SetByte(prop::sample::Index, u8),
+        Insert(prop::sample::Index, Vec<u8>),
+        Remove(prop::sample::Index, prop::sample::Index),
+    }
+
+    fn mutation() -> impl Strategy<Value = Mutation> {
+        prop_oneof![
+            any::<prop::sample::Index>().prop_map(Mutation::Truncate),
+            prop::collection::vec((any::<prop::sample::Index>(), 0u8..8), 1..8)
+                .prop_map(Mutation::FlipBits),
+            (any::<prop::sample::Index>(), any::<u8>()).prop_map(|(i, b)| Mutation::SetByte(i, b)),
+            (
+                any::<prop::sample::Index>(),
+                prop::collection::vec(any::<u8>(), 1..8)
+            )
+                .prop_map(|(i, b)| Mutation::Insert(i, b)),
+            (any::<prop::sample::Index>(), any::<prop::sample::Index>())
+                .prop_map(|(i, n)| Mutation::Remove(i, n)),
+        ]
+    }
+
+    /// Applies the mutation; true when the result is a strict prefix of the original.
+    fn apply(m: &Mutation, p: &mut Vec<u8>) -> bool {
+        if p.is_empty() {
+            return false;
+        }
+        match m {
+            Mutation::Truncate(i) => {
+                p.truncate(i.index(p.len()));
+                return true;
+            }
+            Mutation::FlipBits(flips) => {
+                for (i, bit) in flips {
+                    let i = i.index(p.len());
+                    p[i] ^= 1 << bit;
+                }
+            }
+            Mutation::SetByte(i, b) => {
+                let i = i.index(p.len());
+                p[i] = *b;
+            }
+            Mutation::Insert(i, bytes) => {
+                let i = i.index(p.len() + 1);
+                p.splice(i..i, bytes.iter().copied());
+            }
+            Mutation::Remove(i, n) => {
+                let i = i.index(p.len());
+                let n = 1 + n.index(p.len() - i);
+                p.drain(i..i + n);
+            }
+        }
+        false
+    }
+
+    /// Tags pgoutput defines (and ones we refuse), so random bodies get parsed deeply.
+    fn payload() -> impl Strategy<Value = Vec<u8>> {
+        let tag = prop::sample::select(b"BCORYIUDTMSEcAbPKrpxn\0".to_vec());
+        (tag, prop::collection::vec(any::<u8>(), 0..128)).prop_map(|(tag, mut body)| {
+            body.insert(0, tag);
+            body
+        })
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 10_000, failure_persistence: None, ..ProptestConfig::default() })]
+
+        #[test]
+        fn arbitrary_bytes_never_panic(bytes in prop::collection::vec(any::<u8>(), 0..256)) {
+            let _ = pgoutput::parse(&bytes);
+            exercise(&mut primed_cache(), &bytes);
+        }
+
+        #[test]
+        fn arbitrary_bodies_behind_real_tags_never_panic(bytes in payload()) {
+            exercise(&mut primed_cache(), &bytes);
+        }
+
+        #[test]
+        fn mutated_fixtures_never_panic(which in any::<prop::sample::Index>(), m in mutation()) {
+            let messages = all_messages();
+            let (_, mut p) = messages[which.index(messages.len())].clone();
+            let prefix = apply(&m, &mut p);
+            let decoded = exercise(&mut primed_cache(), &p);
+            prop_assert!(!(prefix && decoded), "a strict prefix decoded: {p:02x?}");
+        }
+    }
+}

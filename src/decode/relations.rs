@@ -24,7 +24,7 @@ use crate::lsn::Lsn;
 ///
 /// One per replication stream: after a reconnect call [`RelationCache::clear`]
 /// (PostgreSQL resends the Relation messages on a new connection).
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Clone)]
 pub struct RelationCache {
     relations: HashMap<u32, Arc<Relation>>,
     /// Xid of the open transaction (from its Begin), for the Commit event.
@@ -295,6 +295,25 @@ mod tests {
         assert_eq!(
             c.new.as_ref().unwrap().values,
             [Value::Text("2".into()), Value::Null, Value::Unknown]
+        );
+    }
+
+    #[test]
+    fn rows_reuse_the_tuple_allocation() {
+        let Message::Relation(rel) = users() else {
+            unreachable!()
+        };
+        let data = vec![t("1"), TupleValue::Null, TupleValue::UnchangedToast];
+        let before = data.as_ptr().cast::<u8>();
+        let row = row(&rel, data, true).unwrap();
+        assert_eq!(
+            row.values.as_ptr().cast::<u8>(),
+            before,
+            "collected in place"
+        );
+        assert_eq!(
+            row.values,
+            [Value::Text("1".into()), Value::Unknown, Value::Unknown]
         );
     }
 
