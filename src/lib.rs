@@ -31,6 +31,7 @@ pub mod decode;
 pub mod error;
 pub mod lsn;
 pub mod plan;
+pub mod source;
 
 pub use error::CliError;
 pub use lsn::Lsn;
