@@ -557,13 +557,9 @@ impl ReplicationConnection {
                         .next()
                         .map_err(|e| self.protocol(sql, e.to_string()))?
                     {
-                        values.push(match r {
-                            Some(r) => Some(
-                                String::from_utf8_lossy(buf.get(r).unwrap_or_default())
-                                    .into_owned(),
-                            ),
-                            None => None,
-                        });
+                        values.push(r.map(|r| {
+                            String::from_utf8_lossy(buf.get(r).unwrap_or_default()).into_owned()
+                        }));
                     }
                     rows.push(values);
                 }

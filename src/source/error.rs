@@ -132,7 +132,7 @@ pub enum SourceError {
         url: String,
         /// The full server error.
         #[source]
-        server: ServerError,
+        server: Box<ServerError>,
     },
     /// The server asks for a password and none was configured.
     #[error("the server asks for a password for user {user:?} ({method}) but none is configured ({url}): put it in the URL or in password_file")]
@@ -172,7 +172,7 @@ pub enum SourceError {
         url: String,
         /// The full server error.
         #[source]
-        server: ServerError,
+        server: Box<ServerError>,
     },
     /// `wal_level` is not `logical`.
     #[error("wal_level is {wal_level:?} on {url}, logical decoding needs wal_level = logical: set `wal_level = logical` in postgresql.conf or `ALTER SYSTEM SET wal_level = logical`, then restart PostgreSQL")]
@@ -197,7 +197,7 @@ pub enum SourceError {
         url: String,
         /// The full server error.
         #[source]
-        server: ServerError,
+        server: Box<ServerError>,
     },
     /// "number of requested standby connections exceeds max_wal_senders".
     #[error("no free WAL sender on {url}: the number of replication connections exceeds max_wal_senders; raise max_wal_senders (restart needed) or stop another replication client")]
@@ -206,7 +206,7 @@ pub enum SourceError {
         url: String,
         /// The full server error.
         #[source]
-        server: ServerError,
+        server: Box<ServerError>,
     },
     /// 55006: another process streams the slot (how a standby worker waits).
     #[error("replication slot {slot:?} is active for PID {pid}: another worker streams it; retrying with backoff (a standby takes over when it stops)")]
@@ -217,7 +217,7 @@ pub enum SourceError {
         pid: u32,
         /// The full server error.
         #[source]
-        server: ServerError,
+        server: Box<ServerError>,
     },
     /// The slot does not exist.
     #[error("replication slot {slot:?} does not exist on {url}: run `cache-invalidator setup` (or set auto_setup = true)")]
@@ -244,7 +244,7 @@ pub enum SourceError {
         url: String,
         /// The server error if the stream reported it.
         #[source]
-        server: Option<ServerError>,
+        server: Option<Box<ServerError>>,
     },
     /// Slot creation did not finish in time (it waits for running transactions).
     #[error("creating replication slot {slot:?} did not finish within {timeout:?}: it waits for transactions running at its start (PIDs {blocking_pids:?}); end them or retry")]
@@ -278,7 +278,7 @@ pub enum SourceError {
         /// Masked URL.
         url: String,
         /// The server error.
-        server: ServerError,
+        server: Box<ServerError>,
     },
     /// The connection closed or failed mid-conversation.
     #[error("replication connection to {url} lost during {during}{at}", at = lsn.map(|l| format!(" (acknowledged up to {l})")).unwrap_or_default())]
@@ -380,7 +380,9 @@ pub(crate) fn classify(
     publication: Option<&str>,
 ) -> SourceError {
     let url = url.to_string();
-    let msg = server.message.as_str();
+    let server = Box::new(server);
+    let msg = server.message.clone();
+    let msg = msg.as_str();
     match server.code.as_str() {
         "28P01" | "28000" => SourceError::AuthenticationFailed {
             message: server.message.clone(),
