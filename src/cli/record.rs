@@ -158,6 +158,11 @@ impl<W: Write> JsonLinesWriter<W> {
         self.open_at
     }
 
+    /// Flushes buffered output.
+    pub fn flush(&mut self) -> io::Result<()> {
+        self.out.flush()
+    }
+
     /// Flushes and returns the inner writer.
     pub fn into_inner(mut self) -> io::Result<W> {
         self.out.flush()?;
@@ -241,6 +246,11 @@ where
                 for event in &events {
                     if let Some(end) = writer.event(event).map_err(write_err)? {
                         txns += 1;
+                        // Flush when the stream has nothing more right now: lines
+                        // appear promptly for readers, in batches under load.
+                        if rx.is_empty() {
+                            writer.flush().map_err(write_err)?;
+                        }
                         // Written (to the OS) = recorded: acknowledge it.
                         ack.send_modify(|a| *a = (*a).max(end));
                     }
