@@ -62,6 +62,7 @@ pub mod map;
 pub mod plan;
 pub mod replay;
 pub mod sink;
+pub mod source;
 
 pub use error::CliError;
 pub use lsn::Lsn;

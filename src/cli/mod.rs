@@ -10,6 +10,8 @@ pub mod replay;
 
 use crate::error::CliError;
 
+pub mod record;
+
 /// Turns committed PostgreSQL row changes into Redis cache invalidations.
 #[derive(Debug, Parser)]
 #[command(name = "cache-invalidator", version, about)]
@@ -71,6 +73,12 @@ pub enum Command {
         /// Stop after this many seconds.
         #[arg(long)]
         timeout: Option<f64>,
+        /// PostgreSQL URL (until the config file is wired in; overrides it).
+        #[arg(long, env = "CACHE_INVALIDATOR_POSTGRES_URL", hide_env_values = true)]
+        postgres_url: Option<String>,
+        /// Publication to stream.
+        #[arg(long, default_value = "cache_invalidator")]
+        publication: String,
     },
     /// Run the mappings over a recorded file offline and print the plan per transaction.
     Replay {
@@ -100,7 +108,35 @@ pub async fn execute(cli: Cli) -> Result<(), CliError> {
         Command::Setup { .. } => Err(CliError::NotImplemented("setup")),
         Command::Check => check::run(&cli.config),
         Command::Flush { .. } => Err(CliError::NotImplemented("flush")),
-        Command::Record { .. } => Err(CliError::NotImplemented("record")),
+        Command::Record {
+            out,
+            max_txns,
+            timeout,
+            postgres_url,
+            publication,
+        } => {
+            let url = postgres_url.ok_or_else(|| {
+                CliError::Invalid(
+                    "record needs a PostgreSQL URL: --postgres-url or CACHE_INVALIDATOR_POSTGRES_URL"
+                        .into(),
+                )
+            })?;
+            let postgres = crate::source::ConnectionSettings::parse(&url, None)
+                .map_err(|e| CliError::Invalid(e.to_string()))?;
+            let timeout = match timeout {
+                Some(t) if t.is_finite() && t >= 0.0 => Some(std::time::Duration::from_secs_f64(t)),
+                Some(t) => return Err(CliError::Invalid(format!("invalid --timeout {t}"))),
+                None => None,
+            };
+            let args = record::RecordArgs {
+                postgres,
+                publication,
+                out,
+                max_txns,
+                timeout,
+            };
+            record::run(args).await
+        }
         Command::Replay {
             file,
             apply,

@@ -1,0 +1,638 @@
+//! Connection settings from a libpq connection string: the URL form
+//! (`postgres://user:pass@host:port/db?sslmode=prefer&host=/run/postgresql`)
+//! or the keyword/value form (`host=/run/postgresql port=5432 user=app`).
+//!
+//! Passwords never leave this module in clear text except to authentication:
+//! [`ConnectionSettings`]'s `Display` and `Debug` print the URL with the
+//! password masked as `***`.
+
+use std::fmt;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use super::error::SourceError;
+
+/// The default PostgreSQL port.
+pub const DEFAULT_PORT: u16 = 5432;
+
+/// The `application_name` used when the connection string names none.
+pub const DEFAULT_APPLICATION_NAME: &str = "cache-invalidator";
+
+/// How long connecting may take when `connect_timeout` is not given.
+pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Where the server listens.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Host {
+    /// A TCP host name or address.
+    Tcp(String),
+    /// A directory holding the unix socket `.s.PGSQL.<port>`.
+    Unix(PathBuf),
+}
+
+/// libpq's `sslmode`.
+///
+/// TLS is not implemented yet: `disable` and `prefer` connect in plaintext
+/// (`prefer` means "TLS if the server offers it", and we do not offer it yet,
+/// so it is plaintext for now); `require`, `verify-ca` and `verify-full`
+/// are refused by [`ConnectionSettings::check_supported`] rather than
+/// silently downgraded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SslMode {
+    /// No TLS.
+    Disable,
+    /// TLS if available (plaintext for now: TLS is not supported yet).
+    Allow,
+    /// TLS if available (plaintext for now: TLS is not supported yet). libpq's default.
+    Prefer,
+    /// TLS required, certificate not checked.
+    Require,
+    /// TLS required, certificate chain checked.
+    VerifyCa,
+    /// TLS required, certificate chain and host name checked.
+    VerifyFull,
+}
+
+impl SslMode {
+    fn parse(s: &str) -> Option<Self> {
+        Some(match s {
+            "disable" => SslMode::Disable,
+            "allow" => SslMode::Allow,
+            "prefer" => SslMode::Prefer,
+            "require" => SslMode::Require,
+            "verify-ca" => SslMode::VerifyCa,
+            "verify-full" => SslMode::VerifyFull,
+            _ => return None,
+        })
+    }
+
+    /// The libpq spelling.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SslMode::Disable => "disable",
+            SslMode::Allow => "allow",
+            SslMode::Prefer => "prefer",
+            SslMode::Require => "require",
+            SslMode::VerifyCa => "verify-ca",
+            SslMode::VerifyFull => "verify-full",
+        }
+    }
+}
+
+/// Validated connection settings.
+#[derive(Clone)]
+pub struct ConnectionSettings {
+    /// Where to connect.
+    pub host: Host,
+    /// TCP port, also the unix socket's suffix.
+    pub port: u16,
+    /// Role name.
+    pub user: String,
+    /// Password, if any (from the URL or a password file).
+    pub password: Option<String>,
+    /// Database name.
+    pub dbname: String,
+    /// TLS mode (see [`SslMode`]).
+    pub sslmode: SslMode,
+    /// `application_name` reported to the server.
+    pub application_name: String,
+    /// Upper bound on connecting and authenticating.
+    pub connect_timeout: Duration,
+}
+
+/// Parameters accepted in a connection string.
+const KNOWN: &[&str] = &[
+    "host",
+    "hostaddr",
+    "port",
+    "user",
+    "password",
+    "dbname",
+    "sslmode",
+    "application_name",
+    "connect_timeout",
+];
+
+#[derive(Default)]
+struct Raw {
+    host: Option<String>,
+    port: Option<String>,
+    user: Option<String>,
+    password: Option<String>,
+    dbname: Option<String>,
+    sslmode: Option<String>,
+    application_name: Option<String>,
+    connect_timeout: Option<String>,
+}
+
+impl Raw {
+    fn set(&mut self, key: &str, value: String) -> Result<(), String> {
+        let slot = match key {
+            "host" | "hostaddr" => &mut self.host,
+            "port" => &mut self.port,
+            "user" => &mut self.user,
+            "password" => &mut self.password,
+            "dbname" => &mut self.dbname,
+            "sslmode" => &mut self.sslmode,
+            "application_name" => &mut self.application_name,
+            "connect_timeout" => &mut self.connect_timeout,
+            other => {
+                return Err(format!(
+                    "unsupported connection parameter {other:?} (supported: {})",
+                    KNOWN.join(", ")
+                ))
+            }
+        };
+        *slot = Some(value);
+        Ok(())
+    }
+}
+
+impl ConnectionSettings {
+    /// Parses a libpq URL (`postgres://` or `postgresql://`) or keyword/value
+    /// string. `password_override` (e.g. read from `password_file`) replaces
+    /// any password in the string.
+    pub fn parse(conn: &str, password_override: Option<String>) -> Result<Self, SourceError> {
+        let raw = if conn.starts_with("postgres://") || conn.starts_with("postgresql://") {
+            parse_url(conn)
+        } else {
+            parse_keyword_value(conn)
+        };
+        let invalid = |reason: String| SourceError::InvalidConnectionString {
+            masked: mask_connection_string(conn),
+            reason,
+        };
+        let raw = raw.map_err(invalid)?;
+        let port = match raw.port.as_deref() {
+            None | Some("") => DEFAULT_PORT,
+            Some(p) => p
+                .parse::<u16>()
+                .ok()
+                .filter(|p| *p != 0)
+                .ok_or_else(|| invalid(format!("invalid port {p:?}")))?,
+        };
+        let host = match raw.host.as_deref() {
+            None | Some("") => Host::Unix(PathBuf::from("/var/run/postgresql")),
+            Some(h) if h.contains(',') => {
+                return Err(invalid(format!(
+                    "several hosts ({h:?}) are not supported: name one"
+                )))
+            }
+            Some(h) if h.starts_with('/') => Host::Unix(PathBuf::from(h)),
+            Some(h) => Host::Tcp(h.to_string()),
+        };
+        let user = match raw.user {
+            Some(u) if !u.is_empty() => u,
+            _ => std::env::var("PGUSER")
+                .or_else(|_| std::env::var("USER"))
+                .unwrap_or_else(|_| "postgres".into()),
+        };
+        let dbname = match raw.dbname {
+            Some(d) if !d.is_empty() => d,
+            _ => user.clone(),
+        };
+        let sslmode = match raw.sslmode.as_deref() {
+            None | Some("") => SslMode::Prefer,
+            Some(s) => SslMode::parse(s).ok_or_else(|| {
+                invalid(format!(
+                    "invalid sslmode {s:?} (one of disable, allow, prefer, require, verify-ca, verify-full)"
+                ))
+            })?,
+        };
+        let connect_timeout = match raw.connect_timeout.as_deref() {
+            None | Some("") | Some("0") => DEFAULT_CONNECT_TIMEOUT,
+            Some(s) => s
+                .parse::<u64>()
+                .map(|s| Duration::from_secs(s.max(2)))
+                .map_err(|_| invalid(format!("invalid connect_timeout {s:?} (seconds)")))?,
+        };
+        let password = password_override.or(raw.password.filter(|p| !p.is_empty()));
+        Ok(ConnectionSettings {
+            host,
+            port,
+            user,
+            password,
+            dbname,
+            sslmode,
+            application_name: raw
+                .application_name
+                .filter(|a| !a.is_empty())
+                .unwrap_or_else(|| DEFAULT_APPLICATION_NAME.into()),
+            connect_timeout,
+        })
+    }
+
+    /// Refuses what this build cannot do yet (TLS), naming the fix.
+    pub fn check_supported(&self) -> Result<(), SourceError> {
+        match self.sslmode {
+            SslMode::Disable | SslMode::Allow | SslMode::Prefer => Ok(()),
+            SslMode::Require | SslMode::VerifyCa | SslMode::VerifyFull => {
+                Err(SourceError::TlsNotSupported {
+                    sslmode: self.sslmode.as_str(),
+                    url: self.to_string(),
+                })
+            }
+        }
+    }
+
+    /// `host:port` or the unix socket path, for error messages.
+    pub fn target(&self) -> String {
+        match &self.host {
+            Host::Tcp(h) if h.contains(':') => format!("[{h}]:{}", self.port),
+            Host::Tcp(h) => format!("{h}:{}", self.port),
+            Host::Unix(dir) => self
+                .socket_path()
+                .unwrap_or(dir.clone())
+                .display()
+                .to_string(),
+        }
+    }
+
+    /// The unix socket file, for a [`Host::Unix`].
+    pub fn socket_path(&self) -> Option<PathBuf> {
+        match &self.host {
+            Host::Unix(dir) => Some(dir.join(format!(".s.PGSQL.{}", self.port))),
+            Host::Tcp(_) => None,
+        }
+    }
+}
+
+/// Prints the settings as a URL with the password masked (`***`).
+impl fmt::Display for ConnectionSettings {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "postgres://{}", encode(&self.user))?;
+        if self.password.is_some() {
+            f.write_str(":***")?;
+        }
+        f.write_str("@")?;
+        match &self.host {
+            Host::Tcp(h) if h.contains(':') => write!(f, "[{h}]:{}", self.port)?,
+            Host::Tcp(h) => write!(f, "{}:{}", encode(h), self.port)?,
+            Host::Unix(_) => {}
+        }
+        write!(f, "/{}", encode(&self.dbname))?;
+        let mut sep = '?';
+        if let Host::Unix(dir) = &self.host {
+            write!(
+                f,
+                "{sep}host={}&port={}",
+                encode(&dir.display().to_string()),
+                self.port
+            )?;
+            sep = '&';
+        }
+        write!(f, "{sep}sslmode={}", self.sslmode.as_str())
+    }
+}
+
+impl fmt::Debug for ConnectionSettings {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "ConnectionSettings({self})")
+    }
+}
+
+/// Masks the password of a connection string that may not even parse, for
+/// error messages: `postgres://u:secret@h/db` -> `postgres://u:***@h/db`,
+/// `password=secret` -> `password=***`.
+pub fn mask_connection_string(conn: &str) -> String {
+    if let Some(rest) = conn
+        .strip_prefix("postgres://")
+        .map(|r| ("postgres://", r))
+        .or_else(|| {
+            conn.strip_prefix("postgresql://")
+                .map(|r| ("postgresql://", r))
+        })
+    {
+        let (scheme, rest) = rest;
+        let authority_end = rest.find(['/', '?']).unwrap_or(rest.len());
+        let (authority, tail) = rest.split_at(authority_end);
+        let authority = match authority.rfind('@') {
+            Some(at) => {
+                let userinfo = &authority[..at];
+                let user = userinfo.split(':').next().unwrap_or("");
+                if userinfo.contains(':') {
+                    format!("{user}:***{}", &authority[at..])
+                } else {
+                    authority.to_string()
+                }
+            }
+            None => authority.to_string(),
+        };
+        let tail = match tail.split_once('?') {
+            Some((path, query)) => {
+                let query: Vec<String> = query
+                    .split('&')
+                    .map(|kv| match kv.split_once('=') {
+                        Some(("password", _)) => "password=***".to_string(),
+                        _ => kv.to_string(),
+                    })
+                    .collect();
+                format!("{path}?{}", query.join("&"))
+            }
+            None => tail.to_string(),
+        };
+        return format!("{scheme}{authority}{tail}");
+    }
+    // Keyword/value: mask the value after `password=` up to the next unquoted space.
+    let mut out = String::with_capacity(conn.len());
+    let mut rest = conn;
+    while let Some(pos) = rest.find("password") {
+        let (before, after) = rest.split_at(pos);
+        out.push_str(before);
+        let after_kw = &after["password".len()..];
+        let trimmed = after_kw.trim_start();
+        if let Some(value) = trimmed.strip_prefix('=') {
+            out.push_str("password=***");
+            let value = value.trim_start();
+            rest = skip_value(value);
+        } else {
+            out.push_str("password");
+            rest = after_kw;
+        }
+    }
+    out.push_str(rest);
+    out
+}
+
+/// Skips one keyword/value value (quoted or bare), returning what follows it.
+fn skip_value(s: &str) -> &str {
+    let mut chars = s.char_indices();
+    if s.starts_with('\'') {
+        chars.next();
+        let mut escaped = false;
+        for (i, c) in chars {
+            match (escaped, c) {
+                (true, _) => escaped = false,
+                (false, '\\') => escaped = true,
+                (false, '\'') => return &s[i + 1..],
+                _ => {}
+            }
+        }
+        ""
+    } else {
+        let end = s.find(char::is_whitespace).unwrap_or(s.len());
+        &s[end..]
+    }
+}
+
+fn parse_url(conn: &str) -> Result<Raw, String> {
+    let rest = conn
+        .strip_prefix("postgresql://")
+        .or_else(|| conn.strip_prefix("postgres://"))
+        .ok_or("expected postgres:// or postgresql://")?;
+    let (rest, query) = match rest.split_once('?') {
+        Some((r, q)) => (r, Some(q)),
+        None => (rest, None),
+    };
+    let (authority, path) = match rest.find('/') {
+        Some(i) => (&rest[..i], Some(&rest[i + 1..])),
+        None => (rest, None),
+    };
+    let mut raw = Raw::default();
+    let hostport = match authority.rfind('@') {
+        Some(at) => {
+            let userinfo = &authority[..at];
+            match userinfo.split_once(':') {
+                Some((u, p)) => {
+                    raw.user = Some(decode(u)?);
+                    raw.password = Some(decode(p)?);
+                }
+                None => raw.user = Some(decode(userinfo)?),
+            }
+            &authority[at + 1..]
+        }
+        None => authority,
+    };
+    if hostport.contains(',') {
+        return Err(format!(
+            "several hosts ({hostport:?}) are not supported: name one"
+        ));
+    }
+    if let Some(v6) = hostport.strip_prefix('[') {
+        let (h, after) = v6.split_once(']').ok_or("unterminated [ in IPv6 host")?;
+        raw.host = Some(h.to_string());
+        if let Some(p) = after.strip_prefix(':') {
+            raw.port = Some(p.to_string());
+        } else if !after.is_empty() {
+            return Err(format!("unexpected {after:?} after the IPv6 host"));
+        }
+    } else if let Some((h, p)) = hostport.rsplit_once(':') {
+        raw.host = Some(decode(h)?);
+        raw.port = Some(p.to_string());
+    } else if !hostport.is_empty() {
+        raw.host = Some(decode(hostport)?);
+    }
+    if let Some(path) = path {
+        if !path.is_empty() {
+            raw.dbname = Some(decode(path)?);
+        }
+    }
+    if let Some(query) = query {
+        for kv in query.split('&').filter(|kv| !kv.is_empty()) {
+            let (k, v) = kv.split_once('=').ok_or_else(|| {
+                format!(
+                    "query parameter {k:?} has no value",
+                    k = decode(kv).unwrap_or_default()
+                )
+            })?;
+            raw.set(&decode(k)?, decode(v)?)?;
+        }
+    }
+    Ok(raw)
+}
+
+fn parse_keyword_value(conn: &str) -> Result<Raw, String> {
+    let mut raw = Raw::default();
+    let mut rest = conn.trim_start();
+    while !rest.is_empty() {
+        let eq = rest.find('=').ok_or_else(|| {
+            format!(
+                "missing \"=\" after {:?}",
+                rest.split_whitespace().next().unwrap_or("")
+            )
+        })?;
+        let key = rest[..eq].trim();
+        if key.is_empty() || key.contains(char::is_whitespace) {
+            return Err(format!("invalid keyword {key:?}"));
+        }
+        let value_start = rest[eq + 1..].trim_start();
+        let (value, after) = if let Some(quoted) = value_start.strip_prefix('\'') {
+            let mut value = String::new();
+            let mut chars = quoted.char_indices();
+            let mut end = None;
+            while let Some((i, c)) = chars.next() {
+                match c {
+                    '\\' => match chars.next() {
+                        Some((_, c)) => value.push(c),
+                        None => break,
+                    },
+                    '\'' => {
+                        end = Some(i + 1);
+                        break;
+                    }
+                    c => value.push(c),
+                }
+            }
+            let end = end.ok_or_else(|| format!("unterminated quoted value of {key:?}"))?;
+            (value, &quoted[end..])
+        } else {
+            let end = value_start
+                .find(char::is_whitespace)
+                .unwrap_or(value_start.len());
+            let mut value = String::new();
+            let mut chars = value_start[..end].chars();
+            while let Some(c) = chars.next() {
+                if c == '\\' {
+                    if let Some(c) = chars.next() {
+                        value.push(c);
+                    }
+                } else {
+                    value.push(c);
+                }
+            }
+            (value, &value_start[end..])
+        };
+        raw.set(key, value)?;
+        rest = after.trim_start();
+    }
+    Ok(raw)
+}
+
+/// Percent-decodes (no `+` -> space: libpq does not do that either).
+fn decode(s: &str) -> Result<String, String> {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%' {
+            let hex = bytes
+                .get(i + 1..i + 3)
+                .and_then(|h| std::str::from_utf8(h).ok())
+                .and_then(|h| u8::from_str_radix(h, 16).ok())
+                .ok_or_else(|| "invalid percent-encoding".to_string())?;
+            out.push(hex);
+            i += 3;
+        } else {
+            out.push(bytes[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8(out).map_err(|_| "percent-encoding is not UTF-8".to_string())
+}
+
+/// Percent-encodes what would break the URL structure.
+fn encode(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
+            out.push(char::from(b));
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_tcp_url_with_everything() {
+        let s = ConnectionSettings::parse(
+            "postgres://app:s%40cret@db.example:6543/shop?sslmode=disable&application_name=x",
+            None,
+        )
+        .unwrap();
+        assert_eq!(s.host, Host::Tcp("db.example".into()));
+        assert_eq!(s.port, 6543);
+        assert_eq!(s.user, "app");
+        assert_eq!(s.password.as_deref(), Some("s@cret"));
+        assert_eq!(s.dbname, "shop");
+        assert_eq!(s.sslmode, SslMode::Disable);
+        assert_eq!(s.application_name, "x");
+        assert_eq!(s.target(), "db.example:6543");
+    }
+
+    #[test]
+    fn parses_unix_socket_url() {
+        let s =
+            ConnectionSettings::parse("postgres://postgres@/postgres?host=/tmp/x&port=5433", None)
+                .unwrap();
+        assert_eq!(s.host, Host::Unix("/tmp/x".into()));
+        assert_eq!(
+            s.socket_path().unwrap(),
+            PathBuf::from("/tmp/x/.s.PGSQL.5433")
+        );
+        assert_eq!(s.application_name, DEFAULT_APPLICATION_NAME);
+        let s = ConnectionSettings::parse("postgresql://%2Fvar%2Frun%2Fpg/db", None).unwrap();
+        assert_eq!(s.host, Host::Unix("/var/run/pg".into()));
+    }
+
+    #[test]
+    fn parses_ipv6_and_keyword_value() {
+        let s = ConnectionSettings::parse("postgres://u@[::1]:5000/d", None).unwrap();
+        assert_eq!(s.host, Host::Tcp("::1".into()));
+        assert_eq!(s.target(), "[::1]:5000");
+        let s = ConnectionSettings::parse(
+            "host=127.0.0.1 port=5001 user=u password='it''s \\'q\\'' dbname = d",
+            None,
+        );
+        // '' is not an escape in conninfo: the value ends at the second quote.
+        assert!(s.is_err());
+        let s = ConnectionSettings::parse(
+            "host=127.0.0.1 port=5001 user=u password='a \\'b' dbname = d",
+            None,
+        )
+        .unwrap();
+        assert_eq!(s.password.as_deref(), Some("a 'b"));
+        assert_eq!(s.dbname, "d");
+        assert_eq!(s.port, 5001);
+    }
+
+    #[test]
+    fn password_override_wins_and_is_never_printed() {
+        let s =
+            ConnectionSettings::parse("postgres://u:inurl@h/d", Some("fromfile".into())).unwrap();
+        assert_eq!(s.password.as_deref(), Some("fromfile"));
+        let shown = format!("{s} {s:?}");
+        assert!(
+            !shown.contains("fromfile") && !shown.contains("inurl"),
+            "{shown}"
+        );
+        assert_eq!(s.to_string(), "postgres://u:***@h:5432/d?sslmode=prefer");
+    }
+
+    #[test]
+    fn masks_unparsable_strings() {
+        assert_eq!(
+            mask_connection_string("postgres://u:p%zz@h/d?password=x&a=b"),
+            "postgres://u:***@h/d?password=***&a=b"
+        );
+        assert_eq!(
+            mask_connection_string("host=h password='a b' user=u"),
+            "host=h password=*** user=u"
+        );
+        let err = ConnectionSettings::parse("postgres://u:topsecret@h:notaport/d", None)
+            .unwrap_err()
+            .to_string();
+        assert!(!err.contains("topsecret"), "{err}");
+    }
+
+    #[test]
+    fn tls_modes_are_refused_clearly() {
+        for mode in ["require", "verify-ca", "verify-full"] {
+            let s = ConnectionSettings::parse(&format!("postgres://u@h/d?sslmode={mode}"), None)
+                .unwrap();
+            let err = s.check_supported().unwrap_err().to_string();
+            assert!(err.contains("TLS is not supported yet"), "{err}");
+        }
+        for mode in ["disable", "prefer"] {
+            let s = ConnectionSettings::parse(&format!("postgres://u@h/d?sslmode={mode}"), None)
+                .unwrap();
+            s.check_supported().unwrap();
+        }
+        assert!(ConnectionSettings::parse("postgres://u@h/d?sslmode=nope", None).is_err());
+        assert!(ConnectionSettings::parse("postgres://u@h/d?bogus=1", None).is_err());
+    }
+}

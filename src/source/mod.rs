@@ -1,0 +1,31 @@
+//! The replication source: everything between PostgreSQL's walsender and the
+//! decoder. One concern per file:
+//!
+//! * [`conninfo`]: libpq URL / keyword-value parsing, masked display.
+//! * [`connection`]: the socket, startup with the pinned session settings,
+//!   authentication, simple-protocol commands (`IDENTIFY_SYSTEM`, `SHOW`).
+//! * [`frame`]: the pure frame splitter; [`copyboth`]: XLogData, keepalive,
+//!   standby status update bytes.
+//! * [`slot`]: slot creation (permanent, temporary), `START_REPLICATION`, quoting.
+//! * [`stream`]: the task that forwards [`SourceItem`]s and sends status updates.
+//! * [`sql`]: the tokio-postgres connection for catalog and slot queries.
+//! * [`error`]: [`SourceError`] and its [`RetryClass`].
+//!
+//! Not here: pgoutput decoding (`decode/`), acknowledgement bookkeeping
+//! (`ack`): this module reports whatever LSN the acknowledger publishes.
+
+pub mod connection;
+pub mod conninfo;
+pub mod copyboth;
+pub mod error;
+pub mod frame;
+pub mod slot;
+pub mod sql;
+pub mod stream;
+
+pub use connection::{connect, ReplicationConnection, SystemIdentity};
+pub use conninfo::{ConnectionSettings, Host, SslMode};
+pub use error::{RetryClass, ServerError, SourceError};
+pub use slot::{create_slot, create_temporary_slot, drop_slot, start_replication, CreatedSlot};
+pub use sql::{connect_sql, SlotInfo, SqlClient};
+pub use stream::{spawn_stream, SourceItem, StreamControl};

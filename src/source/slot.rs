@@ -1,0 +1,243 @@
+//! Replication slot commands on the replication connection: create a
+//! permanent slot (under a timeout, logging the backends it waits for), a
+//! temporary one (for `record`), and `START_REPLICATION`. Also the quoting of
+//! identifiers and literals these commands need.
+//!
+//! We never request `streaming` or `two_phase`: pgoutput then sends a
+//! transaction only after its commit.
+
+use std::time::Duration;
+
+use super::connection::ReplicationConnection;
+use super::error::SourceError;
+use super::frame;
+use super::sql::SqlClient;
+use crate::lsn::Lsn;
+
+/// A slot just created.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CreatedSlot {
+    /// Its name.
+    pub name: String,
+    /// The LSN from which it streams: changes committed after it.
+    pub consistent_point: Lsn,
+}
+
+/// Quotes an SQL identifier: `a"b` -> `"a""b"`.
+pub fn quote_ident(name: &str) -> String {
+    format!("\"{}\"", name.replace('"', "\"\""))
+}
+
+/// Quotes an SQL string literal: `it's` -> `'it''s'` (standard-conforming:
+/// backslashes are not special).
+pub fn quote_literal(value: &str) -> String {
+    format!("'{}'", value.replace('\'', "''"))
+}
+
+/// Checks a slot name as PostgreSQL does: 1 to 63 of `[a-z0-9_]`.
+pub fn validate_slot_name(slot: &str) -> Result<(), SourceError> {
+    let ok = !slot.is_empty()
+        && slot.len() <= 63
+        && slot
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_');
+    if ok {
+        Ok(())
+    } else {
+        Err(SourceError::InvalidSlotName {
+            slot: slot.to_string(),
+        })
+    }
+}
+
+/// The `START_REPLICATION` command for a slot and a publication: always from
+/// `0/0` (the slot is the only durable position), protocol 1, with logical
+/// decoding messages; never `streaming` or `two_phase`.
+pub fn start_replication_command(slot: &str, publication: &str) -> String {
+    format!(
+        "START_REPLICATION SLOT {} LOGICAL 0/0 (proto_version '1', publication_names {}, messages 'true')",
+        quote_ident(slot),
+        quote_literal(&quote_ident(publication)),
+    )
+}
+
+fn create_command(slot: &str, temporary: bool) -> String {
+    format!(
+        "CREATE_REPLICATION_SLOT {}{} LOGICAL pgoutput NOEXPORT_SNAPSHOT",
+        quote_ident(slot),
+        if temporary { " TEMPORARY" } else { "" }
+    )
+}
+
+fn created(
+    conn: &ReplicationConnection,
+    rows: Vec<Vec<Option<String>>>,
+    slot: &str,
+) -> Result<CreatedSlot, SourceError> {
+    let consistent_point = rows
+        .first()
+        .and_then(|r| r.get(1).cloned().flatten())
+        .and_then(|l| l.parse().ok())
+        .ok_or_else(|| {
+            conn.protocol(
+                "CREATE_REPLICATION_SLOT",
+                "no consistent_point in the reply",
+            )
+        })?;
+    Ok(CreatedSlot {
+        name: slot.to_string(),
+        consistent_point,
+    })
+}
+
+/// Creates a permanent logical slot with pgoutput. Creation waits for the
+/// transactions running when it starts; while it waits, the backends holding
+/// a transaction id or snapshot are logged every second (read over `sql`). On
+/// `timeout` the command is abandoned, the connection is left unusable (drop
+/// it: the walsender then aborts the creation) and
+/// [`SourceError::SlotCreationTimeout`] names the blocking PIDs.
+pub async fn create_slot(
+    conn: &mut ReplicationConnection,
+    sql: Option<&SqlClient>,
+    slot: &str,
+    timeout: Duration,
+) -> Result<CreatedSlot, SourceError> {
+    validate_slot_name(slot)?;
+    let cmd = create_command(slot, false);
+    let own_pid = conn.backend_pid();
+    let mut blocking: Vec<i32> = Vec::new();
+    let started = tokio::time::Instant::now();
+    let deadline = started + timeout;
+    let rows = {
+        let create = conn.simple_query(&cmd, Some(slot), None);
+        tokio::pin!(create);
+        let mut tick =
+            tokio::time::interval_at(started + Duration::from_secs(1), Duration::from_secs(1));
+        loop {
+            tokio::select! {
+                biased;
+                r = &mut create => break r?,
+                _ = tokio::time::sleep_until(deadline) => {
+                    return Err(SourceError::SlotCreationTimeout {
+                        slot: slot.to_string(),
+                        timeout,
+                        blocking_pids: blocking,
+                    });
+                }
+                _ = tick.tick() => {
+                    if let Some(sql) = sql {
+                        match sql.transactions_blocking_slot_creation(own_pid).await {
+                            Ok(pids) => {
+                                tracing::info!(slot, waited_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX), blocking_pids = ?pids, "creating the replication slot waits for these transactions to end");
+                                blocking = pids;
+                            }
+                            Err(error) => tracing::warn!(slot, %error, "cannot list the transactions slot creation waits for"),
+                        }
+                    } else {
+                        tracing::info!(slot, "creating the replication slot waits for running transactions to end");
+                    }
+                }
+            }
+        }
+    };
+    let created = created(conn, rows, slot)?;
+    tracing::info!(slot, consistent_point = %created.consistent_point, "created replication slot");
+    Ok(created)
+}
+
+/// Creates a temporary logical slot (dropped when this connection closes), for `record`.
+pub async fn create_temporary_slot(
+    conn: &mut ReplicationConnection,
+    slot: &str,
+) -> Result<CreatedSlot, SourceError> {
+    validate_slot_name(slot)?;
+    let rows = conn
+        .simple_query(&create_command(slot, true), Some(slot), None)
+        .await?;
+    created(conn, rows, slot)
+}
+
+/// Drops a slot (`DROP_REPLICATION_SLOT "name" WAIT`).
+pub async fn drop_slot(conn: &mut ReplicationConnection, slot: &str) -> Result<(), SourceError> {
+    validate_slot_name(slot)?;
+    conn.simple_query(
+        &format!("DROP_REPLICATION_SLOT {} WAIT", quote_ident(slot)),
+        Some(slot),
+        None,
+    )
+    .await
+    .map(|_| ())
+}
+
+/// Sends `START_REPLICATION` and waits for CopyBothResponse. On success the
+/// connection is in CopyBoth mode: hand it to [`super::stream::spawn_stream`].
+pub async fn start_replication(
+    conn: &mut ReplicationConnection,
+    slot: &str,
+    publication: &str,
+) -> Result<(), SourceError> {
+    validate_slot_name(slot)?;
+    if conn.poisoned {
+        return Err(SourceError::Poisoned {
+            url: conn.url().to_string(),
+        });
+    }
+    let cmd = start_replication_command(slot, publication);
+    postgres_protocol::message::frontend::query(&cmd, &mut conn.write_buf)
+        .map_err(|e| conn.protocol("START_REPLICATION", e.to_string()))?;
+    conn.flush_writes("START_REPLICATION").await?;
+    let mut error = None;
+    loop {
+        let f = conn.read_frame("START_REPLICATION").await?;
+        match f.tag {
+            frame::COPY_BOTH_RESPONSE => {
+                tracing::info!(slot, publication, url = %conn.url(), backend_pid = conn.backend_pid(), "replication started");
+                return Ok(());
+            }
+            frame::ERROR_RESPONSE => {
+                error =
+                    Some(conn.error_frame(&f, "START_REPLICATION", Some(slot), Some(publication)));
+            }
+            frame::NOTICE_RESPONSE => {}
+            b'Z' => {
+                return Err(error.unwrap_or_else(|| {
+                    conn.protocol(
+                        "START_REPLICATION",
+                        "ReadyForQuery without CopyBothResponse",
+                    )
+                }))
+            }
+            other => {
+                return Err(conn.protocol(
+                    "START_REPLICATION",
+                    format!("unexpected message {:?}", char::from(other)),
+                ))
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn quotes_identifiers_and_literals() {
+        assert_eq!(quote_ident("a\"b"), "\"a\"\"b\"");
+        assert_eq!(quote_literal("it's"), "'it''s'");
+        assert_eq!(
+            start_replication_command("s1", "my \"pub's\""),
+            "START_REPLICATION SLOT \"s1\" LOGICAL 0/0 (proto_version '1', publication_names '\"my \"\"pub''s\"\"\"', messages 'true')"
+        );
+        assert!(!start_replication_command("s", "p").contains("streaming"));
+        assert!(!start_replication_command("s", "p").contains("two_phase"));
+    }
+
+    #[test]
+    fn slot_names() {
+        validate_slot_name("cache_invalidator_1").unwrap();
+        for bad in ["", "Upper", "a-b", "a\"b", &"x".repeat(64)] {
+            assert!(validate_slot_name(bad).is_err(), "{bad}");
+        }
+    }
+}

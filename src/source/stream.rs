@@ -1,0 +1,307 @@
+//! The replication stream as a task: reads CopyBoth frames and forwards them
+//! in stream order into a bounded channel, and reports the acknowledged LSN to
+//! PostgreSQL with standby status updates.
+//!
+//! ```text
+//!  walsender ──CopyData('w'/'k')──▶ [stream task] ──SourceItem──▶ mpsc (bounded) ──▶ decoder …
+//!      ▲                                 │  ▲
+//!      └──── status update ('r') ────────┘  └── watch<Lsn> from the acknowledger
+//! ```
+//!
+//! * Backpressure: the socket is read only while the task holds a permit of
+//!   the channel, so a slow consumer stops the reads (and the walsender
+//!   blocks on its send buffer) instead of growing memory.
+//! * Status updates go out from a timer every `status_interval` (min(10 s,
+//!   wal_sender_timeout / 3)) and at once when a keepalive asks for a reply,
+//!   whether or not the channel has room: a stalled consumer never makes
+//!   PostgreSQL time us out.
+//! * The LSN reported as written = flushed = applied is the highest the
+//!   acknowledger's `watch` has shown: it only moves forward.
+//! * Idle advance is the consumer's job: keepalives are forwarded in order as
+//!   [`SourceItem::Keepalive`]; when nothing is pending, the acknowledger
+//!   advances to the keepalive's `wal_end` and this task reports it. The task
+//!   never acknowledges anything on its own.
+//! * Shutdown: after the stop signal the task stops reading the socket but keeps
+//!   sending status updates until the acknowledger drops its `watch::Sender`
+//!   (the pipeline drained); then it sends a final status update with the last
+//!   acknowledged LSN, CopyDone, waits briefly for the server's end of the
+//!   stream, and returns.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use tokio::io::AsyncReadExt;
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinHandle;
+
+use super::connection::{ReplicationConnection, READ_CHUNK};
+use super::copyboth::{self, ServerCopyMessage};
+use super::error::{ServerError, SourceError};
+use super::frame::{self, Frame};
+use crate::decode::Timestamp;
+use crate::lsn::Lsn;
+
+/// How long to wait for the server's end of the stream after our CopyDone.
+const FINISH_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// What the stream hands downstream, in stream order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SourceItem {
+    /// One pgoutput message.
+    XLogData {
+        /// WAL position of the message.
+        wal_start: Lsn,
+        /// The server's current end of WAL.
+        wal_end: Lsn,
+        /// The pgoutput message bytes.
+        data: Bytes,
+    },
+    /// A keepalive: everything before `wal_end` has been sent. With nothing
+    /// pending, the acknowledger may acknowledge `wal_end` (idle advance).
+    Keepalive {
+        /// The server's current end of WAL.
+        wal_end: Lsn,
+    },
+}
+
+/// The task's inputs besides the connection.
+#[derive(Debug)]
+pub struct StreamControl {
+    /// The acknowledger's "applied up to" LSN. Dropping its sender means the
+    /// pipeline drained: the task sends a final status update and ends.
+    pub acked: watch::Receiver<Lsn>,
+    /// `true` = stop reading (shutdown). A dropped sender is ignored.
+    pub stop: watch::Receiver<bool>,
+}
+
+/// Spawns the stream task on a connection in CopyBoth mode (after
+/// [`super::slot::start_replication`]). Ends with `Ok(())` after a clean
+/// shutdown, or with the error that broke the stream (see
+/// [`SourceError::retry_class`]: a dropped connection is `Reconnect`).
+pub fn spawn_stream(
+    conn: ReplicationConnection,
+    items: mpsc::Sender<SourceItem>,
+    control: StreamControl,
+) -> JoinHandle<Result<(), SourceError>> {
+    tokio::spawn(run_stream(conn, items, control))
+}
+
+/// The stream task's body (see [`spawn_stream`]).
+pub async fn run_stream(
+    mut conn: ReplicationConnection,
+    items: mpsc::Sender<SourceItem>,
+    control: StreamControl,
+) -> Result<(), SourceError> {
+    let StreamControl {
+        acked: mut ack_rx,
+        mut stop,
+    } = control;
+    let interval = conn.status_interval();
+    let mut acked = *ack_rx.borrow_and_update();
+    let mut stopping = *stop.borrow_and_update();
+    let mut stop_open = true;
+    let mut permit: Option<mpsc::Permit<'_, SourceItem>> = None;
+    let mut timer = tokio::time::interval(interval);
+    timer.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    tracing::debug!(url = %conn.url(), status_interval_ms = u64::try_from(interval.as_millis()).unwrap_or(u64::MAX), "streaming");
+
+    loop {
+        // Hand over every complete frame already buffered, one per permit.
+        while !stopping {
+            if permit.is_none() {
+                match items.try_reserve() {
+                    Ok(p) => permit = Some(p),
+                    Err(mpsc::error::TrySendError::Full(())) => break,
+                    Err(mpsc::error::TrySendError::Closed(())) => {
+                        stopping = true;
+                        break;
+                    }
+                }
+            }
+            let f = match frame::split_frame(&mut conn.read_buf) {
+                Ok(Some(f)) => f,
+                Ok(None) => break,
+                Err(e) => return Err(conn.protocol("replication stream", e.to_string())),
+            };
+            if let Some(item) = handle_frame(&mut conn, f, acked).await? {
+                let (is_reply, item) = item;
+                if let Some(p) = permit.take() {
+                    p.send(item);
+                }
+                if is_reply {
+                    send_status(&mut conn, acked).await?;
+                }
+            }
+        }
+        if permit.is_some() && conn.read_buf.capacity() - conn.read_buf.len() < READ_CHUNK / 4 {
+            conn.read_buf.reserve(READ_CHUNK);
+        }
+
+        let reading = permit.is_some() && !stopping;
+        let want_room = permit.is_none() && !stopping;
+        let ReplicationConnection { io, read_buf, .. } = &mut conn;
+        tokio::select! {
+            biased;
+            // 1. Shutdown: stop reading; keep reporting until the pipeline drained.
+            r = stop.changed(), if stop_open && !stopping => {
+                match r {
+                    Ok(()) => {
+                        if *stop.borrow_and_update() {
+                            tracing::debug!(acked = %acked, "stream: stop reading");
+                            stopping = true;
+                            permit = None;
+                        }
+                    }
+                    Err(_) => stop_open = false,
+                }
+            }
+            // 2. Acknowledgements: the reported LSN only moves forward.
+            r = ack_rx.changed() => {
+                match r {
+                    Ok(()) => acked = acked.max(*ack_rx.borrow_and_update()),
+                    Err(_) => {
+                        acked = acked.max(*ack_rx.borrow());
+                        drop(permit);
+                        return finish(conn, acked).await;
+                    }
+                }
+            }
+            // 3. Status timer, whatever the consumer is doing.
+            _ = timer.tick() => {
+                send_status(&mut conn, acked).await?;
+            }
+            // 4. The socket, only while the channel has room (we hold a permit).
+            r = io.read_buf(read_buf), if reading => {
+                match r {
+                    Ok(0) => return Err(lost(&conn, acked, None)),
+                    Ok(_) => {}
+                    Err(e) => return Err(lost(&conn, acked, Some(e))),
+                }
+            }
+            // 5. Wait for room in the channel.
+            p = items.reserve(), if want_room => {
+                match p {
+                    Ok(p) => permit = Some(p),
+                    Err(_) => {
+                        tracing::debug!("stream: consumer gone, stop reading");
+                        stopping = true;
+                    }
+                }
+            }
+        }
+    }
+}
+
+fn lost(conn: &ReplicationConnection, acked: Lsn, source: Option<std::io::Error>) -> SourceError {
+    SourceError::ConnectionLost {
+        during: "streaming".into(),
+        url: conn.url().to_string(),
+        lsn: Some(acked),
+        source,
+    }
+}
+
+/// Turns one frame into an item to forward (and whether a reply is due now).
+async fn handle_frame(
+    conn: &mut ReplicationConnection,
+    f: Frame,
+    acked: Lsn,
+) -> Result<Option<(bool, SourceItem)>, SourceError> {
+    match f.tag {
+        frame::COPY_DATA => match copyboth::parse_server_message(f.into_body()) {
+            Ok(ServerCopyMessage::XLogData {
+                wal_start,
+                wal_end,
+                data,
+                ..
+            }) => Ok(Some((
+                false,
+                SourceItem::XLogData {
+                    wal_start,
+                    wal_end,
+                    data,
+                },
+            ))),
+            Ok(ServerCopyMessage::Keepalive {
+                wal_end,
+                reply_requested,
+                ..
+            }) => Ok(Some((reply_requested, SourceItem::Keepalive { wal_end }))),
+            Err(e) => Err(conn.protocol("replication stream", e.to_string())),
+        },
+        frame::ERROR_RESPONSE => {
+            let server = ServerError::parse(f.body());
+            Err(match server {
+                Some(server) => {
+                    let err = conn.server_error(server, "streaming", None, None);
+                    match err {
+                        SourceError::Server { server, .. }
+                            if super::error::class_of_sqlstate(&server.code)
+                                == super::error::RetryClass::Reconnect =>
+                        {
+                            SourceError::ConnectionLost {
+                                during: format!("streaming: {server}"),
+                                url: conn.url().to_string(),
+                                lsn: Some(acked),
+                                source: None,
+                            }
+                        }
+                        other => other,
+                    }
+                }
+                None => conn.protocol("replication stream", "malformed ErrorResponse"),
+            })
+        }
+        frame::NOTICE_RESPONSE => {
+            if let Some(n) = ServerError::parse(f.body()) {
+                tracing::info!(notice = %n, "server notice during replication");
+            }
+            Ok(None)
+        }
+        frame::COPY_DONE => Err(SourceError::ConnectionLost {
+            during: "streaming (the server ended the replication stream)".into(),
+            url: conn.url().to_string(),
+            lsn: Some(acked),
+            source: None,
+        }),
+        other => Err(conn.protocol(
+            "replication stream",
+            format!("unexpected message {:?} in CopyBoth", char::from(other)),
+        )),
+    }
+}
+
+async fn send_status(conn: &mut ReplicationConnection, acked: Lsn) -> Result<(), SourceError> {
+    copyboth::put_status_update(acked, Timestamp::now(), &mut conn.write_buf);
+    tracing::trace!(acked = %acked, "standby status update");
+    conn.flush_writes("status update").await
+}
+
+/// Final status update, CopyDone, then drain until the server ends the stream
+/// (closing with unread data would reset the connection and could lose the update).
+async fn finish(mut conn: ReplicationConnection, acked: Lsn) -> Result<(), SourceError> {
+    copyboth::put_status_update(acked, Timestamp::now(), &mut conn.write_buf);
+    copyboth::put_copy_done(&mut conn.write_buf);
+    conn.flush_writes("final status update").await?;
+    tracing::debug!(acked = %acked, "stream: final status update sent");
+    let drained = tokio::time::timeout(FINISH_TIMEOUT, async {
+        loop {
+            let f = conn.read_frame("end of replication").await?;
+            match f.tag {
+                b'Z' => return Ok::<(), SourceError>(()),
+                frame::ERROR_RESPONSE => {
+                    return Err(conn.error_frame(&f, "end of replication", None, None))
+                }
+                _ => {}
+            }
+        }
+    })
+    .await;
+    match drained {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => tracing::debug!(error = %e, "stream: error after CopyDone"),
+        Err(_) => tracing::debug!("stream: server did not end the stream in time"),
+    }
+    conn.close().await;
+    Ok(())
+}
