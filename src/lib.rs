@@ -63,6 +63,7 @@ pub mod plan;
 pub mod replay;
 pub mod sink;
 pub mod source;
+pub mod worker;
 
 pub use error::CliError;
 pub use lsn::Lsn;

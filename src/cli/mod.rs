@@ -11,6 +11,7 @@ pub mod replay;
 use crate::error::CliError;
 
 pub mod record;
+pub mod run;
 
 /// Turns committed PostgreSQL row changes into Redis cache invalidations.
 #[derive(Debug, Parser)]
@@ -104,7 +105,7 @@ pub enum Command {
 /// Runs one parsed command line.
 pub async fn execute(cli: Cli) -> Result<(), CliError> {
     match cli.command {
-        Command::Run => Err(CliError::NotImplemented("run")),
+        Command::Run => run::run(&cli.config).await,
         Command::Setup { .. } => Err(CliError::NotImplemented("setup")),
         Command::Check => check::run(&cli.config),
         Command::Flush { .. } => Err(CliError::NotImplemented("flush")),

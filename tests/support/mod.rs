@@ -662,3 +662,229 @@ pub fn wait_for<T>(what: &str, timeout: Duration, mut check: impl FnMut() -> Opt
         std::thread::sleep(Duration::from_millis(20));
     }
 }
+
+/// A config directory for the worker: `cache-invalidator.toml` plus a
+/// `mappings/` directory, pointing at throwaway servers.
+pub struct WorkerConfig {
+    dir: ScratchDir,
+}
+
+impl WorkerConfig {
+    /// Writes a config for `pg`/`redis` with the given mapping files
+    /// (name, TOML text) and extra `[worker]` lines.
+    pub fn new(
+        pg: &PgCluster,
+        redis: &RedisServer,
+        mappings: &[(&str, &str)],
+        worker_toml: &str,
+    ) -> Self {
+        let dir = ScratchDir::new("cfg");
+        fs::create_dir_all(dir.path().join("mappings")).expect("mappings dir");
+        for (name, text) in mappings {
+            fs::write(dir.path().join("mappings").join(name), text).expect("write mapping");
+        }
+        let config = format!(
+            "mappings = \"mappings\"\n\n[postgres]\nurl = \"{}\"\nslot = \"cache_invalidator\"\npublication = \"cache_invalidator\"\n\n[redis]\nurl = \"{}\"\n\n[worker]\n{}\n",
+            pg.url(),
+            redis.url(),
+            worker_toml
+        );
+        fs::write(dir.path().join("cache-invalidator.toml"), config).expect("write config");
+        WorkerConfig { dir }
+    }
+
+    /// A config using the repository's demo mappings (`mappings/*.toml`).
+    pub fn demo(pg: &PgCluster, redis: &RedisServer) -> Self {
+        let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("mappings");
+        let mut files = Vec::new();
+        for entry in fs::read_dir(&src).expect("mappings/") {
+            let path = entry.expect("entry").path();
+            if path.extension().map(|e| e == "toml").unwrap_or(false) {
+                let name = path.file_name().unwrap().to_string_lossy().into_owned();
+                files.push((name, fs::read_to_string(&path).expect("read mapping")));
+            }
+        }
+        let refs: Vec<(&str, &str)> = files
+            .iter()
+            .map(|(n, t)| (n.as_str(), t.as_str()))
+            .collect();
+        Self::new(pg, redis, &refs, "")
+    }
+
+    /// Path of `cache-invalidator.toml`.
+    pub fn path(&self) -> PathBuf {
+        self.dir.path().join("cache-invalidator.toml")
+    }
+
+    /// Runs a subcommand to completion: (exit code, stdout, stderr).
+    pub fn command(&self, args: &[&str]) -> (i32, String, String) {
+        let out = Command::new(binary())
+            .arg("--config")
+            .arg(self.path())
+            .args(args)
+            .env_remove("CACHE_INVALIDATOR_POSTGRES_URL")
+            .env_remove("CACHE_INVALIDATOR_REDIS_URL")
+            .output()
+            .expect("run cache-invalidator");
+        (
+            out.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    }
+
+    /// Starts `run` in the background.
+    pub fn spawn_worker(&self) -> WorkerProcess {
+        self.spawn_worker_with_env(&[])
+    }
+
+    /// Starts `run` in the background with extra environment variables.
+    pub fn spawn_worker_with_env(&self, env: &[(&str, &str)]) -> WorkerProcess {
+        let log = self.dir.path().join(format!("worker-{}.log", now_nanos()));
+        let file = fs::File::create(&log).expect("worker log");
+        let child = Command::new(binary())
+            .arg("--config")
+            .arg(self.path())
+            .arg("run")
+            .env("RUST_LOG", "cache_invalidator=debug,info")
+            .env_remove("CACHE_INVALIDATOR_POSTGRES_URL")
+            .env_remove("CACHE_INVALIDATOR_REDIS_URL")
+            .envs(env.iter().copied())
+            .stdin(Stdio::null())
+            .stdout(file.try_clone().expect("log fd"))
+            .stderr(file)
+            .spawn()
+            .expect("spawn worker");
+        WorkerProcess {
+            child: Some(child),
+            log,
+        }
+    }
+}
+
+fn now_nanos() -> u128 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0)
+}
+
+/// A `cache-invalidator run` process, killed on drop.
+pub struct WorkerProcess {
+    child: Option<Child>,
+    log: PathBuf,
+}
+
+impl WorkerProcess {
+    /// Its log (stderr) so far.
+    pub fn log(&self) -> String {
+        fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// PID while running.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(|c| c.id())
+    }
+
+    /// Whether it has exited, and with which code.
+    pub fn try_exit_code(&mut self) -> Option<i32> {
+        let child = self.child.as_mut()?;
+        child
+            .try_wait()
+            .ok()
+            .flatten()
+            .map(|s| s.code().unwrap_or(-1))
+    }
+
+    /// SIGTERM, then waits up to `grace`; returns the exit code (None if it had to be killed).
+    pub fn stop(&mut self, grace: Duration) -> Option<i32> {
+        let mut child = self.child.take()?;
+        signal(child.id(), libc::SIGTERM);
+        let deadline = Instant::now() + grace;
+        while Instant::now() < deadline {
+            if let Ok(Some(status)) = child.try_wait() {
+                return status.code();
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        signal(child.id(), libc::SIGKILL);
+        let _ = child.wait();
+        None
+    }
+
+    /// SIGKILL: a crash.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            signal(child.id(), libc::SIGKILL);
+            let _ = child.wait();
+        }
+    }
+
+    /// Waits until the log contains `needle`.
+    pub fn wait_log(&self, needle: &str, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        while !self.log().contains(needle) {
+            assert!(
+                Instant::now() < deadline,
+                "worker log never showed {needle:?} in {timeout:?}:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for WorkerProcess {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// A synchronous Redis connection with small helpers for assertions.
+pub struct RedisProbe(pub redis::Connection);
+
+impl RedisProbe {
+    /// Connects to `redis`.
+    pub fn new(redis: &RedisServer) -> Self {
+        RedisProbe(redis.client().get_connection().expect("redis connection"))
+    }
+
+    /// SET key value.
+    pub fn set(&mut self, key: &str, value: &str) {
+        let _: () = redis::cmd("SET")
+            .arg(key)
+            .arg(value)
+            .query(&mut self.0)
+            .expect("SET");
+    }
+
+    /// SADD set member.
+    pub fn sadd(&mut self, set: &str, member: &str) {
+        let _: () = redis::cmd("SADD")
+            .arg(set)
+            .arg(member)
+            .query(&mut self.0)
+            .expect("SADD");
+    }
+
+    /// Whether the key exists.
+    pub fn exists(&mut self, key: &str) -> bool {
+        redis::cmd("EXISTS")
+            .arg(key)
+            .query::<i64>(&mut self.0)
+            .expect("EXISTS")
+            == 1
+    }
+
+    /// GET key.
+    pub fn get(&mut self, key: &str) -> Option<String> {
+        redis::cmd("GET").arg(key).query(&mut self.0).expect("GET")
+    }
+
+    /// Waits until `key` is gone.
+    pub fn wait_gone(&mut self, key: &str, timeout: Duration) {
+        wait_for(&format!("{key} to be deleted"), timeout, || {
+            (!self.exists(key)).then_some(())
+        });
+    }
+}

@@ -1,0 +1,368 @@
+//! `cache-invalidator run`: the worker in the foreground.
+//!
+//! Startup checks (read-only unless `auto_setup`), then a loop: connect,
+//! stream, and on a broken connection reconnect with backoff and resume from
+//! the slot. SIGINT/SIGTERM stop reading, finish and acknowledge the batch in
+//! flight, and exit 0.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::{mpsc, watch};
+
+use crate::ack::Acknowledger;
+use crate::config::{Config, EnvOverrides};
+use crate::error::CliError;
+use crate::lsn::Lsn;
+use crate::map::Mappings;
+use crate::plan::planner::Planner;
+use crate::sink::{ApplyStats, RedisSink, SinkError, SinkOptions};
+use crate::source::{self, ConnectionSettings, RetryClass, SourceError, StreamControl};
+use crate::worker::{self, Backoff, Batch, BatchLimits, IdentityGuard, SinkObserver};
+
+/// Items buffered between the socket and the planner.
+const SOURCE_CHANNEL: usize = 4096;
+/// Closed batches waiting for the sink (one applying, one ready).
+const BATCH_CHANNEL: usize = 1;
+/// How long a graceful stop may take before the process exits anyway.
+const SHUTDOWN_GRACE: Duration = Duration::from_millis(4500);
+
+/// Runs the worker until SIGINT/SIGTERM or a fatal error.
+pub async fn run(config_path: &Path) -> Result<(), CliError> {
+    let config = Config::load(config_path, &EnvOverrides::from_env())
+        .map_err(|e| CliError::Invalid(e.to_string()))?;
+    let mappings = Arc::new(
+        config
+            .mappings
+            .load()
+            .map_err(|e| CliError::Invalid(e.to_string()))?,
+    );
+    let settings = ConnectionSettings::parse(
+        &config.postgres.url,
+        config
+            .postgres
+            .password
+            .as_ref()
+            .map(|s| s.expose().to_string()),
+    )
+    .map_err(|e| CliError::Invalid(e.to_string()))?;
+    let redis_url = config.redis.url.clone().ok_or_else(|| {
+        CliError::Invalid("[redis] url is required (Redis Cluster is not supported yet)".into())
+    })?;
+    let sink_options = SinkOptions {
+        url: redis_url,
+        password: config
+            .redis
+            .password
+            .as_ref()
+            .map(|s| s.expose().to_string()),
+        wait_replicas: config.redis.wait_replicas,
+        redelete_after: (config.worker.redelete_after_ms > 0)
+            .then(|| Duration::from_millis(config.worker.redelete_after_ms)),
+    };
+
+    let (stop_tx, stop_rx) = watch::channel(false);
+    spawn_signal_handler(stop_tx);
+
+    let worker = Worker {
+        config,
+        mappings,
+        settings,
+        sink_options,
+        stop: stop_rx,
+    };
+    worker.run().await
+}
+
+fn spawn_signal_handler(stop: watch::Sender<bool>) {
+    tokio::spawn(async move {
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(s) => s,
+                Err(err) => {
+                    tracing::error!(error = %err, "cannot listen for SIGTERM");
+                    return;
+                }
+            };
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+        tracing::info!("stopping: finishing and acknowledging the batch in flight");
+        let _ = stop.send(true);
+    });
+}
+
+/// Why one streaming session ended.
+enum SessionEnd {
+    /// Graceful stop requested.
+    Stopped,
+    /// Retry after a delay.
+    Retry(String, RetryClass),
+}
+
+struct Worker {
+    config: Config,
+    mappings: Arc<Mappings>,
+    settings: ConnectionSettings,
+    sink_options: SinkOptions,
+    stop: watch::Receiver<bool>,
+}
+
+impl Worker {
+    fn stopping(&self) -> bool {
+        *self.stop.borrow()
+    }
+
+    /// Sleeps `delay`, or less when a stop is requested.
+    async fn pause(&self, delay: Duration) {
+        let mut stop = self.stop.clone();
+        tokio::select! {
+            _ = tokio::time::sleep(delay) => {}
+            _ = stop.wait_for(|s| *s) => {}
+        }
+    }
+
+    async fn run(&self) -> Result<(), CliError> {
+        self.preflight().await?;
+        let mut sink = loop {
+            match RedisSink::connect(&self.sink_options).await {
+                Ok(sink) => break sink,
+                Err(err) if err.retry_class() == crate::sink::RetryClass::Fatal => {
+                    return Err(CliError::Invalid(err.to_string()))
+                }
+                Err(err) => {
+                    tracing::warn!(error = %err, "Redis unreachable; retrying");
+                    self.pause(Duration::from_secs(1)).await;
+                    if self.stopping() {
+                        return Ok(());
+                    }
+                }
+            }
+        };
+        let mut backoff = Backoff::new();
+        let mut last_error = String::new();
+        loop {
+            if self.stopping() {
+                return Ok(());
+            }
+            match self.session(&mut sink).await? {
+                SessionEnd::Stopped => return Ok(()),
+                SessionEnd::Retry(why, class) => {
+                    let delay = match class {
+                        RetryClass::Reconnect => Duration::from_millis(200),
+                        _ => backoff.next_delay(),
+                    };
+                    if why != last_error {
+                        tracing::warn!(error = %why, retry_in_ms = delay.as_millis() as u64, "replication stopped; resuming from the slot");
+                        last_error = why;
+                    }
+                    self.pause(delay).await;
+                }
+            }
+        }
+    }
+
+    /// Read-only checks: the publication and the slot exist.
+    async fn preflight(&self) -> Result<(), CliError> {
+        let pg = &self.config.postgres;
+        let setup_cmd = format!(
+            "cache-invalidator setup --config {}",
+            self.config.path.display()
+        );
+        let sql = match source::connect_sql(&self.settings).await {
+            Ok(sql) => sql,
+            Err(err) if err.retry_class() == RetryClass::Fatal => {
+                return Err(CliError::runtime(err))
+            }
+            // Unreachable now: the session loop retries.
+            Err(err) => {
+                tracing::warn!(error = %err, "PostgreSQL unreachable at start; will retry");
+                return Ok(());
+            }
+        };
+        if !sql
+            .publication_exists(&pg.publication)
+            .await
+            .map_err(CliError::runtime)?
+        {
+            return Err(CliError::Invalid(format!(
+                "publication {:?} does not exist in {}; create it (and the slot) with:\n  {setup_cmd}",
+                pg.publication,
+                sql.url()
+            )));
+        }
+        match sql.slot_info(&pg.slot).await.map_err(CliError::runtime)? {
+            None => Err(CliError::Invalid(format!(
+                "replication slot {:?} does not exist in {}; create it (and the publication) with:\n  {setup_cmd}",
+                pg.slot,
+                sql.url()
+            ))),
+            Some(info) if info.is_lost() => Err(CliError::Invalid(format!(
+                "replication slot {:?} lost WAL it needed (wal_status = 'lost'): invalidations in that gap are unknown. Recreate it and flush with:\n  {setup_cmd}",
+                pg.slot
+            ))),
+            Some(_) => Ok(()),
+        }
+    }
+
+    /// One connection's worth of streaming.
+    async fn session(&self, sink: &mut RedisSink) -> Result<SessionEnd, CliError> {
+        let pg = &self.config.postgres;
+        let retry = |err: SourceError| -> Result<SessionEnd, CliError> {
+            match err.retry_class() {
+                RetryClass::Fatal => Err(CliError::runtime(err)),
+                class => Ok(SessionEnd::Retry(err.to_string(), class)),
+            }
+        };
+        let mut conn = match source::connect(&self.settings).await {
+            Ok(c) => c,
+            Err(err) => return retry(err),
+        };
+        let system = match conn.identify_system().await {
+            Ok(s) => s,
+            Err(err) => return retry(err),
+        };
+        if let Err(err) = source::start_replication(&mut conn, &pg.slot, &pg.publication).await {
+            if err.retry_class() == RetryClass::BackOffAndRetry {
+                tracing::info!(slot = %pg.slot, reason = %err, "standby: another worker streams this slot; waiting to take over");
+            }
+            return retry(err);
+        }
+
+        let epoch = format!("{}@{}", pg.slot, system.system_id);
+        let mut planner = Planner::new(
+            Arc::clone(&self.mappings),
+            self.config.planner_context(epoch),
+        );
+        planner.flush_all();
+        let flush_plan = planner.take();
+        let _ = planner.take_fallbacks();
+        let guard = IdentityGuard {
+            key: crate::sink::identity::identity_key(&pg.slot),
+            pg_system_id: system.system_id.clone(),
+            pg_timeline: system.timeline,
+            flush_plan,
+        };
+        let limits = BatchLimits {
+            max_delay: Duration::from_millis(self.config.worker.max_batch_delay_ms),
+            max_ops: self.config.worker.max_batch_ops,
+        };
+
+        let (mut ack, ack_rx) = Acknowledger::new(Lsn::ZERO);
+        let (items_tx, items_rx) = mpsc::channel(SOURCE_CHANNEL);
+        let (batch_tx, batch_rx) = mpsc::channel(BATCH_CHANNEL);
+        let stream = source::spawn_stream(
+            conn,
+            items_tx,
+            StreamControl {
+                acked: ack_rx,
+                stop: self.stop.clone(),
+            },
+        );
+        let mut observer = LogObserver::default();
+        let pipeline = async {
+            let plan =
+                worker::plan_stage(items_rx, batch_tx, &mut planner, limits, self.stop.clone());
+            let apply = async {
+                let result =
+                    worker::sink_stage(batch_rx, sink, &mut ack, &guard, &mut observer).await;
+                // Dropping the acknowledger tells the stream the pipeline drained.
+                drop(ack);
+                result
+            };
+            tokio::join!(plan, apply)
+        };
+        let (plan_result, sink_result) = self.with_grace(pipeline).await.unwrap_or_else(|| {
+            tracing::warn!(
+                "stop grace period elapsed with a batch unapplied; it will be delivered again"
+            );
+            (Ok(()), Ok(()))
+        });
+        let stream_result = match tokio::time::timeout(Duration::from_secs(6), stream).await {
+            Ok(Ok(r)) => r,
+            Ok(Err(join)) => return Err(CliError::runtime(join)),
+            Err(_) => Ok(()),
+        };
+        if let Err(err) = sink_result {
+            return Err(CliError::Invalid(err.to_string()));
+        }
+        if let Err(err) = plan_result {
+            // Undecodable stream: reconnecting resends the same bytes.
+            return Err(CliError::runtime(err));
+        }
+        match stream_result {
+            Ok(()) if self.stopping() => Ok(SessionEnd::Stopped),
+            Ok(()) => Ok(SessionEnd::Retry(
+                "the replication stream ended".into(),
+                RetryClass::Reconnect,
+            )),
+            Err(err) => retry(err),
+        }
+    }
+
+    /// Runs `fut`; once a stop is requested, gives it [`SHUTDOWN_GRACE`] more.
+    async fn with_grace<F: std::future::Future>(&self, fut: F) -> Option<F::Output> {
+        tokio::pin!(fut);
+        let mut stop = self.stop.clone();
+        tokio::select! {
+            out = &mut fut => return Some(out),
+            _ = stop.wait_for(|s| *s) => {}
+        }
+        tokio::time::timeout(SHUTDOWN_GRACE, fut).await.ok()
+    }
+}
+
+/// Logs what the sink does: each distinct failure once, progress periodically.
+#[derive(Default)]
+struct LogObserver {
+    last_failure: Option<String>,
+    since_progress: (u64, u64),
+    last_progress: Option<std::time::Instant>,
+}
+
+impl SinkObserver for LogObserver {
+    fn applied(&mut self, batch: &Batch, stats: &ApplyStats, elapsed: Duration) {
+        if self.last_failure.take().is_some() {
+            tracing::info!("Redis recovered; applying again");
+        }
+        tracing::debug!(
+            transactions = batch.transactions,
+            changes = batch.changes,
+            keys = stats.keys,
+            tags = stats.tags,
+            versions = stats.versions,
+            published = stats.published,
+            elapsed_ms = elapsed.as_millis() as u64,
+            ack = ?batch.ack.map(|l| l.to_string()),
+            "batch applied"
+        );
+        self.since_progress.0 += batch.transactions;
+        self.since_progress.1 += batch.changes;
+        let now = std::time::Instant::now();
+        let last = *self.last_progress.get_or_insert(now);
+        if now.duration_since(last) >= Duration::from_secs(30) {
+            let secs = now.duration_since(last).as_secs_f64();
+            tracing::info!(
+                transactions_per_s = format!("{:.1}", self.since_progress.0 as f64 / secs),
+                changes_per_s = format!("{:.1}", self.since_progress.1 as f64 / secs),
+                "progress"
+            );
+            self.since_progress = (0, 0);
+            self.last_progress = Some(now);
+        }
+    }
+
+    fn failed(&mut self, err: &SinkError, retry_in: Duration) {
+        let text = err.to_string();
+        if self.last_failure.as_deref() != Some(&text) {
+            tracing::error!(error = %text, kind = err.kind(), retry_in_ms = retry_in.as_millis() as u64, "Redis failed; nothing is acknowledged until it succeeds");
+            self.last_failure = Some(text);
+        }
+    }
+
+    fn flushed(&mut self, reason: &'static str) {
+        tracing::warn!(reason, "flushed every mapped table");
+    }
+}

@@ -1,0 +1,356 @@
+//! The run loop: source -> decode + plan -> sink -> acknowledger, as tasks
+//! joined by bounded channels, so backpressure reaches the replication socket.
+//!
+//! ```text
+//!  source task ──SourceItem──▶ plan stage ──Batch──▶ sink stage ──LSN──▶ Acknowledger
+//!  (socket, status timer)      (decode, fold,        (Redis, retries)    (watch) ──▶ source
+//!                               close batches)
+//! ```
+//!
+//! Ordering is the acknowledgement argument: every stage is FIFO, so when the
+//! sink has applied batch N, every batch before it was applied. A batch carries
+//! the end LSN of the last transaction it completes; a batch cut in the middle
+//! of a large transaction carries none for it, so a Commit's end LSN is
+//! acknowledged only after every chunk of it (and everything before) succeeded.
+//! A keepalive that reaches the plan stage with no transaction open carries its
+//! WAL position the same way: idle slots do not pin WAL.
+
+use std::time::{Duration, Instant};
+
+use tokio::sync::{mpsc, watch};
+
+use crate::ack::Acknowledger;
+use crate::decode::relations::RelationCache;
+use crate::decode::{Event, Timestamp};
+use crate::lsn::Lsn;
+use crate::plan::planner::Planner;
+use crate::plan::Plan;
+use crate::sink::{identity, RedisSink, RetryClass, SinkError};
+use crate::source::SourceItem;
+
+/// Batching limits, from `[worker]`.
+#[derive(Debug, Clone, Copy)]
+pub struct BatchLimits {
+    /// A batch closes this long after its first change at the latest.
+    pub max_delay: Duration,
+    /// A batch closes when its plan holds this many operations.
+    pub max_ops: usize,
+}
+
+/// One unit of work for the sink: a plan and what it completes.
+#[derive(Debug, Default)]
+pub struct Batch {
+    /// The deduplicated Redis work.
+    pub plan: Plan,
+    /// Acknowledge up to here once the plan is applied (the end LSN of the
+    /// last transaction completed in this batch, or an idle keepalive position).
+    pub ack: Option<Lsn>,
+    /// Transactions completed in this batch.
+    pub transactions: u64,
+    /// Row changes folded into this batch.
+    pub changes: u64,
+    /// Commit time of the first transaction completed in this batch (latency).
+    pub first_commit_time: Option<Timestamp>,
+}
+
+impl Batch {
+    fn is_idle(&self) -> bool {
+        self.plan.is_empty() && self.ack.is_none() && self.changes == 0
+    }
+}
+
+/// Why the pipeline stopped on the planning side.
+#[derive(Debug, thiserror::Error)]
+pub enum PlanStageError {
+    /// The stream held bytes the decoder cannot accept.
+    #[error(transparent)]
+    Decode(#[from] crate::decode::pgoutput::DecodeError),
+}
+
+/// Decodes source items, folds them into batches and hands closed batches to
+/// the sink stage. Returns when the source channel closes (after sending the
+/// last batch), or on a decode error (after sending what completed before it).
+pub async fn plan_stage(
+    mut source: mpsc::Receiver<SourceItem>,
+    batches: mpsc::Sender<Batch>,
+    planner: &mut Planner,
+    limits: BatchLimits,
+    mut stop: watch::Receiver<bool>,
+) -> Result<(), PlanStageError> {
+    let mut relations = RelationCache::new();
+    let mut events = Vec::with_capacity(4);
+    let mut batch = Batch::default();
+    let mut opened: Option<Instant> = None;
+    let mut in_transaction = false;
+    loop {
+        let deadline = opened.map(|t| t + limits.max_delay);
+        let item = tokio::select! {
+            biased;
+            // 0. Shutdown: take nothing new, drain what the channel holds.
+            _ = stop.changed(), if !*stop.borrow() => {
+                if *stop.borrow() {
+                    source.close();
+                }
+                continue;
+            }
+            // 1. The batch's delay elapsed: close it.
+            _ = sleep_until(deadline), if deadline.is_some() => None,
+            // 2. More data: fold it in.
+            item = source.recv() => match item {
+                Some(item) => Some(item),
+                None => {
+                    flush(&mut batch, planner, &batches).await;
+                    return Ok(());
+                }
+            },
+        };
+        if let Some(item) = item {
+            match item {
+                SourceItem::XLogData {
+                    wal_start, data, ..
+                } => {
+                    events.clear();
+                    if let Err(err) = relations.decode_payload(&data, wal_start, &mut events) {
+                        flush(&mut batch, planner, &batches).await;
+                        return Err(err.into());
+                    }
+                    for event in events.drain(..) {
+                        match &event {
+                            Event::Begin { .. } => in_transaction = true,
+                            Event::Change(_) => batch.changes += 1,
+                            Event::Commit {
+                                end_lsn,
+                                commit_time,
+                                ..
+                            } => {
+                                in_transaction = false;
+                                batch.ack = Some(*end_lsn);
+                                batch.transactions += 1;
+                                batch.first_commit_time.get_or_insert(*commit_time);
+                            }
+                            Event::Message {
+                                transactional: false,
+                                lsn,
+                                ..
+                            } if !in_transaction => {
+                                batch.ack = Some(batch.ack.map_or(*lsn, |a| a.max(*lsn)))
+                            }
+                            _ => {}
+                        }
+                        if let Event::Message {
+                            prefix,
+                            content,
+                            lsn,
+                            ..
+                        } = &event
+                        {
+                            if prefix == crate::plan::planner::MESSAGE_PREFIX
+                                && content.starts_with(b"flush:")
+                            {
+                                tracing::warn!(
+                                    lsn = %lsn,
+                                    marker = %String::from_utf8_lossy(content),
+                                    "flush marker: firing the truncate invalidations of the tables it names"
+                                );
+                            }
+                        }
+                        planner.feed(&event);
+                    }
+                    if opened.is_none() && !batch.is_idle() {
+                        opened = Some(Instant::now());
+                    }
+                }
+                SourceItem::Keepalive { wal_end } => {
+                    // In stream order: with no transaction open, everything
+                    // before `wal_end` is in this batch or an earlier one.
+                    if !in_transaction {
+                        batch.ack = Some(batch.ack.map_or(wal_end, |a| a.max(wal_end)));
+                        opened.get_or_insert_with(Instant::now);
+                    }
+                }
+            }
+            let full = planner.plan().ops() >= limits.max_ops;
+            let drained = source.is_empty();
+            if !(full || drained) {
+                continue;
+            }
+        }
+        if !batch.is_idle() || planner.plan().ops() > 0 {
+            flush(&mut batch, planner, &batches).await;
+        }
+        opened = None;
+    }
+}
+
+async fn flush(batch: &mut Batch, planner: &mut Planner, batches: &mpsc::Sender<Batch>) {
+    let mut out = std::mem::take(batch);
+    out.plan = planner.take();
+    for fallback in planner.take_fallbacks() {
+        tracing::warn!(
+            table = %fallback.table,
+            reason = fallback.reason.as_str(),
+            column = fallback.column.as_deref().unwrap_or(""),
+            count = fallback.count,
+            "a value needed by a mapping was unknown: fired the table's truncate invalidations instead"
+        );
+    }
+    if out.is_idle() {
+        return;
+    }
+    // The sink stage ends only on shutdown or a fatal error; then this batch
+    // is not acknowledged and PostgreSQL sends it again after a restart.
+    let _ = batches.send(out).await;
+}
+
+async fn sleep_until(deadline: Option<Instant>) {
+    match deadline {
+        Some(d) => tokio::time::sleep_until(d.into()).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Capped exponential backoff for Redis retries.
+#[derive(Debug)]
+pub struct Backoff {
+    next: Duration,
+    max: Duration,
+}
+
+impl Backoff {
+    /// Starts at 100 ms, doubling up to 5 s.
+    pub fn new() -> Self {
+        Backoff {
+            next: Duration::from_millis(100),
+            max: Duration::from_secs(5),
+        }
+    }
+
+    /// The delay to wait now; the next one doubles.
+    pub fn next_delay(&mut self) -> Duration {
+        let d = self.next;
+        self.next = (self.next * 2).min(self.max);
+        d
+    }
+}
+
+impl Default for Backoff {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// Observes what the sink stage does (metrics, logs, tests).
+pub trait SinkObserver: Send {
+    /// A batch was applied (its `ack`, if any, is confirmed right after).
+    fn applied(&mut self, batch: &Batch, stats: &crate::sink::ApplyStats, elapsed: Duration);
+    /// An attempt failed; it will be retried after `retry_in`.
+    fn failed(&mut self, err: &SinkError, retry_in: Duration);
+    /// Every mapped table was flushed, for `reason` (e.g. `identity`).
+    fn flushed(&mut self, reason: &'static str);
+}
+
+/// Guarantee 6: what the sink stage checks before applying, at start and
+/// after every Redis error, and the plan it fires when Redis changed.
+#[derive(Debug, Clone)]
+pub struct IdentityGuard {
+    /// `cache-invalidator:<slot>:identity`.
+    pub key: String,
+    /// PostgreSQL system identifier.
+    pub pg_system_id: String,
+    /// PostgreSQL timeline.
+    pub pg_timeline: u32,
+    /// Every mapped table's truncate invalidations.
+    pub flush_plan: Plan,
+}
+
+/// Verifies the Redis identity; when it changed (or is missing), applies the
+/// flush plan and stores the new identity. Errors are retried by the caller.
+async fn ensure_identity(
+    sink: &mut RedisSink,
+    guard: &IdentityGuard,
+    observer: &mut dyn SinkObserver,
+) -> Result<(), SinkError> {
+    let mut conn = sink.connection();
+    let current = identity::Identity {
+        redis_run_id: identity::redis_run_id(&mut conn, sink.target()).await?,
+        pg_system_id: guard.pg_system_id.clone(),
+        pg_timeline: guard.pg_timeline,
+    };
+    let reason = match identity::check(&mut conn, sink.target(), &guard.key, &current).await? {
+        identity::IdentityCheck::Unchanged => return Ok(()),
+        identity::IdentityCheck::Missing => {
+            tracing::warn!(key = %guard.key, "no worker identity in Redis (first run, or Redis lost its data): flushing every mapped table");
+            "identity_missing"
+        }
+        identity::IdentityCheck::Changed { stored } => {
+            tracing::warn!(key = %guard.key, %stored, current = %current, "Redis or PostgreSQL changed since the last acknowledgement (restart from a snapshot, failover): flushing every mapped table");
+            "identity_changed"
+        }
+    };
+    sink.apply(&guard.flush_plan).await?;
+    identity::store(&mut conn, sink.target(), &guard.key, &current).await?;
+    observer.flushed(reason);
+    Ok(())
+}
+
+/// Applies batches in order, retrying each until Redis confirms it, then
+/// acknowledges. Returns when the batch channel closes, or with the error when
+/// it is fatal. Before the first batch and after any Redis error, the Redis
+/// identity is verified (guarantee 6).
+pub async fn sink_stage(
+    mut batches: mpsc::Receiver<Batch>,
+    sink: &mut RedisSink,
+    ack: &mut Acknowledger,
+    guard: &IdentityGuard,
+    observer: &mut dyn SinkObserver,
+) -> Result<(), SinkError> {
+    let mut verify_identity = true;
+    while let Some(batch) = batches.recv().await {
+        let started = Instant::now();
+        let mut backoff = Backoff::new();
+        let stats = loop {
+            let attempt = async {
+                if verify_identity {
+                    ensure_identity(sink, guard, observer).await?;
+                }
+                if batch.plan.is_empty() {
+                    Ok(crate::sink::ApplyStats::default())
+                } else {
+                    sink.apply(&batch.plan).await
+                }
+            };
+            match attempt.await {
+                Ok(stats) => {
+                    verify_identity = false;
+                    break stats;
+                }
+                Err(err) if err.retry_class() == RetryClass::Fatal => return Err(err),
+                Err(err) => {
+                    verify_identity = true;
+                    let delay = backoff.next_delay();
+                    observer.failed(&err, delay);
+                    tokio::time::sleep(delay).await;
+                }
+            }
+        };
+        observer.applied(&batch, &stats, started.elapsed());
+        failpoint("after_apply_before_ack");
+        if let Some(lsn) = batch.ack {
+            ack.confirm(lsn);
+        }
+    }
+    Ok(())
+}
+
+/// Crash points for the fault-injection tests: with the `failpoints` feature,
+/// `CACHE_INVALIDATOR_FAILPOINT=<name>` aborts the process (like SIGKILL) the
+/// first time the named point is reached. Without the feature, nothing.
+pub fn failpoint(name: &str) {
+    #[cfg(feature = "failpoints")]
+    if std::env::var("CACHE_INVALIDATOR_FAILPOINT").as_deref() == Ok(name) {
+        eprintln!("failpoint {name}: aborting");
+        std::process::abort();
+    }
+    #[cfg(not(feature = "failpoints"))]
+    let _ = name;
+}
