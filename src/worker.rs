@@ -342,14 +342,19 @@ pub async fn sink_stage(
     Ok(())
 }
 
-/// Crash points for the fault-injection tests: with the `failpoints` feature,
-/// `CACHE_INVALIDATOR_FAILPOINT=<name>` aborts the process (like SIGKILL) the
-/// first time the named point is reached. Without the feature, nothing.
+/// Crash points for the fault-injection tests: with the `failpoints` feature
+/// (on in this crate's own test builds), `CACHE_INVALIDATOR_FAILPOINT=<name>`
+/// aborts the process (like SIGKILL) when the named point is reached. Without
+/// the feature, nothing.
 pub fn failpoint(name: &str) {
     #[cfg(feature = "failpoints")]
-    if std::env::var("CACHE_INVALIDATOR_FAILPOINT").as_deref() == Ok(name) {
-        eprintln!("failpoint {name}: aborting");
-        std::process::abort();
+    {
+        static ARMED: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
+        let armed = ARMED.get_or_init(|| std::env::var("CACHE_INVALIDATOR_FAILPOINT").ok());
+        if armed.as_deref() == Some(name) {
+            eprintln!("failpoint {name}: aborting");
+            std::process::abort();
+        }
     }
     #[cfg(not(feature = "failpoints"))]
     let _ = name;
