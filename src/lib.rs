@@ -18,6 +18,30 @@
 //!  ack       in-order acknowledgement; the flushed LSN only moves forward
 //! ```
 //!
+//! `config` and `map` load and validate the service config and the mapping
+//! files (`diag` locates their errors); `replay` runs mappings over recorded
+//! transactions offline, which is also the library API for users' own tests:
+//!
+//! ```
+//! use std::sync::Arc;
+//! use cache_invalidator::map::Mappings;
+//! use cache_invalidator::plan::PlannerContext;
+//!
+//! let mappings = Arc::new(Mappings::parse("posts.toml", r#"
+//!     [[table]]
+//!     name = "posts"
+//!     keys = ["post:{id}", "author:{author_id}:posts"]
+//! "#)?);
+//! // A post moved from author 1 to author 2: both authors' lists are invalidated.
+//! let recorded = concat!(
+//!     r#"{"xid":1,"lsn":"0/10","changes":[{"table":"posts","op":"update","#,
+//!     r#""old":{"id":"7","author_id":"1"},"new":{"id":"7","author_id":"2"}}]}"#,
+//! );
+//! let plans = cache_invalidator::replay::replay_str(mappings, PlannerContext::default(), recorded)?;
+//! assert_eq!(plans[0].keys, ["author:1:posts", "author:2:posts", "post:7"]);
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
+//!
 //! `worker` wires the stages together for `run`; `cli/` holds one file per
 //! subcommand; `config` turns the service TOML into a validated model;
 //! `cache` holds the application-side helpers (tagged set, versioned get/set).
@@ -26,11 +50,18 @@
 //! removes (or bumps, or announces) what a committed change made stale.
 #![warn(missing_docs)]
 
+pub mod ack;
+pub mod cache;
 pub mod cli;
+pub mod config;
 pub mod decode;
+pub mod diag;
 pub mod error;
 pub mod lsn;
+pub mod map;
 pub mod plan;
+pub mod replay;
+pub mod sink;
 pub mod source;
 
 pub use error::CliError;

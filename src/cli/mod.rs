@@ -5,6 +5,9 @@ use std::path::PathBuf;
 
 use clap::{Parser, Subcommand, ValueEnum};
 
+pub mod check;
+pub mod replay;
+
 use crate::error::CliError;
 
 pub mod record;
@@ -103,7 +106,7 @@ pub async fn execute(cli: Cli) -> Result<(), CliError> {
     match cli.command {
         Command::Run => Err(CliError::NotImplemented("run")),
         Command::Setup { .. } => Err(CliError::NotImplemented("setup")),
-        Command::Check => Err(CliError::NotImplemented("check")),
+        Command::Check => check::run(&cli.config),
         Command::Flush { .. } => Err(CliError::NotImplemented("flush")),
         Command::Record {
             out,
@@ -134,7 +137,11 @@ pub async fn execute(cli: Cli) -> Result<(), CliError> {
             };
             record::run(args).await
         }
-        Command::Replay { .. } => Err(CliError::NotImplemented("replay")),
+        Command::Replay {
+            file,
+            apply,
+            skip_bad_lines,
+        } => replay::run(&cli.config, &file, apply, skip_bad_lines),
         Command::Status { .. } => Err(CliError::NotImplemented("status")),
         Command::Demo => Err(CliError::NotImplemented("demo")),
     }

@@ -6,6 +6,10 @@
 
 use std::collections::HashSet;
 
+pub mod planner;
+
+pub use planner::{Fallback, FallbackReason, Planner, PlannerContext, PlannerStats, TableCounters};
+
 /// A pub/sub message to send after the deletes of the same batch.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct Publish {

@@ -1,0 +1,57 @@
+//! `cache-invalidator replay FILE`: runs the mappings over a recorded file
+//! offline and prints one JSON plan per transaction.
+//!
+//! A malformed line stops replay before anything is planned or applied (exit
+//! 2, naming the line) unless `--skip-bad-lines`.
+
+use std::io::Write;
+use std::path::Path;
+use std::sync::Arc;
+
+use crate::config::{Config, EnvOverrides};
+use crate::error::CliError;
+use crate::replay::{parse_file, Replayer, TxnPlan};
+
+/// The epoch carried by default messages during replay.
+pub const REPLAY_EPOCH: &str = "replay";
+
+/// Runs `replay`.
+pub fn run(
+    config_path: &Path,
+    file: &Path,
+    apply: bool,
+    skip_bad_lines: bool,
+) -> Result<(), CliError> {
+    let config = Config::load(config_path, &EnvOverrides::from_env())
+        .map_err(|e| CliError::Invalid(e.to_string()))?;
+    let mappings = config
+        .mappings
+        .load()
+        .map_err(|e| CliError::Invalid(e.to_string()))?;
+    let text = std::fs::read_to_string(file)
+        .map_err(|e| CliError::Invalid(format!("cannot read {}: {e}", file.display())))?;
+    let (txns, bad) = parse_file(&text, skip_bad_lines).map_err(|b| {
+        CliError::Invalid(format!(
+            "{}:{b}; nothing was replayed (use --skip-bad-lines to skip it)",
+            file.display()
+        ))
+    })?;
+    for b in &bad {
+        tracing::warn!(file = %file.display(), line = b.line, error = %b.message, "skipped a malformed line");
+    }
+    if apply {
+        return Err(CliError::NotImplemented("replay --apply"));
+    }
+    let mut replayer = Replayer::new(Arc::new(mappings), config.planner_context(REPLAY_EPOCH));
+    let stdout = std::io::stdout();
+    let mut out = stdout.lock();
+    for t in &txns {
+        let plan = TxnPlan::from_plan(t.xid, t.lsn, replayer.transaction(t));
+        for f in replayer.planner().take_fallbacks() {
+            tracing::warn!(table = %f.table, reason = f.reason.as_str(), column = f.column.as_deref().unwrap_or(""), count = f.count, xid = t.xid, "value unknown: fired the table's truncate invalidations");
+        }
+        let line = serde_json::to_string(&plan).map_err(CliError::runtime)?;
+        writeln!(out, "{line}").map_err(CliError::runtime)?;
+    }
+    Ok(())
+}

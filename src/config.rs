@@ -1,0 +1,644 @@
+//! The service config (`cache-invalidator.toml`): raw TOML -> validated
+//! [`Config`], every error located (file:line:column) with what is allowed.
+//!
+//! Unknown fields are errors: a typo must never silently disable an
+//! invalidation. The environment overrides the URLs
+//! (`CACHE_INVALIDATOR_POSTGRES_URL`, `CACHE_INVALIDATOR_REDIS_URL`); see
+//! [`EnvOverrides`]. Secrets never appear in `Debug` output.
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+use toml::Spanned;
+
+use crate::diag::{Diagnostic, LoadError};
+
+/// A secret (password) whose `Debug` and `Display` never show it.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    /// The secret itself, for the connection code only.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Secret(***)")
+    }
+}
+
+/// Values taken from the environment, applied over the file.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct EnvOverrides {
+    /// `CACHE_INVALIDATOR_POSTGRES_URL`.
+    pub postgres_url: Option<String>,
+    /// `CACHE_INVALIDATOR_REDIS_URL`.
+    pub redis_url: Option<String>,
+}
+
+impl EnvOverrides {
+    /// Reads the process environment (empty values count as unset).
+    pub fn from_env() -> EnvOverrides {
+        let get = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
+        EnvOverrides {
+            postgres_url: get("CACHE_INVALIDATOR_POSTGRES_URL"),
+            redis_url: get("CACHE_INVALIDATOR_REDIS_URL"),
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    mappings: Option<Spanned<RawMappings>>,
+    postgres: Option<Spanned<RawPostgres>>,
+    redis: Option<Spanned<RawRedis>>,
+    #[serde(default)]
+    worker: RawWorker,
+    #[serde(default)]
+    metrics: RawMetrics,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum RawMappings {
+    Dir(String),
+    Files(Vec<String>),
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPostgres {
+    url: Option<Spanned<String>>,
+    password_file: Option<Spanned<String>>,
+    slot: Option<Spanned<String>>,
+    publication: Option<Spanned<String>>,
+    #[serde(default)]
+    auto_setup: bool,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRedis {
+    url: Option<Spanned<String>>,
+    cluster: Option<Spanned<Vec<String>>>,
+    password_file: Option<Spanned<String>>,
+    tag_prefix: Option<Spanned<String>>,
+    version_prefix: Option<Spanned<String>>,
+    #[serde(default)]
+    wait_replicas: u32,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawWorker {
+    max_batch_delay_ms: Option<u64>,
+    max_batch_ops: Option<Spanned<u64>>,
+    redelete_after_ms: Option<u64>,
+    tombstone_ms: Option<Spanned<u64>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawMetrics {
+    listen: Option<Spanned<String>>,
+}
+
+/// Where the mapping files are.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum MappingsSource {
+    /// A directory: every `*.toml` in it.
+    Dir(PathBuf),
+    /// A list of files.
+    Files(Vec<PathBuf>),
+}
+
+impl MappingsSource {
+    /// The mapping files, in load order.
+    pub fn files(&self) -> Result<Vec<PathBuf>, LoadError> {
+        match self {
+            MappingsSource::Dir(d) => crate::map::toml_files_in(d),
+            MappingsSource::Files(f) => Ok(f.clone()),
+        }
+    }
+
+    /// Loads the mappings.
+    pub fn load(&self) -> Result<crate::map::Mappings, LoadError> {
+        crate::map::Mappings::load_files(&self.files()?)
+    }
+}
+
+/// `[postgres]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PostgresConfig {
+    /// libpq URL (parsed by the source; may hold a password: never log it).
+    pub url: String,
+    /// From `password_file`, trailing newline trimmed.
+    pub password: Option<Secret>,
+    /// Slot name.
+    pub slot: String,
+    /// Publication name.
+    pub publication: String,
+    /// `run` does what `setup` does at start.
+    pub auto_setup: bool,
+}
+
+/// `[redis]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RedisConfig {
+    /// Single-node URL (`None` with `cluster`).
+    pub url: Option<String>,
+    /// Cluster seed URLs (empty without cluster).
+    pub cluster: Vec<String>,
+    /// From `password_file`, trailing newline trimmed.
+    pub password: Option<Secret>,
+    /// Prefix of tag set keys.
+    pub tag_prefix: String,
+    /// Prefix of version keys.
+    pub version_prefix: String,
+    /// Replicas to WAIT for before acknowledging.
+    pub wait_replicas: u32,
+}
+
+/// `[worker]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WorkerConfig {
+    /// Upper bound a committed change waits for batching.
+    pub max_batch_delay_ms: u64,
+    /// Operations per batch.
+    pub max_batch_ops: usize,
+    /// > 0: a second pass of each batch's deletes after this delay.
+    pub redelete_after_ms: u64,
+    /// Hold time of tombstones.
+    pub tombstone_ms: u64,
+}
+
+/// `[metrics]`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct MetricsConfig {
+    /// Listen address of /metrics, /livez, /readyz; `None` disables.
+    pub listen: Option<String>,
+}
+
+/// The validated service config.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Config {
+    /// The config file.
+    pub path: PathBuf,
+    /// Where the mappings are (relative paths resolved against the config file).
+    pub mappings: MappingsSource,
+    /// `[postgres]`.
+    pub postgres: PostgresConfig,
+    /// `[redis]`.
+    pub redis: RedisConfig,
+    /// `[worker]`.
+    pub worker: WorkerConfig,
+    /// `[metrics]`.
+    pub metrics: MetricsConfig,
+}
+
+impl Config {
+    /// Reads and validates `path`, applying `env` over it.
+    pub fn load(path: &Path, env: &EnvOverrides) -> Result<Config, LoadError> {
+        let text = std::fs::read_to_string(path).map_err(|source| LoadError::Io {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Config::parse(path, &text, env)
+    }
+
+    /// Validates the text of a config file; `path` locates errors and relative paths.
+    pub fn parse(path: &Path, text: &str, env: &EnvOverrides) -> Result<Config, LoadError> {
+        let raw: RawConfig = toml::from_str(text)
+            .map_err(|e| LoadError::Invalid(vec![Diagnostic::from_toml(path, text, &e)]))?;
+        let mut v = V {
+            path,
+            text,
+            base: path.parent().unwrap_or(Path::new("")).to_path_buf(),
+            diags: Vec::new(),
+        };
+        let cfg = v.validate(raw, env);
+        match cfg {
+            Some(c) if v.diags.is_empty() => Ok(c),
+            _ => Err(LoadError::Invalid(v.diags)),
+        }
+    }
+
+    /// The planner context this config implies (epoch left to the caller).
+    pub fn planner_context(&self, epoch: impl Into<String>) -> crate::plan::PlannerContext {
+        crate::plan::PlannerContext {
+            tag_prefix: self.redis.tag_prefix.clone(),
+            version_prefix: self.redis.version_prefix.clone(),
+            epoch: epoch.into(),
+            max_batch_ops: self.worker.max_batch_ops,
+        }
+    }
+}
+
+struct V<'a> {
+    path: &'a Path,
+    text: &'a str,
+    base: PathBuf,
+    diags: Vec<Diagnostic>,
+}
+
+/// PostgreSQL replication slot names: lower-case letters, digits, underscore, at most 63.
+fn valid_slot_name(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 63
+        && s.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
+}
+
+impl V<'_> {
+    fn error(&mut self, offset: usize, msg: impl Into<String>) {
+        self.diags
+            .push(Diagnostic::at(self.path, self.text, offset, msg));
+    }
+
+    fn resolve(&self, p: &str) -> PathBuf {
+        let p = Path::new(p);
+        if p.is_absolute() {
+            p.to_path_buf()
+        } else {
+            self.base.join(p)
+        }
+    }
+
+    fn read_secret(&mut self, f: &Spanned<String>) -> Option<Secret> {
+        let path = self.resolve(f.get_ref());
+        match std::fs::read_to_string(&path) {
+            Ok(s) => {
+                let s = s.strip_suffix('\n').unwrap_or(&s);
+                let s = s.strip_suffix('\r').unwrap_or(s);
+                Some(Secret(s.to_owned()))
+            }
+            Err(e) => {
+                self.error(
+                    f.span().start,
+                    format!("cannot read password_file {}: {e}", path.display()),
+                );
+                None
+            }
+        }
+    }
+
+    fn validate(&mut self, raw: RawConfig, env: &EnvOverrides) -> Option<Config> {
+        let mappings = match &raw.mappings {
+            None => MappingsSource::Dir(self.resolve("mappings")),
+            Some(m) => {
+                match m.get_ref() {
+                    RawMappings::Dir(d) if d.is_empty() => {
+                        self.error(
+                            m.span().start,
+                            "empty `mappings`: name a directory of *.toml files or a list of files",
+                        );
+                        MappingsSource::Files(Vec::new())
+                    }
+                    RawMappings::Dir(d) => {
+                        let p = self.resolve(d);
+                        if p.is_dir() || !d.ends_with(".toml") {
+                            MappingsSource::Dir(p)
+                        } else {
+                            MappingsSource::Files(vec![p])
+                        }
+                    }
+                    RawMappings::Files(f) => {
+                        if f.is_empty() {
+                            self.error(m.span().start, "empty `mappings`: name a directory of *.toml files or a list of files");
+                        }
+                        MappingsSource::Files(f.iter().map(|f| self.resolve(f)).collect())
+                    }
+                }
+            }
+        };
+
+        let pg_span = raw.postgres.as_ref().map(|p| p.span().start).unwrap_or(0);
+        let pg = raw.postgres.map(Spanned::into_inner);
+        let url = match (&env.postgres_url, pg.as_ref().and_then(|p| p.url.as_ref())) {
+            (Some(u), _) => Some(u.clone()),
+            (None, Some(u)) if u.get_ref().is_empty() => {
+                self.error(
+                    u.span().start,
+                    "empty postgres url: e.g. \"postgres://cache_invalidator@127.0.0.1:5432/app\"",
+                );
+                None
+            }
+            (None, Some(u)) => Some(u.get_ref().clone()),
+            (None, None) => {
+                self.error(
+                    pg_span,
+                    "missing `url` in [postgres]: set it (e.g. url = \"postgres://cache_invalidator@127.0.0.1:5432/app\") or CACHE_INVALIDATOR_POSTGRES_URL",
+                );
+                None
+            }
+        };
+        let mut slot = "cache_invalidator".to_owned();
+        let mut publication = "cache_invalidator".to_owned();
+        let mut pg_password = None;
+        let mut auto_setup = false;
+        if let Some(pg) = &pg {
+            if let Some(s) = &pg.slot {
+                if valid_slot_name(s.get_ref()) {
+                    slot = s.get_ref().clone();
+                } else {
+                    self.error(
+                        s.span().start,
+                        format!("invalid slot name {:?}: use lower-case letters, digits and underscores, at most 63 characters", s.get_ref()),
+                    );
+                }
+            }
+            if let Some(p) = &pg.publication {
+                if p.get_ref().is_empty() || p.get_ref().len() > 63 {
+                    self.error(
+                        p.span().start,
+                        "invalid publication name: 1 to 63 characters",
+                    );
+                } else {
+                    publication = p.get_ref().clone();
+                }
+            }
+            if let Some(f) = &pg.password_file {
+                pg_password = self.read_secret(f);
+            }
+            auto_setup = pg.auto_setup;
+        }
+
+        let redis_span = raw.redis.as_ref().map(|r| r.span().start).unwrap_or(0);
+        let redis = raw.redis.map(Spanned::into_inner);
+        let cluster: Vec<String> = redis
+            .as_ref()
+            .and_then(|r| r.cluster.as_ref())
+            .map(|c| c.get_ref().clone())
+            .unwrap_or_default();
+        let file_url = redis.as_ref().and_then(|r| r.url.as_ref());
+        if let (Some(_), Some(c)) = (file_url, redis.as_ref().and_then(|r| r.cluster.as_ref())) {
+            self.error(c.span().start, "[redis] has both `url` and `cluster`: use `url` for one server or `cluster` for a Redis Cluster, not both");
+        }
+        if let Some(c) = redis.as_ref().and_then(|r| r.cluster.as_ref()) {
+            if c.get_ref().is_empty() {
+                self.error(
+                    c.span().start,
+                    "empty `cluster`: list at least one seed URL, e.g. [\"redis://10.0.0.1:6379\"]",
+                );
+            }
+        }
+        let redis_url = match (&env.redis_url, file_url) {
+            (Some(u), _) => Some(u.clone()),
+            (None, Some(u)) => Some(u.get_ref().clone()),
+            (None, None) => None,
+        };
+        if redis_url.is_none() && cluster.is_empty() {
+            self.error(
+                redis_span,
+                "missing `url` in [redis]: set it (e.g. url = \"redis://127.0.0.1:6379/0\"), `cluster`, or CACHE_INVALIDATOR_REDIS_URL",
+            );
+        }
+        let mut tag_prefix = "tag:".to_owned();
+        let mut version_prefix = "version:".to_owned();
+        let mut redis_password = None;
+        let mut wait_replicas = 0;
+        if let Some(r) = &redis {
+            if let Some(t) = &r.tag_prefix {
+                if t.get_ref().is_empty() {
+                    self.error(t.span().start, "empty tag_prefix: tag sets would share the keyspace of cached keys; e.g. \"tag:\"");
+                }
+                tag_prefix = t.get_ref().clone();
+            }
+            if let Some(t) = &r.version_prefix {
+                if t.get_ref().is_empty() {
+                    self.error(t.span().start, "empty version_prefix: version keys would share the keyspace of cached keys; e.g. \"version:\"");
+                }
+                if t.get_ref() == &tag_prefix {
+                    self.error(t.span().start, "version_prefix equals tag_prefix: tag sets and version keys must not collide");
+                }
+                version_prefix = t.get_ref().clone();
+            }
+            if let Some(f) = &r.password_file {
+                redis_password = self.read_secret(f);
+            }
+            wait_replicas = r.wait_replicas;
+        }
+
+        let w = raw.worker;
+        let max_batch_ops = match &w.max_batch_ops {
+            Some(n) if *n.get_ref() == 0 => {
+                self.error(
+                    n.span().start,
+                    "max_batch_ops = 0: it must be at least 1 (default 10000)",
+                );
+                1
+            }
+            Some(n) => usize::try_from(*n.get_ref()).unwrap_or(usize::MAX),
+            None => 10_000,
+        };
+        let tombstone_ms = match &w.tombstone_ms {
+            Some(n) if *n.get_ref() == 0 => {
+                self.error(n.span().start, "tombstone_ms = 0: tombstones need a hold time of at least 1 ms (default 10000)");
+                1
+            }
+            Some(n) => *n.get_ref(),
+            None => 10_000,
+        };
+        let listen = raw.metrics.listen.map(|l| {
+            if l.get_ref().parse::<std::net::SocketAddr>().is_err() {
+                self.error(
+                    l.span().start,
+                    format!("invalid metrics listen address {:?}: write host:port, e.g. \"127.0.0.1:9464\"", l.get_ref()),
+                );
+            }
+            l.into_inner()
+        });
+
+        Some(Config {
+            path: self.path.to_path_buf(),
+            mappings,
+            postgres: PostgresConfig {
+                url: url?,
+                password: pg_password,
+                slot,
+                publication,
+                auto_setup,
+            },
+            redis: RedisConfig {
+                url: if cluster.is_empty() { redis_url } else { None },
+                cluster,
+                password: redis_password,
+                tag_prefix,
+                version_prefix,
+                wait_replicas,
+            },
+            worker: WorkerConfig {
+                max_batch_delay_ms: w.max_batch_delay_ms.unwrap_or(5),
+                max_batch_ops,
+                redelete_after_ms: w.redelete_after_ms.unwrap_or(0),
+                tombstone_ms,
+            },
+            metrics: MetricsConfig { listen },
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MIN: &str = "[postgres]\nurl = \"postgres://u@h/db\"\n[redis]\nurl = \"redis://h/0\"\n";
+
+    fn parse(text: &str) -> Result<Config, String> {
+        Config::parse(Path::new("/etc/ci/c.toml"), text, &EnvOverrides::default())
+            .map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn defaults() {
+        let c = parse(MIN).unwrap();
+        assert_eq!(
+            c.mappings,
+            MappingsSource::Dir(PathBuf::from("/etc/ci/mappings"))
+        );
+        assert_eq!(c.postgres.slot, "cache_invalidator");
+        assert_eq!(c.postgres.publication, "cache_invalidator");
+        assert!(!c.postgres.auto_setup);
+        assert_eq!(c.redis.tag_prefix, "tag:");
+        assert_eq!(c.redis.version_prefix, "version:");
+        assert_eq!(c.redis.wait_replicas, 0);
+        assert_eq!(
+            c.worker,
+            WorkerConfig {
+                max_batch_delay_ms: 5,
+                max_batch_ops: 10_000,
+                redelete_after_ms: 0,
+                tombstone_ms: 10_000
+            }
+        );
+        assert_eq!(c.metrics.listen, None);
+    }
+
+    #[test]
+    fn full_config_and_relative_paths() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("pg"), "s3cret\n").unwrap();
+        std::fs::create_dir(dir.path().join("maps")).unwrap();
+        let text = r#"
+mappings = "maps"
+[postgres]
+url = "postgres://u@h/db"
+password_file = "pg"
+slot = "ci_1"
+publication = "pub"
+auto_setup = true
+[redis]
+cluster = ["redis://a:6379", "redis://b:6379"]
+tag_prefix = "t:"
+version_prefix = "v:"
+wait_replicas = 1
+[worker]
+max_batch_delay_ms = 2
+max_batch_ops = 50
+redelete_after_ms = 500
+tombstone_ms = 3000
+[metrics]
+listen = "127.0.0.1:9464"
+"#;
+        let c = Config::parse(&dir.path().join("c.toml"), text, &EnvOverrides::default()).unwrap();
+        assert_eq!(c.mappings, MappingsSource::Dir(dir.path().join("maps")));
+        assert_eq!(c.postgres.password.as_ref().unwrap().expose(), "s3cret");
+        assert!(!format!("{c:?}").contains("s3cret"));
+        assert_eq!(c.redis.cluster.len(), 2);
+        assert_eq!(c.redis.url, None);
+        assert_eq!(c.worker.max_batch_ops, 50);
+        assert_eq!(c.metrics.listen.as_deref(), Some("127.0.0.1:9464"));
+        let list = Config::parse(
+            &dir.path().join("c.toml"),
+            &format!("mappings = [\"a.toml\", \"/abs/b.toml\"]\n{MIN}"),
+            &EnvOverrides::default(),
+        )
+        .unwrap();
+        assert_eq!(
+            list.mappings,
+            MappingsSource::Files(vec![
+                dir.path().join("a.toml"),
+                PathBuf::from("/abs/b.toml")
+            ])
+        );
+    }
+
+    #[test]
+    fn env_overrides_urls() {
+        let env = EnvOverrides {
+            postgres_url: Some("postgres://env/db".into()),
+            redis_url: Some("redis://env/1".into()),
+        };
+        let c = Config::parse(Path::new("c.toml"), MIN, &env).unwrap();
+        assert_eq!(c.postgres.url, "postgres://env/db");
+        assert_eq!(c.redis.url.as_deref(), Some("redis://env/1"));
+        // The environment alone is enough.
+        let c = Config::parse(Path::new("c.toml"), "", &env).unwrap();
+        assert_eq!(c.postgres.url, "postgres://env/db");
+    }
+
+    #[test]
+    fn unknown_fields_suggest() {
+        assert_eq!(
+            parse(&format!("{MIN}[worker]\nmax_batch_op = 5\n")).unwrap_err(),
+            "/etc/ci/c.toml:6:1: unknown field `max_batch_op`: did you mean `max_batch_ops`?; allowed fields: max_batch_delay_ms, max_batch_ops, redelete_after_ms, tombstone_ms"
+        );
+        assert_eq!(
+            parse("[postgress]\n").unwrap_err(),
+            "/etc/ci/c.toml:1:2: unknown field `postgress`: did you mean `postgres`?; allowed fields: mappings, postgres, redis, worker, metrics"
+        );
+        assert_eq!(
+            parse("[postgres]\nurl = \"x\"\nslott = \"a\"\n[redis]\nurl = \"r\"\n").unwrap_err(),
+            "/etc/ci/c.toml:3:1: unknown field `slott`: did you mean `slot`?; allowed fields: url, password_file, slot, publication, auto_setup"
+        );
+    }
+
+    #[test]
+    fn validation_errors() {
+        assert_eq!(
+            parse("[redis]\nurl = \"r\"\n").unwrap_err(),
+            "/etc/ci/c.toml:1:1: missing `url` in [postgres]: set it (e.g. url = \"postgres://cache_invalidator@127.0.0.1:5432/app\") or CACHE_INVALIDATOR_POSTGRES_URL"
+        );
+        assert_eq!(
+            parse("[postgres]\nurl = \"x\"\n").unwrap_err(),
+            "/etc/ci/c.toml:1:1: missing `url` in [redis]: set it (e.g. url = \"redis://127.0.0.1:6379/0\"), `cluster`, or CACHE_INVALIDATOR_REDIS_URL"
+        );
+        assert_eq!(
+            parse("[postgres]\nurl = \"x\"\nslot = \"Bad-Slot\"\n[redis]\nurl = \"r\"\n").unwrap_err(),
+            "/etc/ci/c.toml:3:8: invalid slot name \"Bad-Slot\": use lower-case letters, digits and underscores, at most 63 characters"
+        );
+        assert_eq!(
+            parse(&format!("{MIN}[worker]\nmax_batch_ops = 0\n")).unwrap_err(),
+            "/etc/ci/c.toml:6:17: max_batch_ops = 0: it must be at least 1 (default 10000)"
+        );
+        assert_eq!(
+            parse(&format!("{MIN}[metrics]\nlisten = \"nope\"\n")).unwrap_err(),
+            "/etc/ci/c.toml:6:10: invalid metrics listen address \"nope\": write host:port, e.g. \"127.0.0.1:9464\""
+        );
+        assert_eq!(
+            parse("[postgres]\nurl = \"x\"\n[redis]\nurl = \"r\"\ncluster = [\"a\"]\n").unwrap_err(),
+            "/etc/ci/c.toml:5:11: [redis] has both `url` and `cluster`: use `url` for one server or `cluster` for a Redis Cluster, not both"
+        );
+        assert_eq!(
+            parse(&format!("{MIN}tag_prefix = \"\"\n")).unwrap_err(),
+            "/etc/ci/c.toml:5:14: empty tag_prefix: tag sets would share the keyspace of cached keys; e.g. \"tag:\""
+        );
+        let e = parse(
+            "[postgres]\nurl = \"x\"\npassword_file = \"/nonexistent/pw\"\n[redis]\nurl = \"r\"\n",
+        )
+        .unwrap_err();
+        assert!(
+            e.starts_with("/etc/ci/c.toml:3:17: cannot read password_file /nonexistent/pw: "),
+            "{e}"
+        );
+        assert_eq!(
+            parse("[worker]\nmax_batch_ops = \"many\"\n").unwrap_err(),
+            "/etc/ci/c.toml:2:17: invalid type: string \"many\", expected u64"
+        );
+    }
+}

@@ -1,0 +1,504 @@
+//! Checks of the mappings against a snapshot of the PostgreSQL catalog and the
+//! publication. Pure: `check` fills a [`CatalogSnapshot`] with SQL and calls
+//! [`check_catalog`]; tests build snapshots by hand.
+
+use std::collections::BTreeMap;
+use std::fmt;
+
+use super::identity::{self, ReplicaIdentity};
+use super::{Mappings, Rule, TableName};
+use crate::diag::suggest;
+
+/// A column as `pg_attribute` describes it (dropped columns excluded).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ColumnInfo {
+    /// Column name.
+    pub name: String,
+    /// `attgenerated <> ''`: a generated column (not published before PostgreSQL 18).
+    pub generated: bool,
+}
+
+/// A table as the catalog describes it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TableInfo {
+    /// `pg_class.oid`.
+    pub oid: u32,
+    /// `relkind`: `r` ordinary, `p` partitioned, `v` view, `m` materialized view, `f` foreign, ...
+    pub relkind: char,
+    /// `relpersistence`: `p` permanent, `u` unlogged, `t` temporary.
+    pub persistence: char,
+    /// Columns in order.
+    pub columns: Vec<ColumnInfo>,
+    /// What its replica identity carries in old rows.
+    pub replica_identity: ReplicaIdentity,
+    /// `schema.table` of the parent when the table is a partition.
+    pub partition_of: Option<TableName>,
+}
+
+/// How the publication publishes one table.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PublishedTable {
+    /// The row filter (`WHERE ...`), if any.
+    pub row_filter: Option<String>,
+    /// The column list, if any (`None`: every column).
+    pub column_list: Option<Vec<String>>,
+}
+
+/// The publication named in the config.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PublicationInfo {
+    /// `puballtables`.
+    pub all_tables: bool,
+    /// `pubinsert`.
+    pub insert: bool,
+    /// `pubupdate`.
+    pub update: bool,
+    /// `pubdelete`.
+    pub delete: bool,
+    /// `pubtruncate`.
+    pub truncate: bool,
+    /// `pubviaroot`.
+    pub via_partition_root: bool,
+    /// Tables in the publication (`pg_publication_tables`, by `schema.table`).
+    pub tables: BTreeMap<TableName, PublishedTable>,
+}
+
+/// Everything the catalog checks need, filled by SQL (or by hand in tests).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct CatalogSnapshot {
+    /// `server_version_num`, e.g. 160002.
+    pub server_version_num: u32,
+    /// Every table a rule names that exists (others are reported unknown).
+    pub tables: BTreeMap<TableName, TableInfo>,
+    /// Other table names of the database, for "did you mean" on unknown tables.
+    pub other_tables: Vec<TableName>,
+    /// The publication, `None` when it does not exist yet (`setup` creates it).
+    pub publication: Option<PublicationInfo>,
+    /// `max_slot_wal_keep_size` in MB (`-1`: unlimited).
+    pub max_slot_wal_keep_size_mb: Option<i64>,
+    /// `synchronous_standby_names`.
+    pub synchronous_standby_names: Option<String>,
+}
+
+/// How bad a finding is: errors fail `check` (exit 2), warnings don't.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Severity {
+    /// Printed, exit 0.
+    Warning,
+    /// Refused, exit 2.
+    Error,
+}
+
+/// One result of a check.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Finding {
+    /// Error or warning.
+    pub severity: Severity,
+    /// The whole message, located at the rule when there is one.
+    pub message: String,
+}
+
+impl Finding {
+    fn error(message: String) -> Self {
+        Finding {
+            severity: Severity::Error,
+            message,
+        }
+    }
+    fn warning(message: String) -> Self {
+        Finding {
+            severity: Severity::Warning,
+            message,
+        }
+    }
+}
+
+impl fmt::Display for Finding {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let label = match self.severity {
+            Severity::Error => "error",
+            Severity::Warning => "warning",
+        };
+        write!(f, "{label}: {}", self.message)
+    }
+}
+
+/// The columns a rule reads: placeholders, `columns`, `assume_unchanged`.
+fn referenced_columns(rule: &Rule) -> Vec<&str> {
+    let mut out: Vec<&str> = rule.columns.iter().map(String::as_str).collect();
+    for c in rule
+        .changed_columns
+        .iter()
+        .flatten()
+        .chain(&rule.assume_unchanged)
+    {
+        if !out.contains(&c.as_str()) {
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// Checks the mappings against the catalog and the publication, per the design:
+/// unknown tables or columns, relkinds, unlogged tables, generated columns,
+/// replica identity, publish actions, row filters, column lists, partitions.
+/// `application_name` is matched against `synchronous_standby_names`.
+pub fn check_catalog(
+    mappings: &Mappings,
+    snap: &CatalogSnapshot,
+    application_name: &str,
+) -> Vec<Finding> {
+    let mut out = Vec::new();
+    for rule in mappings.rules() {
+        let loc = &rule.location;
+        let t = &rule.table;
+        let Some(info) = snap.tables.get(t) else {
+            let names: Vec<String> = snap
+                .tables
+                .keys()
+                .chain(&snap.other_tables)
+                .map(|n| n.to_string())
+                .collect();
+            let hint = suggest(&t.to_string(), names.iter().map(String::as_str))
+                .map(|s| format!(": did you mean {s}?"))
+                .unwrap_or_default();
+            out.push(Finding::error(format!(
+                "{loc}: table {t} does not exist{hint} (names are case-sensitive, as in the catalog)"
+            )));
+            continue;
+        };
+        match info.relkind {
+            'r' | 'p' => {}
+            k => {
+                let what = match k {
+                    'v' => "a view",
+                    'm' => "a materialized view",
+                    'f' => "a foreign table",
+                    _ => "not a table",
+                };
+                out.push(Finding::error(format!(
+                    "{loc}: {t} is {what} (relkind '{k}'): only ordinary and partitioned tables produce row changes in the WAL"
+                )));
+                continue;
+            }
+        }
+        match info.persistence {
+            'u' => out.push(Finding::error(format!(
+                "{loc}: {t} is UNLOGGED: its changes are not in the WAL; `ALTER TABLE {t} SET LOGGED` or remove the rule"
+            ))),
+            't' => out.push(Finding::error(format!(
+                "{loc}: {t} is a temporary table: its changes are not in the WAL"
+            ))),
+            _ => {}
+        }
+        let names: Vec<&str> = info.columns.iter().map(|c| c.name.as_str()).collect();
+        for c in referenced_columns(rule) {
+            match info.columns.iter().find(|ci| ci.name == c) {
+                None => {
+                    let hint = suggest(c, names.iter().copied())
+                        .map(|s| format!(": did you mean `{s}`?"))
+                        .unwrap_or_default();
+                    out.push(Finding::error(format!(
+                        "{loc}: table {t} has no column `{c}`{hint}; its columns: {}",
+                        names.join(", ")
+                    )));
+                }
+                Some(ci) if ci.generated && rule.columns.iter().any(|p| p == c) => {
+                    if snap.server_version_num < 180000 {
+                        out.push(Finding::error(format!(
+                            "{loc}: column `{c}` of {t} is generated: generated columns are not published before PostgreSQL 18; use the columns it is computed from"
+                        )));
+                    }
+                }
+                Some(_) => {}
+            }
+        }
+        if let Some(e) = identity::check_rule(rule, &info.replica_identity) {
+            out.push(Finding::error(e.to_string()));
+        }
+        if let Some(pub_) = &snap.publication {
+            check_publication(rule, info, pub_, &mut out);
+        }
+    }
+    if snap.publication.is_none() {
+        out.push(Finding::warning(
+            "the publication does not exist yet: `cache-invalidator setup` creates it".into(),
+        ));
+    }
+    if snap.max_slot_wal_keep_size_mb == Some(-1) {
+        out.push(Finding::warning(
+            "max_slot_wal_keep_size = -1: a stopped worker's slot retains WAL without bound; set a limit and monitor `status`".into(),
+        ));
+    }
+    if let Some(names) = &snap.synchronous_standby_names {
+        if sync_names_match(names, application_name) {
+            out.push(Finding::warning(format!(
+                "synchronous_standby_names = '{names}' matches `{application_name}`: the worker would become a synchronous standby and application commits would wait on Redis"
+            )));
+        }
+    }
+    out
+}
+
+fn check_publication(rule: &Rule, info: &TableInfo, p: &PublicationInfo, out: &mut Vec<Finding>) {
+    let loc = &rule.location;
+    let t = &rule.table;
+    for (needed, published, op) in [
+        (rule.on.insert, p.insert, "insert"),
+        (rule.on.update, p.update, "update"),
+        (rule.on.delete, p.delete, "delete"),
+    ] {
+        if needed && !published {
+            out.push(Finding::error(format!(
+                "{loc}: the publication does not publish {op}s, which the rule for {t} fires on: `ALTER PUBLICATION ... SET (publish = 'insert, update, delete, truncate')`"
+            )));
+        }
+    }
+    if !p.truncate {
+        out.push(Finding::warning(format!(
+            "{loc}: the publication does not publish truncates: a TRUNCATE of {t} will not be seen"
+        )));
+    }
+    if info.relkind == 'p' && !p.via_partition_root {
+        out.push(Finding::error(format!(
+            "{loc}: {t} is partitioned but the publication is not `publish_via_partition_root = true`: changes would arrive under the partitions' names; `ALTER PUBLICATION ... SET (publish_via_partition_root = true)`"
+        )));
+    }
+    if let Some(parent) = &info.partition_of {
+        if p.via_partition_root {
+            out.push(Finding::error(format!(
+                "{loc}: {t} is a partition of {parent} and the publication publishes via the partition root: its changes arrive as {parent}; map {parent} instead"
+            )));
+        }
+    }
+    match p.tables.get(t) {
+        None if !p.all_tables && info.partition_of.is_none() => out.push(Finding::warning(
+            format!("{loc}: {t} is not in the publication yet: `cache-invalidator setup` adds it"),
+        )),
+        None => {}
+        Some(pt) => {
+            if let Some(filter) = &pt.row_filter {
+                out.push(Finding::error(format!(
+                    "{loc}: the publication has a row filter on {t} (WHERE {filter}): changes of rows outside it would never be invalidated; remove the filter"
+                )));
+            }
+            if let Some(list) = &pt.column_list {
+                let hidden: Vec<&str> = referenced_columns(rule)
+                    .into_iter()
+                    .filter(|c| !list.iter().any(|l| l == c))
+                    .collect();
+                if !hidden.is_empty() {
+                    out.push(Finding::error(format!(
+                        "{loc}: the publication's column list on {t} hides column(s) {} that the rule reads; add them to the list or drop the list",
+                        hidden.join(", ")
+                    )));
+                }
+            }
+        }
+    }
+}
+
+/// Whether `synchronous_standby_names` names `application_name` (or `*`).
+fn sync_names_match(setting: &str, application_name: &str) -> bool {
+    let s = setting.trim();
+    if s.is_empty() {
+        return false;
+    }
+    // Strip `FIRST n (...)` / `ANY n (...)` / `n (...)`.
+    let list = match (s.find('('), s.rfind(')')) {
+        (Some(a), Some(b)) if a < b => &s[a + 1..b],
+        _ => s,
+    };
+    list.split(',')
+        .map(|n| n.trim().trim_matches('"'))
+        .any(|n| n == "*" || n.eq_ignore_ascii_case(application_name))
+}
+
+/// Redis's `maxmemory-policy`: `allkeys-*` evicts tag sets and version keys.
+/// A warning for `check`; `run` refuses it.
+pub fn check_maxmemory_policy(policy: &str) -> Option<Finding> {
+    policy.starts_with("allkeys-").then(|| {
+        Finding::warning(format!(
+            "Redis maxmemory-policy is {policy}: it evicts tag sets and version keys, losing invalidations (`run` refuses it); use volatile-* or noeviction"
+        ))
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn mappings(src: &str) -> Mappings {
+        Mappings::parse("m.toml", src).unwrap()
+    }
+
+    fn table(cols: &[&str], identity: ReplicaIdentity) -> TableInfo {
+        TableInfo {
+            oid: 1,
+            relkind: 'r',
+            persistence: 'p',
+            columns: cols
+                .iter()
+                .map(|c| ColumnInfo {
+                    name: c.to_string(),
+                    generated: false,
+                })
+                .collect(),
+            replica_identity: identity,
+            partition_of: None,
+        }
+    }
+
+    fn posts_snapshot(identity: ReplicaIdentity) -> CatalogSnapshot {
+        let mut s = CatalogSnapshot {
+            server_version_num: 160000,
+            ..Default::default()
+        };
+        s.tables.insert(
+            TableName::parse("posts").unwrap(),
+            table(&["id", "author_id", "title"], identity),
+        );
+        let mut tables = BTreeMap::new();
+        tables.insert(
+            TableName::parse("posts").unwrap(),
+            PublishedTable::default(),
+        );
+        s.publication = Some(PublicationInfo {
+            all_tables: false,
+            insert: true,
+            update: true,
+            delete: true,
+            truncate: true,
+            via_partition_root: true,
+            tables,
+        });
+        s
+    }
+
+    const POSTS: &str =
+        "[[table]]\nname = \"posts\"\nkeys = [\"post:{id}\", \"author:{author_id}:posts\"]\n";
+
+    fn errors(f: &[Finding]) -> Vec<&str> {
+        f.iter()
+            .filter(|f| f.severity == Severity::Error)
+            .map(|f| f.message.as_str())
+            .collect()
+    }
+
+    #[test]
+    fn clean_under_full_identity() {
+        let f = check_catalog(
+            &mappings(POSTS),
+            &posts_snapshot(ReplicaIdentity::Full),
+            "cache-invalidator",
+        );
+        assert!(f.is_empty(), "{f:?}");
+    }
+
+    #[test]
+    fn identity_refusal_names_table_columns_and_fixes() {
+        let f = check_catalog(
+            &mappings(POSTS),
+            &posts_snapshot(ReplicaIdentity::Columns(vec!["id".into()])),
+            "cache-invalidator",
+        );
+        let e = errors(&f);
+        assert_eq!(e.len(), 1, "{f:?}");
+        assert!(e[0].starts_with("m.toml:2:8: table public.posts: the rule renders old values of column(s) author_id"), "{}", e[0]);
+        assert!(e[0].contains("only (id)"));
+        assert!(e[0].contains("setup --replica-identity-full"));
+        assert!(e[0].contains("REPLICA IDENTITY USING INDEX"));
+        assert!(e[0].contains("assume_unchanged"));
+        assert!(e[0].contains("narrow `on`"));
+    }
+
+    #[test]
+    fn identity_fixes_are_accepted() {
+        let id = || posts_snapshot(ReplicaIdentity::Columns(vec!["id".into()]));
+        for fix in [
+            "assume_unchanged = [\"author_id\"]\n",
+            "on = [\"insert\"]\n",
+        ] {
+            let f = check_catalog(&mappings(&format!("{POSTS}{fix}")), &id(), "x");
+            assert!(errors(&f).is_empty(), "{fix}: {f:?}");
+        }
+    }
+
+    #[test]
+    fn unknown_table_and_column_suggest() {
+        let m = mappings("[[table]]\nname = \"post\"\nkeys = [\"p:{id}\"]\n[[table]]\nname = \"posts\"\nkeys = [\"p:{auther_id}\"]\n");
+        let f = check_catalog(&m, &posts_snapshot(ReplicaIdentity::Full), "x");
+        let e = errors(&f);
+        assert_eq!(e[0], "m.toml:2:8: table public.post does not exist: did you mean public.posts? (names are case-sensitive, as in the catalog)");
+        assert_eq!(e[1], "m.toml:5:8: table public.posts has no column `auther_id`: did you mean `author_id`?; its columns: id, author_id, title");
+    }
+
+    #[test]
+    fn relkind_unlogged_generated() {
+        let mut s = posts_snapshot(ReplicaIdentity::Full);
+        let t = s.tables.values_mut().next().unwrap();
+        t.relkind = 'v';
+        let f = check_catalog(&mappings(POSTS), &s, "x");
+        assert!(errors(&f)[0].contains("is a view (relkind 'v')"));
+
+        let mut s = posts_snapshot(ReplicaIdentity::Full);
+        let t = s.tables.values_mut().next().unwrap();
+        t.persistence = 'u';
+        t.columns[1].generated = true;
+        let e = check_catalog(&mappings(POSTS), &s, "x");
+        let e = errors(&e);
+        assert!(e[0].contains("is UNLOGGED"));
+        assert!(e[1].contains("column `author_id` of public.posts is generated"));
+        s.server_version_num = 180000;
+        assert_eq!(errors(&check_catalog(&mappings(POSTS), &s, "x")).len(), 1);
+    }
+
+    #[test]
+    fn publication_problems() {
+        let mut s = posts_snapshot(ReplicaIdentity::Full);
+        {
+            let p = s.publication.as_mut().unwrap();
+            p.delete = false;
+            let pt = p.tables.values_mut().next().unwrap();
+            pt.row_filter = Some("published".into());
+            pt.column_list = Some(vec!["id".into(), "title".into()]);
+        }
+        let f = check_catalog(&mappings(POSTS), &s, "x");
+        let e = errors(&f);
+        assert!(e[0].contains("does not publish deletes"), "{e:?}");
+        assert!(e[1].contains("row filter on public.posts (WHERE published)"));
+        assert!(e[2].contains("hides column(s) author_id"));
+    }
+
+    #[test]
+    fn partitions() {
+        let mut s = posts_snapshot(ReplicaIdentity::Full);
+        s.tables.values_mut().next().unwrap().relkind = 'p';
+        s.publication.as_mut().unwrap().via_partition_root = false;
+        assert!(errors(&check_catalog(&mappings(POSTS), &s, "x"))[0]
+            .contains("publish_via_partition_root"));
+
+        let mut s = posts_snapshot(ReplicaIdentity::Full);
+        s.tables.values_mut().next().unwrap().partition_of =
+            Some(TableName::parse("all_posts").unwrap());
+        assert!(errors(&check_catalog(&mappings(POSTS), &s, "x"))[0]
+            .contains("is a partition of public.all_posts"));
+    }
+
+    #[test]
+    fn server_warnings() {
+        let mut s = posts_snapshot(ReplicaIdentity::Full);
+        s.max_slot_wal_keep_size_mb = Some(-1);
+        s.synchronous_standby_names = Some("FIRST 1 (\"*\")".into());
+        let f = check_catalog(&mappings(POSTS), &s, "cache-invalidator");
+        assert_eq!(f.len(), 2);
+        assert!(f.iter().all(|f| f.severity == Severity::Warning));
+        assert!(sync_names_match(
+            "ANY 1 (a, cache-invalidator)",
+            "cache-invalidator"
+        ));
+        assert!(!sync_names_match("a, b", "cache-invalidator"));
+        assert!(check_maxmemory_policy("allkeys-lru").is_some());
+        assert!(check_maxmemory_policy("volatile-lru").is_none());
+    }
+}

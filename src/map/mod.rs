@@ -1,0 +1,765 @@
+//! Mapping files: the declarative table -> invalidation language.
+//!
+//! [`Mappings::load`] reads `mappings/*.toml` (see `DESIGN.md`, "Mapping
+//! files"), validates every `[[table]]` entry into a [`Rule`] whose templates
+//! are compiled once, and reports every problem with file:line:column.
+//! Rendering rows into invalidations lives in [`crate::plan::planner`];
+//! [`identity`] holds the replica-identity rule and [`catalog`] the checks
+//! against a catalog snapshot.
+
+pub mod catalog;
+pub mod glob;
+pub mod identity;
+mod raw;
+pub mod template;
+
+use std::collections::BTreeSet;
+use std::fmt;
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+
+use toml::Spanned;
+
+use crate::decode::Op;
+use crate::diag::{Diagnostic, LoadError};
+use raw::{RawChannel, RawFile, RawRule, RawShape, RawTruncate};
+pub use template::{Template, TemplateError};
+
+/// A table as mappings name it: `schema.table` (schema defaults to `public`).
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct TableName {
+    /// Schema, as in the catalog.
+    pub schema: String,
+    /// Table, as in the catalog.
+    pub name: String,
+}
+
+impl TableName {
+    /// Parses `schema.table` or `table` (schema `public`).
+    pub fn parse(s: &str) -> Result<TableName, String> {
+        let (schema, name) = match s.split_once('.') {
+            Some((schema, name)) => (schema, name),
+            None => ("public", s),
+        };
+        if schema.is_empty() || name.is_empty() || name.contains('.') {
+            return Err(format!(
+                "invalid table name {s:?}: write \"table\" or \"schema.table\" (schema defaults to public)"
+            ));
+        }
+        Ok(TableName {
+            schema: schema.to_owned(),
+            name: name.to_owned(),
+        })
+    }
+
+    /// True when this names the given schema and table.
+    pub fn is(&self, schema: &str, name: &str) -> bool {
+        self.schema == schema && self.name == name
+    }
+}
+
+impl fmt::Display for TableName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}.{}", self.schema, self.name)
+    }
+}
+
+/// Where a rule was written (its `name`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Location {
+    /// The mapping file.
+    pub file: PathBuf,
+    /// 1-based line.
+    pub line: usize,
+    /// 1-based column.
+    pub column: usize,
+}
+
+impl fmt::Display for Location {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}:{}:{}", self.file.display(), self.line, self.column)
+    }
+}
+
+/// The row operations a rule fires on (`on`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct OpSet {
+    /// INSERT.
+    pub insert: bool,
+    /// UPDATE.
+    pub update: bool,
+    /// DELETE.
+    pub delete: bool,
+}
+
+impl OpSet {
+    /// All three (the default).
+    pub const ALL: OpSet = OpSet {
+        insert: true,
+        update: true,
+        delete: true,
+    };
+
+    /// Whether the rule fires on `op` (TRUNCATE always fires the truncate invalidations).
+    pub fn contains(self, op: Op) -> bool {
+        match op {
+            Op::Insert => self.insert,
+            Op::Update => self.update,
+            Op::Delete => self.delete,
+            Op::Truncate => true,
+        }
+    }
+}
+
+/// A message shape: JSON whose string leaves are templates rendered from the row.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Shape {
+    /// A string template.
+    Text(Template),
+    /// A number or boolean, copied as is.
+    Literal(serde_json::Value),
+    /// An array of shapes.
+    Array(Vec<Shape>),
+    /// An object: keys in file order.
+    Object(Vec<(String, Shape)>),
+}
+
+/// A `channels` entry.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Channel {
+    /// The pub/sub channel.
+    pub channel: String,
+    /// `None`: the default JSON message (`table`, `op`, `lsn`, `keys`, `tags`,
+    /// `versions`, `epoch`); `Some`: a shaped message.
+    pub message: Option<Shape>,
+}
+
+/// A `channels` entry of a truncate: no placeholders.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TruncateChannel {
+    /// The pub/sub channel.
+    pub channel: String,
+    /// `None`: the default truncate message `{"table", "op": "truncate", "lsn", "epoch"}`.
+    pub message: Option<serde_json::Value>,
+}
+
+/// What a TRUNCATE, a fallback or a flush of the rule's table invalidates.
+/// Names are without `tag_prefix` / `version_prefix` (the planner adds them).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct TruncateSpec {
+    /// Exact keys to UNLINK.
+    pub keys: Vec<String>,
+    /// Tag names (the set is `<tag_prefix><tag>`).
+    pub tags: Vec<String>,
+    /// Version names (the key is `<version_prefix><version>`).
+    pub versions: Vec<String>,
+    /// Key glob patterns.
+    pub patterns: Vec<String>,
+    /// Glob patterns over tag names (the planner prefixes the escaped `tag_prefix`).
+    pub tag_patterns: Vec<String>,
+    /// Glob patterns over version names (the planner prefixes the escaped `version_prefix`).
+    pub version_patterns: Vec<String>,
+    /// Messages to publish.
+    pub channels: Vec<TruncateChannel>,
+}
+
+impl TruncateSpec {
+    /// True when the truncate invalidates nothing (`truncate = "none"`).
+    pub fn is_empty(&self) -> bool {
+        self.keys.is_empty()
+            && self.tags.is_empty()
+            && self.versions.is_empty()
+            && self.patterns.is_empty()
+            && self.tag_patterns.is_empty()
+            && self.version_patterns.is_empty()
+            && self.channels.is_empty()
+    }
+}
+
+/// Where a rule's truncate invalidations come from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TruncateSource {
+    /// Derived from the templates (placeholders -> `*`).
+    Derived,
+    /// Written in `[table.truncate]`.
+    Explicit,
+    /// `truncate = "none"`.
+    None,
+}
+
+/// One validated `[[table]]` entry.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Rule {
+    /// The table.
+    pub table: TableName,
+    /// Where the rule is written.
+    pub location: Location,
+    /// Placeholder columns of all templates; [`template::Segment::Column`] indexes this.
+    pub columns: Vec<String>,
+    /// `keys`.
+    pub keys: Vec<Template>,
+    /// `tags` (tag names, without `tag_prefix`).
+    pub tags: Vec<Template>,
+    /// `versions` (version names, without `version_prefix`).
+    pub versions: Vec<Template>,
+    /// `patterns` (substituted values glob-escaped).
+    pub patterns: Vec<Template>,
+    /// `channels`.
+    pub channels: Vec<Channel>,
+    /// `on`.
+    pub on: OpSet,
+    /// `columns`: an update fires only if one of these changed.
+    pub changed_columns: Option<Vec<String>>,
+    /// `assume_unchanged`: columns whose old value is taken from the new row.
+    pub assume_unchanged: Vec<String>,
+    /// The truncate invalidations.
+    pub truncate: TruncateSpec,
+    /// Where [`Rule::truncate`] comes from.
+    pub truncate_source: TruncateSource,
+}
+
+impl Rule {
+    /// True when some template has placeholders (the rule renders rows).
+    pub fn is_row_level(&self) -> bool {
+        !self.columns.is_empty()
+    }
+
+    /// Which of [`Rule::columns`] the invalidation templates (keys, tags,
+    /// versions, patterns) use; the others are only used by shaped messages,
+    /// which render from one image and need no old values.
+    pub fn invalidation_columns(&self) -> Vec<bool> {
+        let mut used = vec![false; self.columns.len()];
+        for t in self
+            .keys
+            .iter()
+            .chain(&self.tags)
+            .chain(&self.versions)
+            .chain(&self.patterns)
+        {
+            for seg in t.segments() {
+                if let template::Segment::Column(i) = seg {
+                    if let Some(u) = used.get_mut(*i) {
+                        *u = true;
+                    }
+                }
+            }
+        }
+        used
+    }
+
+    /// True when the rule needs the old image of a change (it fires on update or delete).
+    pub fn needs_old_values(&self) -> bool {
+        self.on.update || self.on.delete
+    }
+}
+
+/// A validated set of rules from one or more mapping files.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Mappings {
+    rules: Vec<Rule>,
+    files: Vec<PathBuf>,
+}
+
+impl Mappings {
+    /// Loads a directory (every `*.toml` in it, in name order) or a single file.
+    pub fn load(path: &Path) -> Result<Mappings, LoadError> {
+        if path.is_dir() {
+            Mappings::load_files(&toml_files_in(path)?)
+        } else {
+            Mappings::load_files(&[path.to_path_buf()])
+        }
+    }
+
+    /// Loads a list of files. Every problem of every file is reported.
+    pub fn load_files(files: &[PathBuf]) -> Result<Mappings, LoadError> {
+        let mut sources = Vec::with_capacity(files.len());
+        for f in files {
+            let text = std::fs::read_to_string(f).map_err(|source| LoadError::Io {
+                path: f.clone(),
+                source,
+            })?;
+            sources.push((f.clone(), text));
+        }
+        Mappings::from_sources(sources.iter().map(|(f, t)| (f.as_path(), t.as_str())))
+    }
+
+    /// Parses one mapping file's text; `file` is only used in messages.
+    pub fn parse(file: impl AsRef<Path>, source: &str) -> Result<Mappings, LoadError> {
+        Mappings::from_sources([(file.as_ref(), source)])
+    }
+
+    /// Parses several (file name, text) pairs.
+    pub fn from_sources<'a>(
+        sources: impl IntoIterator<Item = (&'a Path, &'a str)>,
+    ) -> Result<Mappings, LoadError> {
+        let mut diags = Vec::new();
+        let mut out = Mappings::default();
+        for (file, src) in sources {
+            out.files.push(file.to_path_buf());
+            match toml::from_str::<RawFile>(src) {
+                Err(e) => diags.push(Diagnostic::from_toml(file, src, &e)),
+                Ok(raw) => {
+                    if raw.table.is_empty() {
+                        diags.push(Diagnostic::at(
+                            file,
+                            src,
+                            0,
+                            "no [[table]] entries: a mapping file holds one or more [[table]] rules",
+                        ));
+                    }
+                    let mut v = Validator {
+                        file,
+                        src,
+                        diags: &mut diags,
+                    };
+                    for r in raw.table {
+                        if let Some(rule) = v.rule(r) {
+                            out.rules.push(rule);
+                        }
+                    }
+                }
+            }
+        }
+        if out.files.is_empty() {
+            return Err(LoadError::Invalid(vec![Diagnostic {
+                file: PathBuf::from("mappings"),
+                line: 1,
+                column: 1,
+                message: "no mapping files found: `mappings` names a directory of *.toml files or a list of files".into(),
+            }]));
+        }
+        if diags.is_empty() {
+            Ok(out)
+        } else {
+            Err(LoadError::Invalid(diags))
+        }
+    }
+
+    /// Every rule, in file order.
+    pub fn rules(&self) -> &[Rule] {
+        &self.rules
+    }
+
+    /// The files the rules came from.
+    pub fn files(&self) -> &[PathBuf] {
+        &self.files
+    }
+
+    /// The rules of one table.
+    pub fn rules_for<'a>(&'a self, table: &'a TableName) -> impl Iterator<Item = &'a Rule> + 'a {
+        self.rules.iter().filter(move |r| &r.table == table)
+    }
+
+    /// The mapped tables.
+    pub fn tables(&self) -> BTreeSet<&TableName> {
+        self.rules.iter().map(|r| &r.table).collect()
+    }
+}
+
+/// The `*.toml` files of a directory, sorted by name.
+pub fn toml_files_in(dir: &Path) -> Result<Vec<PathBuf>, LoadError> {
+    let io = |source| LoadError::Io {
+        path: dir.to_path_buf(),
+        source,
+    };
+    let mut files = Vec::new();
+    for entry in std::fs::read_dir(dir).map_err(io)? {
+        let path = entry.map_err(io)?.path();
+        if path.is_file() && path.extension().is_some_and(|e| e == "toml") {
+            files.push(path);
+        }
+    }
+    files.sort();
+    Ok(files)
+}
+
+struct Validator<'a> {
+    file: &'a Path,
+    src: &'a str,
+    diags: &'a mut Vec<Diagnostic>,
+}
+
+/// Where the template text starts inside its quoted TOML string.
+fn inner_offset(span: &Range<usize>, offset: usize) -> usize {
+    span.start + 1 + offset
+}
+
+impl Validator<'_> {
+    fn error(&mut self, offset: usize, message: impl Into<String>) {
+        self.diags
+            .push(Diagnostic::at(self.file, self.src, offset, message));
+    }
+
+    fn template(
+        &mut self,
+        field: &str,
+        s: &Spanned<String>,
+        escape: bool,
+        columns: &mut Vec<String>,
+    ) -> Option<Template> {
+        let res = Template::compile(s.get_ref(), escape, |name| {
+            match columns.iter().position(|c| c == name) {
+                Some(i) => i,
+                None => {
+                    columns.push(name.to_owned());
+                    columns.len() - 1
+                }
+            }
+        });
+        match res {
+            Ok(t) => Some(t),
+            Err(e) => {
+                self.error(
+                    inner_offset(&s.span(), e.offset()),
+                    format!("invalid template in `{field}`: {e}"),
+                );
+                None
+            }
+        }
+    }
+
+    fn templates(
+        &mut self,
+        field: &str,
+        list: &[Spanned<String>],
+        escape: bool,
+        columns: &mut Vec<String>,
+    ) -> Vec<Template> {
+        list.iter()
+            .filter_map(|s| self.template(field, s, escape, columns))
+            .collect()
+    }
+
+    fn shape(&mut self, s: &Spanned<RawShape>, columns: &mut Vec<String>) -> Option<Shape> {
+        Some(match s.get_ref() {
+            RawShape::Str(text) => {
+                let spanned = Spanned::new(s.span(), text.clone());
+                Shape::Text(self.template("message", &spanned, false, columns)?)
+            }
+            RawShape::Bool(b) => Shape::Literal((*b).into()),
+            RawShape::Int(i) => Shape::Literal((*i).into()),
+            RawShape::Float(f) => Shape::Literal(
+                serde_json::Number::from_f64(*f)
+                    .map(serde_json::Value::Number)
+                    .unwrap_or(serde_json::Value::Null),
+            ),
+            RawShape::Array(items) => {
+                let mut out = Vec::new();
+                for i in items {
+                    out.push(self.shape(i, columns)?);
+                }
+                Shape::Array(out)
+            }
+            RawShape::Table(entries) => {
+                let mut out = Vec::new();
+                for (k, v) in entries {
+                    out.push((k.clone(), self.shape(v, columns)?));
+                }
+                Shape::Object(out)
+            }
+        })
+    }
+
+    fn channel_name(&mut self, s: &Spanned<String>) -> Option<String> {
+        if s.get_ref().is_empty() {
+            self.error(
+                s.span().start,
+                "empty channel name: name the pub/sub channel, e.g. \"cache:invalidate\"",
+            );
+            return None;
+        }
+        Some(s.get_ref().clone())
+    }
+
+    fn rule(&mut self, r: RawRule) -> Option<Rule> {
+        let errors_before = self.diags.len();
+        let table = match TableName::parse(r.name.get_ref()) {
+            Ok(t) => Some(t),
+            Err(e) => {
+                self.error(r.name.span().start, e);
+                None
+            }
+        };
+        let (line, column) = crate::diag::line_col(self.src, r.name.span().start);
+        let location = Location {
+            file: self.file.to_path_buf(),
+            line,
+            column,
+        };
+
+        let mut columns = Vec::new();
+        let keys = self.templates("keys", &r.keys, false, &mut columns);
+        let tags = self.templates("tags", &r.tags, false, &mut columns);
+        let versions = self.templates("versions", &r.versions, false, &mut columns);
+        let patterns = self.templates("patterns", &r.patterns, true, &mut columns);
+        let mut channels = Vec::new();
+        for c in &r.channels {
+            match c.get_ref() {
+                RawChannel::Name(n) => {
+                    let n = Spanned::new(c.span(), n.clone());
+                    if let Some(channel) = self.channel_name(&n) {
+                        channels.push(Channel {
+                            channel,
+                            message: None,
+                        });
+                    }
+                }
+                RawChannel::Shaped(s) => {
+                    let channel = self.channel_name(&s.channel);
+                    let message = match &s.message {
+                        Some(m) => self.shape(m, &mut columns).map(Some),
+                        None => Some(None),
+                    };
+                    if let (Some(channel), Some(message)) = (channel, message) {
+                        channels.push(Channel { channel, message });
+                    }
+                }
+            }
+        }
+        if r.keys.is_empty()
+            && r.tags.is_empty()
+            && r.versions.is_empty()
+            && r.patterns.is_empty()
+            && r.channels.is_empty()
+        {
+            self.error(
+                r.name.span().start,
+                format!(
+                    "rule for {} invalidates nothing: give it keys, tags, versions, patterns or channels",
+                    r.name.get_ref()
+                ),
+            );
+        }
+
+        let on = match &r.on {
+            None => OpSet::ALL,
+            Some(list) => {
+                let mut set = OpSet {
+                    insert: false,
+                    update: false,
+                    delete: false,
+                };
+                if list.get_ref().is_empty() {
+                    self.error(
+                        list.span().start,
+                        "empty `on`: list at least one of \"insert\", \"update\", \"delete\" (or remove `on` for all three)",
+                    );
+                }
+                for op in list.get_ref() {
+                    match op.get_ref().as_str() {
+                        "insert" => set.insert = true,
+                        "update" => set.update = true,
+                        "delete" => set.delete = true,
+                        "truncate" => self.error(
+                            op.span().start,
+                            "`truncate` is not an `on` value: a TRUNCATE always fires the rule's truncate invalidations; allowed: insert, update, delete",
+                        ),
+                        other => {
+                            let hint = crate::diag::suggest(other, ["insert", "update", "delete"])
+                                .map(|s| format!(": did you mean \"{s}\"?"))
+                                .unwrap_or_default();
+                            self.error(
+                                op.span().start,
+                                format!("unknown operation \"{other}\" in `on`{hint}; allowed: insert, update, delete"),
+                            )
+                        }
+                    }
+                }
+                set
+            }
+        };
+
+        let changed_columns = match &r.columns {
+            None => None,
+            Some(list) => {
+                if list.get_ref().is_empty() {
+                    self.error(
+                        list.span().start,
+                        "empty `columns`: list the columns whose change fires an update, or remove `columns`",
+                    );
+                }
+                self.column_names("columns", list.get_ref());
+                Some(list.get_ref().iter().map(|s| s.get_ref().clone()).collect())
+            }
+        };
+        self.column_names("assume_unchanged", &r.assume_unchanged);
+        let assume_unchanged = r
+            .assume_unchanged
+            .iter()
+            .map(|s| s.get_ref().clone())
+            .collect();
+
+        if let Some(mode) = &r.mode {
+            match mode.get_ref().as_str() {
+                "delete" => {}
+                "tombstone" => self.error(
+                    mode.span().start,
+                    "mode = \"tombstone\" is not supported yet; allowed: \"delete\"",
+                ),
+                other => self.error(
+                    mode.span().start,
+                    format!("unknown mode \"{other}\"; allowed: \"delete\" (\"tombstone\" is not supported yet)"),
+                ),
+            }
+        }
+
+        let (truncate, truncate_source) = match &r.truncate {
+            None => (
+                derive_truncate(&keys, &tags, &versions, &patterns, &channels),
+                TruncateSource::Derived,
+            ),
+            Some(t) => match t.get_ref() {
+                RawTruncate::None => (TruncateSpec::default(), TruncateSource::None),
+                RawTruncate::Table(t) => (self.explicit_truncate(t), TruncateSource::Explicit),
+            },
+        };
+
+        if self.diags.len() > errors_before {
+            return None;
+        }
+        Some(Rule {
+            table: table?,
+            location,
+            columns,
+            keys,
+            tags,
+            versions,
+            patterns,
+            channels,
+            on,
+            changed_columns,
+            assume_unchanged,
+            truncate,
+            truncate_source,
+        })
+    }
+
+    fn column_names(&mut self, field: &str, list: &[Spanned<String>]) {
+        for c in list {
+            if c.get_ref().is_empty() {
+                self.error(c.span().start, format!("empty column name in `{field}`"));
+            }
+        }
+    }
+
+    fn literal(&mut self, field: &str, s: &Spanned<String>) -> Option<String> {
+        let t = self.template(&format!("truncate.{field}"), s, false, &mut Vec::new())?;
+        match t.literal() {
+            Some(l) => Some(l),
+            None => {
+                let at = s.get_ref().find('{').unwrap_or(0);
+                self.error(
+                    inner_offset(&s.span(), at),
+                    format!(
+                        "placeholder in `truncate.{field}`: a truncate has no row to render; write fixed names or patterns (e.g. \"user:*\")"
+                    ),
+                );
+                None
+            }
+        }
+    }
+
+    fn literal_shape(&mut self, s: &Spanned<RawShape>) -> Option<serde_json::Value> {
+        Some(match s.get_ref() {
+            RawShape::Str(text) => {
+                let spanned = Spanned::new(s.span(), text.clone());
+                serde_json::Value::String(self.literal("channels.message", &spanned)?)
+            }
+            RawShape::Bool(b) => (*b).into(),
+            RawShape::Int(i) => (*i).into(),
+            RawShape::Float(f) => serde_json::Number::from_f64(*f)
+                .map(serde_json::Value::Number)
+                .unwrap_or(serde_json::Value::Null),
+            RawShape::Array(items) => {
+                let mut out = Vec::new();
+                for i in items {
+                    out.push(self.literal_shape(i)?);
+                }
+                serde_json::Value::Array(out)
+            }
+            RawShape::Table(entries) => {
+                let mut out = serde_json::Map::new();
+                for (k, v) in entries {
+                    out.insert(k.clone(), self.literal_shape(v)?);
+                }
+                serde_json::Value::Object(out)
+            }
+        })
+    }
+
+    fn explicit_truncate(&mut self, t: &raw::RawTruncateTable) -> TruncateSpec {
+        let mut spec = TruncateSpec::default();
+        for (field, list, out) in [
+            ("keys", &t.keys, &mut spec.keys),
+            ("tags", &t.tags, &mut spec.tags),
+            ("versions", &t.versions, &mut spec.versions),
+            ("patterns", &t.patterns, &mut spec.patterns),
+        ] {
+            for s in list {
+                if let Some(l) = self.literal(field, s) {
+                    out.push(l);
+                }
+            }
+        }
+        for c in &t.channels {
+            match c.get_ref() {
+                RawChannel::Name(n) => {
+                    let n = Spanned::new(c.span(), n.clone());
+                    if let Some(channel) = self.channel_name(&n) {
+                        spec.channels.push(TruncateChannel {
+                            channel,
+                            message: None,
+                        });
+                    }
+                }
+                RawChannel::Shaped(s) => {
+                    let channel = self.channel_name(&s.channel);
+                    let message = match &s.message {
+                        Some(m) => self.literal_shape(m).map(Some),
+                        None => Some(None),
+                    };
+                    if let (Some(channel), Some(message)) = (channel, message) {
+                        spec.channels.push(TruncateChannel { channel, message });
+                    }
+                }
+            }
+        }
+        spec
+    }
+}
+
+/// The default truncate: every template with its placeholders replaced by `*`.
+fn derive_truncate(
+    keys: &[Template],
+    tags: &[Template],
+    versions: &[Template],
+    patterns: &[Template],
+    channels: &[Channel],
+) -> TruncateSpec {
+    let mut spec = TruncateSpec::default();
+    let split = |list: &[Template], exact: &mut Vec<String>, wild: &mut Vec<String>| {
+        for t in list {
+            match t.literal() {
+                Some(l) => exact.push(l),
+                None => wild.push(t.to_wildcard_pattern()),
+            }
+        }
+    };
+    split(keys, &mut spec.keys, &mut spec.patterns);
+    split(tags, &mut spec.tags, &mut spec.tag_patterns);
+    split(versions, &mut spec.versions, &mut spec.version_patterns);
+    for p in patterns {
+        spec.patterns.push(p.to_wildcard_pattern());
+    }
+    for c in channels {
+        spec.channels.push(TruncateChannel {
+            channel: c.channel.clone(),
+            message: None,
+        });
+    }
+    spec.patterns.dedup();
+    spec
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,1385 @@
+//! The [`Planner`]: folds decoded events into a deduplicated [`Plan`].
+//!
+//! Per relation (cached by OID, re-resolved on every Relation message) each
+//! rule's placeholder columns are resolved to column positions once; per
+//! change, templates render into one reused buffer and only new keys are
+//! allocated. Memory is bounded by the plan: a row changed a million times
+//! yields one entry per distinct key.
+//!
+//! Rendering (DESIGN.md, "Mapping files"): INSERT renders the new row, DELETE
+//! the old row, UPDATE both (union). NULL renders nothing. A value still
+//! unknown (not sent, or a column the relation lacks) fires the table's
+//! truncate invalidations instead, recorded as a [`Fallback`] for a warning and
+//! a metric: never a silent skip.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+
+use serde::Serialize;
+
+use super::{Plan, Publish};
+use crate::decode::{Change, Event, Op, Relation, Row, Value};
+use crate::lsn::Lsn;
+use crate::map::glob;
+use crate::map::template::{Missing, Template};
+use crate::map::{Mappings, Rule, Shape, TableName};
+
+/// The prefix of logical decoding messages addressed to the worker.
+pub const MESSAGE_PREFIX: &str = "cache-invalidator";
+
+/// What the planner needs beyond the mappings (from the service config and the slot).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PlannerContext {
+    /// `[redis] tag_prefix`.
+    pub tag_prefix: String,
+    /// `[redis] version_prefix`.
+    pub version_prefix: String,
+    /// The slot's epoch, carried in every default message (e.g. slot name and creation).
+    pub epoch: String,
+    /// `[worker] max_batch_ops`: past this many messages in one transaction, one
+    /// `{"table", "op": "truncate"}` message per channel and table replaces them.
+    pub max_batch_ops: usize,
+}
+
+impl Default for PlannerContext {
+    fn default() -> Self {
+        PlannerContext {
+            tag_prefix: "tag:".into(),
+            version_prefix: "version:".into(),
+            epoch: String::new(),
+            max_batch_ops: 10_000,
+        }
+    }
+}
+
+/// Why a change fired its table's truncate invalidations instead of its own.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum FallbackReason {
+    /// A value a template needs was not sent (unchanged TOAST without old row,
+    /// a column outside a key-only old row).
+    UnknownValue,
+    /// A placeholder column is not in the relation (dropped or renamed).
+    MissingColumn,
+    /// An UPDATE without old row on a table whose replica identity does not
+    /// carry the old values the rule needs, or a DELETE without old row.
+    OldRowMissing,
+}
+
+impl FallbackReason {
+    /// Stable name for logs and metric labels.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FallbackReason::UnknownValue => "unknown_value",
+            FallbackReason::MissingColumn => "missing_column",
+            FallbackReason::OldRowMissing => "old_row_missing",
+        }
+    }
+}
+
+/// Fallbacks since the last [`Planner::take_fallbacks`], aggregated.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Fallback {
+    /// `schema.table`.
+    pub table: String,
+    /// Why.
+    pub reason: FallbackReason,
+    /// The column at fault, when one is.
+    pub column: Option<String>,
+    /// How many changes fell back for this reason.
+    pub count: u64,
+}
+
+/// Counters of one table.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct TableCounters {
+    /// INSERTs seen.
+    pub inserts: u64,
+    /// UPDATEs seen.
+    pub updates: u64,
+    /// DELETEs seen.
+    pub deletes: u64,
+    /// TRUNCATEs seen.
+    pub truncates: u64,
+    /// Fallbacks by reason: unknown value.
+    pub fallback_unknown_value: u64,
+    /// Fallbacks by reason: missing column.
+    pub fallback_missing_column: u64,
+    /// Fallbacks by reason: old row missing.
+    pub fallback_old_row_missing: u64,
+}
+
+impl TableCounters {
+    fn count_op(&mut self, op: Op) {
+        match op {
+            Op::Insert => self.inserts += 1,
+            Op::Update => self.updates += 1,
+            Op::Delete => self.deletes += 1,
+            Op::Truncate => self.truncates += 1,
+        }
+    }
+    fn count_fallback(&mut self, r: FallbackReason) {
+        match r {
+            FallbackReason::UnknownValue => self.fallback_unknown_value += 1,
+            FallbackReason::MissingColumn => self.fallback_missing_column += 1,
+            FallbackReason::OldRowMissing => self.fallback_old_row_missing += 1,
+        }
+    }
+    fn add(&mut self, o: &TableCounters) {
+        self.inserts += o.inserts;
+        self.updates += o.updates;
+        self.deletes += o.deletes;
+        self.truncates += o.truncates;
+        self.fallback_unknown_value += o.fallback_unknown_value;
+        self.fallback_missing_column += o.fallback_missing_column;
+        self.fallback_old_row_missing += o.fallback_old_row_missing;
+    }
+}
+
+/// Counters the worker reads for metrics (cumulative since the planner was made).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PlannerStats {
+    /// Per relation `schema.table` (as the stream names it).
+    pub tables: BTreeMap<String, TableCounters>,
+    /// Flush markers handled.
+    pub flush_markers: u64,
+    /// Transactions whose messages overflowed `max_batch_ops`.
+    pub message_overflows: u64,
+    /// Relations followed by OID after a rename (mapped name, current name).
+    pub renamed: Vec<(String, String)>,
+}
+
+/// A rule resolved against one relation.
+struct ResolvedRule {
+    rule: usize,
+    /// Relation column position of each rule column (`None`: missing).
+    cols: Vec<Option<usize>>,
+    /// Rule column is in `assume_unchanged`.
+    assumed: Vec<bool>,
+    /// Rule column is used by an invalidation template (else only by messages).
+    in_keys: Vec<bool>,
+    /// `columns` resolved (`None` entries: missing column).
+    changed: Option<Vec<Option<usize>>>,
+    /// An UPDATE without old row still has every old value the rule needs
+    /// (FULL identity, or the needed columns are identity or assumed unchanged).
+    old_implied: bool,
+}
+
+struct RelState {
+    rel: Arc<Relation>,
+    table: Arc<str>,
+    /// The mapped table whose rules apply (differs from the relation's name after a rename).
+    mapped: Option<TableName>,
+    rules: Vec<ResolvedRule>,
+    counters: TableCounters,
+}
+
+/// A table's truncate invalidations with prefixes applied.
+#[derive(Default)]
+struct TableTruncate {
+    name: Arc<str>,
+    keys: Vec<String>,
+    tags: Vec<String>,
+    versions: Vec<String>,
+    patterns: Vec<String>,
+    tag_patterns: Vec<String>,
+    version_patterns: Vec<String>,
+    /// (channel, shaped message or None for the default truncate message).
+    channels: Vec<(String, Option<String>)>,
+}
+
+/// Which image a value lookup reads.
+#[derive(Clone, Copy)]
+struct Image<'a> {
+    row: &'a Row,
+    /// For an UPDATE's old image: the new row, read for assumed-unchanged columns.
+    new: Option<&'a Row>,
+}
+
+#[derive(Serialize)]
+struct DefaultMessage<'a> {
+    table: &'a str,
+    op: &'a str,
+    lsn: String,
+    keys: &'a [String],
+    tags: &'a [String],
+    versions: &'a [String],
+    epoch: &'a str,
+}
+
+#[derive(Serialize)]
+struct TruncateMessage<'a> {
+    table: &'a str,
+    op: &'static str,
+    lsn: String,
+    epoch: &'a str,
+}
+
+/// Per-change scratch buffers, reused.
+#[derive(Default)]
+struct Scratch {
+    buf: String,
+    keys: Vec<String>,
+    tags: Vec<String>,
+    versions: Vec<String>,
+}
+
+/// Aggregation key of pending fallbacks: table, reason, (rule index, rule column).
+type FallbackKey = (Arc<str>, FallbackReason, Option<(usize, usize)>);
+
+/// Folds events into a [`Plan`]: feed events, [`Planner::take`] the plan.
+pub struct Planner {
+    mappings: Arc<Mappings>,
+    ctx: PlannerContext,
+    truncates: BTreeMap<TableName, TableTruncate>,
+    relations: HashMap<u32, RelState>,
+    plan: Plan,
+    xid: Option<u32>,
+    lsn: Lsn,
+    txn_messages: usize,
+    txn_publish_start: usize,
+    txn_overflow: bool,
+    /// (channel, table) pairs that published in the current transaction.
+    txn_pairs: Vec<(String, Arc<str>)>,
+    scratch: Scratch,
+    fallbacks: HashMap<FallbackKey, u64>,
+    stats: PlannerStats,
+}
+
+impl Planner {
+    /// A planner over `mappings`.
+    pub fn new(mappings: Arc<Mappings>, ctx: PlannerContext) -> Planner {
+        let mut truncates: BTreeMap<TableName, TableTruncate> = BTreeMap::new();
+        let tag_prefix = glob::escape(&ctx.tag_prefix);
+        let version_prefix = glob::escape(&ctx.version_prefix);
+        for rule in mappings.rules() {
+            let t = truncates.entry(rule.table.clone()).or_default();
+            t.name = Arc::from(rule.table.to_string());
+            let s = &rule.truncate;
+            push_all(&mut t.keys, s.keys.iter().cloned());
+            push_all(
+                &mut t.tags,
+                s.tags.iter().map(|x| format!("{}{x}", ctx.tag_prefix)),
+            );
+            push_all(
+                &mut t.versions,
+                s.versions
+                    .iter()
+                    .map(|x| format!("{}{x}", ctx.version_prefix)),
+            );
+            push_all(&mut t.patterns, s.patterns.iter().cloned());
+            push_all(
+                &mut t.tag_patterns,
+                s.tag_patterns.iter().map(|x| format!("{tag_prefix}{x}")),
+            );
+            push_all(
+                &mut t.version_patterns,
+                s.version_patterns
+                    .iter()
+                    .map(|x| format!("{version_prefix}{x}")),
+            );
+            push_all(
+                &mut t.channels,
+                s.channels
+                    .iter()
+                    .map(|c| (c.channel.clone(), c.message.as_ref().map(|m| m.to_string()))),
+            );
+        }
+        Planner {
+            mappings,
+            ctx,
+            truncates,
+            relations: HashMap::new(),
+            plan: Plan::default(),
+            xid: None,
+            lsn: Lsn::ZERO,
+            txn_messages: 0,
+            txn_publish_start: 0,
+            txn_overflow: false,
+            txn_pairs: Vec::new(),
+            scratch: Scratch::default(),
+            fallbacks: HashMap::new(),
+            stats: PlannerStats::default(),
+        }
+    }
+
+    /// The mappings.
+    pub fn mappings(&self) -> &Mappings {
+        &self.mappings
+    }
+
+    /// The context.
+    pub fn context(&self) -> &PlannerContext {
+        &self.ctx
+    }
+
+    /// Feeds one event in stream order.
+    pub fn feed(&mut self, event: &Event) {
+        match event {
+            Event::Begin { xid, final_lsn, .. } => self.begin(*xid, *final_lsn),
+            Event::Change(c) => self.change(c),
+            Event::Message {
+                prefix,
+                content,
+                lsn,
+                ..
+            } => self.message(prefix, content, *lsn),
+            Event::Commit { .. } => self.commit(),
+            Event::Relation(rel) => self.relation(rel),
+        }
+    }
+
+    /// A transaction starts; `final_lsn` is the LSN messages carry.
+    pub fn begin(&mut self, xid: u32, final_lsn: Lsn) {
+        self.xid = Some(xid);
+        self.lsn = final_lsn;
+        self.reset_txn();
+    }
+
+    /// The current transaction committed.
+    pub fn commit(&mut self) {
+        self.xid = None;
+        self.reset_txn();
+    }
+
+    fn reset_txn(&mut self) {
+        self.txn_messages = 0;
+        self.txn_publish_start = self.plan.publish.len();
+        self.txn_overflow = false;
+        self.txn_pairs.clear();
+    }
+
+    /// A Relation message: (re)resolves the rules of that relation by column name.
+    pub fn relation(&mut self, rel: &Arc<Relation>) {
+        let prev = self.relations.remove(&rel.oid);
+        let state = self.resolve(rel, prev);
+        self.relations.insert(rel.oid, state);
+    }
+
+    /// A logical decoding message: `flush:all` and `flush:table:<schema.table>`
+    /// under the `cache-invalidator` prefix fire truncate invalidations; others
+    /// (heartbeats, other prefixes) are ignored.
+    pub fn message(&mut self, prefix: &str, content: &[u8], lsn: Lsn) {
+        if prefix != MESSAGE_PREFIX {
+            return;
+        }
+        if self.xid.is_none() {
+            self.lsn = lsn;
+        }
+        let Ok(content) = std::str::from_utf8(content) else {
+            return;
+        };
+        if content == "flush:all" {
+            self.stats.flush_markers += 1;
+            self.flush_all();
+        } else if let Some(t) = content.strip_prefix("flush:table:") {
+            self.stats.flush_markers += 1;
+            if let Ok(t) = TableName::parse(t) {
+                self.flush_table(&t);
+            }
+        }
+    }
+
+    /// Fires every mapped table's truncate invalidations.
+    pub fn flush_all(&mut self) {
+        let tables: Vec<TableName> = self.truncates.keys().cloned().collect();
+        for t in &tables {
+            self.fire_truncate(t);
+        }
+    }
+
+    /// Fires one table's truncate invalidations (nothing when unmapped).
+    /// Returns whether the table is mapped.
+    pub fn flush_table(&mut self, table: &TableName) -> bool {
+        if self.truncates.contains_key(table) {
+            self.fire_truncate(table);
+            true
+        } else {
+            false
+        }
+    }
+
+    /// One row change (or a truncate).
+    pub fn change(&mut self, change: &Change) {
+        let rel = &change.relation;
+        let fresh = match self.relations.get_mut(&rel.oid) {
+            Some(st) if Arc::ptr_eq(&st.rel, rel) => false,
+            Some(st) if *st.rel == **rel => {
+                st.rel = Arc::clone(rel);
+                false
+            }
+            _ => true,
+        };
+        if fresh {
+            self.relation(rel);
+        }
+        let Some(mut st) = self.relations.remove(&rel.oid) else {
+            return;
+        };
+        st.counters.count_op(change.op);
+        if let Some(mapped) = st.mapped.clone() {
+            if change.op == Op::Truncate {
+                self.fire_truncate(&mapped);
+            } else {
+                let mut fell_back = false;
+                for rr in &st.rules {
+                    if let Err((reason, col)) = self.apply_rule(rr, &st.table, change) {
+                        *self
+                            .fallbacks
+                            .entry((Arc::clone(&st.table), reason, col.map(|c| (rr.rule, c))))
+                            .or_insert(0) += 1;
+                        if !fell_back {
+                            st.counters.count_fallback(reason);
+                            self.fire_truncate(&mapped);
+                            fell_back = true;
+                        }
+                    }
+                }
+            }
+        }
+        self.relations.insert(rel.oid, st);
+    }
+
+    /// The plan accumulated since the last call; the planner starts a new one.
+    /// May be called inside a transaction (to apply it in bounded chunks).
+    pub fn take(&mut self) -> Plan {
+        self.txn_publish_start = 0;
+        std::mem::take(&mut self.plan)
+    }
+
+    /// The plan accumulated so far.
+    pub fn plan(&self) -> &Plan {
+        &self.plan
+    }
+
+    /// Fallbacks since the last call, aggregated by table, reason and column,
+    /// for a warning log line each (counters are in [`Planner::stats`]).
+    pub fn take_fallbacks(&mut self) -> Vec<Fallback> {
+        let mut out: Vec<Fallback> = self
+            .fallbacks
+            .drain()
+            .map(|((table, reason, col), count)| Fallback {
+                table: table.to_string(),
+                reason,
+                column: col.and_then(|(r, c)| {
+                    self.mappings
+                        .rules()
+                        .get(r)
+                        .and_then(|r| r.columns.get(c))
+                        .cloned()
+                }),
+                count,
+            })
+            .collect();
+        out.sort_by(|a, b| (&a.table, a.reason, &a.column).cmp(&(&b.table, b.reason, &b.column)));
+        out
+    }
+
+    /// Cumulative counters by table.
+    pub fn stats(&self) -> PlannerStats {
+        let mut s = PlannerStats {
+            tables: BTreeMap::new(),
+            ..self.stats.clone()
+        };
+        for st in self.relations.values() {
+            s.tables
+                .entry(st.table.to_string())
+                .or_default()
+                .add(&st.counters);
+        }
+        s
+    }
+
+    fn resolve(&mut self, rel: &Arc<Relation>, prev: Option<RelState>) -> RelState {
+        let name = TableName {
+            schema: rel.schema.clone(),
+            name: rel.name.clone(),
+        };
+        let table: Arc<str> = Arc::from(name.to_string());
+        let mut counters = TableCounters::default();
+        let mut mapped = None;
+        if self.truncates.contains_key(&name) {
+            mapped = Some(name.clone());
+        }
+        if let Some(p) = prev {
+            if p.table == table {
+                counters = p.counters;
+            } else {
+                // Keep the old name's counters visible under its name.
+                self.stats
+                    .tables
+                    .entry(p.table.to_string())
+                    .or_default()
+                    .add(&p.counters);
+            }
+            if mapped.is_none() {
+                if let Some(old) = p.mapped {
+                    self.stats.renamed.push((old.to_string(), name.to_string()));
+                    mapped = Some(old);
+                }
+            }
+        }
+        let mut rules = Vec::new();
+        if let Some(m) = &mapped {
+            for (i, rule) in self.mappings.rules().iter().enumerate() {
+                if &rule.table == m {
+                    rules.push(resolve_rule(i, rule, rel));
+                }
+            }
+        }
+        RelState {
+            rel: Arc::clone(rel),
+            table,
+            mapped,
+            rules,
+            counters,
+        }
+    }
+
+    /// Renders one rule for one change into the plan; `Err` asks for the fallback.
+    fn apply_rule(
+        &mut self,
+        rr: &ResolvedRule,
+        table: &Arc<str>,
+        change: &Change,
+    ) -> Result<(), (FallbackReason, Option<usize>)> {
+        let mappings = Arc::clone(&self.mappings);
+        let rule = &mappings.rules()[rr.rule];
+        if !rule.on.contains(change.op) {
+            return Ok(());
+        }
+        let (primary, secondary) = match change.op {
+            Op::Insert => match &change.new {
+                Some(n) => (Image { row: n, new: None }, None),
+                None => return Err((FallbackReason::UnknownValue, None)),
+            },
+            Op::Delete => match &change.old {
+                Some(o) => (Image { row: o, new: None }, None),
+                None => return Err((FallbackReason::OldRowMissing, None)),
+            },
+            Op::Update => {
+                let Some(n) = &change.new else {
+                    return Err((FallbackReason::UnknownValue, None));
+                };
+                if !update_fires(rr, change) {
+                    return Ok(());
+                }
+                let old = match &change.old {
+                    Some(o) => Some(Image {
+                        row: o,
+                        new: Some(n),
+                    }),
+                    None if rr.old_implied => None,
+                    None => return Err((FallbackReason::OldRowMissing, None)),
+                };
+                (Image { row: n, new: None }, old)
+            }
+            Op::Truncate => return Ok(()),
+        };
+        // Every value needed must be known before anything is planned.
+        for i in 0..rr.cols.len() {
+            check_known(rr, primary, i)?;
+            if let Some(old) = secondary {
+                if rr.in_keys[i] {
+                    check_known(rr, old, i)?;
+                }
+            }
+        }
+
+        let collect = rule.channels.iter().any(|c| c.message.is_none());
+        let sc = &mut self.scratch;
+        sc.keys.clear();
+        sc.tags.clear();
+        sc.versions.clear();
+        for img in std::iter::once(primary).chain(secondary) {
+            let ctx = &self.ctx;
+            let plan = &mut self.plan;
+            render_set(
+                &rule.keys,
+                rr,
+                img,
+                "",
+                &mut sc.buf,
+                &mut plan.keys,
+                collect.then_some(&mut sc.keys),
+            );
+            render_set(
+                &rule.tags,
+                rr,
+                img,
+                &ctx.tag_prefix,
+                &mut sc.buf,
+                &mut plan.tags,
+                collect.then_some(&mut sc.tags),
+            );
+            render_set(
+                &rule.versions,
+                rr,
+                img,
+                &ctx.version_prefix,
+                &mut sc.buf,
+                &mut plan.versions,
+                collect.then_some(&mut sc.versions),
+            );
+            render_set(
+                &rule.patterns,
+                rr,
+                img,
+                "",
+                &mut sc.buf,
+                &mut plan.patterns,
+                None,
+            );
+        }
+        if rule.channels.is_empty() {
+            return Ok(());
+        }
+        if collect {
+            for v in [&mut sc.keys, &mut sc.tags, &mut sc.versions] {
+                v.sort_unstable();
+                v.dedup();
+            }
+        }
+        for ch in &rule.channels {
+            let message = match &ch.message {
+                None => serde_json::to_string(&DefaultMessage {
+                    table,
+                    op: change.op.as_str(),
+                    lsn: self.lsn.to_string(),
+                    keys: &self.scratch.keys,
+                    tags: &self.scratch.tags,
+                    versions: &self.scratch.versions,
+                    epoch: &self.ctx.epoch,
+                }),
+                Some(shape) => {
+                    let v = render_shape(shape, rr, primary, &mut self.scratch.buf);
+                    serde_json::to_string(&v)
+                }
+            };
+            if let Ok(message) = message {
+                self.add_message(&ch.channel, message, table);
+            }
+        }
+        Ok(())
+    }
+
+    fn fire_truncate(&mut self, table: &TableName) {
+        let Some(t) = self.truncates.get(table) else {
+            return;
+        };
+        let plan = &mut self.plan;
+        insert_all(&mut plan.keys, &t.keys);
+        insert_all(&mut plan.tags, &t.tags);
+        insert_all(&mut plan.versions, &t.versions);
+        insert_all(&mut plan.patterns, &t.patterns);
+        insert_all(&mut plan.tag_patterns, &t.tag_patterns);
+        insert_all(&mut plan.version_patterns, &t.version_patterns);
+        if t.channels.is_empty() {
+            return;
+        }
+        let name = Arc::clone(&t.name);
+        let channels = t.channels.clone();
+        for (channel, shaped) in channels {
+            let message = shaped.unwrap_or_else(|| self.truncate_message(&name));
+            self.add_message(&channel, message, &name);
+        }
+    }
+
+    fn truncate_message(&self, table: &str) -> String {
+        serde_json::to_string(&TruncateMessage {
+            table,
+            op: "truncate",
+            lsn: self.lsn.to_string(),
+            epoch: &self.ctx.epoch,
+        })
+        .unwrap_or_default()
+    }
+
+    fn add_message(&mut self, channel: &str, message: String, table: &Arc<str>) {
+        if !self
+            .txn_pairs
+            .iter()
+            .any(|(c, t)| c == channel && t == table)
+        {
+            self.txn_pairs.push((channel.to_owned(), Arc::clone(table)));
+        }
+        if self.txn_overflow {
+            let m = self.truncate_message(table);
+            self.plan.add_publish(Publish {
+                channel: channel.to_owned(),
+                message: m,
+            });
+            return;
+        }
+        let p = Publish {
+            channel: channel.to_owned(),
+            message,
+        };
+        if self.plan.publish_seen.contains(&p) {
+            return;
+        }
+        self.txn_messages += 1;
+        if self.txn_messages <= self.ctx.max_batch_ops {
+            self.plan.add_publish(p);
+            return;
+        }
+        // Overflow: this transaction's messages give way to one truncate
+        // message per channel and table.
+        self.txn_overflow = true;
+        self.stats.message_overflows += 1;
+        let start = self.txn_publish_start.min(self.plan.publish.len());
+        for removed in self.plan.publish.drain(start..) {
+            self.plan.publish_seen.remove(&removed);
+        }
+        let pairs = std::mem::take(&mut self.txn_pairs);
+        for (c, t) in &pairs {
+            let m = self.truncate_message(t);
+            self.plan.add_publish(Publish {
+                channel: c.clone(),
+                message: m,
+            });
+        }
+        self.txn_pairs = pairs;
+    }
+}
+
+fn push_all<T: PartialEq>(out: &mut Vec<T>, items: impl Iterator<Item = T>) {
+    for i in items {
+        if !out.contains(&i) {
+            out.push(i);
+        }
+    }
+}
+
+fn insert_all(set: &mut std::collections::HashSet<String>, items: &[String]) {
+    for i in items {
+        if !set.contains(i) {
+            set.insert(i.clone());
+        }
+    }
+}
+
+fn resolve_rule(index: usize, rule: &Rule, rel: &Relation) -> ResolvedRule {
+    let cols: Vec<Option<usize>> = rule.columns.iter().map(|c| rel.column_index(c)).collect();
+    let assumed: Vec<bool> = rule
+        .columns
+        .iter()
+        .map(|c| rule.assume_unchanged.contains(c))
+        .collect();
+    let in_keys = rule.invalidation_columns();
+    let full = rel.replica_identity == b'f';
+    let old_implied = full
+        || rule
+            .columns
+            .iter()
+            .zip(&cols)
+            .zip(&in_keys)
+            .zip(&assumed)
+            .all(|(((_, idx), used), assumed)| {
+                !*used
+                    || *assumed
+                    || idx.is_some_and(|i| rel.columns.get(i).is_some_and(|c| c.is_key))
+            });
+    ResolvedRule {
+        rule: index,
+        changed: rule
+            .changed_columns
+            .as_ref()
+            .map(|cs| cs.iter().map(|c| rel.column_index(c)).collect()),
+        cols,
+        assumed,
+        in_keys,
+        old_implied,
+    }
+}
+
+/// Whether an UPDATE passes the rule's `columns` filter.
+fn update_fires(rr: &ResolvedRule, change: &Change) -> bool {
+    let Some(cols) = &rr.changed else {
+        return true;
+    };
+    let Some(new) = &change.new else {
+        return true;
+    };
+    for idx in cols {
+        let Some(i) = idx else {
+            return true; // column missing: cannot tell
+        };
+        let n = new.get(*i);
+        if matches!(n, Some(Value::Unknown)) {
+            continue; // unchanged TOAST: not changed
+        }
+        let Some(old) = &change.old else {
+            return true; // no old row: cannot tell
+        };
+        match old.get(*i) {
+            None | Some(Value::Unknown) => return true,
+            Some(o) if Some(o) != n => return true,
+            Some(_) => {}
+        }
+    }
+    false
+}
+
+#[inline]
+fn lookup<'a>(rr: &ResolvedRule, img: Image<'a>, i: usize) -> Result<&'a Value, FallbackReason> {
+    let idx = rr.cols[i].ok_or(FallbackReason::MissingColumn)?;
+    let row = match img.new {
+        Some(new) if rr.assumed[i] => new,
+        _ => img.row,
+    };
+    row.get(idx).ok_or(FallbackReason::UnknownValue)
+}
+
+fn check_known(
+    rr: &ResolvedRule,
+    img: Image<'_>,
+    i: usize,
+) -> Result<(), (FallbackReason, Option<usize>)> {
+    match lookup(rr, img, i) {
+        Ok(Value::Unknown) => Err((FallbackReason::UnknownValue, Some(i))),
+        Ok(_) => Ok(()),
+        Err(r) => Err((r, Some(i))),
+    }
+}
+
+#[inline]
+fn value_text<'a>(rr: &ResolvedRule, img: Image<'a>, i: usize) -> Result<&'a str, Missing> {
+    match lookup(rr, img, i) {
+        Ok(Value::Text(s)) => Ok(s),
+        Ok(Value::Null) => Err(Missing::Null),
+        _ => Err(Missing::Unknown),
+    }
+}
+
+fn render_set(
+    templates: &[Template],
+    rr: &ResolvedRule,
+    img: Image<'_>,
+    prefix: &str,
+    buf: &mut String,
+    set: &mut std::collections::HashSet<String>,
+    mut collect: Option<&mut Vec<String>>,
+) {
+    for t in templates {
+        buf.clear();
+        buf.push_str(prefix);
+        if t.render_into(buf, |i| value_text(rr, img, i)).is_err() {
+            continue; // NULL renders nothing (unknown values were checked before)
+        }
+        if !set.contains(buf.as_str()) {
+            set.insert(buf.clone());
+        }
+        if let Some(c) = collect.as_deref_mut() {
+            c.push(buf.clone());
+        }
+    }
+}
+
+fn render_shape(
+    shape: &Shape,
+    rr: &ResolvedRule,
+    img: Image<'_>,
+    buf: &mut String,
+) -> serde_json::Value {
+    match shape {
+        Shape::Text(t) => {
+            buf.clear();
+            match t.render_into(buf, |i| value_text(rr, img, i)) {
+                Ok(()) => serde_json::Value::String(buf.clone()),
+                Err(_) => serde_json::Value::Null,
+            }
+        }
+        Shape::Literal(v) => v.clone(),
+        Shape::Array(items) => serde_json::Value::Array(
+            items
+                .iter()
+                .map(|s| render_shape(s, rr, img, buf))
+                .collect(),
+        ),
+        Shape::Object(entries) => serde_json::Value::Object(
+            entries
+                .iter()
+                .map(|(k, s)| (k.clone(), render_shape(s, rr, img, buf)))
+                .collect(),
+        ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::decode::RelationColumn;
+
+    fn rel(oid: u32, name: &str, cols: &[&str], identity: u8, keys: &[&str]) -> Arc<Relation> {
+        Arc::new(Relation {
+            oid,
+            schema: "public".into(),
+            name: name.into(),
+            replica_identity: identity,
+            columns: cols
+                .iter()
+                .map(|c| RelationColumn {
+                    name: c.to_string(),
+                    is_key: identity == b'f' || keys.contains(c),
+                    type_oid: 25,
+                    type_modifier: -1,
+                })
+                .collect(),
+        })
+    }
+
+    fn row(vals: &[Option<&str>]) -> Row {
+        Row {
+            values: vals
+                .iter()
+                .map(|v| match v {
+                    Some("?") => Value::Unknown,
+                    Some(s) => Value::Text(s.to_string()),
+                    None => Value::Null,
+                })
+                .collect(),
+        }
+    }
+
+    fn change(
+        r: &Arc<Relation>,
+        op: Op,
+        old: Option<&[Option<&str>]>,
+        new: Option<&[Option<&str>]>,
+    ) -> Change {
+        Change {
+            relation: Arc::clone(r),
+            op,
+            old: old.map(row),
+            new: new.map(row),
+        }
+    }
+
+    fn planner(src: &str) -> Planner {
+        let m = Mappings::parse("m.toml", src).unwrap();
+        let ctx = PlannerContext {
+            epoch: "e1".into(),
+            ..Default::default()
+        };
+        let mut p = Planner::new(Arc::new(m), ctx);
+        p.begin(1, Lsn(0x100));
+        p
+    }
+
+    fn sorted(set: &std::collections::HashSet<String>) -> Vec<&str> {
+        let mut v: Vec<&str> = set.iter().map(String::as_str).collect();
+        v.sort_unstable();
+        v
+    }
+
+    const POSTS: &str = r#"
+[[table]]
+name = "posts"
+keys = ["post:{id}", "author:{author_id}:posts"]
+tags = ["author:{author_id}"]
+versions = ["post:{id}"]
+patterns = ["feed:*:author:{author_id}"]
+"#;
+
+    fn posts() -> Arc<Relation> {
+        rel(10, "posts", &["id", "author_id", "title"], b'f', &[])
+    }
+
+    #[test]
+    fn update_renders_old_and_new_union() {
+        let mut p = planner(POSTS);
+        let r = posts();
+        p.change(&change(
+            &r,
+            Op::Update,
+            Some(&[Some("7"), Some("1"), Some("a")]),
+            Some(&[Some("7"), Some("2"), Some("a")]),
+        ));
+        let plan = p.take();
+        assert_eq!(
+            sorted(&plan.keys),
+            ["author:1:posts", "author:2:posts", "post:7"]
+        );
+        assert_eq!(sorted(&plan.tags), ["tag:author:1", "tag:author:2"]);
+        assert_eq!(sorted(&plan.versions), ["version:post:7"]);
+        assert_eq!(
+            sorted(&plan.patterns),
+            ["feed:*:author:1", "feed:*:author:2"]
+        );
+        assert!(p.take().is_empty(), "take resets");
+    }
+
+    #[test]
+    fn insert_renders_new_delete_renders_old() {
+        let mut p = planner(POSTS);
+        let r = posts();
+        p.change(&change(
+            &r,
+            Op::Insert,
+            None,
+            Some(&[Some("7"), Some("1"), Some("a")]),
+        ));
+        assert_eq!(sorted(&p.take().keys), ["author:1:posts", "post:7"]);
+        p.change(&change(
+            &r,
+            Op::Delete,
+            Some(&[Some("8"), Some("3"), Some("a")]),
+            None,
+        ));
+        assert_eq!(sorted(&p.take().keys), ["author:3:posts", "post:8"]);
+    }
+
+    #[test]
+    fn null_renders_nothing() {
+        let mut p = planner(POSTS);
+        p.change(&change(
+            &posts(),
+            Op::Insert,
+            None,
+            Some(&[Some("7"), None, Some("a")]),
+        ));
+        let plan = p.take();
+        assert_eq!(sorted(&plan.keys), ["post:7"]);
+        assert!(plan.tags.is_empty() && plan.patterns.is_empty());
+        assert!(p.take_fallbacks().is_empty());
+    }
+
+    #[test]
+    fn pattern_values_are_glob_escaped() {
+        let mut p = planner(POSTS);
+        p.change(&change(
+            &posts(),
+            Op::Insert,
+            None,
+            Some(&[Some("7"), Some("*"), Some("a")]),
+        ));
+        assert_eq!(sorted(&p.take().patterns), ["feed:*:author:\\*"]);
+    }
+
+    #[test]
+    fn unknown_value_fires_the_table_truncate() {
+        let mut p = planner(POSTS);
+        // A key-only old row under the default identity: author_id not sent.
+        let r = rel(10, "posts", &["id", "author_id", "title"], b'd', &["id"]);
+        p.change(&change(
+            &r,
+            Op::Delete,
+            Some(&[Some("7"), Some("?"), Some("?")]),
+            None,
+        ));
+        let plan = p.take();
+        assert!(
+            plan.keys.is_empty(),
+            "nothing row-level is planned: {plan:?}"
+        );
+        assert_eq!(
+            sorted(&plan.patterns),
+            ["author:*:posts", "feed:*:author:*", "post:*"]
+        );
+        assert_eq!(sorted(&plan.tag_patterns), ["tag:author:*"]);
+        assert_eq!(sorted(&plan.version_patterns), ["version:post:*"]);
+        let f = p.take_fallbacks();
+        assert_eq!(
+            f,
+            [Fallback {
+                table: "public.posts".into(),
+                reason: FallbackReason::UnknownValue,
+                column: Some("author_id".into()),
+                count: 1
+            }]
+        );
+        assert_eq!(p.stats().tables["public.posts"].fallback_unknown_value, 1);
+        assert_eq!(p.stats().tables["public.posts"].deletes, 1);
+    }
+
+    #[test]
+    fn missing_column_falls_back_without_crashing() {
+        let mut p = planner(POSTS);
+        let r = rel(10, "posts", &["id", "title"], b'f', &[]);
+        p.change(&change(&r, Op::Insert, None, Some(&[Some("7"), Some("a")])));
+        assert!(p.take().patterns.contains("post:*"));
+        assert_eq!(p.take_fallbacks()[0].reason, FallbackReason::MissingColumn);
+        // The column comes back with a new Relation: rendering resumes.
+        p.relation(&posts());
+        p.change(&change(
+            &posts(),
+            Op::Insert,
+            None,
+            Some(&[Some("7"), Some("1"), Some("a")]),
+        ));
+        assert!(p.take().keys.contains("post:7"));
+    }
+
+    #[test]
+    fn update_without_old_row_under_default_identity() {
+        // id is the identity: no old row means it did not change.
+        let mut p = planner("[[table]]\nname = \"users\"\nkeys = [\"user:{id}\"]\n");
+        let r = rel(11, "users", &["id", "name"], b'd', &["id"]);
+        p.change(&change(&r, Op::Update, None, Some(&[Some("1"), Some("b")])));
+        assert_eq!(sorted(&p.take().keys), ["user:1"]);
+        assert!(p.take_fallbacks().is_empty());
+        // author_id is not: without old row the old author is unknown -> fallback.
+        let mut p = planner(POSTS);
+        let r = rel(10, "posts", &["id", "author_id", "title"], b'd', &["id"]);
+        p.change(&change(
+            &r,
+            Op::Update,
+            None,
+            Some(&[Some("7"), Some("2"), Some("a")]),
+        ));
+        assert!(p.take().patterns.contains("author:*:posts"));
+        assert_eq!(p.take_fallbacks()[0].reason, FallbackReason::OldRowMissing);
+    }
+
+    #[test]
+    fn assume_unchanged_takes_the_old_value_from_the_new_row() {
+        let mut p = planner(
+            "[[table]]\nname = \"docs\"\nkeys = [\"t:{tenant_id}:doc:{id}\"]\nassume_unchanged = [\"tenant_id\"]\n",
+        );
+        let r = rel(12, "docs", &["id", "tenant_id"], b'd', &["id"]);
+        // Identity changed: key-only old row, tenant_id unknown in it.
+        p.change(&change(
+            &r,
+            Op::Update,
+            Some(&[Some("1"), Some("?")]),
+            Some(&[Some("2"), Some("9")]),
+        ));
+        assert_eq!(sorted(&p.take().keys), ["t:9:doc:1", "t:9:doc:2"]);
+        assert!(p.take_fallbacks().is_empty());
+    }
+
+    #[test]
+    fn columns_filter() {
+        let src = "[[table]]\nname = \"users\"\nkeys = [\"user:{id}\"]\ncolumns = [\"avatar\"]\n";
+        let r = rel(11, "users", &["id", "name", "avatar"], b'f', &[]);
+        let mut p = planner(src);
+        // avatar unchanged: nothing.
+        p.change(&change(
+            &r,
+            Op::Update,
+            Some(&[Some("1"), Some("a"), Some("x")]),
+            Some(&[Some("1"), Some("b"), Some("x")]),
+        ));
+        assert!(p.take().is_empty());
+        // avatar changed.
+        p.change(&change(
+            &r,
+            Op::Update,
+            Some(&[Some("1"), Some("a"), Some("x")]),
+            Some(&[Some("1"), Some("a"), Some("y")]),
+        ));
+        assert_eq!(sorted(&p.take().keys), ["user:1"]);
+        // no old row: cannot tell, fires.
+        p.change(&change(
+            &r,
+            Op::Update,
+            None,
+            Some(&[Some("1"), Some("a"), Some("y")]),
+        ));
+        assert_eq!(sorted(&p.take().keys), ["user:1"]);
+        // unchanged TOAST in the new row: known unchanged.
+        p.change(&change(
+            &r,
+            Op::Update,
+            None,
+            Some(&[Some("1"), Some("a"), Some("?")]),
+        ));
+        assert!(p.take().is_empty());
+        // inserts and deletes are not filtered.
+        p.change(&change(
+            &r,
+            Op::Insert,
+            None,
+            Some(&[Some("1"), Some("a"), Some("y")]),
+        ));
+        assert_eq!(p.take().keys.len(), 1);
+    }
+
+    #[test]
+    fn on_filter() {
+        let mut p =
+            planner("[[table]]\nname = \"users\"\nkeys = [\"user:{id}\"]\non = [\"delete\"]\n");
+        let r = rel(11, "users", &["id"], b'f', &[]);
+        p.change(&change(&r, Op::Insert, None, Some(&[Some("1")])));
+        assert!(p.take().is_empty());
+        p.change(&change(&r, Op::Delete, Some(&[Some("1")]), None));
+        assert_eq!(p.take().keys.len(), 1);
+    }
+
+    #[test]
+    fn truncate_fires_derived_truncate() {
+        let mut p = planner(POSTS);
+        p.change(&change(&posts(), Op::Truncate, None, None));
+        let plan = p.take();
+        assert_eq!(
+            sorted(&plan.patterns),
+            ["author:*:posts", "feed:*:author:*", "post:*"]
+        );
+        assert_eq!(p.stats().tables["public.posts"].truncates, 1);
+        assert!(p.take_fallbacks().is_empty());
+    }
+
+    #[test]
+    fn flush_markers() {
+        let src = format!("{POSTS}\n[[table]]\nname = \"users\"\nkeys = [\"user:{{id}}\"]\n[table.truncate]\npatterns = [\"user:*\"]\n");
+        let mut p = planner(&src);
+        p.message("cache-invalidator", b"flush:table:posts", Lsn(5));
+        assert_eq!(
+            sorted(&p.take().patterns),
+            ["author:*:posts", "feed:*:author:*", "post:*"]
+        );
+        p.message("cache-invalidator", b"flush:table:public.users", Lsn(5));
+        assert_eq!(sorted(&p.take().patterns), ["user:*"]);
+        p.message("cache-invalidator", b"flush:all", Lsn(5));
+        assert_eq!(p.take().patterns.len(), 4);
+        p.message("cache-invalidator", b"heartbeat", Lsn(5));
+        p.message("other", b"flush:all", Lsn(5));
+        assert!(p.take().is_empty());
+        assert_eq!(p.stats().flush_markers, 3);
+    }
+
+    #[test]
+    fn truncate_none_and_unmapped_tables() {
+        let mut p =
+            planner("[[table]]\nname = \"users\"\nkeys = [\"user:{id}\"]\ntruncate = \"none\"\n");
+        let r = rel(11, "users", &["id"], b'f', &[]);
+        p.change(&change(&r, Op::Truncate, None, None));
+        assert!(p.take().is_empty());
+        let other = rel(99, "audit", &["id"], b'f', &[]);
+        p.change(&change(&other, Op::Insert, None, Some(&[Some("1")])));
+        assert!(p.take().is_empty());
+        assert_eq!(p.stats().tables["public.audit"].inserts, 1);
+    }
+
+    #[test]
+    fn a_row_changed_1000_times_yields_one_invalidation_per_key() {
+        let mut p = planner(&format!("{POSTS}channels = [\"c\"]\n"));
+        let r = posts();
+        for i in 0..1000 {
+            let title = format!("t{i}");
+            p.change(&change(
+                &r,
+                Op::Update,
+                Some(&[Some("7"), Some("1"), Some("x")]),
+                Some(&[Some("7"), Some("1"), Some(&title)]),
+            ));
+        }
+        let plan = p.take();
+        assert_eq!(plan.keys.len(), 2);
+        assert_eq!(plan.tags.len(), 1);
+        assert_eq!(plan.versions.len(), 1);
+        assert_eq!(plan.publish.len(), 1);
+        assert_eq!(p.stats().tables["public.posts"].updates, 1000);
+    }
+
+    #[test]
+    fn default_message() {
+        let mut p = planner("[[table]]\nname = \"users\"\nkeys = [\"user:{id}:b\", \"user:{id}:a\"]\ntags = [\"user:{id}\"]\nchannels = [\"cache:invalidate\"]\n");
+        let r = rel(11, "users", &["id"], b'f', &[]);
+        p.change(&change(&r, Op::Insert, None, Some(&[Some("1")])));
+        let plan = p.take();
+        assert_eq!(plan.publish.len(), 1);
+        assert_eq!(plan.publish[0].channel, "cache:invalidate");
+        assert_eq!(
+            plan.publish[0].message,
+            r#"{"table":"public.users","op":"insert","lsn":"0/100","keys":["user:1:a","user:1:b"],"tags":["tag:user:1"],"versions":[],"epoch":"e1"}"#
+        );
+    }
+
+    #[test]
+    fn shaped_message_renders_the_new_row() {
+        let mut p = planner("[[table]]\nname = \"users\"\nchannels = [{ channel = \"cache:invalidate\", message = { entity = \"user\", id = \"{id}\", n = 2 } }]\n");
+        let r = rel(11, "users", &["id"], b'f', &[]);
+        p.change(&change(
+            &r,
+            Op::Update,
+            Some(&[Some("1")]),
+            Some(&[Some("2")]),
+        ));
+        let plan = p.take();
+        assert_eq!(
+            plan.publish[0].message,
+            r#"{"entity":"user","id":"2","n":2}"#
+        );
+        p.change(&change(&r, Op::Delete, Some(&[Some("3")]), None));
+        assert_eq!(
+            p.take().publish[0].message,
+            r#"{"entity":"user","id":"3","n":2}"#
+        );
+    }
+
+    #[test]
+    fn messages_past_max_batch_ops_become_one_truncate_message_per_table() {
+        let m = Mappings::parse("m.toml", "[[table]]\nname = \"users\"\nkeys = [\"u:{id}\"]\nchannels = [\"c\"]\n[table.truncate]\npatterns = [\"u:*\"]\n").unwrap();
+        let mut p = Planner::new(
+            Arc::new(m),
+            PlannerContext {
+                max_batch_ops: 3,
+                epoch: "e".into(),
+                ..Default::default()
+            },
+        );
+        let r = rel(11, "users", &["id"], b'f', &[]);
+        // A first transaction under the limit stays as is.
+        p.begin(1, Lsn(1));
+        p.change(&change(&r, Op::Insert, None, Some(&[Some("0")])));
+        p.commit();
+        p.begin(2, Lsn(2));
+        for i in 1..=5 {
+            let id = i.to_string();
+            p.change(&change(&r, Op::Insert, None, Some(&[Some(&id)])));
+        }
+        p.commit();
+        let plan = p.take();
+        let msgs: Vec<&str> = plan.publish.iter().map(|p| p.message.as_str()).collect();
+        assert_eq!(msgs.len(), 2, "{msgs:?}");
+        assert!(msgs[0].contains("\"op\":\"insert\""));
+        assert_eq!(
+            msgs[1],
+            r#"{"table":"public.users","op":"truncate","lsn":"0/2","epoch":"e"}"#
+        );
+        assert_eq!(p.stats().message_overflows, 1);
+    }
+
+    #[test]
+    fn renamed_table_is_followed_by_oid() {
+        let mut p = planner("[[table]]\nname = \"users\"\nkeys = [\"user:{id}\"]\n");
+        p.relation(&rel(11, "users", &["id"], b'f', &[]));
+        let renamed = rel(11, "people", &["id"], b'f', &[]);
+        p.relation(&renamed);
+        p.change(&change(&renamed, Op::Insert, None, Some(&[Some("1")])));
+        assert_eq!(sorted(&p.take().keys), ["user:1"]);
+        assert_eq!(
+            p.stats().renamed,
+            [("public.users".to_owned(), "public.people".to_owned())]
+        );
+    }
+
+    #[test]
+    fn events_drive_the_planner() {
+        let mut p =
+            planner("[[table]]\nname = \"users\"\nkeys = [\"user:{id}\"]\nchannels = [\"c\"]\n");
+        let r = rel(11, "users", &["id"], b'f', &[]);
+        p.feed(&Event::Begin {
+            xid: 9,
+            final_lsn: Lsn(0xAB),
+            commit_time: Default::default(),
+        });
+        p.feed(&Event::Relation(Arc::clone(&r)));
+        p.feed(&Event::Change(change(
+            &r,
+            Op::Insert,
+            None,
+            Some(&[Some("1")]),
+        )));
+        p.feed(&Event::Commit {
+            xid: 9,
+            commit_lsn: Lsn(0xAB),
+            end_lsn: Lsn(0xAC),
+            commit_time: Default::default(),
+        });
+        let plan = p.take();
+        assert_eq!(sorted(&plan.keys), ["user:1"]);
+        assert!(plan.publish[0].message.contains("\"lsn\":\"0/AB\""));
+    }
+}

@@ -1,0 +1,424 @@
+//! The Redis executor: runs a [`Plan`] against Redis, pipelined.
+//!
+//! Order within one plan: keys (UNLINK in chunks), tags (the SPOP loop
+//! script) and versions (the bump script) in one pipeline per round; then one
+//! SCAN pass for every pattern of the plan, matched client-side; then PUBLISH,
+//! after the deletes; then `WAIT` when `wait_replicas > 0`. Everything is safe
+//! to repeat, so a failed plan is retried whole.
+//!
+//! Permanent errors on one key (WRONGTYPE on a tag set, "not an integer" on a
+//! version key) unlink that key and redo the step, counted in
+//! [`ApplyStats::repaired`]. NOPERM, OOM and READONLY are returned as
+//! [`RetryClass::Blocked`] errors.
+
+pub mod error;
+pub mod identity;
+pub mod scripts;
+
+use std::time::Duration;
+
+use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
+use redis::{Pipeline, Script, Value};
+
+pub use error::{mask_url, RetryClass, SinkError};
+
+use crate::map::glob::glob_match;
+use crate::plan::Plan;
+
+/// Keys per UNLINK command.
+const UNLINK_CHUNK: usize = 1000;
+/// Keys SCAN returns per call (a hint).
+const SCAN_COUNT: usize = 1000;
+/// How long WAIT waits for replicas before the plan is retried.
+const WAIT_TIMEOUT_MS: u64 = 1000;
+
+/// How to reach Redis and what to do beyond the plan itself.
+#[derive(Debug, Clone)]
+pub struct SinkOptions {
+    /// `redis://` URL (user and password allowed; never logged unmasked).
+    pub url: String,
+    /// A password that overrides the URL's (from `password_file`).
+    pub password: Option<String>,
+    /// > 0: WAIT for that many replicas after each plan.
+    pub wait_replicas: u32,
+    /// > 0: a best-effort second pass of the plan's key and tag deletes after this delay.
+    pub redelete_after: Option<Duration>,
+}
+
+/// What one plan did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ApplyStats {
+    /// Keys sent to UNLINK (exact keys and pattern matches).
+    pub keys: u64,
+    /// Tag sets invalidated.
+    pub tags: u64,
+    /// Tag members popped and unlinked.
+    pub tag_members: u64,
+    /// Version keys bumped.
+    pub versions: u64,
+    /// Keys matched by patterns (included in `keys`, `tags` or `versions` by kind).
+    pub pattern_matches: u64,
+    /// Messages published.
+    pub published: u64,
+    /// Keys of the wrong type under the tag or version prefix, unlinked and redone.
+    pub repaired: u64,
+}
+
+/// Executes plans against one Redis server.
+#[derive(Clone)]
+pub struct RedisSink {
+    conn: ConnectionManager,
+    target: String,
+    tag_pop: Script,
+    version_bump: Script,
+    wait_replicas: u32,
+    redelete_after: Option<Duration>,
+}
+
+/// One command of a round, mirrored beside the pipeline to read its reply.
+enum Step {
+    Unlink(usize),
+    TagPop(String),
+    Bump(String),
+}
+
+/// The work of one round: what the next pipeline sends.
+#[derive(Default)]
+struct Round {
+    keys: Vec<String>,
+    tags: Vec<String>,
+    versions: Vec<String>,
+}
+
+impl Round {
+    fn is_empty(&self) -> bool {
+        self.keys.is_empty() && self.tags.is_empty() && self.versions.is_empty()
+    }
+}
+
+impl RedisSink {
+    /// Connects (and reconnects, behind the scenes) to the Redis of `options`.
+    pub async fn connect(options: &SinkOptions) -> Result<Self, SinkError> {
+        let target = mask_url(&options.url);
+        let mut info = redis::IntoConnectionInfo::into_connection_info(options.url.as_str())
+            .map_err(|e| SinkError::Config(format!("{target}: {e}")))?;
+        if let Some(password) = &options.password {
+            info.redis.password = Some(password.clone());
+        }
+        let client =
+            redis::Client::open(info).map_err(|e| SinkError::Config(format!("{target}: {e}")))?;
+        let config = ConnectionManagerConfig::new()
+            .set_connection_timeout(Duration::from_secs(5))
+            .set_response_timeout(Duration::from_secs(30))
+            .set_number_of_retries(2)
+            .set_max_delay(1000);
+        let conn = client
+            .get_connection_manager_with_config(config)
+            .await
+            .map_err(|source| SinkError::Redis {
+                command: "connect",
+                target: target.clone(),
+                source,
+            })?;
+        Ok(RedisSink {
+            conn,
+            target,
+            tag_pop: Script::new(scripts::TAG_POP),
+            version_bump: Script::new(scripts::VERSION_BUMP),
+            wait_replicas: options.wait_replicas,
+            redelete_after: options.redelete_after,
+        })
+    }
+
+    /// The Redis URL with its password masked.
+    pub fn target(&self) -> &str {
+        &self.target
+    }
+
+    /// A connection sharing the sink's (for identity checks and helpers).
+    pub fn connection(&self) -> ConnectionManager {
+        self.conn.clone()
+    }
+
+    fn err(&self, command: &'static str) -> impl Fn(redis::RedisError) -> SinkError + '_ {
+        move |source| SinkError::Redis {
+            command,
+            target: self.target.clone(),
+            source,
+        }
+    }
+
+    /// Executes every step of `plan`. On error nothing is known about which
+    /// steps ran; retry the whole plan.
+    pub async fn apply(&mut self, plan: &Plan) -> Result<ApplyStats, SinkError> {
+        let mut stats = ApplyStats {
+            tags: plan.tags.len() as u64,
+            versions: plan.versions.len() as u64,
+            ..ApplyStats::default()
+        };
+        let round = Round {
+            keys: plan.keys.iter().cloned().collect(),
+            tags: plan.tags.iter().cloned().collect(),
+            versions: plan.versions.iter().cloned().collect(),
+        };
+        self.run_rounds(round, &mut stats).await?;
+        if !(plan.patterns.is_empty()
+            && plan.tag_patterns.is_empty()
+            && plan.version_patterns.is_empty())
+        {
+            self.scan_patterns(plan, &mut stats).await?;
+        }
+        if !plan.publish.is_empty() {
+            let mut pipe = redis::pipe();
+            for p in &plan.publish {
+                pipe.cmd("PUBLISH").arg(&p.channel).arg(&p.message);
+            }
+            let replies = self.send(&pipe, plan.publish.len(), "PUBLISH").await?;
+            for reply in replies {
+                if let Value::ServerError(e) = reply {
+                    return Err(self.err("PUBLISH")(e.into()));
+                }
+            }
+            stats.published += plan.publish.len() as u64;
+        }
+        if self.wait_replicas > 0 {
+            let acked: i64 = redis::cmd("WAIT")
+                .arg(self.wait_replicas)
+                .arg(WAIT_TIMEOUT_MS)
+                .query_async(&mut self.conn)
+                .await
+                .map_err(self.err("WAIT"))?;
+            if acked < i64::from(self.wait_replicas) {
+                return Err(SinkError::Replicas {
+                    acked,
+                    wanted: self.wait_replicas,
+                    timeout_ms: WAIT_TIMEOUT_MS,
+                });
+            }
+        }
+        if let Some(delay) = self.redelete_after {
+            if !(plan.keys.is_empty() && plan.tags.is_empty()) {
+                self.spawn_redelete(plan, delay);
+            }
+        }
+        Ok(stats)
+    }
+
+    /// The delayed second pass: best effort, never blocks acknowledgement.
+    fn spawn_redelete(&self, plan: &Plan, delay: Duration) {
+        let mut sink = self.clone();
+        sink.redelete_after = None;
+        let round = Round {
+            keys: plan.keys.iter().cloned().collect(),
+            tags: plan.tags.iter().cloned().collect(),
+            versions: Vec::new(),
+        };
+        tokio::spawn(async move {
+            tokio::time::sleep(delay).await;
+            let mut stats = ApplyStats::default();
+            if let Err(err) = sink.run_rounds(round, &mut stats).await {
+                tracing::warn!(error = %err, "the delayed second delete (redelete_after_ms) failed; the first one succeeded");
+            }
+        });
+    }
+
+    async fn send(
+        &mut self,
+        pipe: &Pipeline,
+        n: usize,
+        command: &'static str,
+    ) -> Result<Vec<Value>, SinkError> {
+        self.conn
+            .req_packed_commands(pipe, 0, n)
+            .await
+            .map_err(self.err(command))
+    }
+
+    async fn load_scripts(&mut self) -> Result<(), SinkError> {
+        let mut pipe = redis::pipe();
+        pipe.cmd("SCRIPT").arg("LOAD").arg(scripts::TAG_POP);
+        pipe.cmd("SCRIPT").arg("LOAD").arg(scripts::VERSION_BUMP);
+        let _: () = pipe
+            .query_async(&mut self.conn)
+            .await
+            .map_err(self.err("SCRIPT LOAD"))?;
+        Ok(())
+    }
+
+    /// Runs keys, tags and versions in pipelined rounds until nothing is left:
+    /// a tag set larger than one SPOP batch, a NOSCRIPT, or a repaired key
+    /// brings its step back into the next round.
+    async fn run_rounds(
+        &mut self,
+        mut round: Round,
+        stats: &mut ApplyStats,
+    ) -> Result<(), SinkError> {
+        while !round.is_empty() {
+            let mut pipe = redis::pipe();
+            let mut steps = Vec::new();
+            for chunk in round.keys.chunks(UNLINK_CHUNK) {
+                pipe.cmd("UNLINK").arg(chunk);
+                steps.push(Step::Unlink(chunk.len()));
+            }
+            for tag in round.tags.drain(..) {
+                pipe.cmd("EVALSHA")
+                    .arg(self.tag_pop.get_hash())
+                    .arg(1)
+                    .arg(&tag)
+                    .arg(scripts::TAG_POP_COUNT);
+                steps.push(Step::TagPop(tag));
+            }
+            for version in round.versions.drain(..) {
+                pipe.cmd("EVALSHA")
+                    .arg(self.version_bump.get_hash())
+                    .arg(1)
+                    .arg(&version);
+                steps.push(Step::Bump(version));
+            }
+            round.keys.clear();
+            let replies = self
+                .send(&pipe, steps.len(), "UNLINK/EVALSHA pipeline")
+                .await?;
+            let mut next = Round::default();
+            let mut need_scripts = false;
+            for (step, reply) in steps.into_iter().zip(replies) {
+                match (step, reply) {
+                    (Step::Unlink(n), Value::Int(_)) => stats.keys += n as u64,
+                    (Step::TagPop(tag), Value::Int(popped)) => {
+                        stats.tag_members += u64::try_from(popped).unwrap_or(0);
+                        if usize::try_from(popped).unwrap_or(0) >= scripts::TAG_POP_COUNT {
+                            next.tags.push(tag);
+                        }
+                    }
+                    (Step::Bump(_), Value::Int(_)) => {}
+                    (step, Value::ServerError(e)) => {
+                        let e: redis::RedisError = e.into();
+                        let text = e.to_string();
+                        if e.code() == Some("NOSCRIPT") || text.contains("NOSCRIPT") {
+                            need_scripts = true;
+                            match step {
+                                Step::TagPop(t) => next.tags.push(t),
+                                Step::Bump(v) => next.versions.push(v),
+                                Step::Unlink(_) => return Err(self.err("UNLINK")(e)),
+                            }
+                        } else if is_wrong_type(&text) {
+                            // A key of the wrong type under the tag or version
+                            // prefix: unlink it and redo the step.
+                            stats.repaired += 1;
+                            match step {
+                                Step::TagPop(t) => {
+                                    tracing::warn!(key = %t, error = %text, "tag key is not a set: unlinked it");
+                                    next.keys.push(t);
+                                }
+                                Step::Bump(v) => {
+                                    tracing::warn!(key = %v, error = %text, "version key is not an integer: unlinked it and bumped again");
+                                    self.unlink_one(&v).await?;
+                                    next.versions.push(v);
+                                }
+                                Step::Unlink(_) => return Err(self.err("UNLINK")(e)),
+                            }
+                        } else {
+                            let command = match step {
+                                Step::Unlink(_) => "UNLINK",
+                                Step::TagPop(_) => "EVALSHA tag-pop",
+                                Step::Bump(_) => "EVALSHA version-bump",
+                            };
+                            return Err(self.err(command)(e));
+                        }
+                    }
+                    (_, other) => {
+                        return Err(self.err("pipeline")(redis::RedisError::from((
+                            redis::ErrorKind::TypeError,
+                            "unexpected reply",
+                            format!("{other:?}"),
+                        ))))
+                    }
+                }
+            }
+            if need_scripts {
+                self.load_scripts().await?;
+            }
+            round = next;
+        }
+        Ok(())
+    }
+
+    async fn unlink_one(&mut self, key: &str) -> Result<(), SinkError> {
+        let _: i64 = redis::cmd("UNLINK")
+            .arg(key)
+            .query_async(&mut self.conn)
+            .await
+            .map_err(self.err("UNLINK"))?;
+        Ok(())
+    }
+
+    /// One SCAN pass over the keyspace for every pattern of the plan, matched
+    /// client-side; matches are processed in rounds as they accumulate.
+    async fn scan_patterns(
+        &mut self,
+        plan: &Plan,
+        stats: &mut ApplyStats,
+    ) -> Result<(), SinkError> {
+        let all: Vec<&String> = plan
+            .patterns
+            .iter()
+            .chain(&plan.tag_patterns)
+            .chain(&plan.version_patterns)
+            .collect();
+        // With a single pattern the server can filter; otherwise match here.
+        let server_match = if all.len() == 1 {
+            Some(all[0].clone())
+        } else {
+            None
+        };
+        let mut cursor: u64 = 0;
+        let mut found = Round::default();
+        loop {
+            let mut cmd = redis::cmd("SCAN");
+            cmd.arg(cursor);
+            if let Some(m) = &server_match {
+                cmd.arg("MATCH").arg(m);
+            }
+            cmd.arg("COUNT").arg(SCAN_COUNT);
+            let (next, keys): (u64, Vec<String>) = cmd
+                .query_async(&mut self.conn)
+                .await
+                .map_err(self.err("SCAN"))?;
+            for key in keys {
+                let k = key.as_bytes();
+                if plan.patterns.iter().any(|p| glob_match(p.as_bytes(), k)) {
+                    stats.pattern_matches += 1;
+                    found.keys.push(key);
+                } else if plan
+                    .tag_patterns
+                    .iter()
+                    .any(|p| glob_match(p.as_bytes(), k))
+                {
+                    stats.pattern_matches += 1;
+                    stats.tags += 1;
+                    found.tags.push(key);
+                } else if plan
+                    .version_patterns
+                    .iter()
+                    .any(|p| glob_match(p.as_bytes(), k))
+                {
+                    stats.pattern_matches += 1;
+                    stats.versions += 1;
+                    found.versions.push(key);
+                }
+            }
+            if found.keys.len() + found.tags.len() + found.versions.len() >= UNLINK_CHUNK {
+                self.run_rounds(std::mem::take(&mut found), stats).await?;
+            }
+            cursor = next;
+            if cursor == 0 {
+                break;
+            }
+        }
+        self.run_rounds(found, stats).await
+    }
+}
+
+fn is_wrong_type(error_text: &str) -> bool {
+    error_text.contains("WRONGTYPE") || error_text.contains("not an integer")
+}

@@ -1,0 +1,155 @@
+//! Golden tests: recorded files under `tests/fixtures/replay/` replayed through
+//! the demo mappings (`mappings/`, via `cache-invalidator.toml`) by the binary
+//! and by the library; the expected plans are committed beside them
+//! (`<name>.expected.jsonl`). Regenerate with
+//! `cache-invalidator replay tests/fixtures/replay/<name>.jsonl > ...expected.jsonl`
+//! and review the diff.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::Arc;
+
+use cache_invalidator::config::{Config, EnvOverrides};
+use cache_invalidator::replay::replay_str;
+
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn fixtures() -> Vec<PathBuf> {
+    let mut v: Vec<PathBuf> = std::fs::read_dir(root().join("tests/fixtures/replay"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| {
+            p.to_string_lossy().ends_with(".jsonl")
+                && !p.to_string_lossy().ends_with(".expected.jsonl")
+        })
+        .collect();
+    v.sort();
+    assert!(!v.is_empty());
+    v
+}
+
+fn expected(f: &Path) -> String {
+    let e = f.with_extension("expected.jsonl");
+    std::fs::read_to_string(&e).unwrap_or_else(|err| panic!("{}: {err}", e.display()))
+}
+
+fn bin(args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_cache-invalidator"))
+        .current_dir(root())
+        .env_remove("CACHE_INVALIDATOR_CONFIG")
+        .env_remove("CACHE_INVALIDATOR_POSTGRES_URL")
+        .env_remove("CACHE_INVALIDATOR_REDIS_URL")
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn golden_plans_through_the_binary() {
+    for f in fixtures() {
+        if f.to_string_lossy().contains("malformed") {
+            continue;
+        }
+        let out = bin(&["replay", f.to_str().unwrap()]);
+        assert!(
+            out.status.success(),
+            "{}: {}",
+            f.display(),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert_eq!(
+            String::from_utf8(out.stdout).unwrap(),
+            expected(&f),
+            "{}",
+            f.display()
+        );
+    }
+}
+
+#[test]
+fn golden_plans_through_the_library() {
+    let config = Config::load(
+        &root().join("cache-invalidator.toml"),
+        &EnvOverrides::default(),
+    )
+    .unwrap();
+    let mappings = Arc::new(config.mappings.load().unwrap());
+    for f in fixtures() {
+        if f.to_string_lossy().contains("malformed") {
+            continue;
+        }
+        let plans = replay_str(
+            Arc::clone(&mappings),
+            config.planner_context("replay"),
+            &std::fs::read_to_string(&f).unwrap(),
+        )
+        .unwrap();
+        let got: String = plans
+            .iter()
+            .map(|p| serde_json::to_string(p).unwrap() + "\n")
+            .collect();
+        assert_eq!(got, expected(&f), "{}", f.display());
+    }
+}
+
+#[test]
+fn a_malformed_line_stops_replay_with_exit_2() {
+    let f = root().join("tests/fixtures/replay/malformed.jsonl");
+    let out = bin(&["replay", f.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(out.stdout.is_empty(), "nothing replayed");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("malformed.jsonl:line 2: "), "{err}");
+    assert!(err.contains("nothing was replayed"), "{err}");
+
+    let out = bin(&["replay", "--skip-bad-lines", f.to_str().unwrap()]);
+    assert!(out.status.success());
+    assert_eq!(String::from_utf8(out.stdout).unwrap(), expected(&f));
+}
+
+#[test]
+fn replay_apply_is_not_built_yet() {
+    let f = root().join("tests/fixtures/replay/blog.jsonl");
+    let out = bin(&["replay", "--apply", f.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("replay --apply"));
+}
+
+#[test]
+fn check_accepts_the_demo_mappings() {
+    let out = bin(&["check"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).starts_with("ok: 5 rule(s) on 5 table(s)"));
+}
+
+#[test]
+fn check_refuses_a_typo_with_exit_2() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("m.toml"),
+        "[[table]]\nname = \"users\"\nkyes = [\"user:{id}\"]\n",
+    )
+    .unwrap();
+    std::fs::write(
+        dir.path().join("c.toml"),
+        "mappings = [\"m.toml\"]\n[postgres]\nurl = \"postgres://x@h/db\"\n[redis]\nurl = \"redis://h/0\"\n",
+    )
+    .unwrap();
+    let out = bin(&[
+        "--config",
+        dir.path().join("c.toml").to_str().unwrap(),
+        "check",
+    ]);
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("m.toml:3:1: unknown field `kyes`: did you mean `keys`?"),
+        "{err}"
+    );
+}
