@@ -55,7 +55,6 @@ fn stop(mut child: Child) {
 }
 
 #[test]
-#[ignore = "needs the pgoutput decoder: un-ignore when `decode` is merged and `record::run` uses RelationCache"]
 fn records_committed_transactions_in_the_documented_format() {
     let pg = PgCluster::start();
     pg.psql(
@@ -179,7 +178,6 @@ fn records_committed_transactions_in_the_documented_format() {
 }
 
 #[test]
-#[ignore = "needs the pgoutput decoder: un-ignore when `decode` is merged and `record::run` uses RelationCache"]
 fn max_txns_stops_recording_and_a_missing_publication_is_refused() {
     let pg = PgCluster::start();
     let dir = ScratchDir::new("record");
@@ -216,7 +214,6 @@ fn vm_hwm_kb(pid: u32) -> Option<u64> {
 }
 
 #[test]
-#[ignore = "needs the pgoutput decoder: un-ignore when `decode` is merged and `record::run` uses RelationCache"]
 fn a_million_row_transaction_streams_through_in_flat_memory() {
     let pg = PgCluster::start_with(support::PgOptions::default().set("max_wal_size", "1GB"));
     pg.psql("CREATE TABLE big (id int, pad text); CREATE PUBLICATION p FOR TABLE big");

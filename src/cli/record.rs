@@ -315,12 +315,14 @@ fn open_out(path: &Path) -> io::Result<(Option<File>, Out)> {
     ))
 }
 
-/// `record` with the pgoutput decoder.
+/// `record` with the pgoutput decoder ([`crate::decode::RelationCache`]).
 pub async fn run(args: RecordArgs) -> Result<(), CliError> {
-    let _ = args;
-    Err(CliError::NotImplemented(
-        "record (waits for the pgoutput decoder to be merged)",
-    ))
+    let mut cache = crate::decode::RelationCache::new();
+    record(args, move |payload, wal_start, out| {
+        cache.decode_payload(payload, wal_start, out)
+    })
+    .await
+    .map(|_| ())
 }
 
 #[cfg(test)]

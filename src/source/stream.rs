@@ -69,6 +69,8 @@ pub enum SourceItem {
 pub struct StreamControl {
     /// The acknowledger's "applied up to" LSN. Dropping its sender means the
     /// pipeline drained: the task sends a final status update and ends.
+    /// A `watch` keeps only its latest value, so the acknowledger must publish
+    /// monotonically; the task's `max` is a guard against regressions, not a merge.
     pub acked: watch::Receiver<Lsn>,
     /// `true` = stop reading (shutdown). A dropped sender is ignored.
     pub stop: watch::Receiver<bool>,
