@@ -98,7 +98,7 @@ pub async fn execute(cli: Cli) -> Result<(), CliError> {
     match cli.command {
         Command::Run => Err(CliError::NotImplemented("run")),
         Command::Setup { .. } => Err(CliError::NotImplemented("setup")),
-        Command::Check => check::run(&cli.config),
+        Command::Check => check::run(&cli.config).await,
         Command::Flush { .. } => Err(CliError::NotImplemented("flush")),
         Command::Record { .. } => Err(CliError::NotImplemented("record")),
         Command::Replay {
