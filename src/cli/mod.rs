@@ -7,6 +7,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 
 pub mod check;
 pub mod replay;
+pub mod setup;
 
 use crate::error::CliError;
 
@@ -97,7 +98,9 @@ pub enum Command {
 pub async fn execute(cli: Cli) -> Result<(), CliError> {
     match cli.command {
         Command::Run => Err(CliError::NotImplemented("run")),
-        Command::Setup { .. } => Err(CliError::NotImplemented("setup")),
+        Command::Setup {
+            replica_identity_full,
+        } => setup::run(&cli.config, replica_identity_full).await,
         Command::Check => check::run(&cli.config).await,
         Command::Flush { .. } => Err(CliError::NotImplemented("flush")),
         Command::Record { .. } => Err(CliError::NotImplemented("record")),
