@@ -59,6 +59,7 @@ pub mod diag;
 pub mod error;
 pub mod lsn;
 pub mod map;
+pub mod pg;
 pub mod plan;
 pub mod replay;
 pub mod sink;

@@ -1,16 +1,20 @@
 //! `cache-invalidator check`: validates the config and the mappings.
 //!
-//! Offline part here: config, mappings (templates, truncates, fields), and
-//! warnings about row-level patterns. The catalog part plugs in through
-//! [`crate::map::catalog::check_catalog`] over a snapshot the caller fills
-//! from PostgreSQL (and [`crate::map::catalog::check_maxmemory_policy`] for Redis).
+//! First offline: config, mappings (templates, truncates, fields), and
+//! warnings about row-level patterns. Then, when PostgreSQL is reachable,
+//! [`crate::map::catalog::check_catalog`] over a snapshot read by
+//! [`crate::pg::catalog::snapshot`]; when Redis is reachable,
+//! [`crate::map::catalog::check_maxmemory_policy`]. An unreachable server
+//! skips its checks with a warning.
 
 use std::path::Path;
+use std::time::Duration;
 
 use crate::config::{Config, EnvOverrides};
 use crate::error::CliError;
-use crate::map::catalog::{Finding, Severity};
-use crate::map::{Mappings, TruncateSource};
+use crate::map::catalog::{check_catalog, check_maxmemory_policy, Finding, Severity};
+use crate::map::{Mappings, TableName, TruncateSource};
+use crate::sink::mask_url;
 
 /// The result of the offline checks: the loaded config and mappings, and warnings.
 pub struct Checked {
@@ -64,18 +68,113 @@ pub fn offline_warnings(mappings: &Mappings) -> Vec<Finding> {
     out
 }
 
-/// Runs `check` (offline part) and prints the result.
-pub fn run(config_path: &Path) -> Result<(), CliError> {
+/// Runs `check`: the offline part, then the catalog and publication checks
+/// when PostgreSQL is reachable and the `maxmemory-policy` check when Redis
+/// is. An unreachable server is a warning ("... checks skipped"), not a
+/// failure. Exit 2 when any error finding remains.
+pub async fn run(config_path: &Path) -> Result<(), CliError> {
     let checked = check_offline(config_path, &EnvOverrides::from_env())?;
-    for w in &checked.warnings {
-        eprintln!("{w}");
+    let mut findings = checked.warnings.clone();
+    let mut catalog_done = false;
+    let mut redis_done = false;
+
+    let pg = &checked.config.postgres;
+    match crate::pg::connect_sql(&pg.url, pg.password.as_ref().map(|p| p.expose())).await {
+        Err(e) => findings.push(warning(format!(
+            "catalog checks skipped: {e} (run `check` where the database is reachable)"
+        ))),
+        Ok(client) => {
+            let tables: Vec<TableName> = checked.mappings.tables().into_iter().cloned().collect();
+            match crate::pg::catalog::snapshot(&client, &tables, &pg.publication).await {
+                Ok(snap) => {
+                    findings.extend(check_catalog(
+                        &checked.mappings,
+                        &snap,
+                        crate::pg::APPLICATION_NAME,
+                    ));
+                    catalog_done = true;
+                }
+                Err(e) => findings.push(warning(format!("catalog checks skipped: {e}"))),
+            }
+        }
     }
+
+    match redis_maxmemory_policy(&checked.config).await {
+        Ok(policy) => {
+            findings.extend(check_maxmemory_policy(&policy));
+            redis_done = true;
+        }
+        Err(why) => findings.push(warning(format!("Redis checks skipped: {why}"))),
+    }
+
+    for f in &findings {
+        eprintln!("{f}");
+    }
+    let errors = findings
+        .iter()
+        .filter(|f| f.severity == Severity::Error)
+        .count();
+    let rules = checked.mappings.rules().len();
     let tables = checked.mappings.tables().len();
-    println!(
-        "ok: {} rule(s) on {} table(s) from {} file(s); catalog checks need a reachable PostgreSQL (not run)",
-        checked.mappings.rules().len(),
-        tables,
-        checked.mappings.files().len()
-    );
+    let files = checked.mappings.files().len();
+    if errors > 0 {
+        return Err(CliError::Invalid(format!(
+            "{errors} error(s) in {rules} rule(s) on {tables} table(s) from {files} file(s): see above"
+        )));
+    }
+    let scope = match (catalog_done, redis_done) {
+        (true, true) => "checked against the catalog, the publication and Redis",
+        (true, false) => "checked against the catalog and the publication; Redis not checked",
+        (false, true) => "checked against Redis; catalog checks skipped",
+        (false, false) => "offline checks only: PostgreSQL and Redis unreachable",
+    };
+    println!("ok: {rules} rule(s) on {tables} table(s) from {files} file(s); {scope}");
     Ok(())
+}
+
+fn warning(message: String) -> Finding {
+    Finding {
+        severity: Severity::Warning,
+        message,
+    }
+}
+
+/// How long `check` waits for Redis.
+const REDIS_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// `CONFIG GET maxmemory-policy`, or why it could not be read.
+async fn redis_maxmemory_policy(config: &Config) -> Result<String, String> {
+    let url = match (&config.redis.url, config.redis.cluster.first()) {
+        (Some(u), _) => u.clone(),
+        (None, Some(u)) => u.clone(),
+        (None, None) => return Err("no Redis URL configured".into()),
+    };
+    let target = mask_url(&url);
+    let mut info = redis::IntoConnectionInfo::into_connection_info(url.as_str())
+        .map_err(|e| format!("invalid Redis URL {target}: {e}"))?;
+    if let Some(p) = &config.redis.password {
+        info.redis.password = Some(p.expose().to_owned());
+    }
+    let client = redis::Client::open(info).map_err(|e| format!("{target}: {e}"))?;
+    let query = async {
+        let mut conn = client.get_multiplexed_async_connection().await?;
+        redis::cmd("CONFIG")
+            .arg("GET")
+            .arg("maxmemory-policy")
+            .query_async::<Vec<String>>(&mut conn)
+            .await
+    };
+    match tokio::time::timeout(REDIS_TIMEOUT, query).await {
+        Err(_) => Err(format!("{target}: no answer within {REDIS_TIMEOUT:?}")),
+        Ok(Err(e)) if e.code() == Some("NOPERM") || e.to_string().contains("unknown command") => {
+            Err(format!(
+                "{target} does not allow CONFIG GET ({e}); check maxmemory-policy by hand: it must not be allkeys-*"
+            ))
+        }
+        Ok(Err(e)) => Err(format!("cannot query {target}: {e}")),
+        Ok(Ok(pair)) => pair
+            .get(1)
+            .cloned()
+            .ok_or_else(|| format!("{target}: CONFIG GET maxmemory-policy returned nothing")),
+    }
 }

@@ -6,7 +6,10 @@ use std::path::PathBuf;
 use clap::{Parser, Subcommand, ValueEnum};
 
 pub mod check;
+pub mod flush;
 pub mod replay;
+pub mod setup;
+pub mod status;
 
 use crate::error::CliError;
 
@@ -93,6 +96,10 @@ pub enum Command {
         skip_bad_lines: bool,
     },
     /// Show the slot, its lag and retained WAL, and whether a worker streams.
+    ///
+    /// A runtime probe: exits 0 when the slot exists (its health is in the
+    /// output), 1 when PostgreSQL is unreachable or the slot is missing (run
+    /// `setup`). `--json` still prints its object when the slot is missing.
     Status {
         /// Machine-readable output.
         #[arg(long)]
@@ -106,9 +113,11 @@ pub enum Command {
 pub async fn execute(cli: Cli) -> Result<(), CliError> {
     match cli.command {
         Command::Run => run::run(&cli.config).await,
-        Command::Setup { .. } => Err(CliError::NotImplemented("setup")),
-        Command::Check => check::run(&cli.config),
-        Command::Flush { .. } => Err(CliError::NotImplemented("flush")),
+        Command::Setup {
+            replica_identity_full,
+        } => setup::run(&cli.config, replica_identity_full).await,
+        Command::Check => check::run(&cli.config).await,
+        Command::Flush { table } => flush::run(&cli.config, table.as_deref()).await,
         Command::Record {
             out,
             max_txns,
@@ -142,8 +151,8 @@ pub async fn execute(cli: Cli) -> Result<(), CliError> {
             file,
             apply,
             skip_bad_lines,
-        } => replay::run(&cli.config, &file, apply, skip_bad_lines),
-        Command::Status { .. } => Err(CliError::NotImplemented("status")),
+        } => replay::run(&cli.config, &file, apply, skip_bad_lines).await,
+        Command::Status { json } => status::run(&cli.config, json).await,
         Command::Demo => Err(CliError::NotImplemented("demo")),
     }
 }

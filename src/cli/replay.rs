@@ -2,7 +2,8 @@
 //! offline and prints one JSON plan per transaction.
 //!
 //! A malformed line stops replay before anything is planned or applied (exit
-//! 2, naming the line) unless `--skip-bad-lines`.
+//! 2, naming the line) unless `--skip-bad-lines`. `--apply` executes each
+//! transaction's plan against the config's Redis, in order, with the worker's sink.
 
 use std::io::Write;
 use std::path::Path;
@@ -15,8 +16,9 @@ use crate::replay::{parse_file, Replayer, TxnPlan};
 /// The epoch carried by default messages during replay.
 pub const REPLAY_EPOCH: &str = "replay";
 
-/// Runs `replay`.
-pub fn run(
+/// Runs `replay`; with `apply`, each transaction's plan is executed against
+/// Redis in order (and printed as without it).
+pub async fn run(
     config_path: &Path,
     file: &Path,
     apply: bool,
@@ -39,14 +41,22 @@ pub fn run(
     for b in &bad {
         tracing::warn!(file = %file.display(), line = b.line, error = %b.message, "skipped a malformed line");
     }
-    if apply {
-        return Err(CliError::NotImplemented("replay --apply"));
-    }
+    let mut sink = if apply {
+        let options = super::flush::sink_options(&config)?;
+        Some(super::flush::connect_sink(&options).await?)
+    } else {
+        None
+    };
     let mut replayer = Replayer::new(Arc::new(mappings), config.planner_context(REPLAY_EPOCH));
     let stdout = std::io::stdout();
     let mut out = stdout.lock();
     for t in &txns {
-        let plan = TxnPlan::from_plan(t.xid, t.lsn, replayer.transaction(t));
+        let raw = replayer.transaction(t);
+        if let Some(sink) = sink.as_mut() {
+            let stats = super::flush::apply_with_retry(sink, &raw).await?;
+            tracing::info!(xid = t.xid, lsn = %t.lsn, keys = stats.keys, tags = stats.tags, versions = stats.versions, published = stats.published, "applied");
+        }
+        let plan = TxnPlan::from_plan(t.xid, t.lsn, raw);
         for f in replayer.planner().take_fallbacks() {
             tracing::warn!(table = %f.table, reason = f.reason.as_str(), column = f.column.as_deref().unwrap_or(""), count = f.count, xid = t.xid, "value unknown: fired the table's truncate invalidations");
         }

@@ -1,0 +1,432 @@
+//! `cache-invalidator setup [--replica-identity-full]`: prepares PostgreSQL
+//! for the worker, idempotently, printing every statement it runs.
+//!
+//! Order matters:
+//! 1. refuse mapped tables that do not exist, are not tables, or have no
+//!    usable replica identity (publishing them would make PostgreSQL reject
+//!    the application's UPDATE/DELETE) unless `--replica-identity-full` fixes them;
+//! 2. with `--replica-identity-full`, `REPLICA IDENTITY FULL` where rules need
+//!    old values (under `lock_timeout`, retried);
+//! 3. the publication (`FOR TABLE ...`, never `FOR ALL TABLES`,
+//!    `publish_via_partition_root = true`) BEFORE the slot, so the slot
+//!    decodes with it from its first LSN; missing mapped tables added;
+//! 4. the slot (`pgoutput`) under a statement timeout, logging the PIDs of the
+//!    transactions it waits for; a slot whose WAL was lost is recreated;
+//! 5. durable flush markers: `flush:all` after creating the slot,
+//!    `flush:table:<t>` after adding a table to an existing publication+slot.
+//!
+//! A second run finds everything in place, runs no statement and emits no marker.
+
+use std::collections::BTreeSet;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio_postgres::Client;
+
+use crate::config::EnvOverrides;
+use crate::error::CliError;
+use crate::map::identity;
+use crate::map::{Mappings, TableName};
+use crate::pg::catalog::{self, TableFacts};
+use crate::pg::{connect_sql, quote_ident, quote_literal, PgError};
+use crate::plan::planner::MESSAGE_PREFIX;
+
+/// `lock_timeout` for `ALTER TABLE ... REPLICA IDENTITY FULL`.
+const LOCK_TIMEOUT: &str = "5s";
+/// Attempts of `ALTER TABLE` when the lock is not granted in time.
+const ALTER_ATTEMPTS: u32 = 3;
+/// `statement_timeout` of the slot creation (it waits for running transactions).
+const SLOT_TIMEOUT: Duration = Duration::from_secs(60);
+/// How often the waiting slot creation logs the transactions it waits for.
+const BLOCKER_POLL: Duration = Duration::from_secs(1);
+
+/// A mapped table as `setup` sees it.
+struct Target {
+    name: TableName,
+    facts: TableFacts,
+}
+
+/// Runs `setup`.
+pub async fn run(config_path: &Path, replica_identity_full: bool) -> Result<(), CliError> {
+    let checked = super::check::check_offline(config_path, &EnvOverrides::from_env())?;
+    let pg = &checked.config.postgres;
+    let password = pg.password.as_ref().map(|p| p.expose());
+    let client = connect_sql(&pg.url, password)
+        .await
+        .map_err(CliError::runtime)?;
+    let mut setup = Setup {
+        client,
+        url: pg.url.clone(),
+        password: password.map(str::to_owned),
+        ran: 0,
+    };
+    setup
+        .execute(
+            &checked.mappings,
+            &pg.publication,
+            &pg.slot,
+            replica_identity_full,
+        )
+        .await?;
+    if setup.ran == 0 {
+        println!(
+            "nothing to do: publication {:?} has every mapped table and slot {:?} exists",
+            pg.publication, pg.slot
+        );
+    }
+    Ok(())
+}
+
+struct Setup {
+    client: Client,
+    url: String,
+    password: Option<String>,
+    /// Statements run that changed something (0: a no-op run).
+    ran: usize,
+}
+
+impl Setup {
+    /// Prints and runs one statement.
+    async fn exec(&mut self, sql: &str) -> Result<(), PgError> {
+        println!("{sql};");
+        self.client
+            .batch_execute(sql)
+            .await
+            .map_err(|e| PgError::query(sql, e))?;
+        self.ran += 1;
+        Ok(())
+    }
+
+    async fn execute(
+        &mut self,
+        mappings: &Mappings,
+        publication: &str,
+        slot: &str,
+        replica_identity_full: bool,
+    ) -> Result<(), CliError> {
+        let targets = self.targets(mappings).await?;
+
+        // 1. Replica identities PostgreSQL would refuse to publish.
+        let unusable: Vec<&Target> = targets
+            .iter()
+            .filter(|t| !t.facts.has_usable_identity())
+            .collect();
+        if !unusable.is_empty() && !replica_identity_full {
+            let names: Vec<String> = unusable.iter().map(|t| t.name.to_string()).collect();
+            return Err(CliError::Invalid(format!(
+                "refusing to publish {}: no usable replica identity (REPLICA IDENTITY NOTHING, or DEFAULT without a primary key). \
+                 Once a table is in a publication that publishes updates and deletes, PostgreSQL rejects every UPDATE and DELETE on it \
+                 without one, which would break the application. Fix: add a primary key, or `ALTER TABLE ... REPLICA IDENTITY USING INDEX <unique index>`, \
+                 or rerun with `setup --replica-identity-full`. Nothing was changed.",
+                names.join(", ")
+            )));
+        }
+
+        // 2. REPLICA IDENTITY FULL where rules need old values (or no identity is usable).
+        let needs_full: Vec<&Target> = targets
+            .iter()
+            .filter(|t| {
+                !t.facts.has_usable_identity()
+                    || !identity::check_table(mappings, &t.name, &t.facts.info.replica_identity)
+                        .is_empty()
+            })
+            .collect();
+        if replica_identity_full {
+            let names: Vec<TableName> = needs_full.iter().map(|t| t.name.clone()).collect();
+            for t in &names {
+                self.set_identity_full(t).await?;
+            }
+        } else {
+            for t in &needs_full {
+                for e in identity::check_table(mappings, &t.name, &t.facts.info.replica_identity) {
+                    eprintln!("warning: {e}");
+                }
+            }
+        }
+
+        // 3. The publication, before the slot.
+        let server_version = catalog::server_version_num(&self.client)
+            .await
+            .map_err(CliError::runtime)?;
+        let existing = catalog::publication(&self.client, publication, server_version)
+            .await
+            .map_err(CliError::runtime)?;
+        let mut added: Vec<TableName> = Vec::new();
+        let publication_sql = quote_ident(publication);
+        match existing {
+            None => {
+                let list: Vec<String> = targets.iter().map(|t| qualified(&t.name)).collect();
+                self.exec(&format!(
+                    "CREATE PUBLICATION {publication_sql} FOR TABLE {} WITH (publish_via_partition_root = true)",
+                    list.join(", ")
+                ))
+                .await
+                .map_err(CliError::runtime)?;
+            }
+            Some(p) => {
+                let members = catalog::publication_member_oids(&self.client, publication)
+                    .await
+                    .map_err(CliError::runtime)?;
+                for t in &targets {
+                    let published = p.all_tables
+                        || members.contains(&t.facts.info.oid)
+                        || p.tables.contains_key(&t.name);
+                    if !published {
+                        self.exec(&format!(
+                            "ALTER PUBLICATION {publication_sql} ADD TABLE {}",
+                            qualified(&t.name)
+                        ))
+                        .await
+                        .map_err(CliError::runtime)?;
+                        added.push(t.name.clone());
+                    }
+                }
+            }
+        }
+
+        // 4. The slot, and 5. the markers.
+        let created = self.ensure_slot(slot).await?;
+        if created {
+            self.emit("flush:all").await?;
+        } else {
+            for t in &added {
+                self.emit(&format!("flush:table:{t}")).await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Every mapped table, refusing those that do not exist or are not tables.
+    async fn targets(&self, mappings: &Mappings) -> Result<Vec<Target>, CliError> {
+        let mut out = Vec::new();
+        let mut problems = Vec::new();
+        let names: BTreeSet<&TableName> = mappings.tables();
+        for name in names {
+            match catalog::table_facts(&self.client, name)
+                .await
+                .map_err(CliError::runtime)?
+            {
+                None => problems.push(format!("{name} does not exist")),
+                Some(f) if !matches!(f.info.relkind, 'r' | 'p') => problems.push(format!(
+                    "{name} is not a table (relkind '{}')",
+                    f.info.relkind
+                )),
+                Some(facts) => out.push(Target {
+                    name: name.clone(),
+                    facts,
+                }),
+            }
+        }
+        if !problems.is_empty() {
+            return Err(CliError::Invalid(format!(
+                "cannot set up: {}; run `cache-invalidator check` for details. Nothing was changed.",
+                problems.join("; ")
+            )));
+        }
+        Ok(out)
+    }
+
+    /// `ALTER TABLE ... REPLICA IDENTITY FULL` under `lock_timeout`, retried.
+    async fn set_identity_full(&mut self, table: &TableName) -> Result<(), CliError> {
+        println!(
+            "-- {table}: REPLICA IDENTITY FULL makes PostgreSQL log the whole old row of every UPDATE and DELETE \
+             on it (more WAL, proportional to row size), so rules can render old values"
+        );
+        self.exec(&format!(
+            "SET lock_timeout = {}",
+            quote_literal(LOCK_TIMEOUT)
+        ))
+        .await
+        .map_err(CliError::runtime)?;
+        let sql = format!("ALTER TABLE {} REPLICA IDENTITY FULL", qualified(table));
+        let mut attempt = 1;
+        let result = loop {
+            match self.exec(&sql).await {
+                Ok(()) => break Ok(()),
+                Err(e) if e.sqlstate() == Some("55P03") && attempt < ALTER_ATTEMPTS => {
+                    tracing::warn!(table = %table, attempt, "lock not granted within lock_timeout; retrying");
+                    tokio::time::sleep(Duration::from_secs(u64::from(attempt))).await;
+                    attempt += 1;
+                }
+                Err(e) => break Err(e),
+            }
+        };
+        let reset = self.exec("RESET lock_timeout").await;
+        result.map_err(|e| {
+            CliError::Runtime(
+                format!(
+                    "{e}; {table} is busy (long transactions hold locks on it): retry `setup --replica-identity-full` when it is quieter"
+                )
+                .into(),
+            )
+        })?;
+        reset.map_err(CliError::runtime)
+    }
+
+    /// Creates the slot when it is missing (or lost); returns whether it did.
+    async fn ensure_slot(&mut self, slot: &str) -> Result<bool, CliError> {
+        if let Some(s) = catalog::slot(&self.client, slot)
+            .await
+            .map_err(CliError::runtime)?
+        {
+            let db = catalog::current_database(&self.client)
+                .await
+                .map_err(CliError::runtime)?;
+            if s.slot_type != "logical" || s.plugin.as_deref() != Some("pgoutput") {
+                return Err(CliError::Invalid(format!(
+                    "replication slot {slot:?} exists but is a {} slot with plugin {:?}, not a logical pgoutput slot; \
+                     choose another [postgres] slot name or drop it (`SELECT pg_drop_replication_slot('{slot}')`)",
+                    s.slot_type,
+                    s.plugin.unwrap_or_default()
+                )));
+            }
+            if s.database.as_deref() != Some(db.as_str()) {
+                return Err(CliError::Invalid(format!(
+                    "replication slot {slot:?} belongs to database {:?}, not {db:?}; choose another [postgres] slot name",
+                    s.database.unwrap_or_default()
+                )));
+            }
+            if s.wal_status.as_deref() != Some("lost") {
+                return Ok(false);
+            }
+            if s.active {
+                return Err(CliError::Runtime(
+                    format!("replication slot {slot:?} lost its WAL but is still in use by PID {}: stop that worker, then rerun `setup`", s.active_pid.unwrap_or(0)).into(),
+                ));
+            }
+            eprintln!("warning: replication slot {slot:?} lost WAL it needed (wal_status = 'lost'); recreating it and flushing every mapped table");
+            self.exec(&format!(
+                "SELECT pg_drop_replication_slot({})",
+                quote_literal(slot)
+            ))
+            .await
+            .map_err(CliError::runtime)?;
+        }
+        self.create_slot(slot).await?;
+        Ok(true)
+    }
+
+    /// `pg_create_logical_replication_slot` under a statement timeout; a second
+    /// connection logs the transactions it waits for.
+    async fn create_slot(&mut self, slot: &str) -> Result<(), CliError> {
+        let own_pid: i32 = self
+            .client
+            .query_one("SELECT pg_backend_pid()", &[])
+            .await
+            .map_err(|e| CliError::runtime(PgError::query("SELECT pg_backend_pid()", e)))?
+            .get(0);
+        self.exec(&format!(
+            "SET statement_timeout = {}",
+            quote_literal(&format!("{}s", SLOT_TIMEOUT.as_secs()))
+        ))
+        .await
+        .map_err(CliError::runtime)?;
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let watcher = tokio::spawn(watch_blockers(
+            self.url.clone(),
+            self.password.clone(),
+            own_pid,
+            Arc::clone(&seen),
+        ));
+        let sql = "SELECT pg_create_logical_replication_slot($1, 'pgoutput')";
+        println!(
+            "SELECT pg_create_logical_replication_slot({}, 'pgoutput');",
+            quote_literal(slot)
+        );
+        let result = self.client.execute(sql, &[&slot]).await;
+        watcher.abort();
+        let blockers: Vec<i32> = seen.lock().map(|v| v.clone()).unwrap_or_default();
+        let reset = self.exec("RESET statement_timeout").await;
+        match result {
+            Ok(_) => self.ran += 1,
+            Err(e) => {
+                let e = PgError::query("creating the replication slot", e);
+                let why = if e.sqlstate() == Some("57014") {
+                    format!(
+                        "slot creation waited {}s for running transactions to finish{}: end or commit them and rerun `setup`",
+                        SLOT_TIMEOUT.as_secs(),
+                        if blockers.is_empty() {
+                            String::new()
+                        } else {
+                            format!(" (PIDs {blockers:?})")
+                        }
+                    )
+                } else {
+                    "the user needs the REPLICATION attribute (or superuser) and wal_level = logical with a free max_replication_slots entry".into()
+                };
+                return Err(CliError::Runtime(format!("{e}; {why}").into()));
+            }
+        }
+        reset.map_err(CliError::runtime)
+    }
+
+    /// Emits a durable (transactional) flush marker the worker acts on.
+    async fn emit(&mut self, content: &str) -> Result<(), CliError> {
+        self.exec(&format!(
+            "SELECT pg_logical_emit_message(true, {}, {})",
+            quote_literal(MESSAGE_PREFIX),
+            quote_literal(content)
+        ))
+        .await
+        .map_err(CliError::runtime)
+    }
+}
+
+/// Polls `pg_stat_activity` from a second connection while the slot creation
+/// waits, logging the backends whose transactions it waits for and
+/// recording their PIDs in `seen`. Runs until aborted.
+async fn watch_blockers(
+    url: String,
+    password: Option<String>,
+    own_pid: i32,
+    seen: Arc<Mutex<Vec<i32>>>,
+) {
+    tokio::time::sleep(BLOCKER_POLL).await;
+    let client = match connect_sql(&url, password.as_deref()).await {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot open a second connection to show what the slot creation waits for");
+            return;
+        }
+    };
+    loop {
+        let rows = client
+            .query(
+                "SELECT pid, coalesce(application_name, ''), coalesce(state, ''), \
+                        coalesce(extract(epoch FROM now() - xact_start)::int8, 0) \
+                 FROM pg_stat_activity \
+                 WHERE pid <> $1 AND pid <> pg_backend_pid() \
+                   AND (backend_xid IS NOT NULL OR backend_xmin IS NOT NULL) ORDER BY xact_start",
+                &[&own_pid],
+            )
+            .await;
+        match rows {
+            Ok(rows) if !rows.is_empty() => {
+                for r in rows {
+                    let pid: i32 = r.get(0);
+                    let app: String = r.get(1);
+                    let state: String = r.get(2);
+                    let secs: i64 = r.get(3);
+                    tracing::warn!(pid, application_name = %app, state = %state, xact_seconds = secs,
+                        "slot creation waits for this transaction to end");
+                    if let Ok(mut seen) = seen.lock() {
+                        if !seen.contains(&pid) {
+                            seen.push(pid);
+                        }
+                    }
+                }
+            }
+            Ok(_) => {}
+            Err(e) => {
+                tracing::debug!(error = %crate::pg::describe(&e), "pg_stat_activity poll failed");
+            }
+        }
+        tokio::time::sleep(BLOCKER_POLL).await;
+    }
+}
+
+/// `"schema"."table"`.
+fn qualified(t: &TableName) -> String {
+    format!("{}.{}", quote_ident(&t.schema), quote_ident(&t.name))
+}

@@ -1,0 +1,244 @@
+//! `cache-invalidator status [--json]`: the replication slot and publication
+//! as PostgreSQL sees them, over plain SQL.
+//!
+//! A runtime probe: exit 0 when the slot exists (whatever its health, which
+//! the output describes), exit 1 when PostgreSQL is unreachable or the slot is
+//! missing (the output says to run `setup`). `--json` prints one object with
+//! stable field names (see [`Status`]) in every case where it reached PostgreSQL.
+
+use std::path::Path;
+
+use serde::Serialize;
+
+use crate::config::{Config, EnvOverrides};
+use crate::error::CliError;
+use crate::pg::catalog::{self, SlotFacts};
+use crate::pg::connect_sql;
+
+/// What `status --json` prints. Field names are stable.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct Status {
+    /// The slot name from the config.
+    pub slot: String,
+    /// Whether the slot exists.
+    pub slot_exists: bool,
+    /// `plugin`.
+    pub plugin: Option<String>,
+    /// `active`: a walsender streams the slot.
+    pub active: bool,
+    /// `active_pid`.
+    pub active_pid: Option<i32>,
+    /// Whether that walsender is a cache-invalidator worker.
+    pub streaming: bool,
+    /// `confirmed_flush_lsn`.
+    pub confirmed_flush_lsn: Option<String>,
+    /// `restart_lsn`.
+    pub restart_lsn: Option<String>,
+    /// `pg_current_wal_lsn()`.
+    pub current_lsn: Option<String>,
+    /// Bytes of WAL not yet acknowledged (`current - confirmed_flush_lsn`).
+    pub lag_bytes: Option<i64>,
+    /// Bytes of WAL the slot retains (`current - restart_lsn`).
+    pub retained_wal_bytes: Option<i64>,
+    /// `wal_status`.
+    pub wal_status: Option<String>,
+    /// `safe_wal_size` (`null`: unlimited, `max_slot_wal_keep_size = -1`).
+    pub safe_wal_size: Option<i64>,
+    /// The publication name from the config.
+    pub publication: String,
+    /// Whether the publication exists.
+    pub publication_exists: bool,
+    /// `pubviaroot`.
+    pub publish_via_partition_root: Option<bool>,
+    /// Published tables, `schema.table`, sorted.
+    pub publication_tables: Vec<String>,
+    /// What to do, when something is wrong (`null` when healthy).
+    pub problem: Option<String>,
+}
+
+/// Runs `status`.
+pub async fn run(config_path: &Path, json: bool) -> Result<(), CliError> {
+    let config = Config::load(config_path, &EnvOverrides::from_env())
+        .map_err(|e| CliError::Invalid(e.to_string()))?;
+    let status = probe(&config).await?;
+    if json {
+        println!(
+            "{}",
+            serde_json::to_string(&status).map_err(CliError::runtime)?
+        );
+    } else {
+        print!("{}", render(&status));
+    }
+    match &status.problem {
+        Some(p) if !status.slot_exists => Err(CliError::Runtime(p.clone().into())),
+        _ => Ok(()),
+    }
+}
+
+/// Reads the slot and the publication.
+pub async fn probe(config: &Config) -> Result<Status, CliError> {
+    let pg = &config.postgres;
+    let client = connect_sql(&pg.url, pg.password.as_ref().map(|p| p.expose()))
+        .await
+        .map_err(CliError::runtime)?;
+    let version = catalog::server_version_num(&client)
+        .await
+        .map_err(CliError::runtime)?;
+    let slot = catalog::slot(&client, &pg.slot)
+        .await
+        .map_err(CliError::runtime)?;
+    let publication = catalog::publication(&client, &pg.publication, version)
+        .await
+        .map_err(CliError::runtime)?;
+    let current_lsn = match &slot {
+        Some(s) => Some(s.current_lsn.clone()),
+        None => client
+            .query_one(
+                "SELECT (CASE WHEN pg_is_in_recovery() THEN pg_last_wal_replay_lsn() ELSE pg_current_wal_lsn() END)::text",
+                &[],
+            )
+            .await
+            .ok()
+            .and_then(|r| r.get(0)),
+    };
+    let problem = match &slot {
+        None => Some(format!(
+            "replication slot {:?} does not exist: run `cache-invalidator setup`",
+            pg.slot
+        )),
+        Some(s) if s.wal_status.as_deref() == Some("lost") => Some(format!(
+            "replication slot {:?} lost WAL it needed (wal_status = 'lost'): changes were missed; `cache-invalidator setup` (or `run` with auto_setup) recreates it and flushes every mapped table",
+            pg.slot
+        )),
+        Some(_) if publication.is_none() => Some(format!(
+            "publication {:?} does not exist: run `cache-invalidator setup`",
+            pg.publication
+        )),
+        Some(s) if !s.active => Some("no worker streams the slot: WAL accumulates until `cache-invalidator run` is started".to_owned()),
+        _ => None,
+    };
+    let SlotFacts {
+        plugin,
+        active,
+        active_pid,
+        streaming,
+        confirmed_flush_lsn,
+        restart_lsn,
+        lag_bytes,
+        retained_wal_bytes,
+        wal_status,
+        safe_wal_size,
+        ..
+    } = slot.clone().unwrap_or(SlotFacts {
+        plugin: None,
+        slot_type: String::new(),
+        database: None,
+        active: false,
+        active_pid: None,
+        confirmed_flush_lsn: None,
+        restart_lsn: None,
+        wal_status: None,
+        safe_wal_size: None,
+        current_lsn: String::new(),
+        lag_bytes: None,
+        retained_wal_bytes: None,
+        streaming: false,
+    });
+    Ok(Status {
+        slot: pg.slot.clone(),
+        slot_exists: slot.is_some(),
+        plugin,
+        active,
+        active_pid,
+        streaming,
+        confirmed_flush_lsn,
+        restart_lsn,
+        current_lsn,
+        lag_bytes,
+        retained_wal_bytes,
+        wal_status,
+        safe_wal_size,
+        publication: pg.publication.clone(),
+        publication_exists: publication.is_some(),
+        publish_via_partition_root: publication.as_ref().map(|p| p.via_partition_root),
+        publication_tables: publication
+            .map(|p| p.tables.keys().map(|t| t.to_string()).collect())
+            .unwrap_or_default(),
+        problem,
+    })
+}
+
+/// Bytes for humans: `123 B`, `4.0 MiB`.
+fn bytes(n: Option<i64>) -> String {
+    match n {
+        None => "unknown".into(),
+        Some(n) if n.abs() < 1024 => format!("{n} B"),
+        Some(n) => {
+            let mut v = n as f64;
+            let mut unit = "B";
+            for u in ["KiB", "MiB", "GiB", "TiB"] {
+                if v.abs() < 1024.0 {
+                    break;
+                }
+                v /= 1024.0;
+                unit = u;
+            }
+            format!("{v:.1} {unit} ({n} bytes)")
+        }
+    }
+}
+
+/// The text form of `status`.
+pub fn render(s: &Status) -> String {
+    let opt = |v: &Option<String>| v.clone().unwrap_or_else(|| "-".into());
+    let mut out = String::new();
+    if s.slot_exists {
+        out.push_str(&format!(
+            "slot {:?}: plugin {}, {}\n",
+            s.slot,
+            opt(&s.plugin),
+            match (s.active, s.active_pid, s.streaming) {
+                (true, Some(pid), true) => format!("a worker streams it (PID {pid})"),
+                (true, Some(pid), false) =>
+                    format!("active (PID {pid}) but not a cache-invalidator worker"),
+                _ => "inactive: no worker streams it".into(),
+            }
+        ));
+        out.push_str(&format!(
+            "  confirmed_flush_lsn {}  current {}  lag {}\n",
+            opt(&s.confirmed_flush_lsn),
+            opt(&s.current_lsn),
+            bytes(s.lag_bytes)
+        ));
+        out.push_str(&format!(
+            "  restart_lsn {}  WAL retained {}\n",
+            opt(&s.restart_lsn),
+            bytes(s.retained_wal_bytes)
+        ));
+        out.push_str(&format!(
+            "  wal_status {}  safe_wal_size {}\n",
+            opt(&s.wal_status),
+            match s.safe_wal_size {
+                None => "unlimited (max_slot_wal_keep_size = -1)".into(),
+                v => bytes(v),
+            }
+        ));
+    } else {
+        out.push_str(&format!("slot {:?}: missing\n", s.slot));
+    }
+    if s.publication_exists {
+        out.push_str(&format!(
+            "publication {:?}: publish_via_partition_root {}, {} table(s): {}\n",
+            s.publication,
+            s.publish_via_partition_root.unwrap_or(false),
+            s.publication_tables.len(),
+            s.publication_tables.join(", ")
+        ));
+    } else {
+        out.push_str(&format!("publication {:?}: missing\n", s.publication));
+    }
+    if let Some(p) = &s.problem {
+        out.push_str(&format!("problem: {p}\n"));
+    }
+    out
+}

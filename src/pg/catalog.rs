@@ -1,0 +1,375 @@
+//! Reads the live catalog into a [`CatalogSnapshot`] (what
+//! [`crate::map::catalog::check_catalog`] checks) and the slot facts `status`
+//! and `setup` need. Read-only SQL; PostgreSQL 14 and later (row filters and
+//! column lists exist from 15 on and are read only there).
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use tokio_postgres::Client;
+
+use super::PgError;
+use crate::map::catalog::{
+    CatalogSnapshot, ColumnInfo, PublicationInfo, PublishedTable, TableInfo,
+};
+use crate::map::identity::ReplicaIdentity;
+use crate::map::TableName;
+
+/// First server version with publication row filters and column lists.
+const PG15: u32 = 150000;
+
+/// `server_version_num`.
+pub async fn server_version_num(client: &Client) -> Result<u32, PgError> {
+    let row = client
+        .query_one("SELECT current_setting('server_version_num')::int4", &[])
+        .await
+        .map_err(|e| PgError::query("reading server_version_num", e))?;
+    let v: i32 = row.get(0);
+    Ok(u32::try_from(v).unwrap_or(0))
+}
+
+/// A mapped table as the catalog has it, plus the raw `relreplident`.
+#[derive(Debug, Clone)]
+pub struct TableFacts {
+    /// What the checks use.
+    pub info: TableInfo,
+    /// `relreplident`: `d` default, `n` nothing, `f` full, `i` index.
+    pub relreplident: char,
+}
+
+impl TableFacts {
+    /// Whether PostgreSQL accepts UPDATE/DELETE on this table once it is
+    /// published: FULL, or an identity with columns (a primary key for DEFAULT,
+    /// an index for USING INDEX).
+    pub fn has_usable_identity(&self) -> bool {
+        match &self.info.replica_identity {
+            ReplicaIdentity::Full => true,
+            ReplicaIdentity::Columns(c) => !c.is_empty(),
+        }
+    }
+}
+
+fn first_char(s: &str) -> char {
+    s.chars().next().unwrap_or('?')
+}
+
+/// Reads one table (`None` when it does not exist).
+pub async fn table_facts(
+    client: &Client,
+    table: &TableName,
+) -> Result<Option<TableFacts>, PgError> {
+    let what = || format!("reading the catalog entry of {table}");
+    let Some(row) = client
+        .query_opt(
+            "SELECT c.oid, c.relkind::text, c.relpersistence::text, c.relreplident::text, c.relispartition \
+             FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
+             WHERE n.nspname = $1 AND c.relname = $2",
+            &[&table.schema, &table.name],
+        )
+        .await
+        .map_err(|e| PgError::query(what(), e))?
+    else {
+        return Ok(None);
+    };
+    let oid: u32 = row.get(0);
+    let relkind = first_char(row.get::<_, &str>(1));
+    let persistence = first_char(row.get::<_, &str>(2));
+    let relreplident = first_char(row.get::<_, &str>(3));
+    let is_partition: bool = row.get(4);
+
+    let columns = client
+        .query(
+            "SELECT attname::text, attgenerated::text <> '' FROM pg_attribute \
+             WHERE attrelid = $1 AND attnum > 0 AND NOT attisdropped ORDER BY attnum",
+            &[&oid],
+        )
+        .await
+        .map_err(|e| PgError::query(what(), e))?
+        .iter()
+        .map(|r| ColumnInfo {
+            name: r.get(0),
+            generated: r.get(1),
+        })
+        .collect();
+
+    let replica_identity = match relreplident {
+        'f' => ReplicaIdentity::Full,
+        'n' => ReplicaIdentity::Columns(Vec::new()),
+        kind => {
+            let primary = kind == 'd';
+            let cols = client
+                .query(
+                    "SELECT a.attname::text FROM pg_index i \
+                     CROSS JOIN LATERAL unnest(i.indkey::int2[]) WITH ORDINALITY AS k(attnum, ord) \
+                     JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum \
+                     WHERE i.indrelid = $1 AND CASE WHEN $2 THEN i.indisprimary ELSE i.indisreplident END \
+                     ORDER BY k.ord",
+                    &[&oid, &primary],
+                )
+                .await
+                .map_err(|e| PgError::query(what(), e))?
+                .iter()
+                .map(|r| r.get::<_, String>(0))
+                .collect();
+            ReplicaIdentity::Columns(cols)
+        }
+    };
+
+    let partition_of = if is_partition {
+        client
+            .query_opt(
+                "SELECT pn.nspname::text, pc.relname::text FROM pg_inherits i \
+                 JOIN pg_class pc ON pc.oid = i.inhparent \
+                 JOIN pg_namespace pn ON pn.oid = pc.relnamespace WHERE i.inhrelid = $1",
+                &[&oid],
+            )
+            .await
+            .map_err(|e| PgError::query(what(), e))?
+            .map(|r| TableName {
+                schema: r.get(0),
+                name: r.get(1),
+            })
+    } else {
+        None
+    };
+
+    Ok(Some(TableFacts {
+        info: TableInfo {
+            oid,
+            relkind,
+            persistence,
+            columns,
+            replica_identity,
+            partition_of,
+        },
+        relreplident,
+    }))
+}
+
+/// The publication `name`, `None` when it does not exist. Tables come from
+/// `pg_publication_tables` (what is published, partitions expanded as the
+/// publication does) and `pg_publication_rel` (what was added explicitly,
+/// with row filters and column lists on PostgreSQL 15+).
+pub async fn publication(
+    client: &Client,
+    name: &str,
+    server_version_num: u32,
+) -> Result<Option<PublicationInfo>, PgError> {
+    let what = || format!("reading publication {name:?}");
+    let Some(row) = client
+        .query_opt(
+            "SELECT oid, puballtables, pubinsert, pubupdate, pubdelete, pubtruncate, pubviaroot \
+             FROM pg_publication WHERE pubname = $1",
+            &[&name],
+        )
+        .await
+        .map_err(|e| PgError::query(what(), e))?
+    else {
+        return Ok(None);
+    };
+    let oid: u32 = row.get(0);
+    let mut tables = BTreeMap::new();
+    for r in client
+        .query(
+            "SELECT schemaname::text, tablename::text FROM pg_publication_tables WHERE pubname = $1",
+            &[&name],
+        )
+        .await
+        .map_err(|e| PgError::query(what(), e))?
+    {
+        tables.insert(
+            TableName {
+                schema: r.get(0),
+                name: r.get(1),
+            },
+            PublishedTable::default(),
+        );
+    }
+    let rel_sql = if server_version_num >= PG15 {
+        "SELECT n.nspname::text, c.relname::text, pg_get_expr(pr.prqual, pr.prrelid), \
+         CASE WHEN pr.prattrs IS NULL THEN NULL ELSE ARRAY( \
+           SELECT a.attname::text FROM unnest(pr.prattrs::int2[]) AS k(attnum) \
+           JOIN pg_attribute a ON a.attrelid = pr.prrelid AND a.attnum = k.attnum) END \
+         FROM pg_publication_rel pr JOIN pg_class c ON c.oid = pr.prrelid \
+         JOIN pg_namespace n ON n.oid = c.relnamespace WHERE pr.prpubid = $1"
+    } else {
+        "SELECT n.nspname::text, c.relname::text, NULL::text, NULL::text[] \
+         FROM pg_publication_rel pr JOIN pg_class c ON c.oid = pr.prrelid \
+         JOIN pg_namespace n ON n.oid = c.relnamespace WHERE pr.prpubid = $1"
+    };
+    for r in client
+        .query(rel_sql, &[&oid])
+        .await
+        .map_err(|e| PgError::query(what(), e))?
+    {
+        tables.insert(
+            TableName {
+                schema: r.get(0),
+                name: r.get(1),
+            },
+            PublishedTable {
+                row_filter: r.get(2),
+                column_list: r.get(3),
+            },
+        );
+    }
+    Ok(Some(PublicationInfo {
+        all_tables: row.get(1),
+        insert: row.get(2),
+        update: row.get(3),
+        delete: row.get(4),
+        truncate: row.get(5),
+        via_partition_root: row.get(6),
+        tables,
+    }))
+}
+
+/// Tables explicitly in the publication (`pg_publication_rel`), by OID: what
+/// `ALTER PUBLICATION ... ADD TABLE` would refuse as already a member.
+pub async fn publication_member_oids(
+    client: &Client,
+    name: &str,
+) -> Result<BTreeSet<u32>, PgError> {
+    Ok(client
+        .query(
+            "SELECT pr.prrelid FROM pg_publication_rel pr JOIN pg_publication p ON p.oid = pr.prpubid \
+             WHERE p.pubname = $1",
+            &[&name],
+        )
+        .await
+        .map_err(|e| PgError::query(format!("reading the tables of publication {name:?}"), e))?
+        .iter()
+        .map(|r| r.get::<_, u32>(0))
+        .collect())
+}
+
+/// Fills the snapshot [`crate::map::catalog::check_catalog`] checks: every
+/// table the mappings name that exists, the other tables (for "did you
+/// mean"), the publication, `max_slot_wal_keep_size`, `synchronous_standby_names`.
+pub async fn snapshot(
+    client: &Client,
+    mapped: &[TableName],
+    publication_name: &str,
+) -> Result<CatalogSnapshot, PgError> {
+    let server_version_num = server_version_num(client).await?;
+    let mut tables = BTreeMap::new();
+    for t in mapped {
+        if let Some(f) = table_facts(client, t).await? {
+            tables.insert(t.clone(), f.info);
+        }
+    }
+    let other_tables = client
+        .query(
+            "SELECT n.nspname::text, c.relname::text FROM pg_class c \
+             JOIN pg_namespace n ON n.oid = c.relnamespace \
+             WHERE c.relkind IN ('r', 'p', 'v', 'm', 'f') \
+               AND n.nspname NOT IN ('pg_catalog', 'information_schema') \
+               AND n.nspname NOT LIKE 'pg\\_toast%' \
+             ORDER BY 1, 2 LIMIT 10000",
+            &[],
+        )
+        .await
+        .map_err(|e| PgError::query("listing tables", e))?
+        .iter()
+        .map(|r| TableName {
+            schema: r.get(0),
+            name: r.get(1),
+        })
+        .filter(|t| !tables.contains_key(t))
+        .collect();
+    let publication = publication(client, publication_name, server_version_num).await?;
+    let settings = client
+        .query_one(
+            "SELECT (SELECT setting::int8 FROM pg_settings WHERE name = 'max_slot_wal_keep_size'), \
+                    current_setting('synchronous_standby_names', true)",
+            &[],
+        )
+        .await
+        .map_err(|e| PgError::query("reading server settings", e))?;
+    Ok(CatalogSnapshot {
+        server_version_num,
+        tables,
+        other_tables,
+        publication,
+        max_slot_wal_keep_size_mb: settings.get(0),
+        synchronous_standby_names: settings.get(1),
+    })
+}
+
+/// A replication slot as `pg_replication_slots` shows it, with the server's
+/// current WAL position and the distances `status` reports.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SlotFacts {
+    /// `plugin` (`pgoutput` for ours).
+    pub plugin: Option<String>,
+    /// `slot_type`: `logical` or `physical`.
+    pub slot_type: String,
+    /// `database` the slot belongs to.
+    pub database: Option<String>,
+    /// `active`: a walsender streams it.
+    pub active: bool,
+    /// `active_pid`: that walsender's PID.
+    pub active_pid: Option<i32>,
+    /// `confirmed_flush_lsn`: what the worker acknowledged.
+    pub confirmed_flush_lsn: Option<String>,
+    /// `restart_lsn`: the oldest WAL the slot retains.
+    pub restart_lsn: Option<String>,
+    /// `wal_status`: `reserved`, `extended`, `unreserved` or `lost`.
+    pub wal_status: Option<String>,
+    /// `safe_wal_size`: bytes that can still be written before the slot is in danger (`None`: unlimited).
+    pub safe_wal_size: Option<i64>,
+    /// `pg_current_wal_lsn()` (or the replay position on a standby).
+    pub current_lsn: String,
+    /// `current - confirmed_flush_lsn` in bytes.
+    pub lag_bytes: Option<i64>,
+    /// `current - restart_lsn` in bytes.
+    pub retained_wal_bytes: Option<i64>,
+    /// Whether the active walsender is ours: a `pg_stat_replication` row with
+    /// `application_name = 'cache-invalidator'` for `active_pid`.
+    pub streaming: bool,
+}
+
+/// The slot `name`, `None` when it does not exist.
+pub async fn slot(client: &Client, name: &str) -> Result<Option<SlotFacts>, PgError> {
+    let what = || format!("reading replication slot {name:?}");
+    let Some(r) = client
+        .query_opt(
+            "WITH cur AS (SELECT CASE WHEN pg_is_in_recovery() THEN pg_last_wal_replay_lsn() \
+                                       ELSE pg_current_wal_lsn() END AS lsn) \
+             SELECT s.plugin::text, s.slot_type, s.database::text, s.active, s.active_pid, \
+                    s.confirmed_flush_lsn::text, s.restart_lsn::text, s.wal_status, s.safe_wal_size, \
+                    cur.lsn::text, (cur.lsn - s.confirmed_flush_lsn)::int8, (cur.lsn - s.restart_lsn)::int8, \
+                    EXISTS (SELECT 1 FROM pg_stat_replication r \
+                            WHERE r.pid = s.active_pid AND r.application_name = $2) \
+             FROM pg_replication_slots s, cur WHERE s.slot_name = $1",
+            &[&name, &super::APPLICATION_NAME],
+        )
+        .await
+        .map_err(|e| PgError::query(what(), e))?
+    else {
+        return Ok(None);
+    };
+    Ok(Some(SlotFacts {
+        plugin: r.get(0),
+        slot_type: r.get(1),
+        database: r.get(2),
+        active: r.get(3),
+        active_pid: r.get(4),
+        confirmed_flush_lsn: r.get(5),
+        restart_lsn: r.get(6),
+        wal_status: r.get(7),
+        safe_wal_size: r.get(8),
+        current_lsn: r.get::<_, Option<String>>(9).unwrap_or_default(),
+        lag_bytes: r.get(10),
+        retained_wal_bytes: r.get(11),
+        streaming: r.get(12),
+    }))
+}
+
+/// The current database's name.
+pub async fn current_database(client: &Client) -> Result<String, PgError> {
+    let row = client
+        .query_one("SELECT current_database()::text", &[])
+        .await
+        .map_err(|e| PgError::query("reading current_database()", e))?;
+    Ok(row.get(0))
+}

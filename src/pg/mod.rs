@@ -1,0 +1,254 @@
+//! Plain SQL connections to PostgreSQL (not the replication connection, which
+//! lives in `source/`): used by `check`, `setup` and `status`.
+//!
+//! [`connect_sql`] opens one tokio-postgres connection without TLS, with
+//! `application_name=cache-invalidator`, and spawns its connection task.
+//! Errors never show the password: [`mask_conninfo`] hides it in URLs and in
+//! `key=value` strings alike. [`catalog`] reads the catalog facts the checks,
+//! `setup` and `status` need.
+
+pub mod catalog;
+
+use std::str::FromStr;
+use std::time::Duration;
+
+/// The `application_name` of every connection this service opens.
+pub const APPLICATION_NAME: &str = "cache-invalidator";
+
+/// How long to wait for the server to accept a connection when the
+/// connection string sets no `connect_timeout`.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A failure talking SQL to PostgreSQL.
+#[derive(Debug, thiserror::Error)]
+pub enum PgError {
+    /// The connection string does not parse.
+    #[error("invalid PostgreSQL connection string {target}: {source}; fix [postgres] url in the config (or CACHE_INVALIDATOR_POSTGRES_URL)")]
+    Config {
+        /// The connection string, password masked.
+        target: String,
+        /// The cause.
+        #[source]
+        source: tokio_postgres::Error,
+    },
+    /// The server could not be reached or refused the login.
+    #[error("cannot connect to PostgreSQL at {target}: {detail}; check that the server runs and accepts this user from this host (pg_hba.conf), and [postgres] url / password_file")]
+    Connect {
+        /// The connection string, password masked.
+        target: String,
+        /// The cause, flattened (the server's message when there is one).
+        detail: String,
+        /// The cause.
+        #[source]
+        source: tokio_postgres::Error,
+    },
+    /// A statement failed.
+    #[error("PostgreSQL: {what} failed: {detail}")]
+    Query {
+        /// What was being done (a short phrase or the statement).
+        what: String,
+        /// The server's message, flattened.
+        detail: String,
+        /// The cause.
+        #[source]
+        source: tokio_postgres::Error,
+    },
+}
+
+impl PgError {
+    /// Wraps a failed statement.
+    pub fn query(what: impl Into<String>, source: tokio_postgres::Error) -> PgError {
+        PgError::Query {
+            what: what.into(),
+            detail: describe(&source),
+            source,
+        }
+    }
+
+    /// The SQLSTATE code of a server error, if this is one.
+    pub fn sqlstate(&self) -> Option<&str> {
+        let source = match self {
+            PgError::Config { source, .. }
+            | PgError::Connect { source, .. }
+            | PgError::Query { source, .. } => source,
+        };
+        source.as_db_error().map(|e| e.code().code())
+    }
+}
+
+/// A tokio-postgres error in one line: the server's message (with its detail
+/// and hint) when there is one, otherwise the error and its causes.
+pub fn describe(err: &tokio_postgres::Error) -> String {
+    if let Some(db) = err.as_db_error() {
+        let mut s = format!(
+            "{}: {} (SQLSTATE {})",
+            db.severity(),
+            db.message(),
+            db.code().code()
+        );
+        if let Some(d) = db.detail() {
+            s.push_str(&format!("; detail: {d}"));
+        }
+        if let Some(h) = db.hint() {
+            s.push_str(&format!("; hint: {h}"));
+        }
+        return s;
+    }
+    let mut s = err.to_string();
+    let mut source = std::error::Error::source(err);
+    while let Some(cause) = source {
+        s.push_str(&format!(": {cause}"));
+        source = cause.source();
+    }
+    s
+}
+
+/// A connection string with its password replaced by `***`: libpq URLs
+/// (`postgres://user:secret@host/db`, `?password=`) and `key=value` strings.
+pub fn mask_conninfo(conninfo: &str) -> String {
+    let s = conninfo.trim();
+    if s.starts_with("postgres://") || s.starts_with("postgresql://") {
+        return match url::Url::parse(s) {
+            Ok(mut u) => {
+                if u.password().is_some() {
+                    let _ = u.set_password(Some("***"));
+                }
+                if u.query_pairs().any(|(k, _)| k == "password") {
+                    let pairs: Vec<(String, String)> = u
+                        .query_pairs()
+                        .map(|(k, v)| {
+                            let v = if k == "password" {
+                                "***".into()
+                            } else {
+                                v.into_owned()
+                            };
+                            (k.into_owned(), v)
+                        })
+                        .collect();
+                    u.query_pairs_mut().clear().extend_pairs(pairs);
+                }
+                u.to_string()
+            }
+            Err(_) => "<unparseable PostgreSQL URL>".to_owned(),
+        };
+    }
+    // key=value: mask the value after `password=` (quoted or not).
+    let mut out = String::with_capacity(s.len());
+    let mut rest = s;
+    while let Some(i) = rest.find("password") {
+        let (before, after) = rest.split_at(i);
+        out.push_str(before);
+        let after_key = &after["password".len()..];
+        let trimmed = after_key.trim_start();
+        let at_word_start = before.is_empty() || before.ends_with(char::is_whitespace);
+        if at_word_start && trimmed.starts_with('=') {
+            out.push_str("password=***");
+            let value = trimmed[1..].trim_start();
+            rest = if let Some(quoted) = value.strip_prefix('\'') {
+                // Skip to the closing quote (backslash escapes allowed).
+                let mut end = quoted.len();
+                let mut escaped = false;
+                for (j, c) in quoted.char_indices() {
+                    if escaped {
+                        escaped = false;
+                    } else if c == '\\' {
+                        escaped = true;
+                    } else if c == '\'' {
+                        end = j + 1;
+                        break;
+                    }
+                }
+                &quoted[end.min(quoted.len())..]
+            } else {
+                let end = value.find(char::is_whitespace).unwrap_or(value.len());
+                &value[end..]
+            };
+        } else {
+            out.push_str("password");
+            rest = after_key;
+        }
+    }
+    out.push_str(rest);
+    out
+}
+
+/// Opens a plain SQL connection (no TLS) with
+/// `application_name=cache-invalidator` and spawns its connection task.
+///
+/// `url` is a libpq URL or `key=value` string (`host=/socket/dir` for unix
+/// sockets); `password`, when given, overrides the one in `url`.
+pub async fn connect_sql(
+    url: &str,
+    password: Option<&str>,
+) -> Result<tokio_postgres::Client, PgError> {
+    let target = mask_conninfo(url);
+    let mut config = tokio_postgres::Config::from_str(url).map_err(|source| PgError::Config {
+        target: target.clone(),
+        source,
+    })?;
+    if let Some(p) = password {
+        config.password(p);
+    }
+    config.application_name(APPLICATION_NAME);
+    if config.get_connect_timeout().is_none() {
+        config.connect_timeout(CONNECT_TIMEOUT);
+    }
+    let (client, connection) = config
+        .connect(tokio_postgres::NoTls)
+        .await
+        .map_err(|source| PgError::Connect {
+            target: target.clone(),
+            detail: describe(&source),
+            source,
+        })?;
+    tokio::spawn(async move {
+        if let Err(err) = connection.await {
+            tracing::debug!(error = %describe(&err), "SQL connection closed with an error");
+        }
+    });
+    Ok(client)
+}
+
+/// Quotes an SQL identifier: `"name"`, with embedded `"` doubled.
+pub fn quote_ident(name: &str) -> String {
+    format!("\"{}\"", name.replace('"', "\"\""))
+}
+
+/// Quotes an SQL string literal: `'text'`, with embedded `'` doubled.
+pub fn quote_literal(text: &str) -> String {
+    format!("'{}'", text.replace('\'', "''"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn masks_passwords_everywhere() {
+        assert_eq!(
+            mask_conninfo("postgres://u:secret@h:5432/db"),
+            "postgres://u:***@h:5432/db"
+        );
+        let m = mask_conninfo("postgres://u@h/db?password=secret&sslmode=disable");
+        assert!(
+            !m.contains("secret") && m.contains("sslmode=disable"),
+            "{m}"
+        );
+        assert_eq!(
+            mask_conninfo("host=/tmp password=secret user=u"),
+            "host=/tmp password=*** user=u"
+        );
+        assert_eq!(
+            mask_conninfo("host=h password = 'se cr\\'et' dbname=d"),
+            "host=h password=*** dbname=d"
+        );
+        assert_eq!(mask_conninfo("host=h user=u"), "host=h user=u");
+        assert!(!mask_conninfo("postgres://u:secret@[bad").contains("secret"));
+    }
+
+    #[test]
+    fn quotes_identifiers_and_literals() {
+        assert_eq!(quote_ident("Weird\"Name"), "\"Weird\"\"Name\"");
+        assert_eq!(quote_literal("it's"), "'it''s'");
+    }
+}
