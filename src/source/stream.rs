@@ -41,6 +41,9 @@ use super::frame::{self, Frame};
 use crate::decode::Timestamp;
 use crate::lsn::Lsn;
 
+/// Minimum spacing of status updates sent because the acknowledged LSN moved.
+const ACK_REPORT_INTERVAL: Duration = Duration::from_millis(100);
+
 /// How long to wait for the server's end of the stream after our CopyDone.
 const FINISH_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -104,6 +107,10 @@ pub async fn run_stream(
     let mut stop_open = true;
     let mut permit: Option<mpsc::Permit<'_, SourceItem>> = None;
     let mut timer = tokio::time::interval(interval);
+    // Acknowledgements are reported promptly (so the slot releases WAL and lag
+    // reads true), at most once per ACK_REPORT_INTERVAL; the timer covers the rest.
+    let mut reported = acked;
+    let mut last_report = tokio::time::Instant::now();
     timer.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     tracing::debug!(url = %conn.url(), status_interval_ms = u64::try_from(interval.as_millis()).unwrap_or(u64::MAX), "streaming");
 
@@ -160,7 +167,14 @@ pub async fn run_stream(
             // 2. Acknowledgements: the reported LSN only moves forward.
             r = ack_rx.changed() => {
                 match r {
-                    Ok(()) => acked = acked.max(*ack_rx.borrow_and_update()),
+                    Ok(()) => {
+                        acked = acked.max(*ack_rx.borrow_and_update());
+                        if acked > reported && last_report.elapsed() >= ACK_REPORT_INTERVAL {
+                            send_status(&mut conn, acked).await?;
+                            reported = acked;
+                            last_report = tokio::time::Instant::now();
+                        }
+                    }
                     Err(_) => {
                         acked = acked.max(*ack_rx.borrow());
                         drop(permit);
@@ -171,6 +185,14 @@ pub async fn run_stream(
             // 3. Status timer, whatever the consumer is doing.
             _ = timer.tick() => {
                 send_status(&mut conn, acked).await?;
+                reported = acked;
+                last_report = tokio::time::Instant::now();
+            }
+            // 3b. An acknowledgement held back by the rate limit.
+            _ = tokio::time::sleep_until(last_report + ACK_REPORT_INTERVAL), if acked > reported => {
+                send_status(&mut conn, acked).await?;
+                reported = acked;
+                last_report = tokio::time::Instant::now();
             }
             // 4. The socket, only while the channel has room (we hold a permit).
             r = io.read_buf(read_buf), if reading => {

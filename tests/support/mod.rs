@@ -663,6 +663,29 @@ pub fn wait_for<T>(what: &str, timeout: Duration, mut check: impl FnMut() -> Opt
     }
 }
 
+/// A table only tests write to, mapped to `sync:<id>` with no truncate: its
+/// key disappears only through its own row change, never through a flush.
+pub const SYNC_PROBE_TABLE: &str =
+    "CREATE TABLE IF NOT EXISTS sync_probe (id int PRIMARY KEY, n int NOT NULL DEFAULT 0)";
+/// The mapping of [`SYNC_PROBE_TABLE`].
+pub const SYNC_PROBE_MAPPING: &str =
+    "[[table]]\nname = \"sync_probe\"\nkeys = [\"sync:{id}\"]\ntruncate = \"none\"\n";
+
+/// Waits until the worker applied everything committed before this call: a
+/// change to `sync_probe` (committed after) must delete its key, and batches
+/// are applied in commit order.
+pub fn sync_worker(pg: &PgCluster, redis: &RedisServer, timeout: Duration) {
+    static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(1);
+    let id = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let mut probe = RedisProbe::new(redis);
+    let key = format!("sync:{id}");
+    probe.set(&key, "x");
+    pg.psql(&format!(
+        "INSERT INTO sync_probe (id) VALUES ({id}) ON CONFLICT (id) DO UPDATE SET n = sync_probe.n + 1"
+    ));
+    probe.wait_gone(&key, timeout);
+}
+
 /// A config directory for the worker: `cache-invalidator.toml` plus a
 /// `mappings/` directory, pointing at throwaway servers.
 pub struct WorkerConfig {
@@ -704,6 +727,8 @@ impl WorkerConfig {
                 files.push((name, fs::read_to_string(&path).expect("read mapping")));
             }
         }
+        files.push(("zz_sync_probe.toml".into(), SYNC_PROBE_MAPPING.into()));
+        pg.psql(SYNC_PROBE_TABLE);
         let refs: Vec<(&str, &str)> = files
             .iter()
             .map(|(n, t)| (n.as_str(), t.as_str()))

@@ -1,0 +1,252 @@
+//! `run` end to end against real servers: every strategy, transactions,
+//! the flush marker, graceful shutdown.
+
+mod support;
+
+use std::time::Duration;
+
+use support::{PgCluster, RedisProbe, RedisServer, WorkerConfig};
+
+const WAIT: Duration = Duration::from_secs(20);
+
+/// Servers with the demo schema, the demo mappings, `setup --replica-identity-full` done.
+fn demo() -> (PgCluster, RedisServer, WorkerConfig) {
+    let pg = PgCluster::start();
+    let redis = RedisServer::start();
+    pg.migrate();
+    let cfg = WorkerConfig::demo(&pg, &redis);
+    let (code, out, err) = cfg.command(&["setup", "--replica-identity-full"]);
+    assert_eq!(code, 0, "setup failed:\n{out}\n{err}");
+    (pg, redis, cfg)
+}
+
+/// Waits until the worker applied everything committed so far.
+fn sync(pg: &PgCluster, redis: &RedisServer) {
+    support::sync_worker(pg, redis, WAIT);
+}
+
+#[test]
+fn profile_picture_change_invalidates_every_strategy() {
+    let (pg, redis, cfg) = demo();
+    let mut r = RedisProbe::new(&redis);
+    let mut worker = cfg.spawn_worker();
+    sync(&pg, &redis);
+
+    // The application's cache, as the lesson fills it.
+    for key in [
+        "user:123:profile",
+        "user:123:avatar",
+        "user:123:settings",
+        "team:5:members",
+        "chat:room:42:participants",
+        "control:1",
+        "user:124:profile",
+    ] {
+        r.set(key, "cached");
+    }
+    r.sadd("tag:user:123", "team:5:members");
+    r.sadd("tag:user:123", "chat:room:42:participants");
+
+    let mut sub_conn = redis.client().get_connection().unwrap();
+    let mut pubsub = sub_conn.as_pubsub();
+    pubsub.subscribe("cache:invalidate").unwrap();
+    pubsub.set_read_timeout(Some(WAIT)).unwrap();
+
+    pg.psql("UPDATE users SET avatar_url = 'https://img.example.com/ada-2.png' WHERE id = 123");
+
+    for key in [
+        "user:123:profile",
+        "user:123:avatar",
+        "user:123:settings",
+        "team:5:members",
+        "chat:room:42:participants",
+        "tag:user:123",
+    ] {
+        r.wait_gone(key, WAIT);
+    }
+    assert_eq!(
+        r.get("version:user:123").as_deref(),
+        Some("2"),
+        "a missing version becomes 2"
+    );
+    assert!(
+        r.exists("control:1"),
+        "a key no mapping derives was deleted"
+    );
+    assert!(
+        r.exists("user:124:profile"),
+        "another user's key was deleted"
+    );
+
+    // The shaped message of the lesson's listener.
+    let msg = loop {
+        let m = pubsub.get_message().expect("a pub/sub message");
+        let payload: String = m.get_payload().unwrap();
+        if payload.contains("\"123\"") {
+            break payload;
+        }
+    };
+    let json: serde_json::Value = serde_json::from_str(&msg).unwrap();
+    assert_eq!(json, serde_json::json!({"entity": "user", "id": "123"}));
+    assert_eq!(
+        worker.stop(Duration::from_secs(10)),
+        Some(0),
+        "{}",
+        worker.log()
+    );
+}
+
+#[test]
+fn a_post_moved_between_authors_invalidates_both_lists() {
+    let (pg, redis, cfg) = demo();
+    let mut r = RedisProbe::new(&redis);
+    let worker = cfg.spawn_worker();
+    sync(&pg, &redis);
+    for key in [
+        "post:7",
+        "author:1:posts",
+        "author:2:posts",
+        "author:3:posts",
+    ] {
+        r.set(key, "cached");
+    }
+    pg.psql("UPDATE posts SET author_id = 2 WHERE id = 7");
+    for key in ["post:7", "author:1:posts", "author:2:posts"] {
+        r.wait_gone(key, WAIT);
+    }
+    assert!(r.exists("author:3:posts"), "{}", worker.log());
+}
+
+#[test]
+fn open_transactions_touch_nothing_and_rollbacks_never_do() {
+    let (pg, redis, cfg) = demo();
+    let mut r = RedisProbe::new(&redis);
+    let _worker = cfg.spawn_worker();
+    sync(&pg, &redis);
+    r.set("user:123:profile", "cached");
+    r.set("post:7", "cached");
+
+    // A transaction held open by a psql session in the background.
+    let mut open = std::process::Command::new(support::pg_bindir().join("psql"))
+        .args([
+            "-X",
+            "-q",
+            "-v",
+            "ON_ERROR_STOP=1",
+            "-U",
+            "postgres",
+            "-d",
+            "postgres",
+            "-h",
+        ])
+        .arg(pg.socket_dir())
+        .arg("-p")
+        .arg(pg.port().to_string())
+        .arg("-c")
+        .arg("BEGIN; UPDATE users SET name = 'open' WHERE id = 123; SELECT pg_sleep(2); COMMIT;")
+        .spawn()
+        .unwrap();
+    // A rolled-back transaction, then a sync: the worker is past both.
+    let _ = pg.psql("BEGIN; UPDATE posts SET title = 'x' WHERE id = 7; ROLLBACK;");
+    sync(&pg, &redis);
+    assert!(
+        r.exists("user:123:profile"),
+        "invalidated before the commit"
+    );
+    assert!(r.exists("post:7"), "a rolled-back transaction invalidated");
+    assert!(open.wait().unwrap().success());
+    r.wait_gone("user:123:profile", WAIT);
+    assert!(r.exists("post:7"));
+}
+
+#[test]
+fn the_flush_marker_fires_once_and_not_again_on_restart() {
+    let pg = PgCluster::start();
+    let redis = RedisServer::start();
+    pg.migrate();
+    let cfg = WorkerConfig::demo(&pg, &redis);
+    let mut r = RedisProbe::new(&redis);
+    // Stale entries cached before the slot existed: the WAL cannot show what
+    // changed before, so setup's marker must flush them.
+    r.set("user:55:profile", "stale");
+    r.set("control:2", "kept");
+    let (code, out, err) = cfg.command(&["setup", "--replica-identity-full"]);
+    assert_eq!(code, 0, "{out}{err}");
+
+    let mut worker = cfg.spawn_worker();
+    r.wait_gone("user:55:profile", WAIT);
+    assert!(r.exists("control:2"));
+    sync(&pg, &redis);
+    assert_eq!(
+        worker.stop(Duration::from_secs(10)),
+        Some(0),
+        "{}",
+        worker.log()
+    );
+    let flushes = worker.log().matches("flush marker").count();
+    assert_eq!(
+        flushes,
+        1,
+        "expected one flush marker in:\n{}",
+        worker.log()
+    );
+
+    // Restart: the marker was acknowledged; nothing is flushed again.
+    r.set("user:56:profile", "cached after the flush");
+    let mut worker = cfg.spawn_worker();
+    sync(&pg, &redis);
+    assert!(
+        r.exists("user:56:profile"),
+        "flushed again on restart:\n{}",
+        worker.log()
+    );
+    assert_eq!(worker.stop(Duration::from_secs(10)), Some(0));
+    assert!(!worker.log().contains("flush marker"), "{}", worker.log());
+    assert!(
+        !worker.log().contains("flushed every mapped table"),
+        "{}",
+        worker.log()
+    );
+}
+
+#[test]
+fn graceful_shutdown_acknowledges_and_restart_reapplies_nothing() {
+    let (pg, redis, cfg) = demo();
+    let mut r = RedisProbe::new(&redis);
+    let mut worker = cfg.spawn_worker();
+    sync(&pg, &redis);
+    r.set("post:7", "cached");
+    pg.psql("UPDATE posts SET title = 'v2' WHERE id = 7");
+    r.wait_gone("post:7", WAIT);
+    let started = std::time::Instant::now();
+    assert_eq!(
+        worker.stop(Duration::from_secs(10)),
+        Some(0),
+        "{}",
+        worker.log()
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "stop took {:?}",
+        started.elapsed()
+    );
+    let confirmed = pg.psql("SELECT confirmed_flush_lsn >= (SELECT max(lsn) FROM (SELECT pg_current_wal_lsn() AS lsn) s) - 100000 FROM pg_replication_slots WHERE slot_name = 'cache_invalidator'");
+    assert_eq!(confirmed, "t");
+
+    // Cached again after the invalidation: a restart must not delete it again.
+    r.set("post:7", "fresh");
+    let _worker = cfg.spawn_worker();
+    sync(&pg, &redis);
+    assert_eq!(r.get("post:7").as_deref(), Some("fresh"));
+}
+
+#[test]
+fn run_without_setup_exits_2_with_the_setup_command() {
+    let pg = PgCluster::start();
+    let redis = RedisServer::start();
+    pg.migrate();
+    let cfg = WorkerConfig::demo(&pg, &redis);
+    let (code, _out, err) = cfg.command(&["run"]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("cache-invalidator setup --config"), "{err}");
+}
