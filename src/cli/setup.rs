@@ -61,7 +61,7 @@ pub async fn run(config_path: &Path, replica_identity_full: bool) -> Result<(), 
         password: password.map(str::to_owned),
         ran: 0,
     };
-    setup
+    let created = setup
         .execute(
             &checked.mappings,
             &pg.publication,
@@ -69,6 +69,14 @@ pub async fn run(config_path: &Path, replica_identity_full: bool) -> Result<(), 
             replica_identity_full,
         )
         .await?;
+    if created {
+        // The flush:all marker covers everything cached before the slot; record
+        // the Redis it is meant for, so the worker's first start does not flush
+        // a second time (guarantee 6 then only fires when Redis really changed).
+        if let Err(why) = store_identity(&setup.client, &checked.config).await {
+            println!("note: could not record the Redis identity ({why}); the worker's first start will flush once more");
+        }
+    }
     if setup.ran == 0 {
         println!(
             "nothing to do: publication {:?} has every mapped table and slot {:?} exists",
@@ -104,7 +112,7 @@ impl Setup {
         publication: &str,
         slot: &str,
         replica_identity_full: bool,
-    ) -> Result<(), CliError> {
+    ) -> Result<bool, CliError> {
         let targets = self.targets(mappings).await?;
 
         // 1. Replica identities PostgreSQL would refuse to publish.
@@ -194,7 +202,7 @@ impl Setup {
                 self.emit(&format!("flush:table:{t}")).await?;
             }
         }
-        Ok(())
+        Ok(created)
     }
 
     /// Every mapped table, refusing those that do not exist or are not tables.
@@ -371,6 +379,47 @@ impl Setup {
         .await
         .map_err(CliError::runtime)
     }
+}
+
+/// Stores `cache-invalidator:<slot>:identity` for the configured Redis.
+async fn store_identity(client: &Client, config: &crate::config::Config) -> Result<(), String> {
+    use crate::sink::identity;
+    let row = client
+        .query_one(
+            "SELECT system_identifier::text, (SELECT timeline_id FROM pg_control_checkpoint())::int8 FROM pg_control_system()",
+            &[],
+        )
+        .await
+        .map_err(|e| e.to_string())?;
+    let pg_system_id: String = row.get(0);
+    let timeline: i64 = row.get(1);
+    let url = config.redis.url.clone().ok_or("no [redis] url")?;
+    let sink = crate::sink::RedisSink::connect(&crate::sink::SinkOptions {
+        url,
+        password: config
+            .redis
+            .password
+            .as_ref()
+            .map(|p| p.expose().to_string()),
+        wait_replicas: 0,
+        redelete_after: None,
+    })
+    .await
+    .map_err(|e| e.to_string())?;
+    let mut conn = sink.connection();
+    let current = identity::Identity {
+        redis_run_id: identity::redis_run_id(&mut conn, sink.target())
+            .await
+            .map_err(|e| e.to_string())?,
+        pg_system_id,
+        pg_timeline: u32::try_from(timeline).unwrap_or(0),
+    };
+    let key = identity::identity_key(&config.postgres.slot);
+    identity::store(&mut conn, sink.target(), &key, &current)
+        .await
+        .map_err(|e| e.to_string())?;
+    println!("SET {key} (the Redis this slot's flush marker is meant for);");
+    Ok(())
 }
 
 /// Polls `pg_stat_activity` from a second connection while the slot creation
