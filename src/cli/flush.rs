@@ -12,8 +12,10 @@ use crate::map::TableName;
 use crate::plan::{Plan, Planner};
 use crate::sink::{ApplyStats, RedisSink, RetryClass, SinkOptions};
 
-/// Attempts to connect to Redis and to apply a plan on a transient error.
+/// Attempts to apply a plan on a transient error.
 const ATTEMPTS: u32 = 4;
+/// Attempts to connect (each one already retries inside the connection manager).
+const CONNECT_ATTEMPTS: u32 = 2;
 
 /// The sink options of the config's `[redis]` section (single server; the
 /// CLI runs without the worker's delayed second pass).
@@ -42,7 +44,7 @@ pub async fn connect_sink(options: &SinkOptions) -> Result<RedisSink, CliError> 
     loop {
         match RedisSink::connect(options).await {
             Ok(s) => return Ok(s),
-            Err(e) if e.retry_class() == RetryClass::BackOff && attempt < ATTEMPTS => {
+            Err(e) if e.retry_class() == RetryClass::BackOff && attempt < CONNECT_ATTEMPTS => {
                 tracing::warn!(error = %e, attempt, "cannot reach Redis; retrying");
                 tokio::time::sleep(backoff(attempt)).await;
                 attempt += 1;

@@ -1,0 +1,498 @@
+//! Operations commands against real servers: `setup`, live `check`, `flush`,
+//! `status` and `replay --apply`, each run as the built binary over a config
+//! written into a temp dir that points at throwaway PostgreSQL and Redis.
+
+mod support;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use support::{PgCluster, RedisServer};
+
+const DEMO: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/mappings");
+
+/// A config dir: `cache-invalidator.toml` + `mappings/`.
+struct Workspace {
+    dir: tempfile::TempDir,
+}
+
+impl Workspace {
+    fn new(pg_url: &str, redis_url: &str, publication: &str) -> Workspace {
+        let dir = tempfile::tempdir().expect("temp dir");
+        std::fs::create_dir(dir.path().join("mappings")).expect("mappings dir");
+        std::fs::write(
+            dir.path().join("cache-invalidator.toml"),
+            format!(
+                "mappings = \"mappings\"\n[postgres]\nurl = \"{pg_url}\"\nslot = \"cache_invalidator\"\npublication = \"{publication}\"\n[redis]\nurl = \"{redis_url}\"\n"
+            ),
+        )
+        .expect("write config");
+        Workspace { dir }
+    }
+
+    fn with_demo_mappings(self) -> Workspace {
+        for e in std::fs::read_dir(DEMO).expect("demo mappings") {
+            let p = e.expect("entry").path();
+            std::fs::copy(
+                &p,
+                self.dir
+                    .path()
+                    .join("mappings")
+                    .join(p.file_name().unwrap()),
+            )
+            .expect("copy mapping");
+        }
+        self
+    }
+
+    fn mapping(&self, file: &str, text: &str) {
+        std::fs::write(self.dir.path().join("mappings").join(file), text).expect("write mapping");
+    }
+
+    fn file(&self, name: &str, text: &str) -> PathBuf {
+        let p = self.dir.path().join(name);
+        std::fs::write(&p, text).expect("write file");
+        p
+    }
+
+    fn config(&self) -> PathBuf {
+        self.dir.path().join("cache-invalidator.toml")
+    }
+
+    /// Runs the binary; returns (exit code, stdout, stderr).
+    fn run(&self, args: &[&str]) -> (i32, String, String) {
+        let out = Command::new(support::binary())
+            .arg("--config")
+            .arg(self.config())
+            .args(args)
+            .env_remove("CACHE_INVALIDATOR_POSTGRES_URL")
+            .env_remove("CACHE_INVALIDATOR_REDIS_URL")
+            .env_remove("CACHE_INVALIDATOR_CONFIG")
+            .output()
+            .expect("run cache-invalidator");
+        (
+            out.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    }
+}
+
+/// Messages carrying `content` the slot would decode (peeked, not consumed).
+fn count_markers(pg: &PgCluster, content: &str) -> usize {
+    pg.psql(&format!(
+        "SELECT count(*) FROM pg_logical_slot_peek_binary_changes('cache_invalidator', NULL, NULL, \
+         'proto_version', '1', 'publication_names', 'cache_invalidator', 'messages', 'true') \
+         WHERE position(convert_to('{content}', 'UTF8') IN data) > 0"
+    ))
+    .parse()
+    .expect("count")
+}
+
+/// Waits until the slot decodes `expected` messages carrying `content`, then
+/// checks no more arrive. (The test clusters run with `synchronous_commit =
+/// off`: a commit becomes decodable a moment after it returns.)
+fn markers(pg: &PgCluster, content: &str, expected: usize) {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let mut n = count_markers(pg, content);
+    while n < expected && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+        n = count_markers(pg, content);
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(count_markers(pg, content), expected, "messages {content:?}");
+}
+
+fn json(stdout: &str) -> serde_json::Value {
+    serde_json::from_str(stdout.trim()).unwrap_or_else(|e| panic!("not JSON ({e}): {stdout}"))
+}
+
+fn exists(conn: &mut redis::Connection, key: &str) -> bool {
+    redis::cmd("EXISTS")
+        .arg(key)
+        .query::<i64>(conn)
+        .expect("EXISTS")
+        == 1
+}
+
+fn set(conn: &mut redis::Connection, key: &str) {
+    redis::cmd("SET")
+        .arg(key)
+        .arg("v")
+        .query::<()>(conn)
+        .expect("SET");
+}
+
+#[test]
+fn setup_creates_publication_then_slot_once_and_marks_added_tables() {
+    let pg = PgCluster::start();
+    pg.migrate();
+    let ws = Workspace::new(&pg.url(), "redis://127.0.0.1:1/0", "cache_invalidator")
+        .with_demo_mappings();
+
+    // status before setup: a runtime probe that says what to do.
+    let (code, out, _) = ws.run(&["status", "--json"]);
+    assert_eq!(code, 1);
+    let s = json(&out);
+    assert_eq!(s["slot_exists"], false);
+    assert_eq!(s["publication_exists"], false);
+    assert!(s["problem"]
+        .as_str()
+        .unwrap()
+        .contains("run `cache-invalidator setup`"));
+    let (code, out, err) = ws.run(&["status"]);
+    assert_eq!(code, 1, "{err}");
+    assert!(
+        out.contains("missing") && err.contains("cache-invalidator setup"),
+        "{out}{err}"
+    );
+
+    let (code, out, err) = ws.run(&["setup", "--replica-identity-full"]);
+    assert_eq!(code, 0, "{out}\n{err}");
+    assert!(out.contains("SET lock_timeout = '5s';"), "{out}");
+    assert!(
+        out.contains("ALTER TABLE \"public\".\"posts\" REPLICA IDENTITY FULL;"),
+        "{out}"
+    );
+    assert!(
+        out.contains("whole old row of every UPDATE and DELETE"),
+        "{out}"
+    );
+    let create_pub = out
+        .find("CREATE PUBLICATION \"cache_invalidator\" FOR TABLE")
+        .expect("CREATE PUBLICATION");
+    let create_slot = out
+        .find("pg_create_logical_replication_slot('cache_invalidator', 'pgoutput')")
+        .expect("slot");
+    assert!(create_pub < create_slot, "publication before slot: {out}");
+    assert!(out.contains("WITH (publish_via_partition_root = true)"));
+    assert!(out.contains("pg_logical_emit_message(true, 'cache-invalidator', 'flush:all')"));
+    assert!(
+        !out.contains("\"users\" REPLICA IDENTITY"),
+        "only tables whose rules need old values: {out}"
+    );
+
+    assert_eq!(
+        pg.psql("SELECT relreplident FROM pg_class WHERE relname = 'posts'"),
+        "f"
+    );
+    assert_eq!(
+        pg.psql("SELECT relreplident FROM pg_class WHERE relname = 'users'"),
+        "d"
+    );
+    assert_eq!(pg.psql("SELECT pubviaroot, puballtables FROM pg_publication WHERE pubname = 'cache_invalidator'"), "t|f");
+    assert_eq!(
+        pg.psql("SELECT count(*) FROM pg_publication_tables WHERE pubname = 'cache_invalidator'"),
+        "5"
+    );
+    assert_eq!(
+        pg.psql("SELECT plugin FROM pg_replication_slots WHERE slot_name = 'cache_invalidator'"),
+        "pgoutput"
+    );
+    markers(&pg, "flush:all", 1);
+
+    // The demo mappings pass the live check once setup ran.
+    let (code, out, err) = ws.run(&["check"]);
+    assert_eq!(code, 0, "{out}\n{err}");
+    assert!(!err.contains("error:"), "{err}");
+
+    // Idempotent: nothing runs, no new marker.
+    let (code, out, err) = ws.run(&["setup", "--replica-identity-full"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.starts_with("nothing to do"), "{out}");
+    markers(&pg, "flush:all", 1);
+    markers(&pg, "flush:", 1);
+
+    let (code, out, err) = ws.run(&["status", "--json"]);
+    assert_eq!(code, 0, "{err}");
+    let s = json(&out);
+    assert_eq!(s["slot_exists"], true);
+    assert_eq!(s["plugin"], "pgoutput");
+    assert_eq!(s["active"], false);
+    assert_eq!(s["streaming"], false);
+    assert!(s["confirmed_flush_lsn"].as_str().unwrap().contains('/'));
+    assert!(s["lag_bytes"].as_i64().unwrap() >= 0);
+    assert!(s["retained_wal_bytes"].as_i64().unwrap() >= 0);
+    assert_eq!(s["wal_status"], "reserved");
+    assert_eq!(s["publish_via_partition_root"], true);
+    assert_eq!(s["publication_tables"].as_array().unwrap().len(), 5);
+    let (code, out, _) = ws.run(&["status"]);
+    assert_eq!(code, 0);
+    assert!(
+        out.contains("inactive: no worker streams it") && out.contains("WAL retained"),
+        "{out}"
+    );
+
+    // A new mapped table: added to the publication and marked for a flush.
+    pg.psql("CREATE TABLE tags (id bigint PRIMARY KEY, label text)");
+    ws.mapping(
+        "tags.toml",
+        "[[table]]\nname = \"tags\"\nkeys = [\"tag-page:{id}\"]\n",
+    );
+    let (code, out, err) = ws.run(&["setup"]);
+    assert_eq!(code, 0, "{out}\n{err}");
+    assert!(
+        out.contains("ALTER PUBLICATION \"cache_invalidator\" ADD TABLE \"public\".\"tags\";"),
+        "{out}"
+    );
+    assert!(out.contains("'flush:table:public.tags'"), "{out}");
+    markers(&pg, "flush:table:public.tags", 1);
+    markers(&pg, "flush:all", 1);
+}
+
+#[test]
+fn setup_refuses_a_table_without_replica_identity_unless_asked() {
+    let pg = PgCluster::start();
+    pg.psql("CREATE TABLE nopk (a int, b text)");
+    let ws = Workspace::new(&pg.url(), "redis://127.0.0.1:1/0", "cache_invalidator");
+    ws.mapping(
+        "nopk.toml",
+        "[[table]]\nname = \"nopk\"\nkeys = [\"nopk:{a}\"]\n",
+    );
+
+    let (code, out, err) = ws.run(&["setup"]);
+    assert_eq!(code, 2, "{out}\n{err}");
+    assert!(
+        err.contains("public.nopk") && err.contains("no usable replica identity"),
+        "{err}"
+    );
+    assert!(err.contains("rejects every UPDATE and DELETE"), "{err}");
+    assert!(err.contains("--replica-identity-full"), "{err}");
+    assert_eq!(pg.psql("SELECT count(*) FROM pg_publication"), "0");
+    assert_eq!(pg.psql("SELECT count(*) FROM pg_replication_slots"), "0");
+    assert_eq!(
+        pg.psql("SELECT relreplident FROM pg_class WHERE relname = 'nopk'"),
+        "d"
+    );
+
+    let (code, out, err) = ws.run(&["setup", "--replica-identity-full"]);
+    assert_eq!(code, 0, "{out}\n{err}");
+    assert_eq!(
+        pg.psql("SELECT relreplident FROM pg_class WHERE relname = 'nopk'"),
+        "f"
+    );
+    markers(&pg, "flush:all", 1);
+}
+
+#[test]
+fn check_refuses_what_the_live_catalog_and_redis_would_break() {
+    let pg = PgCluster::start();
+    let redis = RedisServer::start();
+    pg.migrate();
+    pg.psql(
+        "CREATE VIEW v_users AS SELECT id, name FROM users;
+         CREATE UNLOGGED TABLE scratch (id int PRIMARY KEY);
+         CREATE TABLE gen (id int PRIMARY KEY, a int, g int GENERATED ALWAYS AS (a * 2) STORED);
+         CREATE TABLE events (id int, day date, PRIMARY KEY (id, day)) PARTITION BY RANGE (day);
+         CREATE TABLE events_2026 PARTITION OF events FOR VALUES FROM ('2026-01-01') TO ('2027-01-01');
+         CREATE PUBLICATION hand_made FOR TABLE users, posts WHERE (id > 0), team_members (user_id), events
+           WITH (publish = 'insert, delete');",
+    );
+    let mut conn = redis.client().get_connection().expect("redis");
+    redis::cmd("CONFIG")
+        .arg("SET")
+        .arg("maxmemory-policy")
+        .arg("allkeys-lru")
+        .query::<()>(&mut conn)
+        .expect("CONFIG SET");
+
+    let ws = Workspace::new(&pg.url(), &redis.url(), "hand_made");
+    ws.mapping(
+        "m.toml",
+        r#"
+[[table]]
+name = "nosuch"
+keys = ["x:{id}"]
+
+[[table]]
+name = "users"
+keys = ["user:{nme}"]
+
+[[table]]
+name = "v_users"
+keys = ["vu:{id}"]
+
+[[table]]
+name = "scratch"
+keys = ["s:{id}"]
+
+[[table]]
+name = "gen"
+keys = ["gen:{g}"]
+
+[[table]]
+name = "posts"
+keys = ["post:{id}", "author:{author_id}:posts"]
+
+[[table]]
+name = "team_members"
+keys = ["team:{team_id}:members"]
+
+[[table]]
+name = "events"
+keys = ["event:{id}"]
+"#,
+    );
+    let (code, out, err) = ws.run(&["check"]);
+    assert_eq!(code, 2, "{out}\n{err}");
+    for needle in [
+        "table public.nosuch does not exist",
+        "table public.users has no column `nme`: did you mean `name`?",
+        "public.v_users is a view (relkind 'v')",
+        "public.scratch is UNLOGGED",
+        "column `g` of public.gen is generated",
+        "the publication does not publish updates",
+        "row filter on public.posts (WHERE (id > 0))",
+        "column list on public.team_members hides column(s) team_id",
+        "public.events is partitioned but the publication is not `publish_via_partition_root = true`",
+        "max_slot_wal_keep_size = -1",
+        "Redis maxmemory-policy is allkeys-lru",
+        // The posts rule without REPLICA IDENTITY FULL, with the three fixes.
+        "table public.posts: the rule renders old values of column(s) author_id",
+    ] {
+        assert!(err.contains(needle), "missing {needle:?} in:\n{err}");
+    }
+    let posts = err
+        .lines()
+        .find(|l| l.contains("renders old values"))
+        .unwrap();
+    assert!(
+        posts.contains("setup --replica-identity-full")
+            && posts.contains("assume_unchanged")
+            && posts.contains("narrow `on`"),
+        "{posts}"
+    );
+    assert!(err.contains("warning: max_slot_wal_keep_size"), "{err}");
+    assert!(err.contains("warning: Redis maxmemory-policy"), "{err}");
+
+    // An unreachable database only skips the catalog part.
+    let down = Workspace::new(
+        "postgres://postgres:hunter2@127.0.0.1:1/postgres",
+        "redis://127.0.0.1:1/0",
+        "p",
+    )
+    .with_demo_mappings();
+    let (code, out, err) = down.run(&["check"]);
+    assert_eq!(code, 0, "{out}\n{err}");
+    assert!(
+        err.contains("warning: catalog checks skipped: cannot connect to PostgreSQL"),
+        "{err}"
+    );
+    assert!(err.contains("warning: Redis checks skipped"), "{err}");
+    assert!(
+        !err.contains("hunter2") && !out.contains("hunter2"),
+        "password printed: {err}"
+    );
+}
+
+#[test]
+fn flush_fires_truncate_invalidations_and_keeps_other_keys() {
+    let redis = RedisServer::start();
+    let ws = Workspace::new(
+        "postgres://postgres@127.0.0.1:1/postgres",
+        &redis.url(),
+        "p",
+    )
+    .with_demo_mappings();
+    let mut conn = redis.client().get_connection().expect("redis");
+    for k in [
+        "user:1:profile",
+        "user:2:avatar",
+        "post:7",
+        "author:1:posts",
+        "team:5:members",
+        "member-list",
+        "control:keep",
+    ] {
+        set(&mut conn, k);
+    }
+    redis::cmd("SADD")
+        .arg("tag:user:1")
+        .arg("member-list")
+        .query::<()>(&mut conn)
+        .unwrap();
+
+    let (code, out, err) = ws.run(&["flush", "--table", "nosuch"]);
+    assert_eq!(code, 2);
+    assert!(
+        err.contains("public.nosuch is not mapped")
+            && err.contains("public.posts")
+            && err.contains("public.users"),
+        "{err}"
+    );
+
+    let (code, out2, err) = ws.run(&["flush", "--table", "posts"]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out2.contains("flushed public.posts"), "{out2}");
+    assert!(!exists(&mut conn, "post:7") && !exists(&mut conn, "author:1:posts"));
+    assert!(exists(&mut conn, "user:1:profile"));
+
+    let (code, out, err) = ws.run(&["flush"]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("flushed all 5 mapped table(s)"), "{out}");
+    for k in [
+        "user:1:profile",
+        "user:2:avatar",
+        "team:5:members",
+        "member-list",
+        "tag:user:1",
+    ] {
+        assert!(!exists(&mut conn, k), "{k} survived the flush");
+    }
+    assert!(exists(&mut conn, "control:keep"));
+}
+
+#[test]
+fn replay_apply_deletes_the_keys_of_a_recorded_file() {
+    let redis = RedisServer::start();
+    let ws = Workspace::new(
+        "postgres://postgres@127.0.0.1:1/postgres",
+        &redis.url(),
+        "p",
+    )
+    .with_demo_mappings();
+    let mut conn = redis.client().get_connection().expect("redis");
+    for k in [
+        "post:7",
+        "post:9",
+        "author:1:posts",
+        "author:2:posts",
+        "author-page:1",
+        "control:keep",
+    ] {
+        set(&mut conn, k);
+    }
+    redis::cmd("SADD")
+        .arg("tag:author:1")
+        .arg("author-page:1")
+        .query::<()>(&mut conn)
+        .unwrap();
+    let fixture = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/replay/blog.jsonl"),
+    )
+    .unwrap();
+    let first_two: String = fixture.lines().take(2).map(|l| format!("{l}\n")).collect();
+    let file = ws.file("rec.jsonl", &first_two);
+
+    let (code, out, err) = ws.run(&["replay", "--apply", file.to_str().unwrap()]);
+    assert_eq!(code, 0, "{out}\n{err}");
+    assert_eq!(out.lines().count(), 2, "{out}");
+    assert!(
+        out.lines()
+            .next()
+            .unwrap()
+            .contains("\"keys\":[\"author:1:posts\",\"author:2:posts\",\"post:7\"]"),
+        "{out}"
+    );
+    for k in [
+        "post:7",
+        "author:1:posts",
+        "author:2:posts",
+        "author-page:1",
+        "tag:author:1",
+    ] {
+        assert!(!exists(&mut conn, k), "{k} survived replay --apply");
+    }
+    assert!(exists(&mut conn, "post:9") && exists(&mut conn, "control:keep"));
+}
