@@ -100,7 +100,7 @@ fn records_committed_transactions_in_the_documented_format() {
     pg.psql("TRUNCATE users");
     pg.psql("INSERT INTO marker VALUES (1)");
 
-    wait_for("the marker transaction", Duration::from_secs(20), || {
+    wait_for("the marker transaction", Duration::from_secs(60), || {
         lines(&out)
             .iter()
             .any(|l| l["changes"][0]["table"] == "public.marker")
