@@ -57,6 +57,7 @@ pub mod config;
 pub mod decode;
 pub mod diag;
 pub mod error;
+pub mod log_fields;
 pub mod lsn;
 pub mod map;
 pub mod plan;
