@@ -60,6 +60,7 @@ pub mod error;
 pub mod log_fields;
 pub mod lsn;
 pub mod map;
+pub mod metrics;
 pub mod plan;
 pub mod replay;
 pub mod sink;
