@@ -45,6 +45,8 @@
 //! `worker` wires the stages together for `run`; `cli/` holds one file per
 //! subcommand; `config` turns the service TOML into a validated model;
 //! `cache` holds the application-side helpers (tagged set, versioned get/set).
+//! `metrics` holds the Prometheus metrics, the `/livez` and `/readyz` state and
+//! the HTTP endpoint serving them; `log_fields` names the `tracing` fields.
 //!
 //! What this crate is not: a cache. It never fills Redis with data; it only
 //! removes (or bumps, or announces) what a committed change made stale.
@@ -57,8 +59,10 @@ pub mod config;
 pub mod decode;
 pub mod diag;
 pub mod error;
+pub mod log_fields;
 pub mod lsn;
 pub mod map;
+pub mod metrics;
 pub mod pg;
 pub mod plan;
 pub mod replay;

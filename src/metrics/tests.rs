@@ -1,0 +1,331 @@
+//! Unit tests of the metrics exposition and the probes.
+
+use super::*;
+
+fn lines_with<'a>(text: &'a str, prefix: &str) -> Vec<&'a str> {
+    text.lines().filter(|l| l.starts_with(prefix)).collect()
+}
+
+#[test]
+fn exposition_after_a_known_sequence_has_exact_values_and_labels() {
+    let m = Metrics::new();
+    m.transaction(3);
+    m.transaction(1);
+    m.change("public.users", Op::Update);
+    m.change("public.users", Op::Update);
+    m.change("public.users", Op::Delete);
+    m.change("public.posts", Op::Insert);
+    m.invalidations(InvalidationKind::Keys, 7);
+    m.invalidations(InvalidationKind::Tags, 2);
+    m.invalidations(InvalidationKind::Keys, 1);
+    m.fallback("public.users", "unknown_value");
+    m.fallback("public.users", "unknown_value");
+    m.fallback("public.users", "missing_column");
+    m.flush(FlushReason::MarkerAll);
+    m.redis_error("connection");
+    m.redis_error("connection");
+    m.redis_error("noperm");
+    m.reconnect(Target::Redis);
+    m.batch(3);
+    m.batch(40);
+    m.apply_latency(Duration::from_millis(2));
+    m.confirmed(0x1_0000_0010, Some(4096));
+    m.confirmed(0x1_0000_0020, None);
+    m.heartbeat_lag(Duration::from_millis(250));
+    m.set_role(Role::Active);
+    m.set_renamed_tables(1);
+
+    let t = m.render();
+    let expect = [
+        "cache_invalidator_transactions_total 4",
+        r#"cache_invalidator_changes_total{table="public.users",op="update"} 2"#,
+        r#"cache_invalidator_changes_total{table="public.users",op="delete"} 1"#,
+        r#"cache_invalidator_changes_total{table="public.posts",op="insert"} 1"#,
+        r#"cache_invalidator_invalidations_total{kind="keys"} 8"#,
+        r#"cache_invalidator_invalidations_total{kind="tags"} 2"#,
+        r#"cache_invalidator_invalidations_total{kind="versions"} 0"#,
+        r#"cache_invalidator_invalidations_total{kind="patterns"} 0"#,
+        r#"cache_invalidator_invalidations_total{kind="publish"} 0"#,
+        r#"cache_invalidator_fallbacks_total{table="public.users",reason="unknown_value"} 2"#,
+        r#"cache_invalidator_fallbacks_total{table="public.users",reason="missing_column"} 1"#,
+        r#"cache_invalidator_flushes_total{reason="marker_all"} 1"#,
+        r#"cache_invalidator_flushes_total{reason="marker_table"} 0"#,
+        r#"cache_invalidator_redis_errors_total{kind="connection"} 2"#,
+        r#"cache_invalidator_redis_errors_total{kind="noperm"} 1"#,
+        r#"cache_invalidator_reconnects_total{target="redis"} 1"#,
+        r#"cache_invalidator_reconnects_total{target="postgres"} 0"#,
+        "cache_invalidator_batch_size_count 2",
+        "cache_invalidator_batch_size_sum 43.0",
+        r#"cache_invalidator_batch_size_bucket{le="5.0"} 1"#,
+        r#"cache_invalidator_batch_size_bucket{le="50.0"} 2"#,
+        "cache_invalidator_apply_latency_seconds_count 1",
+        r#"cache_invalidator_apply_latency_seconds_bucket{le="0.001"} 0"#,
+        r#"cache_invalidator_apply_latency_seconds_bucket{le="0.0025"} 1"#,
+        r#"cache_invalidator_apply_latency_seconds_bucket{le="10.0"} 1"#,
+        r#"cache_invalidator_apply_latency_seconds_bucket{le="+Inf"} 1"#,
+        "cache_invalidator_confirmed_lsn 4294967328",
+        "cache_invalidator_replication_lag_bytes 4096",
+        "cache_invalidator_heartbeat_lag_seconds 0.25",
+        r#"cache_invalidator_role{role="active"} 1"#,
+        r#"cache_invalidator_role{role="standby"} 0"#,
+        "cache_invalidator_renamed_tables 1",
+        "cache_invalidator_blocked_seconds 0.0",
+        "# TYPE cache_invalidator_transactions counter",
+        "# TYPE cache_invalidator_apply_latency_seconds histogram",
+        "# TYPE cache_invalidator_confirmed_lsn gauge",
+    ];
+    for line in expect {
+        assert!(
+            t.lines().any(|l| l == line),
+            "missing line {line:?} in:\n{t}"
+        );
+    }
+    assert!(t.ends_with("# EOF\n"), "{t}");
+    // Lazily created label sets only exist once used.
+    assert_eq!(
+        lines_with(&t, "cache_invalidator_changes_total{").len(),
+        3,
+        "{t}"
+    );
+    assert_eq!(
+        lines_with(&t, "cache_invalidator_fallbacks_total{").len(),
+        2,
+        "{t}"
+    );
+}
+
+#[test]
+fn every_metric_name_is_exposed() {
+    let m = Metrics::new();
+    m.change("t", Op::Insert);
+    m.fallback("t", "unknown_value");
+    m.redis_error("oom");
+    let t = m.render();
+    use names::*;
+    for name in [
+        REPLICATION_LAG_BYTES,
+        CONFIRMED_LSN,
+        TRANSACTIONS_TOTAL,
+        CHANGES_TOTAL,
+        INVALIDATIONS_TOTAL,
+        FALLBACKS_TOTAL,
+        FLUSHES_TOTAL,
+        REDIS_ERRORS_TOTAL,
+        BLOCKED_SECONDS,
+        RECONNECTS_TOTAL,
+        BATCH_SIZE,
+        APPLY_LATENCY_SECONDS,
+        HEARTBEAT_LAG_SECONDS,
+        ROLE,
+        RENAMED_TABLES,
+    ] {
+        assert!(name.starts_with("cache_invalidator_"));
+        assert!(
+            t.lines()
+                .any(|l| !l.starts_with('#') && l.starts_with(name)),
+            "{name} not exposed:\n{t}"
+        );
+    }
+}
+
+#[test]
+fn role_switches_both_gauges() {
+    let m = Metrics::new();
+    let t = m.render();
+    // Unknown role until the worker says: neither is 1.
+    assert!(
+        t.contains("cache_invalidator_role{role=\"active\"} 0\n"),
+        "{t}"
+    );
+    m.set_role(Role::Standby);
+    m.set_role(Role::Active);
+    m.set_role(Role::Standby);
+    let t = m.render();
+    assert!(
+        t.contains("cache_invalidator_role{role=\"active\"} 0\n"),
+        "{t}"
+    );
+    assert!(
+        t.contains("cache_invalidator_role{role=\"standby\"} 1\n"),
+        "{t}"
+    );
+}
+
+#[test]
+fn blocked_seconds_grows_while_blocked_and_resets() {
+    let m = Metrics::new();
+    m.set_blocked(Some(Instant::now() - Duration::from_secs(90)));
+    let t = m.render();
+    let line = lines_with(&t, "cache_invalidator_blocked_seconds ")[0];
+    let v: f64 = line.rsplit(' ').next().unwrap().parse().unwrap();
+    assert!((90.0..100.0).contains(&v), "{line}");
+    m.set_blocked(None);
+    assert!(m
+        .render()
+        .contains("cache_invalidator_blocked_seconds 0.0\n"));
+}
+
+#[test]
+fn label_values_are_escaped() {
+    let m = Metrics::new();
+    m.change("public.\"we\\ird\"", Op::Insert);
+    let t = m.render();
+    assert!(
+        t.contains(r#"cache_invalidator_changes_total{table="public.\"we\\ird\"",op="insert"} 1"#),
+        "{t}"
+    );
+}
+
+#[test]
+fn confirmed_lsn_is_exact_beyond_f64_precision() {
+    let m = Metrics::new();
+    m.confirmed(u64::MAX - 1, Some(0));
+    assert!(m.render().contains(&format!(
+        "cache_invalidator_confirmed_lsn {}\n",
+        u64::MAX - 1
+    )));
+}
+
+fn ready() -> Arc<Health> {
+    let h = Health::new();
+    h.set_role(Role::Active);
+    h.set_streaming();
+    h.set_redis_reachable();
+    h
+}
+
+#[test]
+fn readyz_ok_only_when_streaming_reachable_and_unblocked() {
+    assert_eq!(ready().readyz(), (200, "ok".to_string()));
+}
+
+#[test]
+fn readyz_fresh_state_is_not_ready() {
+    let h = Health::new();
+    assert_eq!(
+        h.readyz(),
+        (
+            503,
+            "not streaming: starting\nredis unreachable: not connected yet".to_string()
+        )
+    );
+}
+
+#[test]
+fn readyz_standby() {
+    let h = ready();
+    h.set_role(Role::Standby);
+    h.set_not_streaming("slot cache_invalidator is active for PID 4242");
+    assert_eq!(h.readyz(), (503, "standby".to_string()));
+}
+
+#[test]
+fn readyz_not_streaming() {
+    let h = ready();
+    h.set_not_streaming("connection lost: server closed the connection");
+    assert_eq!(
+        h.readyz(),
+        (
+            503,
+            "not streaming: connection lost: server closed the connection".to_string()
+        )
+    );
+    h.set_streaming();
+    assert_eq!(h.readyz().0, 200);
+}
+
+#[test]
+fn readyz_redis_unreachable() {
+    let h = ready();
+    h.set_redis_unreachable("connection refused (127.0.0.1:6379)");
+    assert_eq!(
+        h.readyz(),
+        (
+            503,
+            "redis unreachable: connection refused (127.0.0.1:6379)".to_string()
+        )
+    );
+    h.set_redis_reachable();
+    assert_eq!(h.readyz().0, 200);
+}
+
+#[test]
+fn readyz_blocked() {
+    let h = ready();
+    h.set_blocked(Some(
+        "NOPERM this user has no permissions to run the 'unlink' command".into(),
+    ));
+    assert_eq!(
+        h.readyz(),
+        (
+            503,
+            "blocked: NOPERM this user has no permissions to run the 'unlink' command".to_string()
+        )
+    );
+    h.set_blocked(None);
+    assert_eq!(h.readyz().0, 200);
+}
+
+#[test]
+fn readyz_renamed_table() {
+    let h = ready();
+    h.set_renamed(Some("public.users -> public.people".into()));
+    assert_eq!(
+        h.readyz(),
+        (
+            503,
+            "renamed table public.users -> public.people".to_string()
+        )
+    );
+    h.set_renamed(None);
+    assert_eq!(h.readyz().0, 200);
+}
+
+#[test]
+fn readyz_lists_every_reason() {
+    let h = ready();
+    h.set_not_streaming("connecting");
+    h.set_redis_unreachable("timeout");
+    h.set_blocked(Some("OOM command not allowed".into()));
+    h.set_renamed(Some("public.a -> public.b".into()));
+    assert_eq!(
+        h.readyz(),
+        (
+            503,
+            "not streaming: connecting\nredis unreachable: timeout\nblocked: OOM command not allowed\nrenamed table public.a -> public.b"
+                .to_string()
+        )
+    );
+}
+
+#[test]
+fn heartbeat_lag_is_kept_and_does_not_affect_readiness() {
+    let h = ready();
+    assert_eq!(h.heartbeat_lag(), None);
+    h.set_heartbeat_lag(Duration::from_millis(30));
+    assert_eq!(h.heartbeat_lag(), Some(Duration::from_millis(30)));
+    assert_eq!(h.readyz().0, 200);
+}
+
+#[test]
+fn livez_ok_while_touched_and_503_when_stale() {
+    let h = Health::new();
+    assert_eq!(h.livez(), (200, "ok".to_string()));
+    let later = Instant::now() + LIVENESS_STALE_AFTER + Duration::from_secs(5);
+    let (code, body) = h.livez_at(later);
+    assert_eq!(code, 503);
+    assert!(body.starts_with("run loop stalled: last tick "), "{body}");
+    // A standby touching its loop is alive.
+    h.set_role(Role::Standby);
+    h.touch();
+    assert_eq!(h.livez_at(Instant::now() + Duration::from_secs(30)).0, 200);
+}
+
+#[test]
+fn counter_registration_names_drop_total() {
+    assert_eq!(
+        counter_name(names::TRANSACTIONS_TOTAL),
+        "cache_invalidator_transactions"
+    );
+    assert_eq!(counter_name(names::ROLE), names::ROLE);
+}
