@@ -68,6 +68,7 @@ pub mod plan;
 pub mod replay;
 pub mod sink;
 pub mod source;
+pub mod telemetry;
 pub mod worker;
 
 pub use error::CliError;

@@ -15,6 +15,7 @@
 //! A keepalive that reaches the plan stage with no transaction open carries its
 //! WAL position the same way: idle slots do not pin WAL.
 
+use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use tokio::sync::{mpsc, watch};
@@ -27,6 +28,10 @@ use crate::plan::planner::Planner;
 use crate::plan::Plan;
 use crate::sink::{identity, RedisSink, RetryClass, SinkError};
 use crate::source::SourceItem;
+use crate::telemetry::Telemetry;
+
+/// How often the plan stage reports liveness while idle.
+const TICK: Duration = Duration::from_secs(5);
 
 /// Batching limits, from `[worker]`.
 #[derive(Debug, Clone, Copy)]
@@ -76,8 +81,11 @@ pub async fn plan_stage(
     planner: &mut Planner,
     limits: BatchLimits,
     mut stop: watch::Receiver<bool>,
+    telemetry: &Telemetry,
 ) -> Result<(), PlanStageError> {
     let mut relations = RelationCache::new();
+    let mut table_names: HashMap<u32, String> = HashMap::new();
+    let mut tick = tokio::time::interval(TICK);
     let mut events = Vec::with_capacity(4);
     let mut batch = Batch::default();
     let mut opened: Option<Instant> = None;
@@ -93,13 +101,19 @@ pub async fn plan_stage(
                 }
                 continue;
             }
-            // 1. The batch's delay elapsed: close it.
+            // 1. Liveness and the heartbeat watchdog, even while idle.
+            _ = tick.tick() => {
+                telemetry.touch();
+                telemetry.heartbeat_tick();
+                continue;
+            }
+            // 2. The batch's delay elapsed: close it.
             _ = sleep_until(deadline), if deadline.is_some() => None,
-            // 2. More data: fold it in.
+            // 3. More data: fold it in.
             item = source.recv() => match item {
                 Some(item) => Some(item),
                 None => {
-                    flush(&mut batch, planner, &batches).await;
+                    flush(&mut batch, planner, &batches, telemetry).await;
                     return Ok(());
                 }
             },
@@ -107,17 +121,34 @@ pub async fn plan_stage(
         if let Some(item) = item {
             match item {
                 SourceItem::XLogData {
-                    wal_start, data, ..
+                    wal_start,
+                    wal_end,
+                    data,
                 } => {
+                    telemetry.wal_end(wal_end);
                     events.clear();
                     if let Err(err) = relations.decode_payload(&data, wal_start, &mut events) {
-                        flush(&mut batch, planner, &batches).await;
+                        flush(&mut batch, planner, &batches, telemetry).await;
                         return Err(err.into());
                     }
                     for event in events.drain(..) {
                         match &event {
                             Event::Begin { .. } => in_transaction = true,
-                            Event::Change(_) => batch.changes += 1,
+                            Event::Change(change) => {
+                                batch.changes += 1;
+                                let table = table_names
+                                    .entry(change.relation.oid)
+                                    .or_insert_with(|| change.relation.qualified_name());
+                                telemetry.change(table, change.op);
+                                if change.op == crate::decode::Op::Truncate {
+                                    telemetry
+                                        .metrics
+                                        .flush(crate::metrics::FlushReason::Truncate);
+                                }
+                            }
+                            Event::Relation(rel) => {
+                                table_names.insert(rel.oid, rel.qualified_name());
+                            }
                             Event::Commit {
                                 end_lsn,
                                 commit_time,
@@ -144,23 +175,19 @@ pub async fn plan_stage(
                             ..
                         } = &event
                         {
-                            if prefix == crate::plan::planner::MESSAGE_PREFIX
-                                && content.starts_with(b"flush:")
-                            {
-                                tracing::warn!(
-                                    lsn = %lsn,
-                                    marker = %String::from_utf8_lossy(content),
-                                    "flush marker: firing the truncate invalidations of the tables it names"
-                                );
-                            }
+                            observe_message(prefix, content, *lsn, telemetry);
                         }
                         planner.feed(&event);
+                        if matches!(event, Event::Relation(_)) {
+                            telemetry.renamed(&planner.stats().renamed);
+                        }
                     }
                     if opened.is_none() && !batch.is_idle() {
                         opened = Some(Instant::now());
                     }
                 }
                 SourceItem::Keepalive { wal_end } => {
+                    telemetry.wal_end(wal_end);
                     // In stream order: with no transaction open, everything
                     // before `wal_end` is in this batch or an earlier one.
                     if !in_transaction {
@@ -176,16 +203,40 @@ pub async fn plan_stage(
             }
         }
         if !batch.is_idle() || planner.plan().ops() > 0 {
-            flush(&mut batch, planner, &batches).await;
+            flush(&mut batch, planner, &batches, telemetry).await;
         }
         opened = None;
     }
 }
 
-async fn flush(batch: &mut Batch, planner: &mut Planner, batches: &mpsc::Sender<Batch>) {
+/// Our own logical messages: heartbeats measure lag; flush markers are logged
+/// and counted (the planner fires their invalidations).
+fn observe_message(prefix: &str, content: &[u8], lsn: Lsn, telemetry: &Telemetry) {
+    if prefix != crate::plan::planner::MESSAGE_PREFIX {
+        return;
+    }
+    if content == crate::telemetry::HEARTBEAT {
+        telemetry.heartbeat_returned(lsn);
+    } else if content.starts_with(b"flush:") {
+        telemetry.flush_marker(content == b"flush:all");
+        tracing::warn!(
+            lsn = %lsn,
+            marker = %String::from_utf8_lossy(content),
+            "flush marker: firing the truncate invalidations of the tables it names"
+        );
+    }
+}
+
+async fn flush(
+    batch: &mut Batch,
+    planner: &mut Planner,
+    batches: &mpsc::Sender<Batch>,
+    telemetry: &Telemetry,
+) {
     let mut out = std::mem::take(batch);
     out.plan = planner.take();
     for fallback in planner.take_fallbacks() {
+        telemetry.fallback(&fallback.table, fallback.reason.as_str(), fallback.count);
         tracing::warn!(
             table = %fallback.table,
             reason = fallback.reason.as_str(),
@@ -243,6 +294,8 @@ impl Default for Backoff {
 pub trait SinkObserver: Send {
     /// A batch was applied (its `ack`, if any, is confirmed right after).
     fn applied(&mut self, batch: &Batch, stats: &crate::sink::ApplyStats, elapsed: Duration);
+    /// Everything up to `lsn` is acknowledged.
+    fn acknowledged(&mut self, lsn: Lsn);
     /// An attempt failed; it will be retried after `retry_in`.
     fn failed(&mut self, err: &SinkError, retry_in: Duration);
     /// Every mapped table was flushed, for `reason` (e.g. `identity`).
@@ -261,6 +314,9 @@ pub struct IdentityGuard {
     pub pg_timeline: u32,
     /// Every mapped table's truncate invalidations.
     pub flush_plan: Plan,
+    /// Set by the Redis probe when Redis was unreachable: verify the identity
+    /// again before the next batch (Redis may have restarted from a snapshot).
+    pub recheck: std::sync::Arc<std::sync::atomic::AtomicBool>,
 }
 
 /// Verifies the Redis identity; when it changed (or is missing), applies the
@@ -306,6 +362,12 @@ pub async fn sink_stage(
 ) -> Result<(), SinkError> {
     let mut verify_identity = true;
     while let Some(batch) = batches.recv().await {
+        if guard
+            .recheck
+            .swap(false, std::sync::atomic::Ordering::Relaxed)
+        {
+            verify_identity = true;
+        }
         let started = Instant::now();
         let mut backoff = Backoff::new();
         let stats = loop {
@@ -336,7 +398,9 @@ pub async fn sink_stage(
         observer.applied(&batch, &stats, started.elapsed());
         failpoint("after_apply_before_ack");
         if let Some(lsn) = batch.ack {
-            ack.confirm(lsn);
+            if ack.confirm(lsn) {
+                observer.acknowledged(lsn);
+            }
         }
     }
     Ok(())

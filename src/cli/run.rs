@@ -17,14 +17,17 @@ use crate::error::CliError;
 use crate::lsn::Lsn;
 use crate::map::Mappings;
 use crate::plan::planner::Planner;
-use crate::sink::{ApplyStats, RedisSink, SinkError, SinkOptions};
+use crate::sink::{RedisSink, SinkOptions};
 use crate::source::{self, ConnectionSettings, RetryClass, SourceError, StreamControl};
-use crate::worker::{self, Backoff, Batch, BatchLimits, IdentityGuard, SinkObserver};
+use crate::telemetry::{SinkReporter, Telemetry, HEARTBEAT_INTERVAL};
+use crate::worker::{self, Backoff, BatchLimits, IdentityGuard};
 
 /// Items buffered between the socket and the planner.
 const SOURCE_CHANNEL: usize = 4096;
 /// Closed batches waiting for the sink (one applying, one ready).
 const BATCH_CHANNEL: usize = 1;
+/// How often a standby tries to take over the slot.
+const STANDBY_RETRY: Duration = Duration::from_secs(1);
 /// How long a graceful stop may take before the process exits anyway.
 const SHUTDOWN_GRACE: Duration = Duration::from_millis(4500);
 
@@ -65,12 +68,34 @@ pub async fn run(config_path: &Path) -> Result<(), CliError> {
     let (stop_tx, stop_rx) = watch::channel(false);
     spawn_signal_handler(stop_tx);
 
+    let telemetry = Telemetry::new();
+    if let Some(listen) = &config.metrics.listen {
+        let addr: std::net::SocketAddr = listen.parse().map_err(|e| {
+            CliError::Invalid(format!(
+                "[metrics] listen = {listen:?} is not an address like 127.0.0.1:9464: {e}"
+            ))
+        })?;
+        let listener = crate::metrics::bind(addr)
+            .await
+            .map_err(|e| CliError::Invalid(e.to_string()))?;
+        tracing::info!(listen = %addr, "serving /metrics, /livez, /readyz");
+        tokio::spawn(crate::metrics::serve_on(
+            listener,
+            Arc::clone(&telemetry.metrics),
+            Arc::clone(&telemetry.health),
+            stop_rx.clone(),
+        ));
+    }
+
     let worker = Worker {
         config,
         mappings,
         settings,
         sink_options,
         stop: stop_rx,
+        telemetry,
+        was_standby: std::sync::atomic::AtomicBool::new(false),
+        redis_interrupted: Arc::new(std::sync::atomic::AtomicBool::new(false)),
     };
     worker.run().await
 }
@@ -100,6 +125,8 @@ enum SessionEnd {
     Stopped,
     /// Retry after a delay.
     Retry(String, RetryClass),
+    /// Another worker streams the slot: wait and try again (hot standby).
+    Standby,
 }
 
 struct Worker {
@@ -108,6 +135,11 @@ struct Worker {
     settings: ConnectionSettings,
     sink_options: SinkOptions,
     stop: watch::Receiver<bool>,
+    telemetry: Arc<Telemetry>,
+    /// Set by the Redis probe after an outage (the sink re-verifies identity).
+    redis_interrupted: Arc<std::sync::atomic::AtomicBool>,
+    /// Waiting for another worker's slot (logged once per wait).
+    was_standby: std::sync::atomic::AtomicBool,
 }
 
 impl Worker {
@@ -141,15 +173,24 @@ impl Worker {
                 }
             }
         };
+        tokio::spawn(redis_probe(
+            sink.clone(),
+            Arc::clone(&self.telemetry),
+            Arc::clone(&self.redis_interrupted),
+            self.stop.clone(),
+        ));
         let mut backoff = Backoff::new();
         let mut last_error = String::new();
         loop {
             if self.stopping() {
                 return Ok(());
             }
+            self.telemetry.touch();
             match self.session(&mut sink).await? {
                 SessionEnd::Stopped => return Ok(()),
+                SessionEnd::Standby => self.pause(STANDBY_RETRY).await,
                 SessionEnd::Retry(why, class) => {
+                    self.telemetry.disconnected(&why);
                     let delay = match class {
                         RetryClass::Reconnect => Duration::from_millis(200),
                         _ => backoff.next_delay(),
@@ -225,11 +266,30 @@ impl Worker {
             Err(err) => return retry(err),
         };
         if let Err(err) = source::start_replication(&mut conn, &pg.slot, &pg.publication).await {
-            if err.retry_class() == RetryClass::BackOffAndRetry {
-                tracing::info!(slot = %pg.slot, reason = %err, "standby: another worker streams this slot; waiting to take over");
+            if matches!(err, SourceError::SlotActive { .. }) {
+                self.telemetry.standby();
+                if !self
+                    .was_standby
+                    .swap(true, std::sync::atomic::Ordering::Relaxed)
+                {
+                    tracing::info!(slot = %pg.slot, reason = %err, "standby: another worker streams this slot; waiting to take over");
+                }
+                return Ok(SessionEnd::Standby);
             }
             return retry(err);
         }
+        self.telemetry.streaming();
+        if self
+            .was_standby
+            .swap(false, std::sync::atomic::Ordering::Relaxed)
+        {
+            tracing::info!(slot = %pg.slot, "took over the slot: streaming");
+        }
+        let heartbeat = tokio::spawn(heartbeat(
+            self.settings.clone(),
+            Arc::clone(&self.telemetry),
+            self.stop.clone(),
+        ));
 
         let epoch = format!("{}@{}", pg.slot, system.system_id);
         let mut planner = Planner::new(
@@ -244,6 +304,7 @@ impl Worker {
             pg_system_id: system.system_id.clone(),
             pg_timeline: system.timeline,
             flush_plan,
+            recheck: Arc::clone(&self.redis_interrupted),
         };
         let limits = BatchLimits {
             max_delay: Duration::from_millis(self.config.worker.max_batch_delay_ms),
@@ -261,10 +322,16 @@ impl Worker {
                 stop: self.stop.clone(),
             },
         );
-        let mut observer = LogObserver::default();
+        let mut observer = SinkReporter::new(Arc::clone(&self.telemetry));
         let pipeline = async {
-            let plan =
-                worker::plan_stage(items_rx, batch_tx, &mut planner, limits, self.stop.clone());
+            let plan = worker::plan_stage(
+                items_rx,
+                batch_tx,
+                &mut planner,
+                limits,
+                self.stop.clone(),
+                &self.telemetry,
+            );
             let apply = async {
                 let result =
                     worker::sink_stage(batch_rx, sink, &mut ack, &guard, &mut observer).await;
@@ -280,6 +347,7 @@ impl Worker {
             );
             (Ok(()), Ok(()))
         });
+        heartbeat.abort();
         let stream_result = match tokio::time::timeout(Duration::from_secs(6), stream).await {
             Ok(Ok(r)) => r,
             Ok(Err(join)) => return Err(CliError::runtime(join)),
@@ -314,55 +382,87 @@ impl Worker {
     }
 }
 
-/// Logs what the sink does: each distinct failure once, progress periodically.
-#[derive(Default)]
-struct LogObserver {
-    last_failure: Option<String>,
-    since_progress: (u64, u64),
-    last_progress: Option<std::time::Instant>,
+/// Emits `pg_logical_emit_message(false, 'cache-invalidator', 'heartbeat')`
+/// every [`HEARTBEAT_INTERVAL`]; its return through the stream measures
+/// end-to-end lag even when the mapped tables are idle. A role not allowed to
+/// emit messages disables it with one log line.
+async fn heartbeat(
+    settings: ConnectionSettings,
+    telemetry: Arc<Telemetry>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let mut tick = tokio::time::interval(HEARTBEAT_INTERVAL);
+    let mut sql = None;
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = stop.wait_for(|s| *s) => return,
+        }
+        if sql.is_none() {
+            match source::connect_sql(&settings).await {
+                Ok(c) => sql = Some(c),
+                Err(err) => {
+                    tracing::debug!(error = %err, "heartbeat: no SQL connection; retrying");
+                    continue;
+                }
+            }
+        }
+        let Some(client) = sql.as_ref() else { continue };
+        match client
+            .emit_message(false, crate::plan::planner::MESSAGE_PREFIX, "heartbeat")
+            .await
+        {
+            Ok(lsn) => telemetry.heartbeat_sent(lsn),
+            Err(err) if err.retry_class() == RetryClass::Fatal => {
+                tracing::info!(error = %err, "heartbeat disabled: this role cannot emit logical messages");
+                return;
+            }
+            Err(err) => {
+                tracing::debug!(error = %err, "heartbeat failed; reconnecting");
+                sql = None;
+            }
+        }
+    }
 }
 
-impl SinkObserver for LogObserver {
-    fn applied(&mut self, batch: &Batch, stats: &ApplyStats, elapsed: Duration) {
-        if self.last_failure.take().is_some() {
-            tracing::info!("Redis recovered; applying again");
-        }
-        tracing::debug!(
-            transactions = batch.transactions,
-            changes = batch.changes,
-            keys = stats.keys,
-            tags = stats.tags,
-            versions = stats.versions,
-            published = stats.published,
-            elapsed_ms = elapsed.as_millis() as u64,
-            ack = ?batch.ack.map(|l| l.to_string()),
-            "batch applied"
-        );
-        self.since_progress.0 += batch.transactions;
-        self.since_progress.1 += batch.changes;
-        let now = std::time::Instant::now();
-        let last = *self.last_progress.get_or_insert(now);
-        if now.duration_since(last) >= Duration::from_secs(30) {
-            let secs = now.duration_since(last).as_secs_f64();
-            tracing::info!(
-                transactions_per_s = format!("{:.1}", self.since_progress.0 as f64 / secs),
-                changes_per_s = format!("{:.1}", self.since_progress.1 as f64 / secs),
-                "progress"
-            );
-            self.since_progress = (0, 0);
-            self.last_progress = Some(now);
-        }
-    }
+/// How often Redis is pinged while the stream is idle.
+const REDIS_PROBE_INTERVAL: Duration = Duration::from_secs(2);
 
-    fn failed(&mut self, err: &SinkError, retry_in: Duration) {
-        let text = err.to_string();
-        if self.last_failure.as_deref() != Some(&text) {
-            tracing::error!(error = %text, kind = err.kind(), retry_in_ms = retry_in.as_millis() as u64, "Redis failed; nothing is acknowledged until it succeeds");
-            self.last_failure = Some(text);
+/// Pings Redis on a timer so `/readyz` reflects an outage even when no batch
+/// is in flight; after an outage the sink verifies the Redis identity again
+/// before its next batch.
+async fn redis_probe(
+    sink: RedisSink,
+    telemetry: Arc<Telemetry>,
+    interrupted: Arc<std::sync::atomic::AtomicBool>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let mut conn = sink.connection();
+    let mut tick = tokio::time::interval(REDIS_PROBE_INTERVAL);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = stop.wait_for(|s| *s) => return,
         }
-    }
-
-    fn flushed(&mut self, reason: &'static str) {
-        tracing::warn!(reason, "flushed every mapped table");
+        let ping = tokio::time::timeout(
+            REDIS_PROBE_INTERVAL * 2,
+            redis::cmd("PING").query_async::<String>(&mut conn),
+        )
+        .await;
+        match ping {
+            Ok(Ok(_)) => telemetry.health.set_redis_reachable(),
+            Ok(Err(err)) => {
+                interrupted.store(true, std::sync::atomic::Ordering::Relaxed);
+                telemetry
+                    .health
+                    .set_redis_unreachable(format!("{}: {err}", sink.target()));
+            }
+            Err(_) => {
+                interrupted.store(true, std::sync::atomic::Ordering::Relaxed);
+                telemetry
+                    .health
+                    .set_redis_unreachable(format!("{}: PING timed out", sink.target()));
+            }
+        }
     }
 }

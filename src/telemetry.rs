@@ -1,0 +1,278 @@
+//! What the running worker reports: metrics, the health behind `/readyz`,
+//! log lines, and the heartbeat that measures end-to-end lag.
+//!
+//! One [`Telemetry`] is shared by the stages of `run`. Each stage event is one
+//! call here, which updates the metric, the health state and, for failures,
+//! one log line per distinct cause.
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use crate::decode::{Op, Timestamp};
+use crate::lsn::Lsn;
+use crate::metrics::{FlushReason, Health, InvalidationKind, Metrics, Role, Target};
+use crate::sink::{ApplyStats, RetryClass, SinkError};
+use crate::worker::{Batch, SinkObserver};
+
+/// Content of the heartbeat message (`pg_logical_emit_message(false, 'cache-invalidator', 'heartbeat')`).
+pub const HEARTBEAT: &[u8] = b"heartbeat";
+/// How often the heartbeat is emitted.
+pub const HEARTBEAT_INTERVAL: Duration = Duration::from_secs(10);
+
+/// Shared reporting state of one worker process.
+pub struct Telemetry {
+    /// The Prometheus registry.
+    pub metrics: Arc<Metrics>,
+    /// The `/readyz` and `/livez` state.
+    pub health: Arc<Health>,
+    /// Highest WAL end the server reported (for lag in bytes).
+    wal_end: AtomicU64,
+    /// Heartbeats emitted and not yet seen in the stream: (LSN, when).
+    heartbeats: Mutex<VecDeque<(Lsn, Instant)>>,
+}
+
+impl Telemetry {
+    /// Fresh state: not streaming, Redis not yet reached.
+    pub fn new() -> Arc<Telemetry> {
+        Arc::new(Telemetry {
+            metrics: Metrics::new(),
+            health: Health::new(),
+            wal_end: AtomicU64::new(0),
+            heartbeats: Mutex::new(VecDeque::new()),
+        })
+    }
+
+    /// The loop is alive (for `/livez`).
+    pub fn touch(&self) {
+        self.health.touch();
+    }
+
+    /// The server's WAL end as seen in XLogData or a keepalive.
+    pub fn wal_end(&self, lsn: Lsn) {
+        self.wal_end.fetch_max(lsn.0, Ordering::Relaxed);
+    }
+
+    /// PostgreSQL now holds everything up to `lsn` as acknowledged.
+    pub fn confirmed(&self, lsn: Lsn) {
+        let end = self.wal_end.load(Ordering::Relaxed);
+        self.metrics
+            .confirmed(lsn.0, Some(end.saturating_sub(lsn.0)));
+    }
+
+    /// Streaming started (this worker holds the slot).
+    pub fn streaming(&self) {
+        self.metrics.set_role(Role::Active);
+        self.health.set_role(Role::Active);
+        self.health.set_streaming();
+    }
+
+    /// Another worker holds the slot; this one waits.
+    pub fn standby(&self) {
+        self.metrics.set_role(Role::Standby);
+        self.health.set_role(Role::Standby);
+        self.health
+            .set_not_streaming("standby: another worker streams the slot");
+    }
+
+    /// The replication session ended; reconnecting.
+    pub fn disconnected(&self, why: &str) {
+        self.health.set_not_streaming(why.to_string());
+        self.metrics.reconnect(Target::Postgres);
+    }
+
+    /// A row change was decoded.
+    pub fn change(&self, table: &str, op: Op) {
+        self.metrics.change(table, op);
+    }
+
+    /// A flush marker arrived in the stream.
+    pub fn flush_marker(&self, all: bool) {
+        self.metrics.flush(if all {
+            FlushReason::MarkerAll
+        } else {
+            FlushReason::MarkerTable
+        });
+    }
+
+    /// A mapping fell back to the table's truncate invalidations.
+    pub fn fallback(&self, table: &str, reason: &'static str, count: u64) {
+        for _ in 0..count {
+            self.metrics.fallback(table, reason);
+        }
+    }
+
+    /// Mapped tables followed by OID after a rename (mapped name, current name).
+    pub fn renamed(&self, renamed: &[(String, String)]) {
+        self.metrics.set_renamed_tables(renamed.len() as u64);
+        if renamed.is_empty() {
+            self.health.set_renamed(None);
+        } else {
+            let list: Vec<String> = renamed.iter().map(|(a, b)| format!("{a} -> {b}")).collect();
+            self.health.set_renamed(Some(list.join(", ")));
+        }
+    }
+
+    /// A heartbeat was emitted at `lsn`.
+    pub fn heartbeat_sent(&self, lsn: Lsn) {
+        if let Ok(mut q) = self.heartbeats.lock() {
+            q.push_back((lsn, Instant::now()));
+            // Bounded: a stream that never returns them must not grow memory.
+            while q.len() > 64 {
+                q.pop_front();
+            }
+        }
+    }
+
+    /// A heartbeat came back through the stream at `lsn`.
+    pub fn heartbeat_returned(&self, lsn: Lsn) {
+        let Ok(mut q) = self.heartbeats.lock() else {
+            return;
+        };
+        let mut lag = None;
+        while let Some(&(sent_lsn, at)) = q.front() {
+            if sent_lsn > lsn {
+                break;
+            }
+            lag = Some(at.elapsed());
+            q.pop_front();
+        }
+        if let Some(lag) = lag {
+            self.metrics.heartbeat_lag(lag);
+            self.health.set_heartbeat_lag(lag);
+        }
+    }
+
+    /// Reports the age of the oldest outstanding heartbeat when it exceeds the
+    /// last measured lag, so a stream that stopped returning them shows it.
+    pub fn heartbeat_tick(&self) {
+        let oldest = self
+            .heartbeats
+            .lock()
+            .ok()
+            .and_then(|q| q.front().map(|&(_, at)| at.elapsed()));
+        if let Some(age) = oldest {
+            if self.health.heartbeat_lag().map(|l| age > l).unwrap_or(true)
+                && age > HEARTBEAT_INTERVAL
+            {
+                self.metrics.heartbeat_lag(age);
+                self.health.set_heartbeat_lag(age);
+            }
+        }
+    }
+}
+
+/// The sink stage's observer: metrics, health, one log line per distinct failure.
+pub struct SinkReporter {
+    telemetry: Arc<Telemetry>,
+    last_failure: Option<String>,
+    blocked_since: Option<Instant>,
+    progress: (u64, u64),
+    progress_since: Instant,
+}
+
+/// How often the progress line is logged.
+const PROGRESS_INTERVAL: Duration = Duration::from_secs(30);
+
+impl SinkReporter {
+    /// A reporter writing to `telemetry`.
+    pub fn new(telemetry: Arc<Telemetry>) -> Self {
+        SinkReporter {
+            telemetry,
+            last_failure: None,
+            blocked_since: None,
+            progress: (0, 0),
+            progress_since: Instant::now(),
+        }
+    }
+}
+
+impl SinkObserver for SinkReporter {
+    fn applied(&mut self, batch: &Batch, stats: &ApplyStats, elapsed: Duration) {
+        let t = &self.telemetry;
+        if self.last_failure.take().is_some() {
+            tracing::info!("Redis recovered; applying and acknowledging again");
+            t.metrics.reconnect(Target::Redis);
+        }
+        if self.blocked_since.take().is_some() {
+            t.metrics.set_blocked(None);
+            t.health.set_blocked(None);
+        }
+        t.health.set_redis_reachable();
+        let m = &t.metrics;
+        m.transaction(batch.transactions);
+        m.invalidations(InvalidationKind::Keys, stats.keys);
+        m.invalidations(InvalidationKind::Tags, stats.tags);
+        m.invalidations(InvalidationKind::Versions, stats.versions);
+        m.invalidations(InvalidationKind::Patterns, stats.pattern_matches);
+        m.invalidations(InvalidationKind::Publish, stats.published);
+        m.batch(batch.plan.ops() as u64);
+        if let Some(commit) = batch.first_commit_time {
+            let micros = Timestamp::now().0.saturating_sub(commit.0);
+            m.apply_latency(Duration::from_micros(u64::try_from(micros).unwrap_or(0)));
+        }
+        tracing::debug!(
+            transactions = batch.transactions,
+            changes = batch.changes,
+            keys = stats.keys,
+            tags = stats.tags,
+            versions = stats.versions,
+            published = stats.published,
+            repaired = stats.repaired,
+            elapsed_ms = u64::try_from(elapsed.as_millis()).unwrap_or(u64::MAX),
+            "batch applied"
+        );
+        if stats.repaired > 0 {
+            tracing::warn!(
+                repaired = stats.repaired,
+                "keys of the wrong type under the tag or version prefix were unlinked and the step redone"
+            );
+        }
+        self.progress.0 += batch.transactions;
+        self.progress.1 += batch.changes;
+        let since = self.progress_since.elapsed();
+        if since >= PROGRESS_INTERVAL {
+            let secs = since.as_secs_f64();
+            tracing::info!(
+                transactions_per_s = format!("{:.1}", self.progress.0 as f64 / secs),
+                changes_per_s = format!("{:.1}", self.progress.1 as f64 / secs),
+                "progress"
+            );
+            self.progress = (0, 0);
+            self.progress_since = Instant::now();
+        }
+    }
+
+    fn acknowledged(&mut self, lsn: Lsn) {
+        self.telemetry.confirmed(lsn);
+    }
+
+    fn failed(&mut self, err: &SinkError, retry_in: Duration) {
+        let t = &self.telemetry;
+        t.metrics.redis_error(err.kind());
+        let text = err.to_string();
+        match err.retry_class() {
+            RetryClass::Blocked => {
+                let since = *self.blocked_since.get_or_insert_with(Instant::now);
+                t.metrics.set_blocked(Some(since));
+                t.health.set_blocked(Some(text.clone()));
+            }
+            _ => t.health.set_redis_unreachable(text.clone()),
+        }
+        if self.last_failure.as_deref() != Some(&text) {
+            tracing::error!(
+                error = %text,
+                kind = err.kind(),
+                retry_in_ms = u64::try_from(retry_in.as_millis()).unwrap_or(u64::MAX),
+                "Redis failed; nothing is acknowledged until it succeeds"
+            );
+            self.last_failure = Some(text);
+        }
+    }
+
+    fn flushed(&mut self, reason: &'static str) {
+        self.telemetry.metrics.flush(FlushReason::IdentityChanged);
+        tracing::warn!(reason, "flushed every mapped table");
+    }
+}
