@@ -13,6 +13,7 @@ pub mod status;
 
 use crate::error::CliError;
 
+pub mod demo;
 pub mod record;
 pub mod run;
 
@@ -153,6 +154,6 @@ pub async fn execute(cli: Cli) -> Result<(), CliError> {
             skip_bad_lines,
         } => replay::run(&cli.config, &file, apply, skip_bad_lines).await,
         Command::Status { json } => status::run(&cli.config, json).await,
-        Command::Demo => Err(CliError::NotImplemented("demo")),
+        Command::Demo => demo::run().await,
     }
 }

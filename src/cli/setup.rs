@@ -49,7 +49,21 @@ struct Target {
 
 /// Runs `setup`.
 pub async fn run(config_path: &Path, replica_identity_full: bool) -> Result<(), CliError> {
-    let checked = super::check::check_offline(config_path, &EnvOverrides::from_env())?;
+    run_with_env(
+        config_path,
+        replica_identity_full,
+        &EnvOverrides::from_env(),
+    )
+    .await
+}
+
+/// Runs `setup` with explicit environment overrides (the demo passes none).
+pub async fn run_with_env(
+    config_path: &Path,
+    replica_identity_full: bool,
+    env: &EnvOverrides,
+) -> Result<(), CliError> {
+    let checked = super::check::check_offline(config_path, env)?;
     let pg = &checked.config.postgres;
     let password = pg.password.as_ref().map(|p| p.expose());
     let client = connect_sql(&pg.url, password)
