@@ -250,3 +250,30 @@ fn run_without_setup_exits_2_with_the_setup_command() {
     assert_eq!(code, 2, "{err}");
     assert!(err.contains("cache-invalidator setup --config"), "{err}");
 }
+
+#[test]
+fn run_refuses_rules_the_replica_identity_cannot_serve_and_allkeys_eviction() {
+    let pg = PgCluster::start();
+    let redis = RedisServer::start();
+    pg.migrate();
+    let cfg = WorkerConfig::demo(&pg, &redis);
+    // Without --replica-identity-full: posts' author:{author_id}:posts needs the old author_id.
+    let (code, out, err) = cfg.command(&["setup"]);
+    assert_eq!(code, 0, "{out}{err}");
+    let (code, _out, err) = cfg.command(&["run"]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("posts") && err.contains("author_id"), "{err}");
+    assert!(
+        err.contains("replica-identity-full") && err.contains("assume_unchanged"),
+        "{err}"
+    );
+
+    let (code, out, err) = cfg.command(&["setup", "--replica-identity-full"]);
+    assert_eq!(code, 0, "{out}{err}");
+    redis
+        .cli(&["CONFIG", "SET", "maxmemory-policy", "allkeys-lru"])
+        .unwrap();
+    let (code, _out, err) = cfg.command(&["run"]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("allkeys-lru"), "{err}");
+}

@@ -143,7 +143,7 @@ fn warning(message: String) -> Finding {
 const REDIS_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// `CONFIG GET maxmemory-policy`, or why it could not be read.
-async fn redis_maxmemory_policy(config: &Config) -> Result<String, String> {
+pub(crate) async fn redis_maxmemory_policy(config: &Config) -> Result<String, String> {
     let url = match (&config.redis.url, config.redis.cluster.first()) {
         (Some(u), _) => u.clone(),
         (None, Some(u)) => u.clone(),

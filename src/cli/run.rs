@@ -245,7 +245,48 @@ impl Worker {
                 pg.slot
             ))),
             Some(_) => Ok(()),
+        }?;
+        self.check_catalog().await
+    }
+
+    /// What `check` refuses, `run` refuses too (exit 2): a rule whose old values
+    /// the replica identity does not carry, a publication hiding a mapped
+    /// column, ... and an `allkeys-*` eviction policy that would evict tag sets
+    /// and version keys.
+    async fn check_catalog(&self) -> Result<(), CliError> {
+        use crate::map::catalog::{check_catalog, Severity};
+        let pg = &self.config.postgres;
+        let client = crate::pg::connect_sql(&pg.url, pg.password.as_ref().map(|p| p.expose()))
+            .await
+            .map_err(CliError::runtime)?;
+        let tables: Vec<crate::map::TableName> =
+            self.mappings.tables().into_iter().cloned().collect();
+        let snap = crate::pg::catalog::snapshot(&client, &tables, &pg.publication)
+            .await
+            .map_err(CliError::runtime)?;
+        let findings = check_catalog(&self.mappings, &snap, crate::pg::APPLICATION_NAME);
+        let mut errors = Vec::new();
+        for f in findings {
+            match f.severity {
+                Severity::Error => errors.push(f.to_string()),
+                Severity::Warning => tracing::warn!(finding = %f, "check"),
+            }
         }
+        if let Ok(policy) = super::check::redis_maxmemory_policy(&self.config).await {
+            if policy.starts_with("allkeys-") {
+                errors.push(format!(
+                    "Redis maxmemory-policy is {policy}: it evicts tag sets and version keys, which silently loses invalidations; use noeviction or a volatile-* policy"
+                ));
+            }
+        }
+        if errors.is_empty() {
+            return Ok(());
+        }
+        Err(CliError::Invalid(format!(
+            "refusing to run:\n{}\n(`cache-invalidator check --config {}` shows the same)",
+            errors.join("\n"),
+            self.config.path.display()
+        )))
     }
 
     /// One connection's worth of streaming.
