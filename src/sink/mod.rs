@@ -307,11 +307,11 @@ impl RedisSink {
                             stats.repaired += 1;
                             match step {
                                 Step::TagPop(t) => {
-                                    tracing::warn!(key = %t, error = %text, "tag key is not a set: unlinked it");
+                                    tracing::warn!(error = %text, "a key under the tag prefix is not a set: unlinked it (key not logged: it holds row values)");
                                     next.keys.push(t);
                                 }
                                 Step::Bump(v) => {
-                                    tracing::warn!(key = %v, error = %text, "version key is not an integer: unlinked it and bumped again");
+                                    tracing::warn!(error = %text, "a key under the version prefix is not an integer: unlinked it and bumped again (key not logged: it holds row values)");
                                     self.unlink_one(&v).await?;
                                     next.versions.push(v);
                                 }
