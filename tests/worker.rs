@@ -277,3 +277,74 @@ fn run_refuses_rules_the_replica_identity_cannot_serve_and_allkeys_eviction() {
     assert_eq!(code, 2, "{err}");
     assert!(err.contains("allkeys-lru"), "{err}");
 }
+
+#[test]
+fn patterns_and_default_messages_end_to_end() {
+    let pg = PgCluster::start();
+    let redis = RedisServer::start();
+    pg.psql("CREATE TABLE feeds (id int PRIMARY KEY, owner text NOT NULL, title text)");
+    pg.psql(support::SYNC_PROBE_TABLE);
+    let mapping = r#"
+[[table]]
+name = "feeds"
+patterns = ["feed:*:owner:{owner}"]
+channels = ["cache:feeds"]
+"#;
+    let cfg = WorkerConfig::new(
+        &pg,
+        &redis,
+        &[
+            ("feeds.toml", mapping),
+            ("probe.toml", support::SYNC_PROBE_MAPPING),
+        ],
+        "",
+    );
+    // The pattern uses `owner`, which can change: old rows need REPLICA IDENTITY FULL.
+    let (code, out, err) = cfg.command(&["setup", "--replica-identity-full"]);
+    assert_eq!(code, 0, "{out}{err}");
+    let mut r = RedisProbe::new(&redis);
+    let _worker = cfg.spawn_worker();
+    sync(&pg, &redis);
+    pg.psql("INSERT INTO feeds VALUES (1, 'ann', 'x'), (2, '*', 'y')");
+    sync(&pg, &redis);
+
+    for key in [
+        "feed:1:owner:ann",
+        "feed:2:owner:ann",
+        "feed:1:owner:anna",
+        "feed:1:owner:*",
+        "feed:1:owner:bob",
+        "control:3",
+    ] {
+        r.set(key, "cached");
+    }
+    let mut sub_conn = redis.client().get_connection().unwrap();
+    let mut pubsub = sub_conn.as_pubsub();
+    pubsub.subscribe("cache:feeds").unwrap();
+    pubsub.set_read_timeout(Some(WAIT)).unwrap();
+
+    pg.psql("UPDATE feeds SET title = 'z' WHERE id = 1");
+    r.wait_gone("feed:1:owner:ann", WAIT);
+    r.wait_gone("feed:2:owner:ann", WAIT);
+    // A value of `*` matches only its own literal key, never everything.
+    pg.psql("UPDATE feeds SET title = 'z' WHERE id = 2");
+    r.wait_gone("feed:1:owner:*", WAIT);
+    sync(&pg, &redis);
+    for kept in ["feed:1:owner:anna", "feed:1:owner:bob", "control:3"] {
+        assert!(
+            r.exists(kept),
+            "{kept} was deleted by a pattern it does not match"
+        );
+    }
+
+    // The default message: table, op, lsn, keys, tags, versions, epoch.
+    let payload: String = pubsub.get_message().unwrap().get_payload().unwrap();
+    let json: serde_json::Value = serde_json::from_str(&payload).unwrap();
+    assert_eq!(json["table"], "public.feeds", "{payload}");
+    assert_eq!(json["op"], "update", "{payload}");
+    assert!(
+        json["lsn"].as_str().unwrap_or("").contains('/'),
+        "{payload}"
+    );
+    assert!(json.get("epoch").is_some(), "{payload}");
+}
