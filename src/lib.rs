@@ -61,6 +61,7 @@ pub mod lsn;
 pub mod map;
 pub mod plan;
 pub mod replay;
+pub mod security;
 pub mod sink;
 pub mod source;
 pub mod worker;

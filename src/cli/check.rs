@@ -77,5 +77,9 @@ pub fn run(config_path: &Path) -> Result<(), CliError> {
         tables,
         checked.mappings.files().len()
     );
+    println!(
+        "Redis ACL for the worker: {}",
+        crate::security::redis_acl_rule(&crate::security::mapped_channels(&checked.mappings))
+    );
     Ok(())
 }

@@ -132,7 +132,13 @@ fn sql_error(
     }
     if during == "connect" && source.as_db_error().is_none() {
         let text = source.to_string();
-        if text.contains("server does not support TLS") {
+        let mut reason = String::new();
+        let mut cause = std::error::Error::source(&source);
+        while let Some(c) = cause {
+            reason = c.to_string();
+            cause = c.source();
+        }
+        if reason.contains("server does not support TLS") {
             return SourceError::TlsRefused {
                 target: settings.target(),
                 sslmode: settings.sslmode.as_str(),
@@ -140,12 +146,6 @@ fn sql_error(
             };
         }
         if text.contains("TLS handshake") {
-            let mut reason = String::new();
-            let mut cause = std::error::Error::source(&source);
-            while let Some(c) = cause {
-                reason = c.to_string();
-                cause = c.source();
-            }
             return SourceError::TlsHandshake {
                 target: settings.target(),
                 url: url.to_string(),
