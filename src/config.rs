@@ -122,6 +122,7 @@ struct RawWorker {
     max_batch_ops: Option<Spanned<u64>>,
     redelete_after_ms: Option<u64>,
     tombstone_ms: Option<Spanned<u64>>,
+    max_key_bytes: Option<Spanned<u64>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -235,6 +236,8 @@ pub struct WorkerConfig {
     pub redelete_after_ms: u64,
     /// Hold time of tombstones.
     pub tombstone_ms: u64,
+    /// Longest placeholder value rendered into a key (bytes); longer fires the fallback.
+    pub max_key_bytes: usize,
 }
 
 /// `[metrics]`.
@@ -295,6 +298,7 @@ impl Config {
             version_prefix: self.redis.version_prefix.clone(),
             epoch: epoch.into(),
             max_batch_ops: self.worker.max_batch_ops,
+            max_key_bytes: self.worker.max_key_bytes,
         }
     }
 }
@@ -531,6 +535,24 @@ impl V<'_> {
             Some(n) => *n.get_ref(),
             None => 10_000,
         };
+        let max_key_bytes = match &w.max_key_bytes {
+            Some(n) if *n.get_ref() == 0 => {
+                self.error(
+                    n.span().start,
+                    "max_key_bytes = 0: every key would fall back; at least 1 (default 65536)",
+                );
+                1
+            }
+            Some(n) if *n.get_ref() > 512 * 1024 * 1024 => {
+                self.error(
+                    n.span().start,
+                    "max_key_bytes over Redis's 512 MB key limit (default 65536)",
+                );
+                1
+            }
+            Some(n) => usize::try_from(*n.get_ref()).unwrap_or(usize::MAX),
+            None => crate::plan::planner::DEFAULT_MAX_KEY_BYTES,
+        };
         let listen = raw.metrics.listen.map(|l| {
             if l.get_ref().parse::<std::net::SocketAddr>().is_err() {
                 self.error(
@@ -565,6 +587,7 @@ impl V<'_> {
                 max_batch_ops,
                 redelete_after_ms: w.redelete_after_ms.unwrap_or(0),
                 tombstone_ms,
+                max_key_bytes,
             },
             metrics: MetricsConfig { listen },
         })
@@ -601,7 +624,8 @@ mod tests {
                 max_batch_delay_ms: 5,
                 max_batch_ops: 10_000,
                 redelete_after_ms: 0,
-                tombstone_ms: 10_000
+                tombstone_ms: 10_000,
+                max_key_bytes: 65_536,
             }
         );
         assert_eq!(c.metrics.listen, None);
@@ -702,7 +726,7 @@ listen = "127.0.0.1:9464"
     fn unknown_fields_suggest() {
         assert_eq!(
             parse(&format!("{MIN}[worker]\nmax_batch_op = 5\n")).unwrap_err(),
-            "/etc/ci/c.toml:6:1: unknown field `max_batch_op`: did you mean `max_batch_ops`?; allowed fields: max_batch_delay_ms, max_batch_ops, redelete_after_ms, tombstone_ms"
+            "/etc/ci/c.toml:6:1: unknown field `max_batch_op`: did you mean `max_batch_ops`?; allowed fields: max_batch_delay_ms, max_batch_ops, redelete_after_ms, tombstone_ms, max_key_bytes"
         );
         assert_eq!(
             parse("[postgress]\n").unwrap_err(),
