@@ -31,13 +31,32 @@ impl fmt::Debug for Secret {
     }
 }
 
-/// Values taken from the environment, applied over the file.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+/// Values taken from the environment, applied over the file. `Debug` masks
+/// the URLs' passwords.
+#[derive(Clone, Default, PartialEq, Eq)]
 pub struct EnvOverrides {
     /// `CACHE_INVALIDATOR_POSTGRES_URL`.
     pub postgres_url: Option<String>,
     /// `CACHE_INVALIDATOR_REDIS_URL`.
     pub redis_url: Option<String>,
+}
+
+impl fmt::Debug for EnvOverrides {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("EnvOverrides")
+            .field(
+                "postgres_url",
+                &self
+                    .postgres_url
+                    .as_deref()
+                    .map(crate::source::conninfo::mask_connection_string),
+            )
+            .field(
+                "redis_url",
+                &self.redis_url.as_deref().map(crate::sink::mask_url),
+            )
+            .finish()
+    }
 }
 
 impl EnvOverrides {
@@ -87,6 +106,9 @@ struct RawRedis {
     url: Option<Spanned<String>>,
     cluster: Option<Spanned<Vec<String>>>,
     password_file: Option<Spanned<String>>,
+    tls_ca_file: Option<Spanned<String>>,
+    tls_cert_file: Option<Spanned<String>>,
+    tls_key_file: Option<Spanned<String>>,
     tag_prefix: Option<Spanned<String>>,
     version_prefix: Option<Spanned<String>>,
     #[serde(default)]
@@ -100,6 +122,7 @@ struct RawWorker {
     max_batch_ops: Option<Spanned<u64>>,
     redelete_after_ms: Option<u64>,
     tombstone_ms: Option<Spanned<u64>>,
+    max_key_bytes: Option<Spanned<u64>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -133,7 +156,8 @@ impl MappingsSource {
 }
 
 /// `[postgres]`.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// `[postgres]`. `Debug` masks the URL's password.
+#[derive(Clone, PartialEq, Eq)]
 pub struct PostgresConfig {
     /// libpq URL (parsed by the source; may hold a password: never log it).
     pub url: String,
@@ -147,8 +171,23 @@ pub struct PostgresConfig {
     pub auto_setup: bool,
 }
 
-/// `[redis]`.
-#[derive(Debug, Clone, PartialEq, Eq)]
+impl fmt::Debug for PostgresConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("PostgresConfig")
+            .field(
+                "url",
+                &crate::source::conninfo::mask_connection_string(&self.url),
+            )
+            .field("password", &self.password)
+            .field("slot", &self.slot)
+            .field("publication", &self.publication)
+            .field("auto_setup", &self.auto_setup)
+            .finish()
+    }
+}
+
+/// `[redis]`. `Debug` masks the URLs' passwords.
+#[derive(Clone, PartialEq, Eq)]
 pub struct RedisConfig {
     /// Single-node URL (`None` with `cluster`).
     pub url: Option<String>,
@@ -162,6 +201,28 @@ pub struct RedisConfig {
     pub version_prefix: String,
     /// Replicas to WAIT for before acknowledging.
     pub wait_replicas: u32,
+    /// `tls_ca_file`, `tls_cert_file`, `tls_key_file` (for `rediss://`),
+    /// resolved against the config file's directory.
+    pub tls: crate::sink::RedisTls,
+}
+
+impl fmt::Debug for RedisConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let masked: Vec<String> = self
+            .cluster
+            .iter()
+            .map(|u| crate::sink::mask_url(u))
+            .collect();
+        f.debug_struct("RedisConfig")
+            .field("url", &self.url.as_deref().map(crate::sink::mask_url))
+            .field("cluster", &masked)
+            .field("password", &self.password)
+            .field("tag_prefix", &self.tag_prefix)
+            .field("version_prefix", &self.version_prefix)
+            .field("wait_replicas", &self.wait_replicas)
+            .field("tls", &self.tls)
+            .finish()
+    }
 }
 
 /// `[worker]`.
@@ -175,6 +236,8 @@ pub struct WorkerConfig {
     pub redelete_after_ms: u64,
     /// Hold time of tombstones.
     pub tombstone_ms: u64,
+    /// Longest placeholder value rendered into a key (bytes); longer fires the fallback.
+    pub max_key_bytes: usize,
 }
 
 /// `[metrics]`.
@@ -235,6 +298,7 @@ impl Config {
             version_prefix: self.redis.version_prefix.clone(),
             epoch: epoch.into(),
             max_batch_ops: self.worker.max_batch_ops,
+            max_key_bytes: self.worker.max_key_bytes,
         }
     }
 }
@@ -402,6 +466,7 @@ impl V<'_> {
         let mut version_prefix = "version:".to_owned();
         let mut redis_password = None;
         let mut wait_replicas = 0;
+        let mut redis_tls = crate::sink::RedisTls::default();
         if let Some(r) = &redis {
             if let Some(t) = &r.tag_prefix {
                 if t.get_ref().is_empty() {
@@ -422,6 +487,32 @@ impl V<'_> {
                 redis_password = self.read_secret(f);
             }
             wait_replicas = r.wait_replicas;
+            redis_tls = crate::sink::RedisTls {
+                ca_file: r.tls_ca_file.as_ref().map(|f| self.resolve(f.get_ref())),
+                cert_file: r.tls_cert_file.as_ref().map(|f| self.resolve(f.get_ref())),
+                key_file: r.tls_key_file.as_ref().map(|f| self.resolve(f.get_ref())),
+            };
+            if let (Some(f), None) | (None, Some(f)) = (&r.tls_cert_file, &r.tls_key_file) {
+                self.error(
+                    f.span().start,
+                    "tls_cert_file and tls_key_file go together: set both (PEM files) or neither",
+                );
+            }
+            let plain = |u: &str| u.starts_with("redis://");
+            if let Some(f) = r
+                .tls_ca_file
+                .iter()
+                .chain(&r.tls_cert_file)
+                .chain(&r.tls_key_file)
+                .next()
+            {
+                if redis_url.as_deref().is_some_and(plain) || cluster.iter().any(|u| plain(u)) {
+                    self.error(
+                        f.span().start,
+                        "TLS files are set but the Redis URL is redis://: use rediss:// for TLS",
+                    );
+                }
+            }
         }
 
         let w = raw.worker;
@@ -443,6 +534,24 @@ impl V<'_> {
             }
             Some(n) => *n.get_ref(),
             None => 10_000,
+        };
+        let max_key_bytes = match &w.max_key_bytes {
+            Some(n) if *n.get_ref() == 0 => {
+                self.error(
+                    n.span().start,
+                    "max_key_bytes = 0: every key would fall back; at least 1 (default 65536)",
+                );
+                1
+            }
+            Some(n) if *n.get_ref() > 512 * 1024 * 1024 => {
+                self.error(
+                    n.span().start,
+                    "max_key_bytes over Redis's 512 MB key limit (default 65536)",
+                );
+                1
+            }
+            Some(n) => usize::try_from(*n.get_ref()).unwrap_or(usize::MAX),
+            None => crate::plan::planner::DEFAULT_MAX_KEY_BYTES,
         };
         let listen = raw.metrics.listen.map(|l| {
             if l.get_ref().parse::<std::net::SocketAddr>().is_err() {
@@ -471,12 +580,14 @@ impl V<'_> {
                 tag_prefix,
                 version_prefix,
                 wait_replicas,
+                tls: redis_tls,
             },
             worker: WorkerConfig {
                 max_batch_delay_ms: w.max_batch_delay_ms.unwrap_or(5),
                 max_batch_ops,
                 redelete_after_ms: w.redelete_after_ms.unwrap_or(0),
                 tombstone_ms,
+                max_key_bytes,
             },
             metrics: MetricsConfig { listen },
         })
@@ -513,10 +624,39 @@ mod tests {
                 max_batch_delay_ms: 5,
                 max_batch_ops: 10_000,
                 redelete_after_ms: 0,
-                tombstone_ms: 10_000
+                tombstone_ms: 10_000,
+                max_key_bytes: 65_536,
             }
         );
         assert_eq!(c.metrics.listen, None);
+    }
+
+    #[test]
+    fn redis_tls_files_resolve_and_need_rediss() {
+        let c = parse("[postgres]\nurl = \"postgres://u@h/db\"\n[redis]\nurl = \"rediss://h/0\"\ntls_ca_file = \"ca.pem\"\ntls_cert_file = \"/abs/c.pem\"\ntls_key_file = \"k.pem\"\n").unwrap();
+        assert_eq!(c.redis.tls.ca_file, Some(PathBuf::from("/etc/ci/ca.pem")));
+        assert_eq!(c.redis.tls.cert_file, Some(PathBuf::from("/abs/c.pem")));
+        assert_eq!(c.redis.tls.key_file, Some(PathBuf::from("/etc/ci/k.pem")));
+        let e = parse("[postgres]\nurl = \"postgres://u@h/db\"\n[redis]\nurl = \"redis://h/0\"\ntls_cert_file = \"c.pem\"\n").unwrap_err();
+        assert!(
+            e.contains("go together") && e.contains("use rediss://"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn debug_never_shows_passwords() {
+        let env = EnvOverrides {
+            postgres_url: Some("postgres://u:pgsecret1@h/db".into()),
+            redis_url: Some("redis://u:redissecret1@h/0".into()),
+        };
+        let c = Config::parse(Path::new("/etc/ci/c.toml"), MIN, &env).unwrap();
+        let shown = format!("{c:?} {env:?} {:#?}", c.redis);
+        assert!(
+            !shown.contains("pgsecret1") && !shown.contains("redissecret1"),
+            "{shown}"
+        );
+        assert!(shown.contains("redis://u:***@h/0"), "{shown}");
     }
 
     #[test]
@@ -586,7 +726,7 @@ listen = "127.0.0.1:9464"
     fn unknown_fields_suggest() {
         assert_eq!(
             parse(&format!("{MIN}[worker]\nmax_batch_op = 5\n")).unwrap_err(),
-            "/etc/ci/c.toml:6:1: unknown field `max_batch_op`: did you mean `max_batch_ops`?; allowed fields: max_batch_delay_ms, max_batch_ops, redelete_after_ms, tombstone_ms"
+            "/etc/ci/c.toml:6:1: unknown field `max_batch_op`: did you mean `max_batch_ops`?; allowed fields: max_batch_delay_ms, max_batch_ops, redelete_after_ms, tombstone_ms, max_key_bytes"
         );
         assert_eq!(
             parse("[postgress]\n").unwrap_err(),

@@ -66,6 +66,7 @@ pub mod metrics;
 pub mod pg;
 pub mod plan;
 pub mod replay;
+pub mod security;
 pub mod sink;
 pub mod source;
 pub mod telemetry;

@@ -17,6 +17,7 @@ fn options(redis: &RedisServer) -> SinkOptions {
         password: None,
         wait_replicas: 0,
         redelete_after: None,
+        tls: Default::default(),
     }
 }
 

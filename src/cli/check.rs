@@ -117,6 +117,10 @@ pub async fn run(config_path: &Path) -> Result<(), CliError> {
     let rules = checked.mappings.rules().len();
     let tables = checked.mappings.tables().len();
     let files = checked.mappings.files().len();
+    println!(
+        "Redis ACL for the worker: {}",
+        crate::security::redis_acl_rule(&crate::security::mapped_channels(&checked.mappings))
+    );
     if errors > 0 {
         return Err(CliError::Invalid(format!(
             "{errors} error(s) in {rules} rule(s) on {tables} table(s) from {files} file(s): see above"
@@ -150,12 +154,9 @@ pub(crate) async fn redis_maxmemory_policy(config: &Config) -> Result<String, St
         (None, None) => return Err("no Redis URL configured".into()),
     };
     let target = mask_url(&url);
-    let mut info = redis::IntoConnectionInfo::into_connection_info(url.as_str())
-        .map_err(|e| format!("invalid Redis URL {target}: {e}"))?;
-    if let Some(p) = &config.redis.password {
-        info.redis.password = Some(p.expose().to_owned());
-    }
-    let client = redis::Client::open(info).map_err(|e| format!("{target}: {e}"))?;
+    let mut options = super::flush::sink_options(config).map_err(|e| e.to_string())?;
+    options.url = url;
+    let client = crate::sink::client(&options).map_err(|e| format!("{target}: {e}"))?;
     let query = async {
         let mut conn = client.get_multiplexed_async_connection().await?;
         redis::cmd("CONFIG")

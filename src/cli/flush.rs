@@ -35,6 +35,7 @@ pub fn sink_options(config: &Config) -> Result<SinkOptions, CliError> {
             .map(|p| p.expose().to_owned()),
         wait_replicas: config.redis.wait_replicas,
         redelete_after: None,
+        tls: config.redis.tls.clone(),
     })
 }
 

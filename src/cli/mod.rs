@@ -78,12 +78,13 @@ pub enum Command {
         /// Stop after this many seconds.
         #[arg(long)]
         timeout: Option<f64>,
-        /// PostgreSQL URL (until the config file is wired in; overrides it).
+        /// PostgreSQL URL; overrides the config file's `[postgres] url` (and
+        /// then the config file is not read).
         #[arg(long, env = "CACHE_INVALIDATOR_POSTGRES_URL", hide_env_values = true)]
         postgres_url: Option<String>,
-        /// Publication to stream.
-        #[arg(long, default_value = "cache_invalidator")]
-        publication: String,
+        /// Publication to stream (default: the config file's, else `cache_invalidator`).
+        #[arg(long)]
+        publication: Option<String>,
     },
     /// Run the mappings over a recorded file offline and print the plan per transaction.
     Replay {
@@ -126,13 +127,29 @@ pub async fn execute(cli: Cli) -> Result<(), CliError> {
             postgres_url,
             publication,
         } => {
-            let url = postgres_url.ok_or_else(|| {
-                CliError::Invalid(
-                    "record needs a PostgreSQL URL: --postgres-url or CACHE_INVALIDATOR_POSTGRES_URL"
-                        .into(),
-                )
-            })?;
-            let postgres = crate::source::ConnectionSettings::parse(&url, None)
+            // The flag (or its environment variable) stands alone; otherwise the
+            // config file gives the URL, password_file and publication.
+            let (url, password, config_publication) = match postgres_url {
+                Some(url) => (url, None, None),
+                None => {
+                    let config = crate::config::Config::load(
+                        &cli.config,
+                        &crate::config::EnvOverrides::from_env(),
+                    )
+                    .map_err(|e| {
+                        CliError::Invalid(format!(
+                            "record needs a PostgreSQL URL: --postgres-url, CACHE_INVALIDATOR_POSTGRES_URL or the config file: {e}"
+                        ))
+                    })?;
+                    let pg = config.postgres;
+                    let password = pg.password.as_ref().map(|s| s.expose().to_string());
+                    (pg.url, password, Some(pg.publication))
+                }
+            };
+            let publication = publication
+                .or(config_publication)
+                .unwrap_or_else(|| "cache_invalidator".into());
+            let postgres = crate::source::ConnectionSettings::parse(&url, password)
                 .map_err(|e| CliError::Invalid(e.to_string()))?;
             let timeout = match timeout {
                 Some(t) if t.is_finite() && t >= 0.0 => Some(std::time::Duration::from_secs_f64(t)),

@@ -63,6 +63,7 @@ pub async fn run(config_path: &Path) -> Result<(), CliError> {
         wait_replicas: config.redis.wait_replicas,
         redelete_after: (config.worker.redelete_after_ms > 0)
             .then(|| Duration::from_millis(config.worker.redelete_after_ms)),
+        tls: config.redis.tls.clone(),
     };
 
     let (stop_tx, stop_rx) = watch::channel(false);

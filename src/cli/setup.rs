@@ -407,19 +407,10 @@ async fn store_identity(client: &Client, config: &crate::config::Config) -> Resu
         .map_err(|e| e.to_string())?;
     let pg_system_id: String = row.get(0);
     let timeline: i64 = row.get(1);
-    let url = config.redis.url.clone().ok_or("no [redis] url")?;
-    let sink = crate::sink::RedisSink::connect(&crate::sink::SinkOptions {
-        url,
-        password: config
-            .redis
-            .password
-            .as_ref()
-            .map(|p| p.expose().to_string()),
-        wait_replicas: 0,
-        redelete_after: None,
-    })
-    .await
-    .map_err(|e| e.to_string())?;
+    let options = super::flush::sink_options(config).map_err(|e| e.to_string())?;
+    let sink = crate::sink::RedisSink::connect(&options)
+        .await
+        .map_err(|e| e.to_string())?;
     let mut conn = sink.connection();
     let current = identity::Identity {
         redis_run_id: identity::redis_run_id(&mut conn, sink.target())

@@ -1,46 +1,26 @@
 //! Plain SQL connections to PostgreSQL (not the replication connection, which
 //! lives in `source/`): used by `check`, `setup` and `status`.
 //!
-//! [`connect_sql`] opens one tokio-postgres connection without TLS, with
-//! `application_name=cache-invalidator`, and spawns its connection task.
+//! [`connect_sql`] opens one tokio-postgres connection through the source's
+//! connection path (TLS per `sslmode`, pinned session settings).
 //! Errors never show the password: [`mask_conninfo`] hides it in URLs and in
 //! `key=value` strings alike. [`catalog`] reads the catalog facts the checks,
 //! `setup` and `status` need.
 
 pub mod catalog;
 
-use std::str::FromStr;
-use std::time::Duration;
-
 /// The `application_name` of every connection this service opens.
 pub const APPLICATION_NAME: &str = "cache-invalidator";
-
-/// How long to wait for the server to accept a connection when the
-/// connection string sets no `connect_timeout`.
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// A failure talking SQL to PostgreSQL.
 #[derive(Debug, thiserror::Error)]
 pub enum PgError {
-    /// The connection string does not parse.
-    #[error("invalid PostgreSQL connection string {target}: {source}; fix [postgres] url in the config (or CACHE_INVALIDATOR_POSTGRES_URL)")]
-    Config {
-        /// The connection string, password masked.
-        target: String,
+    /// Connecting failed (the source's error says what and what to do).
+    #[error("{source}")]
+    Source {
         /// The cause.
         #[source]
-        source: tokio_postgres::Error,
-    },
-    /// The server could not be reached or refused the login.
-    #[error("cannot connect to PostgreSQL at {target}: {detail}; check that the server runs and accepts this user from this host (pg_hba.conf), and [postgres] url / password_file")]
-    Connect {
-        /// The connection string, password masked.
-        target: String,
-        /// The cause, flattened (the server's message when there is one).
-        detail: String,
-        /// The cause.
-        #[source]
-        source: tokio_postgres::Error,
+        source: crate::source::SourceError,
     },
     /// A statement failed.
     #[error("PostgreSQL: {what} failed: {detail}")]
@@ -67,12 +47,10 @@ impl PgError {
 
     /// The SQLSTATE code of a server error, if this is one.
     pub fn sqlstate(&self) -> Option<&str> {
-        let source = match self {
-            PgError::Config { source, .. }
-            | PgError::Connect { source, .. }
-            | PgError::Query { source, .. } => source,
-        };
-        source.as_db_error().map(|e| e.code().code())
+        match self {
+            PgError::Query { source, .. } => source.as_db_error().map(|e| e.code().code()),
+            PgError::Source { .. } => None,
+        }
     }
 }
 
@@ -181,32 +159,14 @@ pub async fn connect_sql(
     url: &str,
     password: Option<&str>,
 ) -> Result<tokio_postgres::Client, PgError> {
-    let target = mask_conninfo(url);
-    let mut config = tokio_postgres::Config::from_str(url).map_err(|source| PgError::Config {
-        target: target.clone(),
-        source,
-    })?;
-    if let Some(p) = password {
-        config.password(p);
-    }
-    config.application_name(APPLICATION_NAME);
-    if config.get_connect_timeout().is_none() {
-        config.connect_timeout(CONNECT_TIMEOUT);
-    }
-    let (client, connection) = config
-        .connect(tokio_postgres::NoTls)
+    // One connection path for every command: the source's, which speaks TLS
+    // (sslmode, sslrootcert, client certificates) and pins the session settings.
+    let settings = crate::source::ConnectionSettings::parse(url, password.map(str::to_owned))
+        .map_err(|source| PgError::Source { source })?;
+    let sql = crate::source::connect_sql(&settings)
         .await
-        .map_err(|source| PgError::Connect {
-            target: target.clone(),
-            detail: describe(&source),
-            source,
-        })?;
-    tokio::spawn(async move {
-        if let Err(err) = connection.await {
-            tracing::debug!(error = %describe(&err), "SQL connection closed with an error");
-        }
-    });
-    Ok(client)
+        .map_err(|source| PgError::Source { source })?;
+    Ok(sql.into_client())
 }
 
 /// Quotes an SQL identifier: `"name"`, with embedded `"` doubled.

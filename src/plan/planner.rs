@@ -39,7 +39,15 @@ pub struct PlannerContext {
     /// `[worker] max_batch_ops`: past this many messages in one transaction, one
     /// `{"table", "op": "truncate"}` message per channel and table replaces them.
     pub max_batch_ops: usize,
+    /// `[worker] max_key_bytes`: a placeholder value longer than this (bytes)
+    /// renders no key; the table's truncate invalidations fire instead
+    /// ([`FallbackReason::ValueTooLong`]). Redis allows 512 MB keys; anything
+    /// near that is a bug or hostile input.
+    pub max_key_bytes: usize,
 }
+
+/// Default of [`PlannerContext::max_key_bytes`]: 64 KiB.
+pub const DEFAULT_MAX_KEY_BYTES: usize = 64 * 1024;
 
 impl Default for PlannerContext {
     fn default() -> Self {
@@ -48,6 +56,7 @@ impl Default for PlannerContext {
             version_prefix: "version:".into(),
             epoch: String::new(),
             max_batch_ops: 10_000,
+            max_key_bytes: DEFAULT_MAX_KEY_BYTES,
         }
     }
 }
@@ -63,6 +72,8 @@ pub enum FallbackReason {
     /// An UPDATE without old row on a table whose replica identity does not
     /// carry the old values the rule needs, or a DELETE without old row.
     OldRowMissing,
+    /// A value a template needs is longer than `max_key_bytes`.
+    ValueTooLong,
 }
 
 impl FallbackReason {
@@ -72,6 +83,7 @@ impl FallbackReason {
             FallbackReason::UnknownValue => "unknown_value",
             FallbackReason::MissingColumn => "missing_column",
             FallbackReason::OldRowMissing => "old_row_missing",
+            FallbackReason::ValueTooLong => "value_too_long",
         }
     }
 }
@@ -106,6 +118,8 @@ pub struct TableCounters {
     pub fallback_missing_column: u64,
     /// Fallbacks by reason: old row missing.
     pub fallback_old_row_missing: u64,
+    /// Fallbacks by reason: a value over `max_key_bytes`.
+    pub fallback_value_too_long: u64,
 }
 
 impl TableCounters {
@@ -122,6 +136,7 @@ impl TableCounters {
             FallbackReason::UnknownValue => self.fallback_unknown_value += 1,
             FallbackReason::MissingColumn => self.fallback_missing_column += 1,
             FallbackReason::OldRowMissing => self.fallback_old_row_missing += 1,
+            FallbackReason::ValueTooLong => self.fallback_value_too_long += 1,
         }
     }
     fn add(&mut self, o: &TableCounters) {
@@ -132,6 +147,7 @@ impl TableCounters {
         self.fallback_unknown_value += o.fallback_unknown_value;
         self.fallback_missing_column += o.fallback_missing_column;
         self.fallback_old_row_missing += o.fallback_old_row_missing;
+        self.fallback_value_too_long += o.fallback_value_too_long;
     }
 }
 
@@ -575,12 +591,13 @@ impl Planner {
             }
             Op::Truncate => return Ok(()),
         };
-        // Every value needed must be known before anything is planned.
+        // Every value needed must be known (and of sane length) before anything is planned.
+        let max = self.ctx.max_key_bytes;
         for i in 0..rr.cols.len() {
-            check_known(rr, primary, i)?;
+            check_known(rr, primary, i, max)?;
             if let Some(old) = secondary {
                 if rr.in_keys[i] {
-                    check_known(rr, old, i)?;
+                    check_known(rr, old, i, max)?;
                 }
             }
         }
@@ -834,9 +851,11 @@ fn check_known(
     rr: &ResolvedRule,
     img: Image<'_>,
     i: usize,
+    max_len: usize,
 ) -> Result<(), (FallbackReason, Option<usize>)> {
     match lookup(rr, img, i) {
         Ok(Value::Unknown) => Err((FallbackReason::UnknownValue, Some(i))),
+        Ok(Value::Text(s)) if s.len() > max_len => Err((FallbackReason::ValueTooLong, Some(i))),
         Ok(_) => Ok(()),
         Err(r) => Err((r, Some(i))),
     }
@@ -1306,6 +1325,34 @@ patterns = ["feed:*:author:{author_id}"]
             p.take().publish[0].message,
             r#"{"entity":"user","id":"3","n":2}"#
         );
+    }
+
+    #[test]
+    fn value_over_max_key_bytes_fires_the_fallback() {
+        let m = Mappings::parse(
+            "m.toml",
+            "[[table]]\nname = \"users\"\nkeys = [\"u:{id}\"]\n",
+        )
+        .unwrap();
+        let mut p = Planner::new(
+            Arc::new(m),
+            PlannerContext {
+                max_key_bytes: 8,
+                ..Default::default()
+            },
+        );
+        let r = rel(11, "users", &["id"], b'f', &[]);
+        p.begin(1, Lsn(1));
+        p.change(&change(&r, Op::Insert, None, Some(&[Some("12345678")])));
+        p.change(&change(&r, Op::Insert, None, Some(&[Some("123456789")])));
+        p.commit();
+        let plan = p.take();
+        assert!(plan.keys.contains("u:12345678"));
+        assert!(!plan.keys.iter().any(|k| k.contains("123456789")));
+        assert_eq!(plan.patterns.iter().collect::<Vec<_>>(), ["u:*"]);
+        let f = p.take_fallbacks();
+        assert_eq!(f[0].reason, FallbackReason::ValueTooLong);
+        assert_eq!(FallbackReason::ValueTooLong.as_str(), "value_too_long");
     }
 
     #[test]

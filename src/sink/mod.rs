@@ -15,6 +15,7 @@ pub mod error;
 pub mod identity;
 pub mod scripts;
 
+use std::path::PathBuf;
 use std::time::Duration;
 
 use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
@@ -32,10 +33,30 @@ const SCAN_COUNT: usize = 1000;
 /// How long WAIT waits for replicas before the plan is retried.
 const WAIT_TIMEOUT_MS: u64 = 1000;
 
-/// How to reach Redis and what to do beyond the plan itself.
-#[derive(Debug, Clone)]
+/// TLS files for a `rediss://` URL: `[redis] tls_ca_file`, `tls_cert_file`,
+/// `tls_key_file` (PEM). Without a CA file the system's store is used.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RedisTls {
+    /// CA certificates to check the server's certificate against.
+    pub ca_file: Option<PathBuf>,
+    /// Client certificate (chain), for `tls-auth-clients yes`.
+    pub cert_file: Option<PathBuf>,
+    /// The client certificate's private key.
+    pub key_file: Option<PathBuf>,
+}
+
+impl RedisTls {
+    /// True when no file is set.
+    pub fn is_empty(&self) -> bool {
+        self.ca_file.is_none() && self.cert_file.is_none() && self.key_file.is_none()
+    }
+}
+
+/// How to reach Redis and what to do beyond the plan itself. `Debug` masks
+/// the password in the URL and never shows `password`.
+#[derive(Clone)]
 pub struct SinkOptions {
-    /// `redis://` URL (user and password allowed; never logged unmasked).
+    /// `redis://` or `rediss://` URL (user and password allowed; never logged unmasked).
     pub url: String,
     /// A password that overrides the URL's (from `password_file`).
     pub password: Option<String>,
@@ -43,6 +64,90 @@ pub struct SinkOptions {
     pub wait_replicas: u32,
     /// > 0: a best-effort second pass of the plan's key and tag deletes after this delay.
     pub redelete_after: Option<Duration>,
+    /// TLS files for `rediss://`.
+    pub tls: RedisTls,
+}
+
+impl std::fmt::Debug for SinkOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SinkOptions")
+            .field("url", &mask_url(&self.url))
+            .field("password", &self.password.as_ref().map(|_| "***"))
+            .field("wait_replicas", &self.wait_replicas)
+            .field("redelete_after", &self.redelete_after)
+            .field("tls", &self.tls)
+            .finish()
+    }
+}
+
+/// The redis client for `options`: password override, and for `rediss://`
+/// the CA and client certificate files. Errors name files, never secrets.
+pub fn client(options: &SinkOptions) -> Result<redis::Client, SinkError> {
+    let target = mask_url(&options.url);
+    let mut info = redis::IntoConnectionInfo::into_connection_info(options.url.as_str())
+        .map_err(|e| SinkError::Config(format!("{target}: {}", redact(&e, options))))?;
+    if let Some(password) = &options.password {
+        info.redis.password = Some(password.clone());
+    }
+    let tls = matches!(info.addr, redis::ConnectionAddr::TcpTls { .. });
+    if options.tls.is_empty() {
+        return redis::Client::open(info)
+            .map_err(|e| SinkError::Config(format!("{target}: {}", redact(&e, options))));
+    }
+    if !tls {
+        return Err(SinkError::Config(format!(
+            "{target}: tls_ca_file, tls_cert_file and tls_key_file need a rediss:// URL"
+        )));
+    }
+    let read = |p: &PathBuf, what: &str| {
+        std::fs::read(p).map_err(|e| {
+            SinkError::Config(format!("{target}: cannot read {what} {}: {e}", p.display()))
+        })
+    };
+    let client_tls = match (&options.tls.cert_file, &options.tls.key_file) {
+        (Some(c), Some(k)) => Some(redis::ClientTlsConfig {
+            client_cert: read(c, "tls_cert_file")?,
+            client_key: read(k, "tls_key_file")?,
+        }),
+        (None, None) => None,
+        _ => {
+            return Err(SinkError::Config(format!(
+                "{target}: tls_cert_file and tls_key_file go together: set both or neither"
+            )))
+        }
+    };
+    let root_cert = match &options.tls.ca_file {
+        Some(p) => Some(read(p, "tls_ca_file")?),
+        None => None,
+    };
+    redis::Client::build_with_tls(
+        info,
+        redis::TlsCertificates {
+            client_tls,
+            root_cert,
+        },
+    )
+    .map_err(|e| {
+        SinkError::Config(format!(
+            "{target}: unusable TLS files: {}",
+            redact(&e, options)
+        ))
+    })
+}
+
+/// An error's text with the URL's and the override's passwords cut out (in
+/// case a library ever echoes its input).
+fn redact(e: &dyn std::fmt::Display, options: &SinkOptions) -> String {
+    let mut text = e.to_string();
+    let url_password = url::Url::parse(&options.url)
+        .ok()
+        .and_then(|u| u.password().map(str::to_string));
+    for secret in options.password.iter().chain(url_password.iter()) {
+        if !secret.is_empty() {
+            text = text.replace(secret.as_str(), "***");
+        }
+    }
+    text
 }
 
 /// What one plan did.
@@ -100,13 +205,7 @@ impl RedisSink {
     /// Connects (and reconnects, behind the scenes) to the Redis of `options`.
     pub async fn connect(options: &SinkOptions) -> Result<Self, SinkError> {
         let target = mask_url(&options.url);
-        let mut info = redis::IntoConnectionInfo::into_connection_info(options.url.as_str())
-            .map_err(|e| SinkError::Config(format!("{target}: {e}")))?;
-        if let Some(password) = &options.password {
-            info.redis.password = Some(password.clone());
-        }
-        let client =
-            redis::Client::open(info).map_err(|e| SinkError::Config(format!("{target}: {e}")))?;
+        let client = client(options)?;
         let config = ConnectionManagerConfig::new()
             .set_connection_timeout(Duration::from_secs(5))
             .set_response_timeout(Duration::from_secs(30))

@@ -1,5 +1,5 @@
-//! The replication connection: socket (TCP or unix; TLS slots in as another
-//! [`Io`] variant later), startup with `replication=database` and the pinned
+//! The replication connection: socket (TCP, TLS over TCP after an SSLRequest,
+//! or unix), startup with `replication=database` and the pinned
 //! session settings, authentication (trust, cleartext, MD5, SCRAM-SHA-256), and
 //! simple-protocol commands (`IDENTIFY_SYSTEM`, `SHOW`, slot commands).
 //!
@@ -34,10 +34,12 @@ pub const PINNED_OPTIONS: &str =
 /// Oldest supported server (`server_version_num`).
 pub const MIN_SERVER_VERSION_NUM: u32 = 140_000;
 
-/// The transport. TLS becomes a third variant.
+/// The transport.
 pub enum Io {
     /// TCP.
     Tcp(TcpStream),
+    /// TLS over TCP (boxed: the rustls state is large).
+    Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
     /// Unix domain socket.
     Unix(UnixStream),
 }
@@ -50,6 +52,7 @@ impl AsyncRead for Io {
     ) -> Poll<io::Result<()>> {
         match self.get_mut() {
             Io::Tcp(s) => Pin::new(s).poll_read(cx, buf),
+            Io::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
             Io::Unix(s) => Pin::new(s).poll_read(cx, buf),
         }
     }
@@ -63,6 +66,7 @@ impl AsyncWrite for Io {
     ) -> Poll<io::Result<usize>> {
         match self.get_mut() {
             Io::Tcp(s) => Pin::new(s).poll_write(cx, buf),
+            Io::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
             Io::Unix(s) => Pin::new(s).poll_write(cx, buf),
         }
     }
@@ -70,6 +74,7 @@ impl AsyncWrite for Io {
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         match self.get_mut() {
             Io::Tcp(s) => Pin::new(s).poll_flush(cx),
+            Io::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
             Io::Unix(s) => Pin::new(s).poll_flush(cx),
         }
     }
@@ -77,6 +82,7 @@ impl AsyncWrite for Io {
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         match self.get_mut() {
             Io::Tcp(s) => Pin::new(s).poll_shutdown(cx),
+            Io::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
             Io::Unix(s) => Pin::new(s).poll_shutdown(cx),
         }
     }
@@ -125,7 +131,6 @@ impl std::fmt::Debug for ReplicationConnection {
 /// Connects, authenticates and checks the server: version 14 or later,
 /// `wal_level = logical`. Reads `wal_sender_timeout` for the status interval.
 pub async fn connect(settings: &ConnectionSettings) -> Result<ReplicationConnection, SourceError> {
-    settings.check_supported()?;
     let url = settings.to_string();
     let timeout = settings.connect_timeout;
     match tokio::time::timeout(timeout, connect_inner(settings, url.clone())).await {
@@ -153,7 +158,10 @@ async fn connect_inner(
                         source,
                     })?;
                 let _ = s.set_nodelay(true);
-                Io::Tcp(s)
+                match super::tls::setup(settings)? {
+                    Some(tls) => negotiate_tls(s, host, settings, &url, &tls).await?,
+                    None => Io::Tcp(s),
+                }
             }
             Host::Unix(_) => {
                 let path = settings.socket_path().unwrap_or_default();
@@ -182,6 +190,64 @@ async fn connect_inner(
     conn.check_server().await?;
     tracing::debug!(url = %conn.url, backend_pid = conn.backend_pid, server_version = %conn.server_version, "replication connection ready");
     Ok(conn)
+}
+
+/// SSLRequest, then the rustls handshake when the server answers 'S'. An 'N'
+/// is plaintext under `sslmode=prefer` and an error otherwise. Exactly one
+/// byte is read before the handshake, so nothing sent in plaintext can be
+/// mistaken for part of the TLS stream.
+async fn negotiate_tls(
+    mut tcp: TcpStream,
+    host: &str,
+    settings: &ConnectionSettings,
+    url: &str,
+    tls: &super::tls::TlsSetup,
+) -> Result<Io, SourceError> {
+    let lost = |source: io::Error| SourceError::Connect {
+        target: settings.target(),
+        url: url.to_string(),
+        source,
+    };
+    let mut buf = BytesMut::new();
+    frontend::ssl_request(&mut buf);
+    tcp.write_all(&buf).await.map_err(lost)?;
+    let mut answer = [0u8; 1];
+    tcp.read_exact(&mut answer).await.map_err(lost)?;
+    match answer[0] {
+        b'S' => {}
+        b'N' if tls.optional => {
+            tracing::debug!(url = %url, "the server declined TLS; sslmode=prefer continues in plaintext");
+            return Ok(Io::Tcp(tcp));
+        }
+        b'N' => {
+            return Err(SourceError::TlsRefused {
+                target: settings.target(),
+                sslmode: settings.sslmode.as_str(),
+                url: url.to_string(),
+            })
+        }
+        other => {
+            return Err(SourceError::Protocol {
+                during: "SSLRequest".into(),
+                url: url.to_string(),
+                reason: format!("unexpected answer byte {other:#04x} to SSLRequest"),
+            })
+        }
+    }
+    let name = super::tls::server_name(host).map_err(|reason| SourceError::TlsConfig {
+        url: url.to_string(),
+        reason,
+    })?;
+    let connector = tokio_rustls::TlsConnector::from(std::sync::Arc::clone(&tls.config));
+    match connector.connect(name, tcp).await {
+        Ok(s) => Ok(Io::Tls(Box::new(s))),
+        Err(e) if e.kind() == io::ErrorKind::InvalidData => Err(SourceError::TlsHandshake {
+            target: settings.target(),
+            url: url.to_string(),
+            reason: e.to_string(),
+        }),
+        Err(e) => Err(lost(e)),
+    }
 }
 
 impl ReplicationConnection {
@@ -394,7 +460,7 @@ impl ReplicationConnection {
                         });
                     }
                     let pw = self.password("scram-sha-256")?;
-                    // No TLS yet, so no channel binding.
+                    // No channel binding (SCRAM-SHA-256, not -PLUS), over TLS too.
                     let s =
                         sasl::ScramSha256::new(pw.as_bytes(), sasl::ChannelBinding::unsupported());
                     frontend::sasl_initial_response(

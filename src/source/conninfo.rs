@@ -30,20 +30,14 @@ pub enum Host {
     Unix(PathBuf),
 }
 
-/// libpq's `sslmode`.
-///
-/// TLS is not implemented yet: `disable` and `prefer` connect in plaintext
-/// (`prefer` means "TLS if the server offers it", and we do not offer it yet,
-/// so it is plaintext for now); `require`, `verify-ca` and `verify-full`
-/// are refused by [`ConnectionSettings::check_supported`] rather than
-/// silently downgraded.
+/// libpq's `sslmode` (see [`super::tls`] for what each one does).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum SslMode {
     /// No TLS.
     Disable,
-    /// TLS if available (plaintext for now: TLS is not supported yet).
+    /// Plaintext (libpq would retry with TLS if the server insists; we do not).
     Allow,
-    /// TLS if available (plaintext for now: TLS is not supported yet). libpq's default.
+    /// TLS if the server accepts it, else plaintext. libpq's default.
     Prefer,
     /// TLS required, certificate not checked.
     Require,
@@ -79,6 +73,15 @@ impl SslMode {
     }
 }
 
+/// `sslrootcert`: where the trusted CA certificates come from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RootCert {
+    /// A PEM file.
+    File(PathBuf),
+    /// `sslrootcert=system`: the operating system's store.
+    System,
+}
+
 /// Validated connection settings.
 #[derive(Clone)]
 pub struct ConnectionSettings {
@@ -94,6 +97,12 @@ pub struct ConnectionSettings {
     pub dbname: String,
     /// TLS mode (see [`SslMode`]).
     pub sslmode: SslMode,
+    /// `sslrootcert`: CA certificates to check the server's certificate against.
+    pub sslrootcert: Option<RootCert>,
+    /// `sslcert`: client certificate (PEM).
+    pub sslcert: Option<PathBuf>,
+    /// `sslkey`: the client certificate's private key (PEM).
+    pub sslkey: Option<PathBuf>,
     /// `application_name` reported to the server.
     pub application_name: String,
     /// Upper bound on connecting and authenticating.
@@ -109,6 +118,9 @@ const KNOWN: &[&str] = &[
     "password",
     "dbname",
     "sslmode",
+    "sslrootcert",
+    "sslcert",
+    "sslkey",
     "application_name",
     "connect_timeout",
 ];
@@ -121,6 +133,9 @@ struct Raw {
     password: Option<String>,
     dbname: Option<String>,
     sslmode: Option<String>,
+    sslrootcert: Option<String>,
+    sslcert: Option<String>,
+    sslkey: Option<String>,
     application_name: Option<String>,
     connect_timeout: Option<String>,
 }
@@ -134,6 +149,9 @@ impl Raw {
             "password" => &mut self.password,
             "dbname" => &mut self.dbname,
             "sslmode" => &mut self.sslmode,
+            "sslrootcert" => &mut self.sslrootcert,
+            "sslcert" => &mut self.sslcert,
+            "sslkey" => &mut self.sslkey,
             "application_name" => &mut self.application_name,
             "connect_timeout" => &mut self.connect_timeout,
             other => {
@@ -207,6 +225,12 @@ impl ConnectionSettings {
                 .map_err(|_| invalid(format!("invalid connect_timeout {s:?} (seconds)")))?,
         };
         let password = password_override.or(raw.password.filter(|p| !p.is_empty()));
+        let path = |p: Option<String>| p.filter(|p| !p.is_empty()).map(PathBuf::from);
+        let sslrootcert = match raw.sslrootcert.as_deref() {
+            None | Some("") => None,
+            Some("system") => Some(RootCert::System),
+            Some(p) => Some(RootCert::File(PathBuf::from(p))),
+        };
         Ok(ConnectionSettings {
             host,
             port,
@@ -214,25 +238,15 @@ impl ConnectionSettings {
             password,
             dbname,
             sslmode,
+            sslrootcert,
+            sslcert: path(raw.sslcert),
+            sslkey: path(raw.sslkey),
             application_name: raw
                 .application_name
                 .filter(|a| !a.is_empty())
                 .unwrap_or_else(|| DEFAULT_APPLICATION_NAME.into()),
             connect_timeout,
         })
-    }
-
-    /// Refuses what this build cannot do yet (TLS), naming the fix.
-    pub fn check_supported(&self) -> Result<(), SourceError> {
-        match self.sslmode {
-            SslMode::Disable | SslMode::Allow | SslMode::Prefer => Ok(()),
-            SslMode::Require | SslMode::VerifyCa | SslMode::VerifyFull => {
-                Err(SourceError::TlsNotSupported {
-                    sslmode: self.sslmode.as_str(),
-                    url: self.to_string(),
-                })
-            }
-        }
     }
 
     /// `host:port` or the unix socket path, for error messages.
@@ -536,6 +550,7 @@ fn encode(s: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::path::Path;
 
     #[test]
     fn parses_tcp_url_with_everything() {
@@ -620,18 +635,19 @@ mod tests {
     }
 
     #[test]
-    fn tls_modes_are_refused_clearly() {
-        for mode in ["require", "verify-ca", "verify-full"] {
-            let s = ConnectionSettings::parse(&format!("postgres://u@h/d?sslmode={mode}"), None)
-                .unwrap();
-            let err = s.check_supported().unwrap_err().to_string();
-            assert!(err.contains("TLS is not supported yet"), "{err}");
-        }
-        for mode in ["disable", "prefer"] {
-            let s = ConnectionSettings::parse(&format!("postgres://u@h/d?sslmode={mode}"), None)
-                .unwrap();
-            s.check_supported().unwrap();
-        }
+    fn tls_parameters_parse_as_libpq_spells_them() {
+        let s = ConnectionSettings::parse(
+            "postgres://u@h/d?sslmode=verify-full&sslrootcert=/ca.pem&sslcert=/c.pem&sslkey=/k.pem",
+            None,
+        )
+        .unwrap();
+        assert_eq!(s.sslmode, SslMode::VerifyFull);
+        assert_eq!(s.sslrootcert, Some(RootCert::File("/ca.pem".into())));
+        assert_eq!(s.sslcert.as_deref(), Some(Path::new("/c.pem")));
+        assert_eq!(s.sslkey.as_deref(), Some(Path::new("/k.pem")));
+        let s =
+            ConnectionSettings::parse("sslmode=require sslrootcert=system host=h", None).unwrap();
+        assert_eq!(s.sslrootcert, Some(RootCert::System));
         assert!(ConnectionSettings::parse("postgres://u@h/d?sslmode=nope", None).is_err());
         assert!(ConnectionSettings::parse("postgres://u@h/d?bogus=1", None).is_err());
     }

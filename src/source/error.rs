@@ -94,13 +94,33 @@ pub enum SourceError {
         /// What is wrong.
         reason: String,
     },
-    /// `sslmode` asks for TLS, which this build cannot do yet.
-    #[error("TLS is not supported yet (sslmode={sslmode} in {url}): use sslmode=disable or sslmode=prefer, or a unix socket")]
-    TlsNotSupported {
+    /// The TLS settings (`sslrootcert`, `sslcert`, `sslkey`) are unusable.
+    #[error("invalid TLS settings ({url}): {reason}")]
+    TlsConfig {
+        /// Masked URL.
+        url: String,
+        /// What is wrong and how to fix it.
+        reason: String,
+    },
+    /// `sslmode` requires TLS and the server answered that it has none.
+    #[error("the server at {target} does not accept TLS connections but sslmode={sslmode} requires TLS ({url}): enable ssl on the server or use sslmode=prefer")]
+    TlsRefused {
+        /// `host:port`.
+        target: String,
         /// The requested mode.
         sslmode: &'static str,
         /// Masked URL.
         url: String,
+    },
+    /// The TLS handshake failed (e.g. the server's certificate is not trusted).
+    #[error("TLS handshake with {target} failed ({url}): {reason}")]
+    TlsHandshake {
+        /// `host:port`.
+        target: String,
+        /// Masked URL.
+        url: String,
+        /// rustls' reason, e.g. `invalid peer certificate: UnknownIssuer`.
+        reason: String,
     },
     /// TCP connect or unix socket connect failed.
     #[error("cannot connect to PostgreSQL at {target} ({url}): {source}; is it running and listening there?")]
@@ -328,7 +348,9 @@ impl SourceError {
         use SourceError::*;
         match self {
             InvalidConnectionString { .. }
-            | TlsNotSupported { .. }
+            | TlsConfig { .. }
+            | TlsRefused { .. }
+            | TlsHandshake { .. }
             | AuthenticationFailed { .. }
             | PasswordRequired { .. }
             | UnsupportedAuthentication { .. }

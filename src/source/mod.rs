@@ -22,6 +22,7 @@ pub mod frame;
 pub mod slot;
 pub mod sql;
 pub mod stream;
+pub mod tls;
 
 pub use connection::{connect, ReplicationConnection, SystemIdentity};
 pub use conninfo::{ConnectionSettings, Host, SslMode};

@@ -1,10 +1,12 @@
 //! The ordinary SQL connection next to the replication one (tokio-postgres):
 //! catalog checks, slot state, publication existence, logical messages. Opened
-//! from the same [`ConnectionSettings`] with the same pinned session settings.
-//! No TLS yet (see [`super::conninfo::SslMode`]).
+//! from the same [`ConnectionSettings`] with the same pinned session settings
+//! and the same TLS setup ([`super::tls`]) as the replication connection.
 
 use tokio::task::JoinHandle;
+use tokio_postgres::config::SslMode as PgSslMode;
 use tokio_postgres::NoTls;
+use tokio_postgres_rustls::MakeRustlsConnect;
 
 use super::connection::PINNED_OPTIONS;
 use super::conninfo::{ConnectionSettings, Host};
@@ -50,8 +52,8 @@ impl SlotInfo {
 
 /// Opens a SQL connection from the settings (unix sockets via `host_path`).
 pub async fn connect_sql(settings: &ConnectionSettings) -> Result<SqlClient, SourceError> {
-    settings.check_supported()?;
     let url = settings.to_string();
+    let tls = super::tls::setup(settings)?;
     let mut config = tokio_postgres::Config::new();
     match &settings.host {
         Host::Tcp(h) => config.host(h),
@@ -67,20 +69,45 @@ pub async fn connect_sql(settings: &ConnectionSettings) -> Result<SqlClient, Sou
     if let Some(pw) = &settings.password {
         config.password(pw);
     }
-    let (client, connection) = config
-        .connect(NoTls)
-        .await
-        .map_err(|source| sql_error(source, "connect", &url, &settings.user, settings))?;
     let log_url = url.clone();
-    let handle = tokio::spawn(async move {
-        if let Err(error) = connection.await {
-            tracing::debug!(url = %log_url, %error, "SQL connection ended");
+    let failed = |source| sql_error(source, "connect", &url, &settings.user, settings);
+    let (client, handle) = match tls {
+        None => {
+            config.ssl_mode(PgSslMode::Disable);
+            let (client, connection) = config.connect(NoTls).await.map_err(failed)?;
+            (client, spawn_connection(connection, log_url))
         }
-    });
+        Some(tls) => {
+            config.ssl_mode(if tls.optional {
+                PgSslMode::Prefer
+            } else {
+                PgSslMode::Require
+            });
+            let make = MakeRustlsConnect::new((*tls.config).clone());
+            let (client, connection) = config.connect(make).await.map_err(failed)?;
+            (client, spawn_connection(connection, log_url))
+        }
+    };
     Ok(SqlClient {
         client,
         url,
         _connection: handle,
+    })
+}
+
+/// Drives the connection in a task; it ends when the client is dropped.
+fn spawn_connection<S, T>(
+    connection: tokio_postgres::Connection<S, T>,
+    url: String,
+) -> JoinHandle<()>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    tokio::spawn(async move {
+        if let Err(error) = connection.await {
+            tracing::debug!(url = %url, %error, "SQL connection ended");
+        }
     })
 }
 
@@ -104,6 +131,27 @@ fn sql_error(
         }
     }
     if during == "connect" && source.as_db_error().is_none() {
+        let text = source.to_string();
+        let mut reason = String::new();
+        let mut cause = std::error::Error::source(&source);
+        while let Some(c) = cause {
+            reason = c.to_string();
+            cause = c.source();
+        }
+        if reason.contains("server does not support TLS") {
+            return SourceError::TlsRefused {
+                target: settings.target(),
+                sslmode: settings.sslmode.as_str(),
+                url: url.to_string(),
+            };
+        }
+        if text.contains("TLS handshake") {
+            return SourceError::TlsHandshake {
+                target: settings.target(),
+                url: url.to_string(),
+                reason,
+            };
+        }
         if let Some(io) =
             std::error::Error::source(&source).and_then(|s| s.downcast_ref::<std::io::Error>())
         {
@@ -123,6 +171,12 @@ fn sql_error(
 
 impl SqlClient {
     /// The tokio-postgres client, for queries this module has no helper for.
+    /// Takes the client; the connection task keeps running until it is dropped.
+    pub fn into_client(self) -> tokio_postgres::Client {
+        self.client
+    }
+
+    /// The tokio-postgres client (borrowed).
     pub fn client(&self) -> &tokio_postgres::Client {
         &self.client
     }
