@@ -157,25 +157,24 @@ pub(crate) async fn redis_maxmemory_policy(config: &Config) -> Result<String, St
     let mut options = super::flush::sink_options(config).map_err(|e| e.to_string())?;
     options.url = url;
     let client = crate::sink::client(&options).map_err(|e| format!("{target}: {e}"))?;
+    // INFO memory (allowed by the worker's ACL) rather than CONFIG GET.
     let query = async {
         let mut conn = client.get_multiplexed_async_connection().await?;
-        redis::cmd("CONFIG")
-            .arg("GET")
-            .arg("maxmemory-policy")
-            .query_async::<Vec<String>>(&mut conn)
+        redis::cmd("INFO")
+            .arg("memory")
+            .query_async::<String>(&mut conn)
             .await
     };
     match tokio::time::timeout(REDIS_TIMEOUT, query).await {
         Err(_) => Err(format!("{target}: no answer within {REDIS_TIMEOUT:?}")),
-        Ok(Err(e)) if e.code() == Some("NOPERM") || e.to_string().contains("unknown command") => {
-            Err(format!(
-                "{target} does not allow CONFIG GET ({e}); check maxmemory-policy by hand: it must not be allkeys-*"
-            ))
-        }
+        Ok(Err(e)) if e.code() == Some("NOPERM") => Err(format!(
+            "{target} does not allow INFO ({e}); check maxmemory-policy by hand: it must not be allkeys-*"
+        )),
         Ok(Err(e)) => Err(format!("cannot query {target}: {e}")),
-        Ok(Ok(pair)) => pair
-            .get(1)
-            .cloned()
-            .ok_or_else(|| format!("{target}: CONFIG GET maxmemory-policy returned nothing")),
+        Ok(Ok(info)) => info
+            .lines()
+            .find_map(|l| l.strip_prefix("maxmemory_policy:"))
+            .map(|p| p.trim().to_string())
+            .ok_or_else(|| format!("{target}: INFO memory has no maxmemory_policy")),
     }
 }
