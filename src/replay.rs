@@ -213,6 +213,12 @@ pub struct TxnPlan {
     pub tag_patterns: Vec<String>,
     /// Version key patterns.
     pub version_patterns: Vec<String>,
+    /// Keys that get a tombstone at `lsn` (`mode = "tombstone"` rules); omitted when empty.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub tombstones: Vec<String>,
+    /// Tag set keys whose members get a tombstone at `lsn`; omitted when empty.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub tombstone_tags: Vec<String>,
     /// Messages, in first-seen order.
     pub publish: Vec<PublishJson>,
 }
@@ -235,6 +241,8 @@ impl TxnPlan {
             patterns: sorted(plan.patterns),
             tag_patterns: sorted(plan.tag_patterns),
             version_patterns: sorted(plan.version_patterns),
+            tombstones: sorted(plan.tombstones.into_keys().collect()),
+            tombstone_tags: sorted(plan.tombstone_tags.into_keys().collect()),
             publish: plan
                 .publish
                 .into_iter()

@@ -117,11 +117,12 @@ pub async fn run(config_path: &Path) -> Result<(), CliError> {
     let rules = checked.mappings.rules().len();
     let tables = checked.mappings.tables().len();
     let files = checked.mappings.files().len();
-    println!(
+    let acl = format!(
         "Redis ACL for the worker: {}",
         crate::security::redis_acl_rule(&crate::security::mapped_channels(&checked.mappings))
     );
     if errors > 0 {
+        println!("{acl}");
         return Err(CliError::Invalid(format!(
             "{errors} error(s) in {rules} rule(s) on {tables} table(s) from {files} file(s): see above"
         )));
@@ -133,6 +134,7 @@ pub async fn run(config_path: &Path) -> Result<(), CliError> {
         (false, false) => "offline checks only: PostgreSQL and Redis unreachable",
     };
     println!("ok: {rules} rule(s) on {tables} table(s) from {files} file(s); {scope}");
+    println!("{acl}");
     Ok(())
 }
 

@@ -174,6 +174,7 @@ impl Worker {
                 }
             }
         };
+        sink.set_tombstone_hold(Duration::from_millis(self.config.worker.tombstone_ms));
         tokio::spawn(redis_probe(
             sink.clone(),
             Arc::clone(&self.telemetry),

@@ -187,6 +187,19 @@ pub enum TruncateSource {
     None,
 }
 
+/// How a rule invalidates its keys and tag members (`mode`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Mode {
+    /// `UNLINK` (the default).
+    #[default]
+    Delete,
+    /// A tombstone carrying the commit LSN, held `[worker] tombstone_ms`, so
+    /// guarded fills that read the database before the commit are refused
+    /// (see [`crate::cache::tombstone`]). Patterns, truncates, fallbacks and
+    /// flushes still UNLINK: a full flush has no row LSN to order against.
+    Tombstone,
+}
+
 /// One validated `[[table]]` entry.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Rule {
@@ -212,6 +225,8 @@ pub struct Rule {
     pub changed_columns: Option<Vec<String>>,
     /// `assume_unchanged`: columns whose old value is taken from the new row.
     pub assume_unchanged: Vec<String>,
+    /// `mode`: how the rule's keys and tag members are invalidated.
+    pub mode: Mode,
     /// The truncate invalidations.
     pub truncate: TruncateSpec,
     /// Where [`Rule::truncate`] comes from.
@@ -589,17 +604,22 @@ impl Validator<'_> {
             .map(|s| s.get_ref().clone())
             .collect();
 
-        if let Some(mode) = &r.mode {
-            match mode.get_ref().as_str() {
+        let mut mode = Mode::Delete;
+        if let Some(m) = &r.mode {
+            match m.get_ref().as_str() {
                 "delete" => {}
-                "tombstone" => self.error(
-                    mode.span().start,
-                    "mode = \"tombstone\" is not supported yet; allowed: \"delete\"",
-                ),
-                other => self.error(
-                    mode.span().start,
-                    format!("unknown mode \"{other}\"; allowed: \"delete\" (\"tombstone\" is not supported yet)"),
-                ),
+                "tombstone" => mode = Mode::Tombstone,
+                other => {
+                    let hint = crate::diag::suggest(other, ["delete", "tombstone"])
+                        .map(|s| format!(": did you mean \"{s}\"?"))
+                        .unwrap_or_default();
+                    self.error(
+                        m.span().start,
+                        format!(
+                            "unknown mode \"{other}\"{hint}; allowed: \"delete\", \"tombstone\""
+                        ),
+                    )
+                }
             }
         }
 
@@ -629,6 +649,7 @@ impl Validator<'_> {
             on,
             changed_columns,
             assume_unchanged,
+            mode,
             truncate,
             truncate_source,
         })

@@ -108,12 +108,12 @@ fn rule_level_errors() {
         "m.toml:4:6: empty `on`: list at least one of \"insert\", \"update\", \"delete\" (or remove `on` for all three)"
     );
     assert_eq!(
-        err(&format!("{HEAD}keys = [\"k\"]\nmode = \"tombstone\"\n")),
-        "m.toml:4:8: mode = \"tombstone\" is not supported yet; allowed: \"delete\""
+        err(&format!("{HEAD}keys = [\"k\"]\nmode = \"soft\"\n")),
+        "m.toml:4:8: unknown mode \"soft\"; allowed: \"delete\", \"tombstone\""
     );
     assert_eq!(
-        err(&format!("{HEAD}keys = [\"k\"]\nmode = \"soft\"\n")),
-        "m.toml:4:8: unknown mode \"soft\"; allowed: \"delete\" (\"tombstone\" is not supported yet)"
+        err(&format!("{HEAD}keys = [\"k\"]\nmode = \"tombstones\"\n")),
+        "m.toml:4:8: unknown mode \"tombstones\": did you mean \"tombstone\"?; allowed: \"delete\", \"tombstone\""
     );
     assert_eq!(
         err(&format!("{HEAD}keys = [\"k\"]\ncolumns = []\n")),
@@ -159,6 +159,16 @@ mode = "delete"
     assert_eq!(r.assume_unchanged, ["tenant_id"]);
     assert_eq!(r.channels.len(), 2);
     assert_eq!(r.truncate_source, TruncateSource::Derived);
+    assert_eq!(r.mode, Mode::Delete);
+}
+
+#[test]
+fn mode_tombstone_is_accepted() {
+    let r = rule(&format!(
+        "{HEAD}keys = [\"user:{{id}}\"]\nmode = \"tombstone\"\n"
+    ));
+    assert_eq!(r.mode, Mode::Tombstone);
+    assert_eq!(rule(&format!("{HEAD}keys = [\"k\"]\n")).mode, Mode::Delete);
 }
 
 #[test]

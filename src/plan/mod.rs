@@ -4,7 +4,9 @@
 //! Every field is a set: a transaction that updates one row a million times
 //! yields one invalidation per distinct key. Memory is bounded by the batch.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
+
+use crate::lsn::Lsn;
 
 pub mod planner;
 
@@ -36,6 +38,12 @@ pub struct Plan {
     pub tag_patterns: HashSet<String>,
     /// Glob patterns over version keys (from `truncate`): each matching key is bumped.
     pub version_patterns: HashSet<String>,
+    /// Keys of `mode = "tombstone"` rules: each gets a tombstone carrying the
+    /// highest commit LSN that invalidated it (see [`crate::cache::tombstone`]).
+    pub tombstones: HashMap<String, Lsn>,
+    /// Tag set keys of `mode = "tombstone"` rules: every member gets a
+    /// tombstone at that LSN.
+    pub tombstone_tags: HashMap<String, Lsn>,
     /// Messages to PUBLISH after the deletes, deduplicated, in first-seen order.
     pub publish: Vec<Publish>,
     /// Dedup index for `publish`.
@@ -51,6 +59,8 @@ impl Plan {
             && self.patterns.is_empty()
             && self.tag_patterns.is_empty()
             && self.version_patterns.is_empty()
+            && self.tombstones.is_empty()
+            && self.tombstone_tags.is_empty()
             && self.publish.is_empty()
     }
 
@@ -62,6 +72,8 @@ impl Plan {
             + self.patterns.len()
             + self.tag_patterns.len()
             + self.version_patterns.len()
+            + self.tombstones.len()
+            + self.tombstone_tags.len()
             + self.publish.len()
     }
 
@@ -80,6 +92,15 @@ impl Plan {
         self.patterns.extend(other.patterns);
         self.tag_patterns.extend(other.tag_patterns);
         self.version_patterns.extend(other.version_patterns);
+        for (map, more) in [
+            (&mut self.tombstones, other.tombstones),
+            (&mut self.tombstone_tags, other.tombstone_tags),
+        ] {
+            for (name, lsn) in more {
+                let at = map.entry(name).or_insert(lsn);
+                *at = (*at).max(lsn);
+            }
+        }
         for p in other.publish {
             self.add_publish(p);
         }

@@ -22,7 +22,7 @@ use crate::decode::{Change, Event, Op, Relation, Row, Value};
 use crate::lsn::Lsn;
 use crate::map::glob;
 use crate::map::template::{Missing, Template};
-use crate::map::{Mappings, Rule, Shape, TableName};
+use crate::map::{Mappings, Mode, Rule, Shape, TableName};
 
 /// The prefix of logical decoding messages addressed to the worker.
 pub const MESSAGE_PREFIX: &str = "cache-invalidator";
@@ -610,24 +610,46 @@ impl Planner {
         for img in std::iter::once(primary).chain(secondary) {
             let ctx = &self.ctx;
             let plan = &mut self.plan;
-            render_set(
-                &rule.keys,
-                rr,
-                img,
-                "",
-                &mut sc.buf,
-                &mut plan.keys,
-                collect.then_some(&mut sc.keys),
-            );
-            render_set(
-                &rule.tags,
-                rr,
-                img,
-                &ctx.tag_prefix,
-                &mut sc.buf,
-                &mut plan.tags,
-                collect.then_some(&mut sc.tags),
-            );
+            if rule.mode == Mode::Tombstone {
+                let lsn = self.lsn;
+                render_set(
+                    &rule.keys,
+                    rr,
+                    img,
+                    "",
+                    &mut sc.buf,
+                    &mut AtLsn(&mut plan.tombstones, lsn),
+                    collect.then_some(&mut sc.keys),
+                );
+                render_set(
+                    &rule.tags,
+                    rr,
+                    img,
+                    &ctx.tag_prefix,
+                    &mut sc.buf,
+                    &mut AtLsn(&mut plan.tombstone_tags, lsn),
+                    collect.then_some(&mut sc.tags),
+                );
+            } else {
+                render_set(
+                    &rule.keys,
+                    rr,
+                    img,
+                    "",
+                    &mut sc.buf,
+                    &mut plan.keys,
+                    collect.then_some(&mut sc.keys),
+                );
+                render_set(
+                    &rule.tags,
+                    rr,
+                    img,
+                    &ctx.tag_prefix,
+                    &mut sc.buf,
+                    &mut plan.tags,
+                    collect.then_some(&mut sc.tags),
+                );
+            }
             render_set(
                 &rule.versions,
                 rr,
@@ -870,13 +892,41 @@ fn value_text<'a>(rr: &ResolvedRule, img: Image<'a>, i: usize) -> Result<&'a str
     }
 }
 
+/// Where [`render_set`] puts rendered names: a plain set, or a map keeping
+/// the highest commit LSN per name (tombstones).
+trait RenderTarget {
+    fn add(&mut self, name: &str);
+}
+
+impl RenderTarget for std::collections::HashSet<String> {
+    fn add(&mut self, name: &str) {
+        if !self.contains(name) {
+            self.insert(name.to_owned());
+        }
+    }
+}
+
+/// Tombstone names at one commit LSN; an entry only ever moves to a higher LSN.
+struct AtLsn<'a>(&'a mut HashMap<String, Lsn>, Lsn);
+
+impl RenderTarget for AtLsn<'_> {
+    fn add(&mut self, name: &str) {
+        match self.0.get_mut(name) {
+            Some(lsn) => *lsn = (*lsn).max(self.1),
+            None => {
+                self.0.insert(name.to_owned(), self.1);
+            }
+        }
+    }
+}
+
 fn render_set(
     templates: &[Template],
     rr: &ResolvedRule,
     img: Image<'_>,
     prefix: &str,
     buf: &mut String,
-    set: &mut std::collections::HashSet<String>,
+    set: &mut impl RenderTarget,
     mut collect: Option<&mut Vec<String>>,
 ) {
     for t in templates {
@@ -885,9 +935,7 @@ fn render_set(
         if t.render_into(buf, |i| value_text(rr, img, i)).is_err() {
             continue; // NULL renders nothing (unknown values were checked before)
         }
-        if !set.contains(buf.as_str()) {
-            set.insert(buf.clone());
-        }
+        set.add(buf);
         if let Some(c) = collect.as_deref_mut() {
             c.push(buf.clone());
         }

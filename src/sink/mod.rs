@@ -6,6 +6,11 @@
 //! after the deletes; then `WAIT` when `wait_replicas > 0`. Everything is safe
 //! to repeat, so a failed plan is retried whole.
 //!
+//! Tombstones (`mode = "tombstone"` rules) run in the same rounds, after the
+//! UNLINKs (a key both unlinked and tombstoned ends as a tombstone): the
+//! TOMBSTONE_SET script for keys, the TAG_TOMBSTONE SSCAN loop for tag sets;
+//! their hold time is [`RedisSink::set_tombstone_hold`] (default 10 s).
+//!
 //! Permanent errors on one key (WRONGTYPE on a tag set, "not an integer" on a
 //! version key) unlink that key and redo the step, counted in
 //! [`ApplyStats::repaired`]. NOPERM, OOM and READONLY are returned as
@@ -23,6 +28,8 @@ use redis::{Pipeline, Script, Value};
 
 pub use error::{mask_url, RetryClass, SinkError};
 
+use crate::cache::tombstone::lsn_hex;
+use crate::lsn::Lsn;
 use crate::map::glob::glob_match;
 use crate::plan::Plan;
 
@@ -32,6 +39,8 @@ const UNLINK_CHUNK: usize = 1000;
 const SCAN_COUNT: usize = 1000;
 /// How long WAIT waits for replicas before the plan is retried.
 const WAIT_TIMEOUT_MS: u64 = 1000;
+/// Hold time of tombstones unless [`RedisSink::set_tombstone_hold`] says otherwise.
+pub const DEFAULT_TOMBSTONE_MS: u64 = 10_000;
 
 /// TLS files for a `rediss://` URL: `[redis] tls_ca_file`, `tls_cert_file`,
 /// `tls_key_file` (PEM). Without a CA file the system's store is used.
@@ -165,6 +174,10 @@ pub struct ApplyStats {
     pub pattern_matches: u64,
     /// Messages published.
     pub published: u64,
+    /// Keys sent to the tombstone script (a newer tombstone already there is kept).
+    pub tombstones: u64,
+    /// Tag set members tombstoned (counted per SSCAN step).
+    pub tombstone_members: u64,
     /// Keys of the wrong type under the tag or version prefix, unlinked and redone.
     pub repaired: u64,
 }
@@ -176,6 +189,9 @@ pub struct RedisSink {
     target: String,
     tag_pop: Script,
     version_bump: Script,
+    tombstone_set: Script,
+    tag_tombstone: Script,
+    tombstone_ms: u64,
     wait_replicas: u32,
     redelete_after: Option<Duration>,
 }
@@ -185,6 +201,8 @@ enum Step {
     Unlink(usize),
     TagPop(String),
     Bump(String),
+    Tombstone(Vec<(String, Lsn)>),
+    TagTombstone(String, Lsn),
 }
 
 /// The work of one round: what the next pipeline sends.
@@ -193,11 +211,18 @@ struct Round {
     keys: Vec<String>,
     tags: Vec<String>,
     versions: Vec<String>,
+    tombstones: Vec<(String, Lsn)>,
+    /// (tag set, LSN, SSCAN cursor).
+    tombstone_tags: Vec<(String, Lsn, String)>,
 }
 
 impl Round {
     fn is_empty(&self) -> bool {
-        self.keys.is_empty() && self.tags.is_empty() && self.versions.is_empty()
+        self.keys.is_empty()
+            && self.tags.is_empty()
+            && self.versions.is_empty()
+            && self.tombstones.is_empty()
+            && self.tombstone_tags.is_empty()
     }
 }
 
@@ -224,9 +249,17 @@ impl RedisSink {
             target,
             tag_pop: Script::new(scripts::TAG_POP),
             version_bump: Script::new(scripts::VERSION_BUMP),
+            tombstone_set: Script::new(scripts::TOMBSTONE_SET),
+            tag_tombstone: Script::new(scripts::TAG_TOMBSTONE),
+            tombstone_ms: DEFAULT_TOMBSTONE_MS,
             wait_replicas: options.wait_replicas,
             redelete_after: options.redelete_after,
         })
+    }
+
+    /// Sets the hold time of tombstones (`[worker] tombstone_ms`; at least 1 ms).
+    pub fn set_tombstone_hold(&mut self, hold: Duration) {
+        self.tombstone_ms = u64::try_from(hold.as_millis()).unwrap_or(u64::MAX).max(1);
     }
 
     /// The Redis URL with its password masked.
@@ -259,6 +292,16 @@ impl RedisSink {
             keys: plan.keys.iter().cloned().collect(),
             tags: plan.tags.iter().cloned().collect(),
             versions: plan.versions.iter().cloned().collect(),
+            tombstones: plan
+                .tombstones
+                .iter()
+                .map(|(k, lsn)| (k.clone(), *lsn))
+                .collect(),
+            tombstone_tags: plan
+                .tombstone_tags
+                .iter()
+                .map(|(k, lsn)| (k.clone(), *lsn, "0".to_owned()))
+                .collect(),
         };
         self.run_rounds(round, &mut stats).await?;
         if !(plan.patterns.is_empty()
@@ -310,7 +353,7 @@ impl RedisSink {
         let round = Round {
             keys: plan.keys.iter().cloned().collect(),
             tags: plan.tags.iter().cloned().collect(),
-            versions: Vec::new(),
+            ..Round::default()
         };
         tokio::spawn(async move {
             tokio::time::sleep(delay).await;
@@ -337,6 +380,8 @@ impl RedisSink {
         let mut pipe = redis::pipe();
         pipe.cmd("SCRIPT").arg("LOAD").arg(scripts::TAG_POP);
         pipe.cmd("SCRIPT").arg("LOAD").arg(scripts::VERSION_BUMP);
+        pipe.cmd("SCRIPT").arg("LOAD").arg(scripts::TOMBSTONE_SET);
+        pipe.cmd("SCRIPT").arg("LOAD").arg(scripts::TAG_TOMBSTONE);
         let _: () = pipe
             .query_async(&mut self.conn)
             .await
@@ -358,6 +403,32 @@ impl RedisSink {
             for chunk in round.keys.chunks(UNLINK_CHUNK) {
                 pipe.cmd("UNLINK").arg(chunk);
                 steps.push(Step::Unlink(chunk.len()));
+            }
+            for chunk in round.tombstones.chunks(scripts::TOMBSTONE_CHUNK) {
+                let cmd = pipe
+                    .cmd("EVALSHA")
+                    .arg(self.tombstone_set.get_hash())
+                    .arg(chunk.len());
+                for (key, _) in chunk {
+                    cmd.arg(key);
+                }
+                cmd.arg(self.tombstone_ms);
+                for (_, lsn) in chunk {
+                    cmd.arg(lsn_hex(*lsn));
+                }
+                steps.push(Step::Tombstone(chunk.to_vec()));
+            }
+            round.tombstones.clear();
+            for (tag, lsn, cursor) in round.tombstone_tags.drain(..) {
+                pipe.cmd("EVALSHA")
+                    .arg(self.tag_tombstone.get_hash())
+                    .arg(1)
+                    .arg(&tag)
+                    .arg(&cursor)
+                    .arg(scripts::TAG_POP_COUNT)
+                    .arg(lsn_hex(lsn))
+                    .arg(self.tombstone_ms);
+                steps.push(Step::TagTombstone(tag, lsn));
             }
             for tag in round.tags.drain(..) {
                 pipe.cmd("EVALSHA")
@@ -390,6 +461,29 @@ impl RedisSink {
                         }
                     }
                     (Step::Bump(_), Value::Int(_)) => {}
+                    (Step::Tombstone(chunk), Value::Int(_)) => {
+                        stats.tombstones += chunk.len() as u64;
+                    }
+                    (Step::TagTombstone(tag, lsn), Value::Array(items)) => {
+                        let (cursor, seen) = match items.as_slice() {
+                            [Value::BulkString(c), Value::Int(n)] => {
+                                (String::from_utf8_lossy(c).into_owned(), *n)
+                            }
+                            other => {
+                                return Err(self.err("EVALSHA tag-tombstone")(
+                                    redis::RedisError::from((
+                                        redis::ErrorKind::TypeError,
+                                        "unexpected reply",
+                                        format!("{other:?}"),
+                                    )),
+                                ))
+                            }
+                        };
+                        stats.tombstone_members += u64::try_from(seen).unwrap_or(0);
+                        if cursor != "0" {
+                            next.tombstone_tags.push((tag, lsn, cursor));
+                        }
+                    }
                     (step, Value::ServerError(e)) => {
                         let e: redis::RedisError = e.into();
                         let text = e.to_string();
@@ -398,6 +492,11 @@ impl RedisSink {
                             match step {
                                 Step::TagPop(t) => next.tags.push(t),
                                 Step::Bump(v) => next.versions.push(v),
+                                Step::Tombstone(chunk) => next.tombstones.extend(chunk),
+                                // Restart the SSCAN: repeating it is harmless.
+                                Step::TagTombstone(t, lsn) => {
+                                    next.tombstone_tags.push((t, lsn, "0".to_owned()))
+                                }
                                 Step::Unlink(_) => return Err(self.err("UNLINK")(e)),
                             }
                         } else if is_wrong_type(&text) {
@@ -405,7 +504,7 @@ impl RedisSink {
                             // prefix: unlink it and redo the step.
                             stats.repaired += 1;
                             match step {
-                                Step::TagPop(t) => {
+                                Step::TagPop(t) | Step::TagTombstone(t, _) => {
                                     tracing::warn!(error = %text, "a key under the tag prefix is not a set: unlinked it (key not logged: it holds row values)");
                                     next.keys.push(t);
                                 }
@@ -414,13 +513,17 @@ impl RedisSink {
                                     self.unlink_one(&v).await?;
                                     next.versions.push(v);
                                 }
-                                Step::Unlink(_) => return Err(self.err("UNLINK")(e)),
+                                Step::Unlink(_) | Step::Tombstone(_) => {
+                                    return Err(self.err("UNLINK/tombstone")(e))
+                                }
                             }
                         } else {
                             let command = match step {
                                 Step::Unlink(_) => "UNLINK",
                                 Step::TagPop(_) => "EVALSHA tag-pop",
                                 Step::Bump(_) => "EVALSHA version-bump",
+                                Step::Tombstone(_) => "EVALSHA tombstone-set",
+                                Step::TagTombstone(..) => "EVALSHA tag-tombstone",
                             };
                             return Err(self.err(command)(e));
                         }
