@@ -216,7 +216,10 @@ impl Tally {
         let mut s = String::new();
         for (i, w) in self.0.iter().enumerate() {
             let log = w.log();
-            let lines: Vec<&str> = log.lines().collect();
+            let lines: Vec<&str> = log
+                .lines()
+                .filter(|l| !l.contains("batch applied"))
+                .collect();
             let from = lines.len().saturating_sub(40);
             s.push_str(&format!(
                 "--- worker {i} ---\n{}\n",
@@ -419,8 +422,8 @@ fn crash_between_apply_and_ack_reapplies_the_transaction() {
     logs.add(cfg.spawn_worker());
     r.wait_gone("item:1", WAIT);
     sync_acked(&pg, &redis);
-    assert_all_present(&redis, &control_keys(), &logs);
     logs.assert_counts(1, 0, 0);
+    assert_all_present(&redis, &control_keys(), &logs);
 }
 
 /// Rows of the large transaction (the design's W1 is 1,000,000; see the report).
@@ -480,8 +483,8 @@ fn kill_during_a_large_transaction_reapplies_it_whole() {
     eprintln!("re-applied {rows} rows in {:?}", restarted.elapsed());
     sync_acked(&pg, &redis);
     assert!(confirmed(&pg).expect("slot") >= end);
-    assert_all_present(&redis, &control_keys(), &logs);
     logs.assert_counts(1, 0, 0);
+    assert_all_present(&redis, &control_keys(), &logs);
 }
 
 // ---------------------------------------------------------------------------
@@ -593,8 +596,8 @@ fn slow_redis_keeps_the_connection_and_acknowledges_nothing_early() {
         pg.log()
     );
     assert_eq!(logs.last().try_exit_code(), None);
-    assert_all_present(&redis, &control_keys(), &logs);
     logs.assert_counts(1, 0, 0);
+    assert_all_present(&redis, &control_keys(), &logs);
 }
 
 /// Permanent errors on one key: a tag key holding a string and a version key
@@ -644,8 +647,8 @@ fn wrongtype_tag_and_non_integer_version_are_repaired() {
     let log = logs.last().log();
     assert!(log.contains("tag key is not a set: unlinked it"), "{log}");
     assert!(log.contains("version key is not an integer"), "{log}");
-    assert_all_present(&redis, &control_keys(), &logs);
     logs.assert_counts(1, 0, 0);
+    assert_all_present(&redis, &control_keys(), &logs);
 }
 
 // ---------------------------------------------------------------------------
@@ -662,6 +665,14 @@ fn walsender_kill_and_postgres_restart_lose_nothing() {
     first_worker(&pg, &redis, &cfg, &mut logs);
     let keys = item_keys(1..=3_000);
     set_keys(&redis, &keys, "cached");
+    // Before PostgreSQL 17 a slot whose only change is confirmed_flush_lsn is
+    // not saved at shutdown: a restart replays what was acknowledged since it
+    // was last saved (at-least-once), setup's flush marker included when it is
+    // that recent. Let restart_lsn move past the marker (a checkpoint logs the
+    // running transactions; the next acknowledgement moves it and saves the
+    // slot), as it does within seconds in production.
+    pg.psql("CHECKPOINT");
+    sync_acked(&pg, &redis);
 
     psql_script(&pg, &update_script(1, 1_001, 10, 0.0)).expect("phase 1");
     let terminated = pg.psql(
@@ -676,8 +687,8 @@ fn walsender_kill_and_postgres_restart_lose_nothing() {
     wait_all_gone(&redis, &keys, WAIT, &logs);
     assert!(logs.count(RESUMING) >= 1, "{}", logs.tail());
     assert_eq!(logs.last().try_exit_code(), None);
-    assert_all_present(&redis, &control_keys(), &logs);
     logs.assert_counts(1, 0, 0);
+    assert_all_present(&redis, &control_keys(), &logs);
 }
 
 /// A dropped slot without `auto_setup`: the worker exits 2 naming the setup
@@ -835,8 +846,8 @@ fn standby_takes_over_within_ten_seconds() {
     standby.wait_log("replication started", WAIT);
     support::sync_worker(&pg, &redis, WAIT);
     wait_all_gone(&redis, &keys, WAIT, &logs);
-    assert_all_present(&redis, &control_keys(), &logs);
     logs.assert_counts(1, 0, 0);
+    assert_all_present(&redis, &control_keys(), &logs);
     eprintln!("standby streamed {took:?} after the kill");
 }
 
@@ -870,8 +881,8 @@ fn idle_mapped_tables_do_not_pin_wal() {
     // walsender keepalive period (half of wal_sender_timeout), with slack for
     // a loaded machine.
     assert!(took < Duration::from_secs(6), "took {took:?}");
-    assert_all_present(&redis, &control_keys(), &logs);
     logs.assert_counts(1, 0, 0);
+    assert_all_present(&redis, &control_keys(), &logs);
 }
 
 // ---------------------------------------------------------------------------
@@ -944,8 +955,8 @@ fn schema_changes_mid_stream() {
         "no warning for the rename:\n{log}"
     );
     assert_eq!(logs.last().try_exit_code(), None);
-    assert_all_present(&redis, &control_keys(), &logs);
     logs.assert_counts(1, 0, 1);
+    assert_all_present(&redis, &control_keys(), &logs);
 }
 
 // ---------------------------------------------------------------------------
@@ -1098,8 +1109,8 @@ fn odd_values_and_wide_rows_delete_exactly_their_keys() {
     r.wait_gone("wide:1:1599", WAIT);
     sync_acked(&pg, &redis);
     assert_all_present(&redis, &untouched, &logs);
-    assert_all_present(&redis, &control_keys(), &logs);
     logs.assert_counts(1, 0, 0);
+    assert_all_present(&redis, &control_keys(), &logs);
 }
 
 fn quote(s: &str) -> String {
