@@ -92,9 +92,11 @@ fn spawn_psql(pg: &PgCluster, script: &str) -> std::process::Child {
     child
 }
 
-/// `pg_current_wal_lsn()` in bytes.
+/// `pg_current_wal_insert_lsn()` in bytes: past every record inserted so far
+/// (`pg_current_wal_lsn()`, the write position, can trail a commit record
+/// under `synchronous_commit = off`).
 fn wal_lsn(pg: &PgCluster) -> u64 {
-    pg.psql("SELECT pg_current_wal_lsn() - '0/0'")
+    pg.psql("SELECT pg_current_wal_insert_lsn() - '0/0'")
         .parse()
         .expect("lsn")
 }
@@ -426,12 +428,21 @@ fn crash_between_apply_and_ack_reapplies_the_transaction() {
     assert_all_present(&redis, &control_keys(), &logs);
 }
 
-/// Rows of the large transaction (the design's W1 is 1,000,000; see the report).
+/// Rows of the large transaction: 200,000 by default (its re-application by
+/// the debug build takes ~15 s on the 2-core machine), the design's 1,000,000
+/// with `CACHE_INVALIDATOR_SLOW_TESTS=1` (~75 s more), or
+/// `CACHE_INVALIDATOR_LARGE_ROWS=n`.
 fn large_rows() -> u32 {
-    std::env::var("CACHE_INVALIDATOR_LARGE_ROWS")
+    if let Some(n) = std::env::var("CACHE_INVALIDATOR_LARGE_ROWS")
         .ok()
         .and_then(|s| s.parse().ok())
-        .unwrap_or(1_000_000)
+    {
+        return n;
+    }
+    match std::env::var("CACHE_INVALIDATOR_SLOW_TESTS").as_deref() {
+        Ok("1") => 1_000_000,
+        _ => 200_000,
+    }
 }
 
 /// A kill while a large single transaction is being applied in chunks: its
@@ -452,9 +463,7 @@ fn kill_during_a_large_transaction_reapplies_it_whole() {
 
     let started = Instant::now();
     let before = wal_lsn(&pg);
-    pg.psql(
-        "UPDATE items SET v = v + 1 WHERE id <= (SELECT max(id) FROM items WHERE id < 1000000)",
-    );
+    pg.psql(&format!("UPDATE items SET v = v + 1 WHERE id <= {rows}"));
     let end = wal_lsn(&pg);
     eprintln!("update of {rows} rows committed in {:?}", started.elapsed());
 
@@ -469,10 +478,13 @@ fn kill_during_a_large_transaction_reapplies_it_whole() {
         keys.len(),
         started.elapsed()
     );
+    // Keepalives answered while PostgreSQL was still reading the transaction's
+    // WAL may confirm positions inside it (before its commit record, which is
+    // safe: it is decoded again); never its commit.
     let c = confirmed(&pg).expect("slot");
     assert!(
-        c <= before,
-        "confirmed {c} passed the transaction ({before}..{end})"
+        c < end,
+        "confirmed {c} passed the transaction's commit ({before}..{end})"
     );
 
     // Everything cached again: the restart must apply the whole transaction again.
