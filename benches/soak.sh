@@ -150,6 +150,7 @@ start_worker() {
     WORKER_N=$((WORKER_N + 1))
     RUST_LOG=info nice -n 10 "$BIN" --config "$CFG" run >"$TMP/worker-$WORKER_N.log" 2>&1 &
     WORKER_PID=$!
+    WORKER_STARTED=$(date +%s)
 }
 
 start_worker
@@ -177,7 +178,8 @@ while (( $(date +%s) - START < DURATION )); do
         start_worker
         NEXT_KILL=$((now + KILL_EVERY / 2 + RANDOM % (KILL_EVERY + 1)))
     fi
-    if (( now >= NEXT_SAMPLE )); then
+    # RSS of a worker at least 3 s old (not one still starting up).
+    if (( now >= NEXT_SAMPLE && now - WORKER_STARTED >= 3 )); then
         rss=$(awk '/VmRSS/ {print $2}' "/proc/$WORKER_PID/status" 2>/dev/null || echo 0)
         lag=$(psql_ -c "SELECT pg_current_wal_lsn() - confirmed_flush_lsn FROM pg_replication_slots WHERE slot_name = 'cache_invalidator'")
         printf '%s\t%s\t%s\t%s\t%s\n' $((now - START)) "${rss:-0}" "$lag" "$CANARY" "$KILLS" >>"$TMP/rss.tsv"
