@@ -207,9 +207,20 @@ impl Worker {
         }
     }
 
-    /// Read-only checks: the publication and the slot exist.
+    /// `auto_setup = true`: what `setup` does (publication, slot, flush
+    /// markers; a lost slot recreated), before the read-only checks and again
+    /// whenever the slot turns out missing or lost.
+    async fn auto_setup(&self) -> Result<(), CliError> {
+        tracing::info!("auto_setup: running setup (publication, slot, flush markers)");
+        super::setup::run(&self.config.path, false).await
+    }
+
+    /// Read-only checks (after `auto_setup`): the publication and the slot exist.
     async fn preflight(&self) -> Result<(), CliError> {
         let pg = &self.config.postgres;
+        if pg.auto_setup {
+            self.auto_setup().await?;
+        }
         let setup_cmd = format!(
             "cache-invalidator setup --config {}",
             self.config.path.display()
@@ -309,6 +320,20 @@ impl Worker {
             Err(err) => return retry(err),
         };
         if let Err(err) = source::start_replication(&mut conn, &pg.slot, &pg.publication).await {
+            if matches!(
+                err,
+                SourceError::SlotMissing { .. } | SourceError::SlotLost { .. }
+            ) {
+                // Dropped or invalidated under us: changes since the last
+                // acknowledgement are unknown. Recreating the slot emits the
+                // flush:all marker; without auto_setup the operator runs setup.
+                if !pg.auto_setup {
+                    return Err(CliError::Invalid(err.to_string()));
+                }
+                tracing::warn!(slot = %pg.slot, error = %err, "auto_setup: recreating the replication slot; its flush marker flushes every mapped table");
+                self.auto_setup().await?;
+                return Ok(SessionEnd::Retry(err.to_string(), RetryClass::Reconnect));
+            }
             if matches!(err, SourceError::SlotActive { .. }) {
                 self.telemetry.standby();
                 if !self

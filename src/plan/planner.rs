@@ -529,6 +529,7 @@ impl Planner {
             }
             if mapped.is_none() {
                 if let Some(old) = p.mapped {
+                    tracing::warn!(table = %old, renamed_to = %name, "a mapped table was renamed: following it by OID; rename it in the mapping files too");
                     self.stats.renamed.push((old.to_string(), name.to_string()));
                     mapped = Some(old);
                 }
