@@ -44,6 +44,27 @@ fn sample(metrics: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
         .sum()
 }
 
+/// Scrapes until two scrapes 300 ms apart agree on the counters the test
+/// compares: a key disappears from Redis before the worker records the batch.
+fn settled_metrics(port: u16) -> String {
+    let key = |m: &str| {
+        (
+            sample(m, "cache_invalidator_transactions_total", &[]),
+            sample(m, "cache_invalidator_invalidations_total", &[]),
+            sample(m, "cache_invalidator_changes_total", &[]),
+        )
+    };
+    let mut last = wait_status(port, "/metrics", 200);
+    loop {
+        std::thread::sleep(Duration::from_millis(300));
+        let now = wait_status(port, "/metrics", 200);
+        if key(&now) == key(&last) {
+            return now;
+        }
+        last = now;
+    }
+}
+
 fn config_with_metrics(pg: &PgCluster, redis: &RedisServer, port: u16) -> WorkerConfig {
     let cfg = WorkerConfig::demo(pg, redis);
     let path = cfg.path();
@@ -76,13 +97,13 @@ fn counters_move_by_exactly_the_workload() {
     assert_eq!(code, 0, "{out}{err}");
     let _worker = cfg.spawn_worker();
     support::sync_worker(&pg, &redis, WAIT);
-    let before = wait_status(port, "/metrics", 200);
+    let before = settled_metrics(port);
 
     // One update of user 123: 3 keys, 1 tag, 1 version, 1 message. Then one
     // sync_probe insert: 1 key.
     pg.psql("UPDATE users SET name = 'Ada L.' WHERE id = 123");
     support::sync_worker(&pg, &redis, WAIT);
-    let after = wait_status(port, "/metrics", 200);
+    let after = settled_metrics(port);
 
     let delta = |name: &str, labels: &[(&str, &str)]| {
         sample(&after, name, labels) - sample(&before, name, labels)
