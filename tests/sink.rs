@@ -265,3 +265,55 @@ async fn identity_detects_a_restarted_redis() {
         other => panic!("expected Changed, got {other:?}"),
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redelete_after_deletes_a_key_refilled_right_after_the_invalidation() {
+    let redis = RedisServer::start();
+    let mut c = redis.client().get_connection().unwrap();
+    let mut opts = options(&redis);
+    opts.redelete_after = Some(Duration::from_millis(300));
+    let mut sink = RedisSink::connect(&opts).await.unwrap();
+    let _: () = c.set("user:9:profile", "x").unwrap();
+    let plan = plan_with(|p| {
+        p.keys.insert("user:9:profile".into());
+    });
+    sink.apply(&plan).await.unwrap();
+    assert!(!c.exists::<_, bool>("user:9:profile").unwrap());
+    // A reader that read the old row fills the cache after the first delete...
+    let _: () = c.set("user:9:profile", "stale").unwrap();
+    // ...and the delayed second pass removes it.
+    support::wait_for("the second delete", Duration::from_secs(5), || {
+        (!c.exists::<_, bool>("user:9:profile").unwrap()).then_some(())
+    });
+}
+
+#[tokio::test]
+async fn wait_replicas_waits_for_replicas_and_fails_without_enough() {
+    let redis = RedisServer::start();
+    let port = redis.port().to_string();
+    let replica = RedisServer::start_with(&["--replicaof", "127.0.0.1", &port]);
+    support::wait_for("the replica link", Duration::from_secs(20), || {
+        replica
+            .cli(&["INFO", "replication"])
+            .ok()
+            .filter(|i| i.contains("master_link_status:up"))
+    });
+    let plan = plan_with(|p| {
+        p.keys.insert("k".into());
+    });
+    let mut opts = options(&redis);
+    opts.wait_replicas = 1;
+    let mut sink = RedisSink::connect(&opts).await.unwrap();
+    sink.apply(&plan).await.expect("one replica confirms");
+    opts.wait_replicas = 2;
+    let mut sink = RedisSink::connect(&opts).await.unwrap();
+    let err = sink
+        .apply(&plan)
+        .await
+        .expect_err("only one replica exists");
+    assert!(err.to_string().contains("only 1 of 2"), "{err}");
+    assert_eq!(
+        err.retry_class(),
+        cache_invalidator::sink::RetryClass::BackOff
+    );
+}

@@ -351,3 +351,47 @@ channels = ["cache:feeds"]
     );
     assert!(json.get("epoch").is_some(), "{payload}");
 }
+
+#[test]
+fn an_overlong_value_fires_the_tables_truncate_as_a_counted_fallback() {
+    let pg = PgCluster::start();
+    let redis = RedisServer::start();
+    pg.psql("CREATE TABLE docs (id int PRIMARY KEY, slug text NOT NULL)");
+    pg.psql(support::SYNC_PROBE_TABLE);
+    let mapping = r#"
+[[table]]
+name = "docs"
+keys = ["doc:{slug}"]
+on = ["insert"]
+"#;
+    let cfg = WorkerConfig::new(
+        &pg,
+        &redis,
+        &[
+            ("docs.toml", mapping),
+            ("probe.toml", support::SYNC_PROBE_MAPPING),
+        ],
+        "max_key_bytes = 1024",
+    );
+    let (code, out, err) = cfg.command(&["setup"]);
+    assert_eq!(code, 0, "{out}{err}");
+    let mut r = RedisProbe::new(&redis);
+    let worker = cfg.spawn_worker();
+    sync(&pg, &redis);
+    r.set("doc:short", "cached");
+    r.set("doc:other", "cached");
+    r.set("control:4", "kept");
+    // A 2 KiB slug would render a key over max_key_bytes: the table's
+    // truncate (doc:*) fires instead, never a silent skip.
+    pg.psql("INSERT INTO docs VALUES (1, repeat('x', 2048))");
+    r.wait_gone("doc:short", WAIT);
+    r.wait_gone("doc:other", WAIT);
+    assert!(r.exists("control:4"));
+    sync(&pg, &redis);
+    let log = worker.log();
+    assert!(log.contains("value_too_long"), "{log}");
+    assert!(
+        log.contains("fired the table's truncate invalidations instead"),
+        "{log}"
+    );
+}

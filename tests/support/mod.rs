@@ -292,7 +292,6 @@ impl PgCluster {
             ("max_connections".into(), "60".into()),
             ("fsync".into(), "off".into()),
             ("full_page_writes".into(), "off".into()),
-            ("synchronous_commit".into(), "off".into()),
             ("shared_buffers".into(), "32MB".into()),
             ("log_min_messages".into(), "warning".into()),
             ("logging_collector".into(), "off".into()),
