@@ -55,7 +55,9 @@ wal_level = logical
 max_replication_slots = 16
 max_wal_senders = 16
 fsync = off
-synchronous_commit = off
+synchronous_commit = on
+# (off would let the WAL sender see a commit only at the WAL writer's next flush,
+# up to wal_writer_delay = 200 ms later: latency.sh would measure that)
 full_page_writes = off
 shared_buffers = 256MB
 max_wal_size = 8GB
