@@ -9,7 +9,11 @@ use clap::Parser;
 fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging(cli.log_format);
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
+    // One thread: the pipeline's stages hand every replication message to
+    // each other; across threads each hand-off is a wake-up of a parked
+    // thread (a futex), and on a small machine the WAL sender and Redis need
+    // the other cores anyway (BENCHMARKS.md, "What changed").
+    let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
     {
