@@ -90,8 +90,19 @@ pub async fn plan_stage(
     let mut batch = Batch::default();
     let mut opened: Option<Instant> = None;
     let mut in_transaction = false;
+    // The batch should go as soon as the sink stage can take it. While the
+    // sink is busy, changes keep folding into the batch (bigger batches, more
+    // dedup, fewer round trips); a full batch waits and backpressure builds.
+    let mut ready = false;
+    let delay = tokio::time::sleep(limits.max_delay);
+    tokio::pin!(delay);
     loop {
-        let deadline = opened.map(|t| t + limits.max_delay);
+        let has_work = !batch.is_idle() || planner.plan().ops() > 0;
+        if !has_work {
+            ready = false;
+            opened = None;
+        }
+        let full = planner.plan().ops() >= limits.max_ops;
         let item = tokio::select! {
             biased;
             // 0. Shutdown: take nothing new, drain what the channel holds.
@@ -107,18 +118,33 @@ pub async fn plan_stage(
                 telemetry.heartbeat_tick();
                 continue;
             }
-            // 2. The batch's delay elapsed: close it.
-            _ = sleep_until(deadline), if deadline.is_some() => None,
-            // 3. More data: fold it in.
-            item = source.recv() => match item {
-                Some(item) => Some(item),
+            // 2. A ready batch and room in the sink stage: hand it over.
+            permit = batches.reserve(), if ready && has_work => {
+                match permit {
+                    Ok(permit) => permit.send(close_batch(&mut batch, planner, telemetry)),
+                    // The sink stage ended (fatal error or shutdown): nothing
+                    // more is acknowledged; PostgreSQL resends the rest.
+                    Err(_) => return Ok(()),
+                }
+                ready = false;
+                opened = None;
+                continue;
+            }
+            // 3. The batch's delay elapsed: it is ready.
+            () = &mut delay, if opened.is_some() && !ready => {
+                ready = true;
+                continue;
+            }
+            // 4. More data, while the batch has room.
+            item = source.recv(), if !full => match item {
+                Some(item) => item,
                 None => {
                     flush(&mut batch, planner, &batches, telemetry).await;
                     return Ok(());
                 }
             },
         };
-        if let Some(item) = item {
+        {
             match item {
                 SourceItem::XLogData {
                     wal_start,
@@ -182,9 +208,6 @@ pub async fn plan_stage(
                             telemetry.renamed(&planner.stats().renamed);
                         }
                     }
-                    if opened.is_none() && !batch.is_idle() {
-                        opened = Some(Instant::now());
-                    }
                 }
                 SourceItem::Keepalive { wal_end } => {
                     telemetry.wal_end(wal_end);
@@ -192,20 +215,19 @@ pub async fn plan_stage(
                     // before `wal_end` is in this batch or an earlier one.
                     if !in_transaction {
                         batch.ack = Some(batch.ack.map_or(wal_end, |a| a.max(wal_end)));
-                        opened.get_or_insert_with(Instant::now);
                     }
                 }
             }
-            let full = planner.plan().ops() >= limits.max_ops;
-            let drained = source.is_empty();
-            if !(full || drained) {
-                continue;
-            }
         }
-        if !batch.is_idle() || planner.plan().ops() > 0 {
-            flush(&mut batch, planner, &batches, telemetry).await;
+        if opened.is_none() && (!batch.is_idle() || planner.plan().ops() > 0) {
+            opened = Some(Instant::now());
+            delay
+                .as_mut()
+                .reset((Instant::now() + limits.max_delay).into());
         }
-        opened = None;
+        if planner.plan().ops() >= limits.max_ops || source.is_empty() {
+            ready = true;
+        }
     }
 }
 
@@ -227,12 +249,24 @@ fn observe_message(prefix: &str, content: &[u8], lsn: Lsn, telemetry: &Telemetry
     }
 }
 
+/// Sends what is left at the end of the stream (or before a decode error).
 async fn flush(
     batch: &mut Batch,
     planner: &mut Planner,
     batches: &mpsc::Sender<Batch>,
     telemetry: &Telemetry,
 ) {
+    let out = close_batch(batch, planner, telemetry);
+    if out.is_idle() {
+        return;
+    }
+    // The sink stage ends only on shutdown or a fatal error; then this batch
+    // is not acknowledged and PostgreSQL sends it again after a restart.
+    let _ = batches.send(out).await;
+}
+
+/// Takes the batch and the planner's plan, logging and counting fallbacks.
+fn close_batch(batch: &mut Batch, planner: &mut Planner, telemetry: &Telemetry) -> Batch {
     let mut out = std::mem::take(batch);
     out.plan = planner.take();
     for fallback in planner.take_fallbacks() {
@@ -245,19 +279,7 @@ async fn flush(
             "a value needed by a mapping was unknown: fired the table's truncate invalidations instead"
         );
     }
-    if out.is_idle() {
-        return;
-    }
-    // The sink stage ends only on shutdown or a fatal error; then this batch
-    // is not acknowledged and PostgreSQL sends it again after a restart.
-    let _ = batches.send(out).await;
-}
-
-async fn sleep_until(deadline: Option<Instant>) {
-    match deadline {
-        Some(d) => tokio::time::sleep_until(d.into()).await,
-        None => std::future::pending().await,
-    }
+    out
 }
 
 /// Capped exponential backoff for Redis retries.
