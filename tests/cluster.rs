@@ -193,6 +193,12 @@ fn hash_tagged_tags_use_the_single_slot_script() {
         assert!(!exists(&mut r, m), "{m} survived\n{}", log());
     }
     assert!(!exists(&mut r, "{user:8}:x"), "{}", log());
+    assert_eq!(
+        worker.log().matches("members on other slots").count(),
+        1,
+        "only tag:{{user:8}} falls back to the multi-slot path\n{}",
+        log()
+    );
     assert!(
         !worker.log().contains("Redis failed"),
         "no Redis error expected\n{}",
