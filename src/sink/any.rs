@@ -10,6 +10,8 @@ use super::{ApplyStats, RedisSink, SinkError, SinkOptions};
 use crate::plan::Plan;
 
 /// One Redis server or a Redis Cluster, behind the same calls.
+// One per worker, created once: the size difference costs nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Clone)]
 pub enum Sink {
     /// `[redis] url`.
