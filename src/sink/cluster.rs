@@ -27,13 +27,15 @@
 //! it is never left alive and untracked.
 
 use std::collections::BTreeMap;
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use futures_util::stream::{self, StreamExt, TryStreamExt};
+use redis::aio::ConnectionLike;
 use redis::cluster::ClusterClient;
 use redis::cluster_async::ClusterConnection;
 use redis::cluster_routing::{get_slot, RoutingInfo, SingleNodeRoutingInfo};
-use redis::{RedisError, Script, Value};
+use redis::{Cmd, Pipeline, RedisError, RedisFuture, Script, Value};
 
 use super::error::{mask_url, SinkError};
 use super::{scripts, ApplyStats, SinkOptions, DEFAULT_TOMBSTONE_MS};
@@ -50,6 +52,47 @@ const SCAN_COUNT: usize = 1000;
 const CONCURRENCY: usize = 64;
 /// How long WAIT waits for replicas before the plan is retried.
 const WAIT_TIMEOUT_MS: u64 = 1000;
+/// A command without a reply after this long fails the plan (retried whole)
+/// and the connection is replaced: during slot migrations the cluster client
+/// can wait on a redirection forever.
+const COMMAND_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// `fut`, or a timeout error after [`COMMAND_TIMEOUT`].
+async fn timed<T>(
+    fut: impl std::future::Future<Output = Result<T, RedisError>>,
+) -> Result<T, RedisError> {
+    match tokio::time::timeout(COMMAND_TIMEOUT, fut).await {
+        Ok(reply) => reply,
+        Err(_) => Err(RedisError::from(std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            "no reply from the Redis Cluster within 10 s",
+        ))),
+    }
+}
+
+/// The sink's cluster connection with a [`COMMAND_TIMEOUT`] on every command;
+/// routes each command by its key like the client's own connection.
+#[derive(Clone)]
+pub struct ClusterConn(ClusterConnection);
+
+impl ConnectionLike for ClusterConn {
+    fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
+        Box::pin(async move { timed(self.0.req_packed_command(cmd)).await })
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        pipeline: &'a Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> RedisFuture<'a, Vec<Value>> {
+        Box::pin(async move { timed(self.0.req_packed_commands(pipeline, offset, count)).await })
+    }
+
+    fn get_db(&self) -> i64 {
+        0
+    }
+}
 
 /// The single-slot tag script on a cluster: like [`scripts::TAG_POP`], but it
 /// reads the members with `SRANDMEMBER` and removes them with `SREM` only after
@@ -69,7 +112,9 @@ return #members
 /// Executes plans against a Redis Cluster. Cheap to clone (one shared client).
 #[derive(Clone)]
 pub struct ClusterSink {
-    conn: ClusterConnection,
+    client: ClusterClient,
+    /// Shared by every clone; replaced by [`ClusterSink::reconnect`].
+    conn: Arc<RwLock<ClusterConnection>>,
     target: String,
     tag_pop: Script,
     version_bump: Script,
@@ -136,7 +181,7 @@ fn slot_groups(keys: &[String]) -> Vec<Vec<String>> {
 }
 
 /// UNLINKs `keys`, one command per slot group, concurrently.
-async fn unlink_grouped(conn: &ClusterConnection, keys: &[String]) -> Result<u64, RedisError> {
+async fn unlink_grouped(conn: &ClusterConn, keys: &[String]) -> Result<u64, RedisError> {
     stream::iter(slot_groups(keys).into_iter().map(|chunk| {
         let mut conn = conn.clone();
         async move {
@@ -193,7 +238,8 @@ impl ClusterSink {
             .map_err(|e| SinkError::Config(format!("{target}: {}", super::redact(&e, options))))?;
         let conn = client.get_async_connection().await.map_err(err)?;
         Ok(ClusterSink {
-            conn,
+            client,
+            conn: Arc::new(RwLock::new(conn)),
             target,
             tag_pop: Script::new(TAG_POP_LOCAL),
             version_bump: Script::new(scripts::VERSION_BUMP),
@@ -215,8 +261,35 @@ impl ClusterSink {
     }
 
     /// A connection sharing the sink's (routes each command by its key).
-    pub fn connection(&self) -> ClusterConnection {
-        self.conn.clone()
+    pub fn connection(&self) -> ClusterConn {
+        self.conn()
+    }
+
+    fn conn(&self) -> ClusterConn {
+        let conn = match self.conn.read() {
+            Ok(c) => c.clone(),
+            Err(poisoned) => poisoned.into_inner().clone(),
+        };
+        ClusterConn(conn)
+    }
+
+    /// Replaces the shared connection with a new one (fresh slot map, fresh
+    /// node connections), for every clone of this sink. Best effort.
+    async fn reconnect(&self) {
+        match tokio::time::timeout(COMMAND_TIMEOUT, self.client.get_async_connection()).await {
+            Ok(Ok(conn)) => {
+                let mut shared = match self.conn.write() {
+                    Ok(c) => c,
+                    Err(poisoned) => poisoned.into_inner(),
+                };
+                *shared = conn;
+                tracing::info!(target_nodes = %self.target, "reconnected to the Redis Cluster");
+            }
+            Ok(Err(err)) => {
+                tracing::warn!(error = %err, "reconnecting to the Redis Cluster failed")
+            }
+            Err(_) => tracing::warn!("reconnecting to the Redis Cluster timed out"),
+        }
     }
 
     fn err(&self, command: &'static str) -> impl Fn(RedisError) -> SinkError + '_ {
@@ -229,7 +302,7 @@ impl ClusterSink {
 
     /// The masters' addresses (host, port), from `CLUSTER NODES`.
     pub async fn masters(&self) -> Result<Vec<(String, u16)>, SinkError> {
-        let mut conn = self.conn.clone();
+        let mut conn = self.conn();
         let nodes: String = redis::cmd("CLUSTER")
             .arg("NODES")
             .query_async(&mut conn)
@@ -264,6 +337,21 @@ impl ClusterSink {
     /// sorted and comma-separated, so a restart (or failover) of any master
     /// changes it.
     pub async fn redis_run_id(&self) -> Result<String, SinkError> {
+        let result = self.run_ids().await;
+        self.heal(&result).await;
+        result
+    }
+
+    /// Replaces the connection after a timeout or a connection error.
+    async fn heal<T>(&self, result: &Result<T, SinkError>) {
+        if let Err(SinkError::Redis { source, .. }) = result {
+            if source.is_timeout() || source.is_io_error() || source.is_connection_dropped() {
+                self.reconnect().await;
+            }
+        }
+    }
+
+    async fn run_ids(&self) -> Result<String, SinkError> {
         let mut ids = Vec::new();
         for (host, port) in self.masters().await? {
             let info = self
@@ -286,29 +374,38 @@ impl ClusterSink {
 
     /// PING every master.
     pub async fn ping(&self) -> Result<(), SinkError> {
-        let mut conn = self.conn.clone();
-        let _: Value = redis::cmd("PING")
-            .query_async(&mut conn)
+        let mut conn = self.conn();
+        let result = redis::cmd("PING")
+            .query_async::<Value>(&mut conn)
             .await
-            .map_err(self.err("PING"))?;
-        Ok(())
+            .map(|_| ())
+            .map_err(self.err("PING"));
+        self.heal(&result).await;
+        result
     }
 
     async fn on_node(&self, host: &str, port: u16, cmd: &redis::Cmd) -> Result<Value, RedisError> {
-        let mut conn = self.conn.clone();
-        conn.route_command(
+        let mut conn = self.conn();
+        timed(conn.0.route_command(
             cmd,
             RoutingInfo::SingleNode(SingleNodeRoutingInfo::ByAddress {
                 host: host.to_owned(),
                 port,
             }),
-        )
+        ))
         .await
     }
 
     /// Executes every step of `plan`. On error nothing is known about which
-    /// steps ran; retry the whole plan (every step is safe to repeat).
+    /// steps ran; retry the whole plan (every step is safe to repeat). After a
+    /// timeout or a connection error the connection is replaced first.
     pub async fn apply(&mut self, plan: &Plan) -> Result<ApplyStats, SinkError> {
+        let result = self.apply_once(plan).await;
+        self.heal(&result).await;
+        result
+    }
+
+    async fn apply_once(&mut self, plan: &Plan) -> Result<ApplyStats, SinkError> {
         let mut stats = ApplyStats {
             tags: plan.tags.len() as u64,
             versions: plan.versions.len() as u64,
@@ -340,7 +437,7 @@ impl ClusterSink {
         // In order, one at a time: subscribers see the messages of a batch in
         // commit order.
         for p in &plan.publish {
-            let mut conn = self.conn.clone();
+            let mut conn = self.conn();
             let _: i64 = redis::cmd("PUBLISH")
                 .arg(&p.channel)
                 .arg(&p.message)
@@ -351,7 +448,7 @@ impl ClusterSink {
         }
         if self.wait_replicas > 0 {
             // The client sends WAIT to every master and returns the smallest count.
-            let mut conn = self.conn.clone();
+            let mut conn = self.conn();
             let acked: i64 = redis::cmd("WAIT")
                 .arg(self.wait_replicas)
                 .arg(WAIT_TIMEOUT_MS)
@@ -389,7 +486,7 @@ impl ClusterSink {
     /// Keys, then tags, then versions.
     async fn run(&self, found: Found, stats: &mut ApplyStats) -> Result<(), SinkError> {
         if !found.keys.is_empty() {
-            stats.keys += unlink_grouped(&self.conn, &found.keys)
+            stats.keys += unlink_grouped(&self.conn(), &found.keys)
                 .await
                 .map_err(self.err("UNLINK"))?;
         }
@@ -418,7 +515,7 @@ impl ClusterSink {
     /// Bumps one version key; returns 1 when a key of the wrong type was
     /// unlinked and the bump redone.
     async fn bump(&self, version: &str) -> Result<u64, SinkError> {
-        let mut conn = self.conn.clone();
+        let mut conn = self.conn();
         match self
             .version_bump
             .key(version)
@@ -449,7 +546,7 @@ impl ClusterSink {
     /// a hash tag, the multi-slot path otherwise (or when a member lives on
     /// another slot).
     async fn invalidate_tag(&self, tag: &str) -> Result<TagOutcome, SinkError> {
-        let mut conn = self.conn.clone();
+        let mut conn = self.conn();
         let mut members = 0u64;
         if has_hash_tag(tag) {
             loop {
@@ -492,7 +589,7 @@ impl ClusterSink {
             if !chunk.is_empty() {
                 // UNLINK, SREM exactly these, UNLINK again: a key re-tagged
                 // in between is deleted, never left alive and untracked.
-                unlink_grouped(&self.conn, &chunk)
+                unlink_grouped(&self.conn(), &chunk)
                     .await
                     .map_err(self.err("UNLINK tag members"))?;
                 let _: i64 = redis::cmd("SREM")
@@ -501,7 +598,7 @@ impl ClusterSink {
                     .query_async(&mut conn)
                     .await
                     .map_err(self.err("SREM"))?;
-                unlink_grouped(&self.conn, &chunk)
+                unlink_grouped(&self.conn(), &chunk)
                     .await
                     .map_err(self.err("UNLINK tag members"))?;
                 members += chunk.len() as u64;
@@ -515,7 +612,7 @@ impl ClusterSink {
 
     async fn repair_tag(&self, tag: &str, members: u64) -> Result<TagOutcome, SinkError> {
         tracing::warn!("a key under the tag prefix is not a set: unlinked it (key not logged: it holds row values)");
-        let mut conn = self.conn.clone();
+        let mut conn = self.conn();
         let _: i64 = redis::cmd("UNLINK")
             .arg(tag)
             .query_async(&mut conn)
@@ -527,7 +624,7 @@ impl ClusterSink {
     /// TOMBSTONE_SET per key (one key per call: one slot), concurrently.
     async fn tombstone_keys(&self, items: Vec<(String, Lsn)>) -> Result<u64, SinkError> {
         stream::iter(items.into_iter().map(|(key, lsn)| {
-            let mut conn = self.conn.clone();
+            let mut conn = self.conn();
             let script = self.tombstone_set.clone();
             let hold = self.tombstone_ms;
             async move {
@@ -554,7 +651,7 @@ impl ClusterSink {
         lsn: Lsn,
         stats: &mut ApplyStats,
     ) -> Result<u64, SinkError> {
-        let mut conn = self.conn.clone();
+        let mut conn = self.conn();
         let mut cursor: u64 = 0;
         let mut seen = 0u64;
         loop {
