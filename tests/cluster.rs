@@ -268,4 +268,7 @@ fn reshard_during_a_workload_loses_nothing() {
         log.matches("Redis failed").count(),
         log.matches("reconnected to the Redis Cluster").count()
     );
+    for line in log.lines().filter(|l| l.contains("Redis failed")) {
+        eprintln!("{line}");
+    }
 }
