@@ -24,7 +24,7 @@ pub fn sink_options(config: &Config) -> Result<SinkOptions, CliError> {
     let cluster_url = (!config.redis.cluster.is_empty()).then(String::new);
     let url = config.redis.url.clone().or(cluster_url).ok_or_else(|| {
         CliError::Invalid(format!(
-            "{}: [redis] has no url; this command talks to a single Redis server (set [redis] url or CACHE_INVALIDATOR_REDIS_URL)",
+            "{}: [redis] has neither url nor cluster (set [redis] url, [redis] cluster or CACHE_INVALIDATOR_REDIS_URL)",
             config.path.display()
         ))
     })?;
