@@ -146,6 +146,12 @@ fn every_strategy_across_slots_and_masters() {
         "no Redis error expected\n{}",
         log()
     );
+
+    // `flush --table users` on the cluster: every master scanned.
+    let _: () = r.set("user:9:profile", "cached").unwrap();
+    let (code, out, err) = cfg.command(&["flush", "--table", "users"]);
+    assert_eq!(code, 0, "flush failed:\n{out}\n{err}");
+    assert!(!exists(&mut r, "user:9:profile"), "{out}");
 }
 
 /// Tag sets with a hash tag (`tag:{user:7}`) take the atomic single-slot
@@ -271,4 +277,53 @@ fn reshard_during_a_workload_loses_nothing() {
     for line in log.lines().filter(|l| l.contains("Redis failed")) {
         eprintln!("{line}");
     }
+}
+
+/// `mode = "tombstone"` on a cluster: the TOMBSTONE_SET script per key, and
+/// tag sets tombstoned member by member (members on every master), through
+/// the library's `ClusterSink`.
+#[tokio::test(flavor = "multi_thread")]
+async fn tombstones_across_slots() {
+    use cache_invalidator::cache::tombstone;
+    use cache_invalidator::lsn::Lsn;
+    use cache_invalidator::plan::Plan;
+    use cache_invalidator::sink::{ClusterSink, SinkOptions};
+
+    let cluster = RedisCluster::start();
+    let options = SinkOptions {
+        url: String::new(),
+        password: None,
+        wait_replicas: 0,
+        redelete_after: None,
+        tls: Default::default(),
+    };
+    let mut sink = ClusterSink::connect(&cluster.urls(), &options)
+        .await
+        .expect("connect");
+    let keys: Vec<String> = (0..20).map(|i| format!("t:{i}")).collect();
+    let members: Vec<String> = (0..20).map(|i| format!("m:{i}")).collect();
+    {
+        let mut r = cluster.connection();
+        for k in keys.iter().chain(&members) {
+            let _: () = r.set(k, "cached").unwrap();
+        }
+        for m in &members {
+            let _: () = r.sadd("tag:t", m).unwrap();
+        }
+    }
+    let mut plan = Plan::default();
+    for k in &keys {
+        plan.tombstones.insert(k.clone(), Lsn(0x20));
+    }
+    plan.tombstone_tags.insert("tag:t".to_owned(), Lsn(0x20));
+    let stats = sink.apply(&plan).await.expect("apply");
+    assert_eq!(stats.tombstones as usize, keys.len());
+    assert_eq!(stats.tombstone_members as usize, members.len());
+    let mut r = cluster.connection();
+    for k in keys.iter().chain(&members) {
+        let v: Vec<u8> = r.get(k).unwrap();
+        assert_eq!(v, tombstone::marker(Lsn(0x20)).into_bytes(), "{k}");
+    }
+    let left: usize = r.scard("tag:t").unwrap();
+    assert_eq!(left, members.len(), "members stay in the set");
 }
