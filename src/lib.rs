@@ -13,7 +13,7 @@
 //!  map/      mapping rules: row -> keys, tags, versions, patterns, messages
 //!  plan/     fold changes into one deduplicated Plan per batch
 //!        │                                         │
-//!  sink/     execute a Plan against Redis (UNLINK, scripts, SCAN, PUBLISH)
+//!  sink/     execute a Plan against Redis (UNLINK, scripts, SCAN, PUBLISH; one server or a Cluster)
 //!        │  "applied up to LSN"                    │
 //!  ack       in-order acknowledgement; the flushed LSN only moves forward
 //! ```

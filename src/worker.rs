@@ -26,7 +26,7 @@ use crate::decode::{Event, Timestamp};
 use crate::lsn::Lsn;
 use crate::plan::planner::Planner;
 use crate::plan::Plan;
-use crate::sink::{identity, RedisSink, RetryClass, SinkError};
+use crate::sink::{identity, RetryClass, Sink, SinkError};
 use crate::source::SourceItem;
 use crate::telemetry::Telemetry;
 
@@ -344,17 +344,16 @@ pub struct IdentityGuard {
 /// Verifies the Redis identity; when it changed (or is missing), applies the
 /// flush plan and stores the new identity. Errors are retried by the caller.
 async fn ensure_identity(
-    sink: &mut RedisSink,
+    sink: &mut Sink,
     guard: &IdentityGuard,
     observer: &mut dyn SinkObserver,
 ) -> Result<(), SinkError> {
-    let mut conn = sink.connection();
     let current = identity::Identity {
-        redis_run_id: identity::redis_run_id(&mut conn, sink.target()).await?,
+        redis_run_id: sink.redis_run_id().await?,
         pg_system_id: guard.pg_system_id.clone(),
         pg_timeline: guard.pg_timeline,
     };
-    let reason = match identity::check(&mut conn, sink.target(), &guard.key, &current).await? {
+    let reason = match sink.check_identity(&guard.key, &current).await? {
         identity::IdentityCheck::Unchanged => return Ok(()),
         identity::IdentityCheck::Missing => {
             tracing::warn!(key = %guard.key, "no worker identity in Redis (first run, or Redis lost its data): flushing every mapped table");
@@ -366,7 +365,7 @@ async fn ensure_identity(
         }
     };
     sink.apply(&guard.flush_plan).await?;
-    identity::store(&mut conn, sink.target(), &guard.key, &current).await?;
+    sink.store_identity(&guard.key, &current).await?;
     observer.flushed(reason);
     Ok(())
 }
@@ -377,7 +376,7 @@ async fn ensure_identity(
 /// identity is verified (guarantee 6).
 pub async fn sink_stage(
     mut batches: mpsc::Receiver<Batch>,
-    sink: &mut RedisSink,
+    sink: &mut Sink,
     ack: &mut Acknowledger,
     guard: &IdentityGuard,
     observer: &mut dyn SinkObserver,

@@ -869,6 +869,71 @@ fn standby_takes_over_within_ten_seconds() {
     eprintln!("standby streamed {took:?} after the kill");
 }
 
+/// Hot standby with three workers on one slot: the active one is SIGKILLed
+/// twice while updates commit; each time one of the two others streams
+/// within 10 s, and no invalidation is lost.
+#[test]
+fn three_workers_one_slot_two_kills() {
+    let pg = PgCluster::start();
+    let redis = RedisServer::start();
+    let cfg = prepare(&pg, &redis, 3_000, &[], "");
+    let mut logs = Tally::default();
+    first_worker(&pg, &redis, &cfg, &mut logs);
+    let keys = item_keys(1..=3_000);
+    set_keys(&redis, &keys, "cached");
+    for _ in 0..2 {
+        let standby = logs.add(cfg.spawn_worker());
+        standby.wait_log("standby: another worker streams this slot", WAIT);
+    }
+
+    let mut writer = spawn_psql(&pg, &update_script(1, 3_001, 10, 0.03));
+    let mut active = 0;
+    let mut thresholds = [2_900, 2_000].into_iter();
+    for kill in 1..=2 {
+        let below = thresholds.next().expect("two kills");
+        support::wait_for("some updates applied", WAIT, || {
+            (existing(&redis, &keys).len() < below).then_some(())
+        });
+        logs.0[active].kill();
+        let killed = Instant::now();
+        support::sync_worker(&pg, &redis, Duration::from_secs(10));
+        let took = killed.elapsed();
+        assert!(
+            took < Duration::from_secs(10),
+            "kill {kill}: took over after {took:?}\n{}",
+            logs.tail()
+        );
+        // Exactly one survivor took over; the other still waits.
+        let took_over: Vec<usize> = (0..logs.0.len())
+            .filter(|&i| {
+                logs.0[i].pid().is_some()
+                    && logs.0[i].log().contains("took over the slot: streaming")
+            })
+            .collect();
+        assert_eq!(
+            took_over.len(),
+            1,
+            "kill {kill}: workers that took over: {took_over:?}\n{}",
+            logs.tail()
+        );
+        let next = took_over[0];
+        eprintln!("kill {kill}: worker {next} streamed {took:?} after the kill");
+        active = next;
+    }
+    assert!(writer.wait().expect("writer").success());
+    support::sync_worker(&pg, &redis, WAIT);
+    wait_all_gone(&redis, &keys, WAIT, &logs);
+    logs.assert_counts(1, 0, 0);
+    assert_all_present(&redis, &control_keys(), &logs);
+    let alive = logs
+        .0
+        .iter_mut()
+        .map(|w| w.pid().is_some() && w.try_exit_code().is_none())
+        .filter(|alive| *alive)
+        .count();
+    assert_eq!(alive, 1, "one worker left, streaming\n{}", logs.tail());
+}
+
 /// Guarantee 4: heavy writes to an unpublished table while mapped tables are
 /// idle do not pin WAL: the slot's confirmed position follows within 1 MB.
 #[test]

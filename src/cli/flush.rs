@@ -10,19 +10,21 @@ use crate::config::{Config, EnvOverrides};
 use crate::error::CliError;
 use crate::map::TableName;
 use crate::plan::{Plan, Planner};
-use crate::sink::{ApplyStats, RedisSink, RetryClass, SinkOptions};
+use crate::sink::{ApplyStats, RetryClass, Sink, SinkOptions};
 
 /// Attempts to apply a plan on a transient error.
 const ATTEMPTS: u32 = 4;
 /// Attempts to connect (each one already retries inside the connection manager).
 const CONNECT_ATTEMPTS: u32 = 2;
 
-/// The sink options of the config's `[redis]` section (single server; the
-/// CLI runs without the worker's delayed second pass).
+/// The sink options of the config's `[redis]` section (the CLI runs without
+/// the worker's delayed second pass). With `[redis] cluster`, `url` is empty
+/// and the seed URLs go to [`connect_sink`].
 pub fn sink_options(config: &Config) -> Result<SinkOptions, CliError> {
-    let url = config.redis.url.clone().ok_or_else(|| {
+    let cluster_url = (!config.redis.cluster.is_empty()).then(String::new);
+    let url = config.redis.url.clone().or(cluster_url).ok_or_else(|| {
         CliError::Invalid(format!(
-            "{}: [redis] has no url; this command talks to a single Redis server (set [redis] url or CACHE_INVALIDATOR_REDIS_URL)",
+            "{}: [redis] has neither url nor cluster (set [redis] url, [redis] cluster or CACHE_INVALIDATOR_REDIS_URL)",
             config.path.display()
         ))
     })?;
@@ -39,11 +41,12 @@ pub fn sink_options(config: &Config) -> Result<SinkOptions, CliError> {
     })
 }
 
-/// Connects to Redis, retrying transient failures with a short backoff.
-pub async fn connect_sink(options: &SinkOptions) -> Result<RedisSink, CliError> {
+/// Connects to Redis (the cluster of `cluster` when it lists seed URLs),
+/// retrying transient failures with a short backoff.
+pub async fn connect_sink(options: &SinkOptions, cluster: &[String]) -> Result<Sink, CliError> {
     let mut attempt = 1;
     loop {
-        match RedisSink::connect(options).await {
+        match Sink::connect(options, cluster).await {
             Ok(s) => return Ok(s),
             Err(e) if e.retry_class() == RetryClass::BackOff && attempt < CONNECT_ATTEMPTS => {
                 tracing::warn!(error = %e, attempt, "cannot reach Redis; retrying");
@@ -56,7 +59,7 @@ pub async fn connect_sink(options: &SinkOptions) -> Result<RedisSink, CliError> 
 }
 
 /// Applies one plan, retrying it whole on transient errors (it is idempotent).
-pub async fn apply_with_retry(sink: &mut RedisSink, plan: &Plan) -> Result<ApplyStats, CliError> {
+pub async fn apply_with_retry(sink: &mut Sink, plan: &Plan) -> Result<ApplyStats, CliError> {
     let mut attempt = 1;
     loop {
         match sink.apply(plan).await {
@@ -103,7 +106,7 @@ pub async fn run(config_path: &Path, table: Option<&str>) -> Result<(), CliError
     };
     let plan = planner.take();
     let options = sink_options(&config)?;
-    let mut sink = connect_sink(&options).await?;
+    let mut sink = connect_sink(&options, &config.redis.cluster).await?;
     let stats = apply_with_retry(&mut sink, &plan).await?;
     println!(
         "flushed {scope} on {}: {} pattern(s), {} tag pattern(s), {} version pattern(s), {} exact key(s) -> {} key(s) unlinked, {} tag set(s) emptied ({} member(s)), {} version(s) bumped, {} message(s) published",

@@ -43,7 +43,7 @@ pub async fn run(
     }
     let mut sink = if apply {
         let options = super::flush::sink_options(&config)?;
-        let mut sink = super::flush::connect_sink(&options).await?;
+        let mut sink = super::flush::connect_sink(&options, &config.redis.cluster).await?;
         sink.set_tombstone_hold(std::time::Duration::from_millis(config.worker.tombstone_ms));
         Some(sink)
     } else {

@@ -17,7 +17,7 @@ use crate::error::CliError;
 use crate::lsn::Lsn;
 use crate::map::Mappings;
 use crate::plan::planner::Planner;
-use crate::sink::{RedisSink, SinkOptions};
+use crate::sink::{Sink, SinkOptions};
 use crate::source::{self, ConnectionSettings, RetryClass, SourceError, StreamControl};
 use crate::telemetry::{SinkReporter, Telemetry, HEARTBEAT_INTERVAL};
 use crate::worker::{self, Backoff, BatchLimits, IdentityGuard};
@@ -50,9 +50,17 @@ pub async fn run(config_path: &Path) -> Result<(), CliError> {
             .map(|s| s.expose().to_string()),
     )
     .map_err(|e| CliError::Invalid(e.to_string()))?;
-    let redis_url = config.redis.url.clone().ok_or_else(|| {
-        CliError::Invalid("[redis] url is required (Redis Cluster is not supported yet)".into())
-    })?;
+    // With `[redis] cluster`, the seed URLs are used and `url` is not.
+    let redis_url = match (&config.redis.url, config.redis.cluster.is_empty()) {
+        (_, false) => String::new(),
+        (Some(url), true) => url.clone(),
+        (None, true) => {
+            return Err(CliError::Invalid(
+                "[redis] needs `url` (one server) or `cluster` (seed URLs of a Redis Cluster)"
+                    .into(),
+            ))
+        }
+    };
     let sink_options = SinkOptions {
         url: redis_url,
         password: config
@@ -160,7 +168,7 @@ impl Worker {
     async fn run(&self) -> Result<(), CliError> {
         self.preflight().await?;
         let mut sink = loop {
-            match RedisSink::connect(&self.sink_options).await {
+            match Sink::connect(&self.sink_options, &self.config.redis.cluster).await {
                 Ok(sink) => break sink,
                 Err(err) if err.retry_class() == crate::sink::RetryClass::Fatal => {
                     return Err(CliError::Invalid(err.to_string()))
@@ -303,7 +311,7 @@ impl Worker {
     }
 
     /// One connection's worth of streaming.
-    async fn session(&self, sink: &mut RedisSink) -> Result<SessionEnd, CliError> {
+    async fn session(&self, sink: &mut Sink) -> Result<SessionEnd, CliError> {
         let pg = &self.config.postgres;
         let retry = |err: SourceError| -> Result<SessionEnd, CliError> {
             match err.retry_class() {
@@ -500,30 +508,23 @@ const REDIS_PROBE_INTERVAL: Duration = Duration::from_secs(2);
 /// is in flight; after an outage the sink verifies the Redis identity again
 /// before its next batch.
 async fn redis_probe(
-    sink: RedisSink,
+    sink: Sink,
     telemetry: Arc<Telemetry>,
     interrupted: Arc<std::sync::atomic::AtomicBool>,
     mut stop: watch::Receiver<bool>,
 ) {
-    let mut conn = sink.connection();
     let mut tick = tokio::time::interval(REDIS_PROBE_INTERVAL);
     loop {
         tokio::select! {
             _ = tick.tick() => {}
             _ = stop.wait_for(|s| *s) => return,
         }
-        let ping = tokio::time::timeout(
-            REDIS_PROBE_INTERVAL * 2,
-            redis::cmd("PING").query_async::<String>(&mut conn),
-        )
-        .await;
+        let ping = tokio::time::timeout(REDIS_PROBE_INTERVAL * 2, sink.ping()).await;
         match ping {
             Ok(Ok(_)) => telemetry.health.set_redis_reachable(),
             Ok(Err(err)) => {
                 interrupted.store(true, std::sync::atomic::Ordering::Relaxed);
-                telemetry
-                    .health
-                    .set_redis_unreachable(format!("{}: {err}", sink.target()));
+                telemetry.health.set_redis_unreachable(err.to_string());
             }
             Err(_) => {
                 interrupted.store(true, std::sync::atomic::Ordering::Relaxed);

@@ -408,19 +408,16 @@ async fn store_identity(client: &Client, config: &crate::config::Config) -> Resu
     let pg_system_id: String = row.get(0);
     let timeline: i64 = row.get(1);
     let options = super::flush::sink_options(config).map_err(|e| e.to_string())?;
-    let sink = crate::sink::RedisSink::connect(&options)
+    let sink = crate::sink::Sink::connect(&options, &config.redis.cluster)
         .await
         .map_err(|e| e.to_string())?;
-    let mut conn = sink.connection();
     let current = identity::Identity {
-        redis_run_id: identity::redis_run_id(&mut conn, sink.target())
-            .await
-            .map_err(|e| e.to_string())?,
+        redis_run_id: sink.redis_run_id().await.map_err(|e| e.to_string())?,
         pg_system_id,
         pg_timeline: u32::try_from(timeline).unwrap_or(0),
     };
     let key = identity::identity_key(&config.postgres.slot);
-    identity::store(&mut conn, sink.target(), &key, &current)
+    sink.store_identity(&key, &current)
         .await
         .map_err(|e| e.to_string())?;
     println!("SET {key} (the Redis this slot's flush marker is meant for);");

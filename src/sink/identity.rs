@@ -8,7 +8,7 @@
 
 use std::fmt;
 
-use redis::aio::ConnectionManager;
+use redis::aio::ConnectionLike;
 
 use super::error::SinkError;
 
@@ -54,7 +54,10 @@ pub fn identity_key(slot: &str) -> String {
 }
 
 /// Redis's `run_id`, from `INFO server`.
-pub async fn redis_run_id(conn: &mut ConnectionManager, target: &str) -> Result<String, SinkError> {
+pub async fn redis_run_id(
+    conn: &mut (impl ConnectionLike + Send),
+    target: &str,
+) -> Result<String, SinkError> {
     let info: String = redis::cmd("INFO")
         .arg("server")
         .query_async(conn)
@@ -72,7 +75,7 @@ pub async fn redis_run_id(conn: &mut ConnectionManager, target: &str) -> Result<
 
 /// Compares the stored identity with `current`.
 pub async fn check(
-    conn: &mut ConnectionManager,
+    conn: &mut (impl ConnectionLike + Send),
     target: &str,
     key: &str,
     current: &Identity,
@@ -96,7 +99,7 @@ pub async fn check(
 
 /// Stores `current` as the identity (after a flush, or on first run).
 pub async fn store(
-    conn: &mut ConnectionManager,
+    conn: &mut (impl ConnectionLike + Send),
     target: &str,
     key: &str,
     current: &Identity,

@@ -16,6 +16,8 @@
 //! [`ApplyStats::repaired`]. NOPERM, OOM and READONLY are returned as
 //! [`RetryClass::Blocked`] errors.
 
+pub mod any;
+pub mod cluster;
 pub mod error;
 pub mod identity;
 pub mod scripts;
@@ -26,6 +28,8 @@ use std::time::Duration;
 use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
 use redis::{Pipeline, Script, Value};
 
+pub use any::Sink;
+pub use cluster::ClusterSink;
 pub use error::{mask_url, RetryClass, SinkError};
 
 use crate::cache::tombstone::lsn_hex;

@@ -464,9 +464,14 @@ impl RedisServer {
 
     /// Starts one with extra `redis-server` arguments (e.g. `["--requirepass", "x"]`).
     pub fn start_with(extra_args: &[&str]) -> Self {
+        Self::start_on(free_port(), extra_args)
+    }
+
+    /// Starts one on `port` with extra `redis-server` arguments.
+    pub fn start_on(port: u16, extra_args: &[&str]) -> Self {
         let mut server = RedisServer {
             dir: ScratchDir::new("redis"),
-            port: free_port(),
+            port,
             extra_args: extra_args.iter().map(|s| s.to_string()).collect(),
             child: None,
         };
@@ -574,6 +579,115 @@ impl RedisServer {
 impl Drop for RedisServer {
     fn drop(&mut self) {
         self.kill();
+    }
+}
+
+/// A free port whose cluster bus port (port + 10000) is free too.
+fn free_cluster_port() -> u16 {
+    loop {
+        let port = free_port();
+        if port < 55_000 && TcpListener::bind(("127.0.0.1", port + 10_000)).is_ok() {
+            return port;
+        }
+    }
+}
+
+/// A throwaway Redis Cluster: three masters, no replicas, on loopback ports,
+/// created with `redis-cli --cluster create`; killed on drop.
+pub struct RedisCluster {
+    nodes: Vec<RedisServer>,
+}
+
+impl RedisCluster {
+    /// Starts three masters, creates the cluster, waits for `cluster_state:ok` on every node.
+    pub fn start() -> Self {
+        let nodes: Vec<RedisServer> = (0..3)
+            .map(|_| {
+                RedisServer::start_on(
+                    free_cluster_port(),
+                    &[
+                        "--cluster-enabled",
+                        "yes",
+                        "--cluster-config-file",
+                        "nodes.conf",
+                        "--cluster-node-timeout",
+                        "5000",
+                    ],
+                )
+            })
+            .collect();
+        let addrs: Vec<String> = nodes
+            .iter()
+            .map(|n| format!("127.0.0.1:{}", n.port()))
+            .collect();
+        let out = Command::new("redis-cli")
+            .args(["--cluster", "create"])
+            .args(&addrs)
+            .args(["--cluster-replicas", "0", "--cluster-yes"])
+            .output()
+            .expect("redis-cli --cluster create");
+        assert!(
+            out.status.success(),
+            "redis-cli --cluster create failed:\n{}\n{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let cluster = RedisCluster { nodes };
+        cluster.wait_ok();
+        cluster
+    }
+
+    /// Waits until every node reports `cluster_state:ok` and knows every other.
+    pub fn wait_ok(&self) {
+        wait_for("cluster_state:ok on every node", START_TIMEOUT, || {
+            self.nodes
+                .iter()
+                .all(|n| {
+                    let info = n.cli(&["CLUSTER", "INFO"]).unwrap_or_default();
+                    info.contains("cluster_state:ok") && info.contains("cluster_known_nodes:3")
+                })
+                .then_some(())
+        });
+    }
+
+    /// The nodes (all masters).
+    pub fn nodes(&self) -> &[RedisServer] {
+        &self.nodes
+    }
+
+    /// Seed URLs, `redis://127.0.0.1:<port>`.
+    pub fn urls(&self) -> Vec<String> {
+        self.nodes
+            .iter()
+            .map(|n| format!("redis://127.0.0.1:{}", n.port()))
+            .collect()
+    }
+
+    /// The node id of node `i` (`CLUSTER MYID`).
+    pub fn node_id(&self, i: usize) -> String {
+        self.nodes[i]
+            .cli(&["CLUSTER", "MYID"])
+            .expect("CLUSTER MYID")
+    }
+
+    /// A synchronous cluster connection for assertions (follows MOVED/ASK).
+    pub fn connection(&self) -> redis::cluster::ClusterConnection {
+        redis::cluster::ClusterClient::new(self.urls())
+            .expect("cluster client")
+            .get_connection()
+            .expect("cluster connection")
+    }
+
+    /// Moves `slots` hash slots from node `from` to node `to` (`redis-cli --cluster reshard`).
+    pub fn reshard(&self, from: usize, to: usize, slots: u32) -> std::process::Output {
+        Command::new("redis-cli")
+            .args(["--cluster", "reshard"])
+            .arg(format!("127.0.0.1:{}", self.nodes[0].port()))
+            .args(["--cluster-from", &self.node_id(from)])
+            .args(["--cluster-to", &self.node_id(to)])
+            .args(["--cluster-slots", &slots.to_string(), "--cluster-yes"])
+            .output()
+            .expect("redis-cli --cluster reshard")
     }
 }
 
@@ -700,15 +814,27 @@ impl WorkerConfig {
         mappings: &[(&str, &str)],
         worker_toml: &str,
     ) -> Self {
+        let redis_toml = format!("url = \"{}\"", redis.url());
+        Self::with_redis(pg, &redis_toml, mappings, worker_toml)
+    }
+
+    /// Like [`WorkerConfig::new`], with the body of `[redis]` given (e.g.
+    /// `cluster = ["redis://127.0.0.1:7000"]`).
+    pub fn with_redis(
+        pg: &PgCluster,
+        redis_toml: &str,
+        mappings: &[(&str, &str)],
+        worker_toml: &str,
+    ) -> Self {
         let dir = ScratchDir::new("cfg");
         fs::create_dir_all(dir.path().join("mappings")).expect("mappings dir");
         for (name, text) in mappings {
             fs::write(dir.path().join("mappings").join(name), text).expect("write mapping");
         }
         let config = format!(
-            "mappings = \"mappings\"\n\n[postgres]\nurl = \"{}\"\nslot = \"cache_invalidator\"\npublication = \"cache_invalidator\"\n\n[redis]\nurl = \"{}\"\n\n[worker]\n{}\n",
+            "mappings = \"mappings\"\n\n[postgres]\nurl = \"{}\"\nslot = \"cache_invalidator\"\npublication = \"cache_invalidator\"\n\n[redis]\n{}\n\n[worker]\n{}\n",
             pg.url(),
-            redis.url(),
+            redis_toml,
             worker_toml
         );
         fs::write(dir.path().join("cache-invalidator.toml"), config).expect("write config");
@@ -717,6 +843,12 @@ impl WorkerConfig {
 
     /// A config using the repository's demo mappings (`mappings/*.toml`).
     pub fn demo(pg: &PgCluster, redis: &RedisServer) -> Self {
+        let redis_toml = format!("url = \"{}\"", redis.url());
+        Self::demo_with_redis(pg, &redis_toml)
+    }
+
+    /// The demo mappings with the body of `[redis]` given.
+    pub fn demo_with_redis(pg: &PgCluster, redis_toml: &str) -> Self {
         let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("mappings");
         let mut files = Vec::new();
         for entry in fs::read_dir(&src).expect("mappings/") {
@@ -732,7 +864,7 @@ impl WorkerConfig {
             .iter()
             .map(|(n, t)| (n.as_str(), t.as_str()))
             .collect();
-        Self::new(pg, redis, &refs, "")
+        Self::with_redis(pg, redis_toml, &refs, "")
     }
 
     /// Path of `cache-invalidator.toml`.

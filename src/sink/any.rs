@@ -1,0 +1,109 @@
+//! [`Sink`]: the executor the worker runs, one Redis server
+//! ([`RedisSink`]) or a Redis Cluster ([`ClusterSink`]), chosen by
+//! `[redis] url` or `[redis] cluster`.
+
+use std::time::Duration;
+
+use super::cluster::ClusterSink;
+use super::identity::{self, Identity, IdentityCheck};
+use super::{ApplyStats, RedisSink, SinkError, SinkOptions};
+use crate::plan::Plan;
+
+/// One Redis server or a Redis Cluster, behind the same calls.
+// One per worker, created once: the size difference costs nothing.
+#[allow(clippy::large_enum_variant)]
+#[derive(Clone)]
+pub enum Sink {
+    /// `[redis] url`.
+    Single(RedisSink),
+    /// `[redis] cluster`.
+    Cluster(ClusterSink),
+}
+
+impl Sink {
+    /// Connects to the cluster when `cluster` lists seed URLs, else to the
+    /// server of `options.url`.
+    pub async fn connect(options: &SinkOptions, cluster: &[String]) -> Result<Self, SinkError> {
+        if cluster.is_empty() {
+            RedisSink::connect(options).await.map(Sink::Single)
+        } else {
+            ClusterSink::connect(cluster, options)
+                .await
+                .map(Sink::Cluster)
+        }
+    }
+
+    /// Sets the hold time of tombstones (`[worker] tombstone_ms`).
+    pub fn set_tombstone_hold(&mut self, hold: Duration) {
+        match self {
+            Sink::Single(s) => s.set_tombstone_hold(hold),
+            Sink::Cluster(s) => s.set_tombstone_hold(hold),
+        }
+    }
+
+    /// The Redis URL (or the cluster's seed URLs), passwords masked.
+    pub fn target(&self) -> &str {
+        match self {
+            Sink::Single(s) => s.target(),
+            Sink::Cluster(s) => s.target(),
+        }
+    }
+
+    /// Executes every step of `plan`; on error, retry the whole plan.
+    pub async fn apply(&mut self, plan: &Plan) -> Result<ApplyStats, SinkError> {
+        match self {
+            Sink::Single(s) => s.apply(plan).await,
+            Sink::Cluster(s) => s.apply(plan).await,
+        }
+    }
+
+    /// The Redis `run_id`; on a cluster, every master's, sorted and joined.
+    pub async fn redis_run_id(&self) -> Result<String, SinkError> {
+        match self {
+            Sink::Single(s) => identity::redis_run_id(&mut s.connection(), s.target()).await,
+            Sink::Cluster(s) => s.redis_run_id().await,
+        }
+    }
+
+    /// Compares the identity stored under `key` with `current`.
+    pub async fn check_identity(
+        &self,
+        key: &str,
+        current: &Identity,
+    ) -> Result<IdentityCheck, SinkError> {
+        match self {
+            Sink::Single(s) => identity::check(&mut s.connection(), s.target(), key, current).await,
+            Sink::Cluster(s) => {
+                identity::check(&mut s.connection(), s.target(), key, current).await
+            }
+        }
+    }
+
+    /// Stores `current` under `key`.
+    pub async fn store_identity(&self, key: &str, current: &Identity) -> Result<(), SinkError> {
+        match self {
+            Sink::Single(s) => identity::store(&mut s.connection(), s.target(), key, current).await,
+            Sink::Cluster(s) => {
+                identity::store(&mut s.connection(), s.target(), key, current).await
+            }
+        }
+    }
+
+    /// PING (on a cluster, every master).
+    pub async fn ping(&self) -> Result<(), SinkError> {
+        match self {
+            Sink::Single(s) => {
+                let _: String = redis::cmd("PING")
+                    .query_async(&mut s.connection())
+                    .await
+                    .map_err(|source| SinkError::Redis {
+                        command: "PING",
+                        target: s.target().to_owned(),
+                        source,
+                    })?;
+                Ok(())
+            }
+            Sink::Cluster(s) => s.ping().await,
+        }
+    }
+}
