@@ -5,6 +5,7 @@
 //! call here, which updates the metric, the health state and, for failures,
 //! one log line per distinct cause.
 
+use crate::log_fields::{ERROR, ERROR_KIND};
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -262,8 +263,8 @@ impl SinkObserver for SinkReporter {
         }
         if self.last_failure.as_deref() != Some(&text) {
             tracing::error!(
-                error = %text,
-                kind = err.kind(),
+                { ERROR } = %text,
+                { ERROR_KIND } = err.kind(),
                 retry_in_ms = u64::try_from(retry_in.as_millis()).unwrap_or(u64::MAX),
                 "Redis failed; nothing is acknowledged until it succeeds"
             );

@@ -15,6 +15,7 @@
 //! A keepalive that reaches the plan stage with no transaction open carries its
 //! WAL position the same way: idle slots do not pin WAL.
 
+use crate::log_fields::{COLUMN, COUNT, LSN, REASON, TABLE};
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
@@ -242,7 +243,7 @@ fn observe_message(prefix: &str, content: &[u8], lsn: Lsn, telemetry: &Telemetry
     } else if content.starts_with(b"flush:") {
         telemetry.flush_marker(content == b"flush:all");
         tracing::warn!(
-            lsn = %lsn,
+            { LSN } = %lsn,
             marker = %String::from_utf8_lossy(content),
             "flush marker: firing the truncate invalidations of the tables it names"
         );
@@ -272,10 +273,10 @@ fn close_batch(batch: &mut Batch, planner: &mut Planner, telemetry: &Telemetry) 
     for fallback in planner.take_fallbacks() {
         telemetry.fallback(&fallback.table, fallback.reason.as_str(), fallback.count);
         tracing::warn!(
-            table = %fallback.table,
-            reason = fallback.reason.as_str(),
-            column = fallback.column.as_deref().unwrap_or(""),
-            count = fallback.count,
+            { TABLE } = %fallback.table,
+            { REASON } = fallback.reason.as_str(),
+            { COLUMN } = fallback.column.as_deref().unwrap_or(""),
+            { COUNT } = fallback.count,
             "a value needed by a mapping was unknown: fired the table's truncate invalidations instead"
         );
     }

@@ -5,6 +5,7 @@
 //! the slot. SIGINT/SIGTERM stop reading, finish and acknowledge the batch in
 //! flight, and exit 0.
 
+use crate::log_fields::{ERROR, REASON, SLOT};
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
@@ -115,7 +116,7 @@ fn spawn_signal_handler(stop: watch::Sender<bool>) {
             match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
                 Ok(s) => s,
                 Err(err) => {
-                    tracing::error!(error = %err, "cannot listen for SIGTERM");
+                    tracing::error!({ ERROR } = %err, "cannot listen for SIGTERM");
                     return;
                 }
             };
@@ -174,7 +175,7 @@ impl Worker {
                     return Err(CliError::Invalid(err.to_string()))
                 }
                 Err(err) => {
-                    tracing::warn!(error = %err, "Redis unreachable; retrying");
+                    tracing::warn!({ ERROR } = %err, "Redis unreachable; retrying");
                     self.pause(Duration::from_secs(1)).await;
                     if self.stopping() {
                         return Ok(());
@@ -206,7 +207,7 @@ impl Worker {
                         _ => backoff.next_delay(),
                     };
                     if why != last_error {
-                        tracing::warn!(error = %why, retry_in_ms = delay.as_millis() as u64, "replication stopped; resuming from the slot");
+                        tracing::warn!({ ERROR } = %why, retry_in_ms = delay.as_millis() as u64, "replication stopped; resuming from the slot");
                         last_error = why;
                     }
                     self.pause(delay).await;
@@ -240,7 +241,7 @@ impl Worker {
             }
             // Unreachable now: the session loop retries.
             Err(err) => {
-                tracing::warn!(error = %err, "PostgreSQL unreachable at start; will retry");
+                tracing::warn!({ ERROR } = %err, "PostgreSQL unreachable at start; will retry");
                 return Ok(());
             }
         };
@@ -338,7 +339,7 @@ impl Worker {
                 if !pg.auto_setup {
                     return Err(CliError::Invalid(err.to_string()));
                 }
-                tracing::warn!(slot = %pg.slot, error = %err, "auto_setup: recreating the replication slot; its flush marker flushes every mapped table");
+                tracing::warn!({ SLOT } = %pg.slot, { ERROR } = %err, "auto_setup: recreating the replication slot; its flush marker flushes every mapped table");
                 self.auto_setup().await?;
                 return Ok(SessionEnd::Retry(err.to_string(), RetryClass::Reconnect));
             }
@@ -348,7 +349,7 @@ impl Worker {
                     .was_standby
                     .swap(true, std::sync::atomic::Ordering::Relaxed)
                 {
-                    tracing::info!(slot = %pg.slot, reason = %err, "standby: another worker streams this slot; waiting to take over");
+                    tracing::info!({ SLOT } = %pg.slot, { REASON } = %err, "standby: another worker streams this slot; waiting to take over");
                 }
                 return Ok(SessionEnd::Standby);
             }
@@ -359,7 +360,7 @@ impl Worker {
             .was_standby
             .swap(false, std::sync::atomic::Ordering::Relaxed)
         {
-            tracing::info!(slot = %pg.slot, "took over the slot: streaming");
+            tracing::info!({ SLOT } = %pg.slot, "took over the slot: streaming");
         }
         let heartbeat = tokio::spawn(heartbeat(
             self.settings.clone(),
@@ -478,7 +479,7 @@ async fn heartbeat(
             match source::connect_sql(&settings).await {
                 Ok(c) => sql = Some(c),
                 Err(err) => {
-                    tracing::debug!(error = %err, "heartbeat: no SQL connection; retrying");
+                    tracing::debug!({ ERROR } = %err, "heartbeat: no SQL connection; retrying");
                     continue;
                 }
             }
@@ -490,11 +491,11 @@ async fn heartbeat(
         {
             Ok(lsn) => telemetry.heartbeat_sent(lsn),
             Err(err) if err.retry_class() == RetryClass::Fatal => {
-                tracing::info!(error = %err, "heartbeat disabled: this role cannot emit logical messages");
+                tracing::info!({ ERROR } = %err, "heartbeat disabled: this role cannot emit logical messages");
                 return;
             }
             Err(err) => {
-                tracing::debug!(error = %err, "heartbeat failed; reconnecting");
+                tracing::debug!({ ERROR } = %err, "heartbeat failed; reconnecting");
                 sql = None;
             }
         }
