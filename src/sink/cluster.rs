@@ -26,6 +26,7 @@
 //! between the first `UNLINK` and the `SREM` is deleted by the second `UNLINK`:
 //! it is never left alive and untracked.
 
+use super::{classify_scanned, PatternMatch};
 use std::collections::BTreeMap;
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
@@ -41,7 +42,6 @@ use super::error::{mask_url, SinkError};
 use super::{scripts, ApplyStats, SinkOptions, DEFAULT_TOMBSTONE_MS};
 use crate::cache::tombstone::lsn_hex;
 use crate::lsn::Lsn;
-use crate::map::glob::glob_match;
 use crate::plan::Plan;
 
 /// Keys per UNLINK command (within one slot).
@@ -711,26 +711,11 @@ impl ClusterSink {
                 let (next, keys): (u64, Vec<String>) =
                     redis::from_redis_value(&reply).map_err(self.err("SCAN"))?;
                 for key in keys {
-                    let k = key.as_bytes();
-                    if plan.patterns.iter().any(|p| glob_match(p.as_bytes(), k)) {
-                        stats.pattern_matches += 1;
-                        found.keys.push(key);
-                    } else if plan
-                        .tag_patterns
-                        .iter()
-                        .any(|p| glob_match(p.as_bytes(), k))
-                    {
-                        stats.pattern_matches += 1;
-                        stats.tags += 1;
-                        found.tags.push(key);
-                    } else if plan
-                        .version_patterns
-                        .iter()
-                        .any(|p| glob_match(p.as_bytes(), k))
-                    {
-                        stats.pattern_matches += 1;
-                        stats.versions += 1;
-                        found.versions.push(key);
+                    match classify_scanned(plan, &key, stats) {
+                        Some(PatternMatch::Key) => found.keys.push(key),
+                        Some(PatternMatch::Tag) => found.tags.push(key),
+                        Some(PatternMatch::Version) => found.versions.push(key),
+                        None => {}
                     }
                 }
                 if found.len() >= UNLINK_CHUNK {

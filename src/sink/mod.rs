@@ -591,26 +591,11 @@ impl RedisSink {
                 .await
                 .map_err(self.err("SCAN"))?;
             for key in keys {
-                let k = key.as_bytes();
-                if plan.patterns.iter().any(|p| glob_match(p.as_bytes(), k)) {
-                    stats.pattern_matches += 1;
-                    found.keys.push(key);
-                } else if plan
-                    .tag_patterns
-                    .iter()
-                    .any(|p| glob_match(p.as_bytes(), k))
-                {
-                    stats.pattern_matches += 1;
-                    stats.tags += 1;
-                    found.tags.push(key);
-                } else if plan
-                    .version_patterns
-                    .iter()
-                    .any(|p| glob_match(p.as_bytes(), k))
-                {
-                    stats.pattern_matches += 1;
-                    stats.versions += 1;
-                    found.versions.push(key);
+                match classify_scanned(plan, &key, stats) {
+                    Some(PatternMatch::Key) => found.keys.push(key),
+                    Some(PatternMatch::Tag) => found.tags.push(key),
+                    Some(PatternMatch::Version) => found.versions.push(key),
+                    None => {}
                 }
             }
             if found.keys.len() + found.tags.len() + found.versions.len() >= UNLINK_CHUNK {
@@ -623,6 +608,44 @@ impl RedisSink {
         }
         self.run_rounds(found, stats).await
     }
+}
+
+/// Which pattern set of a plan a scanned key matched (first match wins:
+/// delete patterns, then tag-set patterns, then version patterns).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum PatternMatch {
+    /// A key to UNLINK.
+    Key,
+    /// A tag set to invalidate.
+    Tag,
+    /// A version key to bump.
+    Version,
+}
+
+/// Matches one key of the merged SCAN pass against the plan's patterns and
+/// counts it; shared by the single-server and the cluster executor.
+pub(crate) fn classify_scanned(
+    plan: &Plan,
+    key: &str,
+    stats: &mut ApplyStats,
+) -> Option<PatternMatch> {
+    let k = key.as_bytes();
+    let hit = |patterns: &std::collections::HashSet<String>| {
+        patterns.iter().any(|p| glob_match(p.as_bytes(), k))
+    };
+    let kind = if hit(&plan.patterns) {
+        PatternMatch::Key
+    } else if hit(&plan.tag_patterns) {
+        stats.tags += 1;
+        PatternMatch::Tag
+    } else if hit(&plan.version_patterns) {
+        stats.versions += 1;
+        PatternMatch::Version
+    } else {
+        return None;
+    };
+    stats.pattern_matches += 1;
+    Some(kind)
 }
 
 fn is_wrong_type(error_text: &str) -> bool {
