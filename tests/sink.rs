@@ -118,6 +118,62 @@ async fn wrong_types_under_prefixes_are_unlinked_and_redone() {
     assert_eq!(c.get::<_, i64>("version:user:7").unwrap(), 2);
 }
 
+/// Tag sets and version keys go to Redis many per script call: more than one
+/// call's worth of each (250), tag sets whose members exceed one call's
+/// budget together, and wrong-typed keys among them, are all handled.
+#[tokio::test]
+async fn many_tags_and_versions_per_script_call() {
+    let redis = RedisServer::start();
+    let mut c = redis.client().get_connection().unwrap();
+    let mut pipe = redis::pipe();
+    for t in 0..250 {
+        // 7 members each: 1,750 in all, more than one call's budget of 1,000.
+        for m in 0..7 {
+            let key = format!("m:{t}:{m}");
+            pipe.set(&key, "x").ignore();
+            pipe.sadd(format!("tag:t:{t}"), &key).ignore();
+        }
+        if t % 50 == 0 {
+            pipe.set(format!("version:v:{t}"), 41).ignore();
+        }
+    }
+    pipe.set("tag:t:wrong", "not a set").ignore();
+    pipe.set("version:v:wrong", "not a number").ignore();
+    let _: () = pipe.query(&mut c).unwrap();
+    let plan = plan_with(|p| {
+        for t in 0..250 {
+            p.tags.insert(format!("tag:t:{t}"));
+            p.versions.insert(format!("version:v:{t}"));
+        }
+        p.tags.insert("tag:t:wrong".into());
+        p.versions.insert("version:v:wrong".into());
+    });
+    let mut sink = RedisSink::connect(&options(&redis)).await.unwrap();
+    let stats = sink.apply(&plan).await.unwrap();
+    assert_eq!(stats.tag_members, 1750);
+    assert_eq!(stats.repaired, 2);
+    for t in 0..250 {
+        assert!(
+            !c.exists::<_, bool>(format!("tag:t:{t}")).unwrap(),
+            "tag:t:{t} left"
+        );
+        for m in 0..7 {
+            assert!(
+                !c.exists::<_, bool>(format!("m:{t}:{m}")).unwrap(),
+                "m:{t}:{m} left"
+            );
+        }
+        let want = if t % 50 == 0 { 42 } else { 2 };
+        assert_eq!(
+            c.get::<_, i64>(format!("version:v:{t}")).unwrap(),
+            want,
+            "version:v:{t}"
+        );
+    }
+    assert!(!c.exists::<_, bool>("tag:t:wrong").unwrap());
+    assert_eq!(c.get::<_, i64>("version:v:wrong").unwrap(), 2);
+}
+
 #[tokio::test]
 async fn scripts_flushed_from_redis_are_reloaded() {
     let redis = RedisServer::start();

@@ -1,7 +1,8 @@
 //! The Redis executor: runs a [`Plan`] against Redis, pipelined.
 //!
-//! Order within one plan: keys (UNLINK in chunks), tags (the SPOP loop
-//! script) and versions (the bump script) in one pipeline per round; then one
+//! Order within one plan: keys (UNLINK in chunks), tags (the SPOP script)
+//! and versions (the bump script), both scripts taking up to
+//! [`scripts::SCRIPT_KEYS_CHUNK`] keys per call, in one pipeline per round; then one
 //! SCAN pass for every pattern of the plan, matched client-side; then PUBLISH,
 //! after the deletes; then `WAIT` when `wait_replicas > 0`. Everything is safe
 //! to repeat, so a failed plan is retried whole.
@@ -203,8 +204,8 @@ pub struct RedisSink {
 /// One command of a round, mirrored beside the pipeline to read its reply.
 enum Step {
     Unlink(usize),
-    TagPop(String),
-    Bump(String),
+    TagPop(Vec<String>),
+    Bump(Vec<String>),
     Tombstone(Vec<(String, Lsn)>),
     TagTombstone(String, Lsn),
 }
@@ -252,7 +253,7 @@ impl RedisSink {
             conn,
             target,
             tag_pop: Script::new(scripts::TAG_POP),
-            version_bump: Script::new(scripts::VERSION_BUMP),
+            version_bump: Script::new(scripts::VERSION_BUMP_MANY),
             tombstone_set: Script::new(scripts::TOMBSTONE_SET),
             tag_tombstone: Script::new(scripts::TAG_TOMBSTONE),
             tombstone_ms: DEFAULT_TOMBSTONE_MS,
@@ -383,7 +384,9 @@ impl RedisSink {
     async fn load_scripts(&mut self) -> Result<(), SinkError> {
         let mut pipe = redis::pipe();
         pipe.cmd("SCRIPT").arg("LOAD").arg(scripts::TAG_POP);
-        pipe.cmd("SCRIPT").arg("LOAD").arg(scripts::VERSION_BUMP);
+        pipe.cmd("SCRIPT")
+            .arg("LOAD")
+            .arg(scripts::VERSION_BUMP_MANY);
         pipe.cmd("SCRIPT").arg("LOAD").arg(scripts::TOMBSTONE_SET);
         pipe.cmd("SCRIPT").arg("LOAD").arg(scripts::TAG_TOMBSTONE);
         let _: () = pipe
@@ -434,21 +437,23 @@ impl RedisSink {
                     .arg(self.tombstone_ms);
                 steps.push(Step::TagTombstone(tag, lsn));
             }
-            for tag in round.tags.drain(..) {
+            for chunk in round.tags.chunks(scripts::SCRIPT_KEYS_CHUNK) {
                 pipe.cmd("EVALSHA")
                     .arg(self.tag_pop.get_hash())
-                    .arg(1)
-                    .arg(&tag)
+                    .arg(chunk.len())
+                    .arg(chunk)
                     .arg(scripts::TAG_POP_COUNT);
-                steps.push(Step::TagPop(tag));
+                steps.push(Step::TagPop(chunk.to_vec()));
             }
-            for version in round.versions.drain(..) {
+            round.tags.clear();
+            for chunk in round.versions.chunks(scripts::SCRIPT_KEYS_CHUNK) {
                 pipe.cmd("EVALSHA")
                     .arg(self.version_bump.get_hash())
-                    .arg(1)
-                    .arg(&version);
-                steps.push(Step::Bump(version));
+                    .arg(chunk.len())
+                    .arg(chunk);
+                steps.push(Step::Bump(chunk.to_vec()));
             }
+            round.versions.clear();
             round.keys.clear();
             let replies = self
                 .send(&pipe, steps.len(), "UNLINK/EVALSHA pipeline")
@@ -458,13 +463,31 @@ impl RedisSink {
             for (step, reply) in steps.into_iter().zip(replies) {
                 match (step, reply) {
                     (Step::Unlink(n), Value::Int(_)) => stats.keys += n as u64,
-                    (Step::TagPop(tag), Value::Int(popped)) => {
+                    (Step::TagPop(tags), Value::Array(reply)) => {
+                        let (popped, again, wrong) = match reply.as_slice() {
+                            [Value::Int(popped), Value::Array(again), Value::Array(wrong)] => {
+                                (*popped, again, wrong)
+                            }
+                            other => return Err(self.unexpected("EVALSHA tag-pop", other)),
+                        };
                         stats.tag_members += u64::try_from(popped).unwrap_or(0);
-                        if usize::try_from(popped).unwrap_or(0) >= scripts::TAG_POP_COUNT {
-                            next.tags.push(tag);
+                        for tag in picked(&tags, again) {
+                            next.tags.push(tag.clone());
+                        }
+                        for tag in picked(&tags, wrong) {
+                            tracing::warn!("a key under the tag prefix is not a set: unlinked it (key not logged: it holds row values)");
+                            stats.repaired += 1;
+                            next.keys.push(tag.clone());
                         }
                     }
-                    (Step::Bump(_), Value::Int(_)) => {}
+                    (Step::Bump(versions), Value::Array(wrong)) => {
+                        for version in picked(&versions, &wrong) {
+                            tracing::warn!("a key under the version prefix is not an integer: unlinked it and bumped again (key not logged: it holds row values)");
+                            stats.repaired += 1;
+                            self.unlink_one(version).await?;
+                            next.versions.push(version.clone());
+                        }
+                    }
                     (Step::Tombstone(chunk), Value::Int(_)) => {
                         stats.tombstones += chunk.len() as u64;
                     }
@@ -473,15 +496,7 @@ impl RedisSink {
                             [Value::BulkString(c), Value::Int(n)] => {
                                 (String::from_utf8_lossy(c).into_owned(), *n)
                             }
-                            other => {
-                                return Err(self.err("EVALSHA tag-tombstone")(
-                                    redis::RedisError::from((
-                                        redis::ErrorKind::TypeError,
-                                        "unexpected reply",
-                                        format!("{other:?}"),
-                                    )),
-                                ))
-                            }
+                            other => return Err(self.unexpected("EVALSHA tag-tombstone", other)),
                         };
                         stats.tombstone_members += u64::try_from(seen).unwrap_or(0);
                         if cursor != "0" {
@@ -494,8 +509,8 @@ impl RedisSink {
                         if e.code() == Some("NOSCRIPT") || text.contains("NOSCRIPT") {
                             need_scripts = true;
                             match step {
-                                Step::TagPop(t) => next.tags.push(t),
-                                Step::Bump(v) => next.versions.push(v),
+                                Step::TagPop(t) => next.tags.extend(t),
+                                Step::Bump(v) => next.versions.extend(v),
                                 Step::Tombstone(chunk) => next.tombstones.extend(chunk),
                                 // Restart the SSCAN: repeating it is harmless.
                                 Step::TagTombstone(t, lsn) => {
@@ -504,22 +519,15 @@ impl RedisSink {
                                 Step::Unlink(_) => return Err(self.err("UNLINK")(e)),
                             }
                         } else if is_wrong_type(&text) {
-                            // A key of the wrong type under the tag or version
-                            // prefix: unlink it and redo the step.
+                            // A key of the wrong type under the tag prefix
+                            // (the multi-key scripts report theirs in the reply).
                             stats.repaired += 1;
                             match step {
-                                Step::TagPop(t) | Step::TagTombstone(t, _) => {
+                                Step::TagTombstone(t, _) => {
                                     tracing::warn!(error = %text, "a key under the tag prefix is not a set: unlinked it (key not logged: it holds row values)");
                                     next.keys.push(t);
                                 }
-                                Step::Bump(v) => {
-                                    tracing::warn!(error = %text, "a key under the version prefix is not an integer: unlinked it and bumped again (key not logged: it holds row values)");
-                                    self.unlink_one(&v).await?;
-                                    next.versions.push(v);
-                                }
-                                Step::Unlink(_) | Step::Tombstone(_) => {
-                                    return Err(self.err("UNLINK/tombstone")(e))
-                                }
+                                _ => return Err(self.err("UNLINK/EVALSHA")(e)),
                             }
                         } else {
                             let command = match step {
@@ -532,13 +540,7 @@ impl RedisSink {
                             return Err(self.err(command)(e));
                         }
                     }
-                    (_, other) => {
-                        return Err(self.err("pipeline")(redis::RedisError::from((
-                            redis::ErrorKind::TypeError,
-                            "unexpected reply",
-                            format!("{other:?}"),
-                        ))))
-                    }
+                    (_, other) => return Err(self.unexpected("pipeline", &[other])),
                 }
             }
             if need_scripts {
@@ -547,6 +549,15 @@ impl RedisSink {
             round = next;
         }
         Ok(())
+    }
+
+    /// A reply of a shape the sink did not ask for.
+    fn unexpected(&self, command: &'static str, reply: &[Value]) -> SinkError {
+        self.err(command)(redis::RedisError::from((
+            redis::ErrorKind::TypeError,
+            "unexpected reply",
+            format!("{reply:?}"),
+        )))
     }
 
     async fn unlink_one(&mut self, key: &str) -> Result<(), SinkError> {
@@ -630,9 +641,7 @@ pub(crate) fn classify_scanned(
     stats: &mut ApplyStats,
 ) -> Option<PatternMatch> {
     let k = key.as_bytes();
-    let hit = |patterns: &std::collections::HashSet<String>| {
-        patterns.iter().any(|p| glob_match(p.as_bytes(), k))
-    };
+    let hit = |patterns: &crate::plan::KeySet| patterns.iter().any(|p| glob_match(p.as_bytes(), k));
     let kind = if hit(&plan.patterns) {
         PatternMatch::Key
     } else if hit(&plan.tag_patterns) {
@@ -646,6 +655,18 @@ pub(crate) fn classify_scanned(
     };
     stats.pattern_matches += 1;
     Some(kind)
+}
+
+/// The entries of `items` at the 1-based `indexes` a script returned
+/// (indexes out of range are ignored).
+fn picked<'a>(items: &'a [String], indexes: &'a [Value]) -> impl Iterator<Item = &'a String> + 'a {
+    indexes.iter().filter_map(|i| match i {
+        Value::Int(i) => usize::try_from(*i)
+            .ok()
+            .and_then(|i| i.checked_sub(1))
+            .and_then(|i| items.get(i)),
+        _ => None,
+    })
 }
 
 fn is_wrong_type(error_text: &str) -> bool {
