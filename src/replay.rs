@@ -223,7 +223,7 @@ pub struct TxnPlan {
     pub publish: Vec<PublishJson>,
 }
 
-fn sorted(set: std::collections::HashSet<String>) -> Vec<String> {
+fn sorted(set: crate::plan::KeySet) -> Vec<String> {
     let mut v: Vec<String> = set.into_iter().collect();
     v.sort_unstable();
     v

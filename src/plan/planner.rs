@@ -790,7 +790,7 @@ fn push_all<T: PartialEq>(out: &mut Vec<T>, items: impl Iterator<Item = T>) {
     }
 }
 
-fn insert_all(set: &mut std::collections::HashSet<String>, items: &[String]) {
+fn insert_all(set: &mut super::KeySet, items: &[String]) {
     for i in items {
         if !set.contains(i) {
             set.insert(i.clone());
@@ -899,7 +899,7 @@ trait RenderTarget {
     fn add(&mut self, name: &str);
 }
 
-impl RenderTarget for std::collections::HashSet<String> {
+impl RenderTarget for super::KeySet {
     fn add(&mut self, name: &str) {
         if !self.contains(name) {
             self.insert(name.to_owned());
@@ -908,7 +908,7 @@ impl RenderTarget for std::collections::HashSet<String> {
 }
 
 /// Tombstone names at one commit LSN; an entry only ever moves to a higher LSN.
-struct AtLsn<'a>(&'a mut HashMap<String, Lsn>, Lsn);
+struct AtLsn<'a>(&'a mut super::LsnMap, Lsn);
 
 impl RenderTarget for AtLsn<'_> {
     fn add(&mut self, name: &str) {
@@ -1034,7 +1034,7 @@ mod tests {
         p
     }
 
-    fn sorted(set: &std::collections::HashSet<String>) -> Vec<&str> {
+    fn sorted(set: &crate::plan::KeySet) -> Vec<&str> {
         let mut v: Vec<&str> = set.iter().map(String::as_str).collect();
         v.sort_unstable();
         v
