@@ -34,6 +34,10 @@ use crate::telemetry::Telemetry;
 /// How often the plan stage reports liveness while idle.
 const TICK: Duration = Duration::from_secs(5);
 
+/// Source items the plan stage folds in a row before it looks at its other
+/// inputs (shutdown, liveness, a ready batch) again.
+const DRAIN_MAX: usize = 256;
+
 /// Batching limits, from `[worker]`.
 #[derive(Debug, Clone, Copy)]
 pub struct BatchLimits {
@@ -145,7 +149,12 @@ pub async fn plan_stage(
                 }
             },
         };
-        {
+        // Fold what the channel already holds without going back through the
+        // select above (most of the plan stage's own cost per message), up to
+        // DRAIN_MAX items or a full batch.
+        let mut item = item;
+        let mut drained = 0;
+        loop {
             match item {
                 SourceItem::XLogData {
                     wal_start,
@@ -218,6 +227,14 @@ pub async fn plan_stage(
                         batch.ack = Some(batch.ack.map_or(wal_end, |a| a.max(wal_end)));
                     }
                 }
+            }
+            drained += 1;
+            if drained >= DRAIN_MAX || planner.plan().ops() >= limits.max_ops {
+                break;
+            }
+            match source.try_recv() {
+                Ok(next) => item = next,
+                Err(_) => break,
             }
         }
         if opened.is_none() && (!batch.is_idle() || planner.plan().ops() > 0) {
