@@ -4,7 +4,7 @@
 # everything it started and removes its temp dir.
 
 BENCH_ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-BIN="$BENCH_ROOT/target/release/cache-invalidator"
+BIN=${BENCH_BIN:-"$BENCH_ROOT/target/release/cache-invalidator"}
 PUB=bench
 WORKER_SLOT=bench_worker
 RECV_SLOT=bench_recv

@@ -42,7 +42,10 @@ use crate::decode::Timestamp;
 use crate::lsn::Lsn;
 
 /// Minimum spacing of status updates sent because the acknowledged LSN moved.
-const ACK_REPORT_INTERVAL: Duration = Duration::from_millis(100);
+/// Short: the end of a burst needs two reports in a row (the last commit,
+/// then the idle keepalive position the walsender answers it with), and each
+/// waits for this interval; at most 100 small messages a second under load.
+const ACK_REPORT_INTERVAL: Duration = Duration::from_millis(10);
 
 /// How long to wait for the server's end of the stream after our CopyDone.
 const FINISH_TIMEOUT: Duration = Duration::from_secs(5);
