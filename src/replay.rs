@@ -335,7 +335,7 @@ impl Replayer {
                 .map(|col| match m.get(col) {
                     None => Value::Unknown,
                     Some(RecordedValue(None)) => Value::Null,
-                    Some(RecordedValue(Some(s))) => Value::Text(s.clone()),
+                    Some(RecordedValue(Some(s))) => Value::Text(s.as_str().into()),
                 })
                 .collect(),
         };

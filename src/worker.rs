@@ -163,7 +163,7 @@ pub async fn plan_stage(
                 } => {
                     telemetry.wal_end(wal_end);
                     events.clear();
-                    if let Err(err) = relations.decode_payload(&data, wal_start, &mut events) {
+                    if let Err(err) = relations.decode_shared(&data, wal_start, &mut events) {
                         flush(&mut batch, planner, &batches, telemetry).await;
                         return Err(err.into());
                     }

@@ -45,7 +45,7 @@ fn decode(name: &str) -> Vec<Event> {
 }
 
 fn t(s: &str) -> Value {
-    Value::Text(s.to_owned())
+    Value::Text(s.into())
 }
 
 fn change(event: &Event) -> &Change {
@@ -460,6 +460,22 @@ mod no_panic {
         #[test]
         fn arbitrary_bodies_behind_real_tags_never_panic(bytes in payload()) {
             exercise(&mut primed_cache(), &bytes);
+        }
+
+        /// The worker's zero-copy parse agrees with the copying one, on valid
+        /// and broken messages alike (same message, same error).
+        #[test]
+        fn shared_buffer_parse_matches_the_copying_parse(which in any::<prop::sample::Index>(), m in mutation(), mutate in any::<bool>()) {
+            let messages = all_messages();
+            let (_, mut p) = messages[which.index(messages.len())].clone();
+            if mutate {
+                apply(&m, &mut p);
+            }
+            let shared = bytes::Bytes::from(p.clone());
+            prop_assert_eq!(
+                format!("{:?}", pgoutput::parse_shared(&shared)),
+                format!("{:?}", pgoutput::parse(&p))
+            );
         }
 
         #[test]

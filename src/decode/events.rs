@@ -6,6 +6,8 @@
 
 use std::sync::Arc;
 
+pub use bytestring::ByteString;
+
 use crate::lsn::Lsn;
 
 /// Microseconds since 2000-01-01 00:00:00 UTC (PostgreSQL's epoch), as pgoutput sends times.
@@ -51,8 +53,9 @@ impl Timestamp {
 pub enum Value {
     /// SQL NULL.
     Null,
-    /// The value as PostgreSQL prints it in text form (under the pinned session settings).
-    Text(String),
+    /// The value as PostgreSQL prints it in text form (under the pinned session
+    /// settings); shares the replication message's buffer (no copy).
+    Text(ByteString),
     /// Not sent: an unchanged TOAST value with no old row to fill it from, or a
     /// column outside the replica identity in a key-only ('K') old tuple.
     /// Never to be confused with NULL.
@@ -63,7 +66,7 @@ impl Value {
     /// The text, if known and not NULL.
     pub fn as_text(&self) -> Option<&str> {
         match self {
-            Value::Text(s) => Some(s),
+            Value::Text(s) => Some(s.as_ref()),
             _ => None,
         }
     }

@@ -12,6 +12,9 @@
 
 use std::fmt;
 
+use bytes::Bytes;
+use bytestring::ByteString;
+
 use crate::decode::events::{Relation, RelationColumn, Timestamp};
 use crate::lsn::Lsn;
 
@@ -135,7 +138,7 @@ pub enum TupleValue {
     /// 'u': an unchanged TOAST value whose bytes were not sent.
     UnchangedToast,
     /// 't': the value in PostgreSQL's text form.
-    Text(String),
+    Text(ByteString),
 }
 
 /// The old row image of an Update or Delete.
@@ -467,8 +470,19 @@ impl fmt::Display for DecodeError {
 // Handwritten: thiserror cannot vary a struct's message by its reason; there is no source.
 impl std::error::Error for DecodeError {}
 
-/// Parses one XLogData payload (exactly one pgoutput v1 message).
+/// Parses one XLogData payload (exactly one pgoutput v1 message). Column
+/// values are copied out of `payload`; [`parse_shared`] avoids the copies.
 pub fn parse(payload: &[u8]) -> Result<Message, DecodeError> {
+    parse_with(payload, None)
+}
+
+/// [`parse`] of a payload held in a shared buffer: column values are slices
+/// of that buffer (no allocation or copy per column).
+pub fn parse_shared(payload: &Bytes) -> Result<Message, DecodeError> {
+    parse_with(payload, Some(payload))
+}
+
+fn parse_with(payload: &[u8], owner: Option<&Bytes>) -> Result<Message, DecodeError> {
     let Some((&tag, _)) = payload.split_first() else {
         return Err(DecodeError::new(
             MessageKind::Empty,
@@ -481,6 +495,7 @@ pub fn parse(payload: &[u8]) -> Result<Message, DecodeError> {
     let kind = MessageKind::from_tag(tag);
     let mut r = Reader {
         buf: payload,
+        owner,
         pos: 1,
     };
     let msg = parse_body(kind, &mut r).map_err(|reason| DecodeError::new(kind, reason))?;
@@ -628,9 +643,13 @@ fn parse_tuple(r: &mut Reader<'_>) -> Result<TupleData, Reason> {
             b't' => {
                 let len = r.count32("value length")?;
                 let bytes = r.bytes(len, "tuple")?;
-                match std::str::from_utf8(bytes) {
-                    Ok(s) => TupleValue::Text(s.to_owned()),
-                    Err(_) => {
+                let text = match r.owner {
+                    Some(owner) => ByteString::try_from(owner.slice_ref(bytes)).ok(),
+                    None => std::str::from_utf8(bytes).ok().map(ByteString::from),
+                };
+                match text {
+                    Some(text) => TupleValue::Text(text),
+                    None => {
                         return Err(Reason::InvalidUtf8 {
                             what: "text value",
                             offset: offset + 5,
@@ -656,6 +675,8 @@ fn parse_tuple(r: &mut Reader<'_>) -> Result<TupleData, Reason> {
 /// A cursor over one payload. Every read checks the bytes that remain.
 struct Reader<'a> {
     buf: &'a [u8],
+    /// The shared buffer `buf` is, when there is one: text values slice it.
+    owner: Option<&'a Bytes>,
     pos: usize,
 }
 

@@ -60,6 +60,18 @@ impl RelationCache {
         self.decode(msg, wal_start, out)
     }
 
+    /// [`RelationCache::decode_payload`] of a payload in a shared buffer:
+    /// column values are slices of it, not copies (the worker's path).
+    pub fn decode_shared(
+        &mut self,
+        payload: &bytes::Bytes,
+        wal_start: Lsn,
+        out: &mut Vec<Event>,
+    ) -> Result<(), DecodeError> {
+        let msg = pgoutput::parse_shared(payload).map_err(|e| e.at(wal_start))?;
+        self.decode(msg, wal_start, out)
+    }
+
     /// Turns one message into zero or more events appended to `out`: Begin,
     /// Commit, Message and Relation give one event each; Insert, Update and
     /// Delete one [`Event::Change`]; Truncate one change per relation; Origin

@@ -1002,7 +1002,7 @@ mod tests {
                 .iter()
                 .map(|v| match v {
                     Some("?") => Value::Unknown,
-                    Some(s) => Value::Text(s.to_string()),
+                    Some(s) => Value::Text((*s).into()),
                     None => Value::Null,
                 })
                 .collect(),
