@@ -202,26 +202,51 @@ pub struct RedisSink {
 }
 
 /// One command of a round, mirrored beside the pipeline to read its reply.
-enum Step {
+enum Step<'a> {
     Unlink(usize),
-    TagPop(Vec<String>),
-    Bump(Vec<String>),
-    Tombstone(Vec<(String, Lsn)>),
-    TagTombstone(String, Lsn),
+    TagPop(Vec<&'a str>),
+    Bump(Vec<&'a str>),
+    Tombstone(Vec<(&'a str, Lsn)>),
+    TagTombstone(&'a str, Lsn),
 }
 
-/// The work of one round: what the next pipeline sends.
+/// The work of one round: what the next pipeline sends. Borrows the names
+/// from the plan (or the SCAN results): no copy per key.
 #[derive(Default)]
-struct Round {
+struct Round<'a> {
+    keys: Vec<&'a str>,
+    tags: Vec<&'a str>,
+    versions: Vec<&'a str>,
+    tombstones: Vec<(&'a str, Lsn)>,
+    /// (tag set, LSN, SSCAN cursor).
+    tombstone_tags: Vec<(&'a str, Lsn, String)>,
+}
+
+/// Keys found by a SCAN pass, or kept for the delayed second pass: owned,
+/// for a [`Round`] to borrow.
+#[derive(Default)]
+struct Found {
     keys: Vec<String>,
     tags: Vec<String>,
     versions: Vec<String>,
-    tombstones: Vec<(String, Lsn)>,
-    /// (tag set, LSN, SSCAN cursor).
-    tombstone_tags: Vec<(String, Lsn, String)>,
 }
 
-impl Round {
+impl Found {
+    fn len(&self) -> usize {
+        self.keys.len() + self.tags.len() + self.versions.len()
+    }
+
+    fn round(&self) -> Round<'_> {
+        Round {
+            keys: self.keys.iter().map(String::as_str).collect(),
+            tags: self.tags.iter().map(String::as_str).collect(),
+            versions: self.versions.iter().map(String::as_str).collect(),
+            ..Round::default()
+        }
+    }
+}
+
+impl Round<'_> {
     fn is_empty(&self) -> bool {
         self.keys.is_empty()
             && self.tags.is_empty()
@@ -294,18 +319,18 @@ impl RedisSink {
             ..ApplyStats::default()
         };
         let round = Round {
-            keys: plan.keys.iter().cloned().collect(),
-            tags: plan.tags.iter().cloned().collect(),
-            versions: plan.versions.iter().cloned().collect(),
+            keys: plan.keys.iter().map(String::as_str).collect(),
+            tags: plan.tags.iter().map(String::as_str).collect(),
+            versions: plan.versions.iter().map(String::as_str).collect(),
             tombstones: plan
                 .tombstones
                 .iter()
-                .map(|(k, lsn)| (k.clone(), *lsn))
+                .map(|(k, lsn)| (k.as_str(), *lsn))
                 .collect(),
             tombstone_tags: plan
                 .tombstone_tags
                 .iter()
-                .map(|(k, lsn)| (k.clone(), *lsn, "0".to_owned()))
+                .map(|(k, lsn)| (k.as_str(), *lsn, "0".to_owned()))
                 .collect(),
         };
         self.run_rounds(round, &mut stats).await?;
@@ -355,15 +380,15 @@ impl RedisSink {
     fn spawn_redelete(&self, plan: &Plan, delay: Duration) {
         let mut sink = self.clone();
         sink.redelete_after = None;
-        let round = Round {
+        let found = Found {
             keys: plan.keys.iter().cloned().collect(),
             tags: plan.tags.iter().cloned().collect(),
-            ..Round::default()
+            versions: Vec::new(),
         };
         tokio::spawn(async move {
             tokio::time::sleep(delay).await;
             let mut stats = ApplyStats::default();
-            if let Err(err) = sink.run_rounds(round, &mut stats).await {
+            if let Err(err) = sink.run_rounds(found.round(), &mut stats).await {
                 tracing::warn!(error = %err, "the delayed second delete (redelete_after_ms) failed; the first one succeeded");
             }
         });
@@ -399,9 +424,9 @@ impl RedisSink {
     /// Runs keys, tags and versions in pipelined rounds until nothing is left:
     /// a tag set larger than one SPOP batch, a NOSCRIPT, or a repaired key
     /// brings its step back into the next round.
-    async fn run_rounds(
+    async fn run_rounds<'a>(
         &mut self,
-        mut round: Round,
+        mut round: Round<'a>,
         stats: &mut ApplyStats,
     ) -> Result<(), SinkError> {
         while !round.is_empty() {
@@ -430,7 +455,7 @@ impl RedisSink {
                 pipe.cmd("EVALSHA")
                     .arg(self.tag_tombstone.get_hash())
                     .arg(1)
-                    .arg(&tag)
+                    .arg(tag)
                     .arg(&cursor)
                     .arg(scripts::TAG_POP_COUNT)
                     .arg(lsn_hex(lsn))
@@ -472,12 +497,12 @@ impl RedisSink {
                         };
                         stats.tag_members += u64::try_from(popped).unwrap_or(0);
                         for tag in picked(&tags, again) {
-                            next.tags.push(tag.clone());
+                            next.tags.push(tag);
                         }
                         for tag in picked(&tags, wrong) {
                             tracing::warn!("a key under the tag prefix is not a set: unlinked it (key not logged: it holds row values)");
                             stats.repaired += 1;
-                            next.keys.push(tag.clone());
+                            next.keys.push(tag);
                         }
                     }
                     (Step::Bump(versions), Value::Array(wrong)) => {
@@ -485,7 +510,7 @@ impl RedisSink {
                             tracing::warn!("a key under the version prefix is not an integer: unlinked it and bumped again (key not logged: it holds row values)");
                             stats.repaired += 1;
                             self.unlink_one(version).await?;
-                            next.versions.push(version.clone());
+                            next.versions.push(version);
                         }
                     }
                     (Step::Tombstone(chunk), Value::Int(_)) => {
@@ -589,7 +614,7 @@ impl RedisSink {
             None
         };
         let mut cursor: u64 = 0;
-        let mut found = Round::default();
+        let mut found = Found::default();
         loop {
             let mut cmd = redis::cmd("SCAN");
             cmd.arg(cursor);
@@ -609,15 +634,16 @@ impl RedisSink {
                     None => {}
                 }
             }
-            if found.keys.len() + found.tags.len() + found.versions.len() >= UNLINK_CHUNK {
-                self.run_rounds(std::mem::take(&mut found), stats).await?;
+            if found.len() >= UNLINK_CHUNK {
+                let batch = std::mem::take(&mut found);
+                self.run_rounds(batch.round(), stats).await?;
             }
             cursor = next;
             if cursor == 0 {
                 break;
             }
         }
-        self.run_rounds(found, stats).await
+        self.run_rounds(found.round(), stats).await
     }
 }
 
@@ -659,12 +685,15 @@ pub(crate) fn classify_scanned(
 
 /// The entries of `items` at the 1-based `indexes` a script returned
 /// (indexes out of range are ignored).
-fn picked<'a>(items: &'a [String], indexes: &'a [Value]) -> impl Iterator<Item = &'a String> + 'a {
+fn picked<'s, 'a>(
+    items: &'s [&'a str],
+    indexes: &'s [Value],
+) -> impl Iterator<Item = &'a str> + 's {
     indexes.iter().filter_map(|i| match i {
         Value::Int(i) => usize::try_from(*i)
             .ok()
             .and_then(|i| i.checked_sub(1))
-            .and_then(|i| items.get(i)),
+            .and_then(|i| items.get(i).copied()),
         _ => None,
     })
 }
