@@ -7,12 +7,12 @@
 //! | command | sent by |
 //! | --- | --- |
 //! | `UNLINK` | keys, pattern matches, repaired keys; inside the tag-pop script |
-//! | `EVALSHA`, `SCRIPT LOAD` | the tag-pop and version-bump scripts (loaded on start and on NOSCRIPT) |
-//! | `SPOP`, `INCR` | inside those scripts (scripts run with the caller's permissions) |
+//! | `EVALSHA`, `SCRIPT LOAD` | the tag-pop and tombstone scripts, and the version-bump script on a cluster (loaded on start and on NOSCRIPT) |
+//! | `SPOP`, `INCR` | inside those scripts (scripts run with the caller's permissions); `INCR` also bumps versions |
 //! | `SCAN` | the one pattern pass per batch |
 //! | `PUBLISH` | `channels`, restricted to the mapped channels by `&` rules |
 //! | `INFO` | the identity guard (`run_id`) |
-//! | `GET`, `SET` | the identity key `cache-invalidator:<slot>:identity` |
+//! | `GET`, `SET` | the identity key `cache-invalidator:<slot>:identity`; `SET NX` creates missing version keys |
 //! | `WAIT` | `wait_replicas > 0` |
 //! | `SELECT` | a database other than 0 in the URL |
 //! | `PING` | liveness checks |

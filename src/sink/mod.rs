@@ -1,8 +1,8 @@
 //! The Redis executor: runs a [`Plan`] against Redis, pipelined.
 //!
-//! Order within one plan: keys (UNLINK in chunks), tags (the SPOP script)
-//! and versions (the bump script), both scripts taking up to
-//! [`scripts::SCRIPT_KEYS_CHUNK`] keys per call, in one pipeline per round; then one
+//! Order within one plan: keys (UNLINK in chunks), tags (the SPOP script, up
+//! to [`scripts::SCRIPT_KEYS_CHUNK`] sets per call) and versions (`SET key 1
+//! NX` + `INCR key`: a missing version becomes 2) in one pipeline per round; then one
 //! SCAN pass for every pattern of the plan, matched client-side; then PUBLISH,
 //! after the deletes; then `WAIT` when `wait_replicas > 0`. Everything is safe
 //! to repeat, so a failed plan is retried whole.
@@ -193,7 +193,6 @@ pub struct RedisSink {
     conn: ConnectionManager,
     target: String,
     tag_pop: Script,
-    version_bump: Script,
     tombstone_set: Script,
     tag_tombstone: Script,
     tombstone_ms: u64,
@@ -205,7 +204,10 @@ pub struct RedisSink {
 enum Step<'a> {
     Unlink(usize),
     TagPop(Vec<&'a str>),
-    Bump(Vec<&'a str>),
+    /// `SET version 1 NX`: a missing version key becomes 1, then 2 by the INCR.
+    Create,
+    /// `INCR version`.
+    Bump(&'a str),
     Tombstone(Vec<(&'a str, Lsn)>),
     TagTombstone(&'a str, Lsn),
 }
@@ -278,7 +280,6 @@ impl RedisSink {
             conn,
             target,
             tag_pop: Script::new(scripts::TAG_POP),
-            version_bump: Script::new(scripts::VERSION_BUMP_MANY),
             tombstone_set: Script::new(scripts::TOMBSTONE_SET),
             tag_tombstone: Script::new(scripts::TAG_TOMBSTONE),
             tombstone_ms: DEFAULT_TOMBSTONE_MS,
@@ -409,9 +410,6 @@ impl RedisSink {
     async fn load_scripts(&mut self) -> Result<(), SinkError> {
         let mut pipe = redis::pipe();
         pipe.cmd("SCRIPT").arg("LOAD").arg(scripts::TAG_POP);
-        pipe.cmd("SCRIPT")
-            .arg("LOAD")
-            .arg(scripts::VERSION_BUMP_MANY);
         pipe.cmd("SCRIPT").arg("LOAD").arg(scripts::TOMBSTONE_SET);
         pipe.cmd("SCRIPT").arg("LOAD").arg(scripts::TAG_TOMBSTONE);
         let _: () = pipe
@@ -471,12 +469,14 @@ impl RedisSink {
                 steps.push(Step::TagPop(chunk.to_vec()));
             }
             round.tags.clear();
-            for chunk in round.versions.chunks(scripts::SCRIPT_KEYS_CHUNK) {
-                pipe.cmd("EVALSHA")
-                    .arg(self.version_bump.get_hash())
-                    .arg(chunk.len())
-                    .arg(chunk);
-                steps.push(Step::Bump(chunk.to_vec()));
+            // Two plain commands per version key instead of a script (a Lua
+            // call costs Redis more than both): readers may see 1 in between,
+            // which is harmless as the bump follows the commit.
+            for &version in &round.versions {
+                pipe.cmd("SET").arg(version).arg(1).arg("NX");
+                steps.push(Step::Create);
+                pipe.cmd("INCR").arg(version);
+                steps.push(Step::Bump(version));
             }
             round.versions.clear();
             round.keys.clear();
@@ -505,14 +505,8 @@ impl RedisSink {
                             next.keys.push(tag);
                         }
                     }
-                    (Step::Bump(versions), Value::Array(wrong)) => {
-                        for version in picked(&versions, &wrong) {
-                            tracing::warn!("a key under the version prefix is not an integer: unlinked it and bumped again (key not logged: it holds row values)");
-                            stats.repaired += 1;
-                            self.unlink_one(version).await?;
-                            next.versions.push(version);
-                        }
-                    }
+                    (Step::Create, Value::Okay | Value::Nil) => {}
+                    (Step::Bump(_), Value::Int(_)) => {}
                     (Step::Tombstone(chunk), Value::Int(_)) => {
                         stats.tombstones += chunk.len() as u64;
                     }
@@ -535,22 +529,28 @@ impl RedisSink {
                             need_scripts = true;
                             match step {
                                 Step::TagPop(t) => next.tags.extend(t),
-                                Step::Bump(v) => next.versions.extend(v),
                                 Step::Tombstone(chunk) => next.tombstones.extend(chunk),
                                 // Restart the SSCAN: repeating it is harmless.
                                 Step::TagTombstone(t, lsn) => {
                                     next.tombstone_tags.push((t, lsn, "0".to_owned()))
                                 }
-                                Step::Unlink(_) => return Err(self.err("UNLINK")(e)),
+                                Step::Unlink(_) | Step::Create | Step::Bump(_) => {
+                                    return Err(self.err("UNLINK")(e))
+                                }
                             }
                         } else if is_wrong_type(&text) {
-                            // A key of the wrong type under the tag prefix
-                            // (the multi-key scripts report theirs in the reply).
+                            // A key of the wrong type under the tag or version
+                            // prefix (the tag script reports its own in the reply).
                             stats.repaired += 1;
                             match step {
                                 Step::TagTombstone(t, _) => {
                                     tracing::warn!(error = %text, "a key under the tag prefix is not a set: unlinked it (key not logged: it holds row values)");
                                     next.keys.push(t);
+                                }
+                                Step::Bump(v) => {
+                                    tracing::warn!(error = %text, "a key under the version prefix is not an integer: unlinked it and bumped again (key not logged: it holds row values)");
+                                    self.unlink_one(v).await?;
+                                    next.versions.push(v);
                                 }
                                 _ => return Err(self.err("UNLINK/EVALSHA")(e)),
                             }
@@ -558,7 +558,8 @@ impl RedisSink {
                             let command = match step {
                                 Step::Unlink(_) => "UNLINK",
                                 Step::TagPop(_) => "EVALSHA tag-pop",
-                                Step::Bump(_) => "EVALSHA version-bump",
+                                Step::Create => "SET NX (version)",
+                                Step::Bump(_) => "INCR (version)",
                                 Step::Tombstone(_) => "EVALSHA tombstone-set",
                                 Step::TagTombstone(..) => "EVALSHA tag-tombstone",
                             };

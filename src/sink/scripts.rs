@@ -41,7 +41,9 @@ return {popped, again, wrong}
 
 /// Bumps the version key `KEYS[1]`. A missing key becomes 2, not 1: readers
 /// that read a missing version as 1 and readers that read it as 0 both see a
-/// new version. INCR keeps the key's TTL. (The cluster sink's per-key form.)
+/// new version. INCR keeps the key's TTL. The cluster sink runs it per key;
+/// the single-server sink sends `SET key 1 NX` + `INCR key` instead (the same
+/// result, cheaper for Redis than a script call).
 pub const VERSION_BUMP: &str = r"
 local v = redis.call('INCR', KEYS[1])
 if v == 1 then
@@ -50,25 +52,9 @@ end
 return v
 ";
 
-/// [`VERSION_BUMP`] for every key of `KEYS` in one call. Returns the 1-based
-/// indexes of the keys that do not hold an integer (the caller unlinks them
-/// and bumps them again); the others are bumped.
-pub const VERSION_BUMP_MANY: &str = r"
-local wrong = {}
-for i, key in ipairs(KEYS) do
-  local v = redis.pcall('INCR', key)
-  if type(v) == 'table' then
-    wrong[#wrong + 1] = i
-  elseif v == 1 then
-    redis.call('INCR', key)
-  end
-end
-return wrong
-";
-
-/// Tag sets or version keys per script call. Each EVALSHA has a fixed cost in
-/// Redis (on W2, one call per key was 0.65 s of Redis CPU for 100,000
-/// transactions; batched, 0.4 s).
+/// Tag sets per TAG_POP call. Each EVALSHA has a fixed cost in Redis (on W2,
+/// one call per tag set and per version key was 0.65 s of Redis CPU for
+/// 100,000 transactions; batched, 0.4 s).
 pub const SCRIPT_KEYS_CHUNK: usize = 100;
 
 /// Members popped per TAG_POP call (all of its sets together).
