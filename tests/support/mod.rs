@@ -464,19 +464,32 @@ impl RedisServer {
 
     /// Starts one with extra `redis-server` arguments (e.g. `["--requirepass", "x"]`).
     pub fn start_with(extra_args: &[&str]) -> Self {
-        Self::start_on(free_port(), extra_args)
+        Self::start_on_free_port(free_port, extra_args)
     }
 
-    /// Starts one on `port` with extra `redis-server` arguments.
-    pub fn start_on(port: u16, extra_args: &[&str]) -> Self {
-        let mut server = RedisServer {
+    /// Starts one on a port from `pick`, picking again when another process
+    /// took the port between the pick and the bind (tests run in parallel).
+    pub fn start_on_free_port(pick: impl Fn() -> u16, extra_args: &[&str]) -> Self {
+        let mut attempts = 0;
+        loop {
+            let mut server = Self::new(pick(), extra_args);
+            match server.try_launch() {
+                Ok(()) => return server,
+                Err(log) if log.contains("Address already in use") && attempts < 5 => {
+                    attempts += 1;
+                }
+                Err(log) => panic!("redis-server exited during startup:\n{log}"),
+            }
+        }
+    }
+
+    fn new(port: u16, extra_args: &[&str]) -> Self {
+        RedisServer {
             dir: ScratchDir::new("redis"),
             port,
             extra_args: extra_args.iter().map(|s| s.to_string()).collect(),
             child: None,
-        };
-        server.launch();
-        server
+        }
     }
 
     /// TCP port on 127.0.0.1.
@@ -500,6 +513,14 @@ impl RedisServer {
     }
 
     fn launch(&mut self) {
+        if let Err(log) = self.try_launch() {
+            panic!("redis-server exited during startup:\n{log}");
+        }
+    }
+
+    /// Starts the process and waits for PING; `Err` with its log when it exits
+    /// during startup.
+    fn try_launch(&mut self) -> Result<(), String> {
         assert!(self.child.is_none(), "redis already running");
         let log = fs::File::create(self.dir.path().join("redis.log")).expect("redis log");
         let mut cmd = Command::new("redis-server");
@@ -518,7 +539,9 @@ impl RedisServer {
             if let Some(child) = self.child.as_mut() {
                 if let Ok(Some(status)) = child.try_wait() {
                     self.child = None;
-                    panic!("redis-server exited during startup ({status})");
+                    let log =
+                        fs::read_to_string(self.dir.path().join("redis.log")).unwrap_or_default();
+                    return Err(format!("{status}\n{log}"));
                 }
             }
             if self
@@ -526,7 +549,7 @@ impl RedisServer {
                 .map(|s| s.contains("PONG"))
                 .unwrap_or(false)
             {
-                return;
+                return Ok(());
             }
             assert!(
                 Instant::now() < deadline,
@@ -603,8 +626,8 @@ impl RedisCluster {
     pub fn start() -> Self {
         let nodes: Vec<RedisServer> = (0..3)
             .map(|_| {
-                RedisServer::start_on(
-                    free_cluster_port(),
+                RedisServer::start_on_free_port(
+                    free_cluster_port,
                     &[
                         "--cluster-enabled",
                         "yes",
@@ -678,6 +701,26 @@ impl RedisCluster {
             .expect("cluster connection")
     }
 
+    /// Starts `redis-cli monitor` on every node, writing `<dir>/monitor-<i>.log`;
+    /// the monitors stop when the returned guard drops.
+    pub fn monitor(&self, dir: &Path) -> Monitors {
+        let children = self
+            .nodes
+            .iter()
+            .enumerate()
+            .map(|(i, n)| {
+                let out = std::fs::File::create(dir.join(format!("monitor-{i}.log")))
+                    .expect("create the monitor log");
+                Command::new("redis-cli")
+                    .args(["-p", &n.port().to_string(), "monitor"])
+                    .stdout(out)
+                    .spawn()
+                    .expect("redis-cli monitor")
+            })
+            .collect();
+        Monitors(children)
+    }
+
     /// Moves `slots` hash slots from node `from` to node `to` (`redis-cli --cluster reshard`).
     pub fn reshard(&self, from: usize, to: usize, slots: u32) -> std::process::Output {
         Command::new("redis-cli")
@@ -688,6 +731,18 @@ impl RedisCluster {
             .args(["--cluster-slots", &slots.to_string(), "--cluster-yes"])
             .output()
             .expect("redis-cli --cluster reshard")
+    }
+}
+
+/// `redis-cli monitor` processes, killed on drop.
+pub struct Monitors(Vec<Child>);
+
+impl Drop for Monitors {
+    fn drop(&mut self) {
+        for child in &mut self.0 {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
     }
 }
 
