@@ -217,6 +217,7 @@ pub async fn plan_stage(
                         if matches!(event, Event::Relation(_)) {
                             telemetry.renamed(&planner.stats().renamed);
                         }
+                        relations.recycle(event);
                     }
                 }
                 SourceItem::Keepalive { wal_end } => {

@@ -473,16 +473,26 @@ impl std::error::Error for DecodeError {}
 /// Parses one XLogData payload (exactly one pgoutput v1 message). Column
 /// values are copied out of `payload`; [`parse_shared`] avoids the copies.
 pub fn parse(payload: &[u8]) -> Result<Message, DecodeError> {
-    parse_with(payload, None)
+    parse_with(payload, None, &mut Vec::new())
 }
 
 /// [`parse`] of a payload held in a shared buffer: column values are slices
 /// of that buffer (no allocation or copy per column).
 pub fn parse_shared(payload: &Bytes) -> Result<Message, DecodeError> {
-    parse_with(payload, Some(payload))
+    parse_with(payload, Some(payload), &mut Vec::new())
 }
 
-fn parse_with(payload: &[u8], owner: Option<&Bytes>) -> Result<Message, DecodeError> {
+/// [`parse_shared`] that takes the vectors of row images from `spare` (emptied
+/// vectors of earlier rows) instead of allocating them, when it has some.
+pub fn parse_pooled(payload: &Bytes, spare: &mut Vec<TupleData>) -> Result<Message, DecodeError> {
+    parse_with(payload, Some(payload), spare)
+}
+
+fn parse_with(
+    payload: &[u8],
+    owner: Option<&Bytes>,
+    spare: &mut Vec<TupleData>,
+) -> Result<Message, DecodeError> {
     let Some((&tag, _)) = payload.split_first() else {
         return Err(DecodeError::new(
             MessageKind::Empty,
@@ -496,6 +506,7 @@ fn parse_with(payload: &[u8], owner: Option<&Bytes>) -> Result<Message, DecodeEr
     let mut r = Reader {
         buf: payload,
         owner,
+        spare,
         pos: 1,
     };
     let msg = parse_body(kind, &mut r).map_err(|reason| DecodeError::new(kind, reason))?;
@@ -634,7 +645,9 @@ fn parse_relation(r: &mut Reader<'_>) -> Result<Relation, Reason> {
 fn parse_tuple(r: &mut Reader<'_>) -> Result<TupleData, Reason> {
     let count = r.count16("tuple column count")?;
     // A column takes at least its 1-byte kind.
-    let mut values = Vec::with_capacity(count.min(r.remaining()));
+    let mut values = r.spare.pop().unwrap_or_default();
+    values.clear();
+    values.reserve(count.min(r.remaining()));
     for column in 0..count {
         let offset = r.pos;
         let value = match r.u8("tuple")? {
@@ -677,6 +690,8 @@ struct Reader<'a> {
     buf: &'a [u8],
     /// The shared buffer `buf` is, when there is one: text values slice it.
     owner: Option<&'a Bytes>,
+    /// Emptied row vectors to fill instead of allocating new ones.
+    spare: &'a mut Vec<TupleData>,
     pos: usize,
 }
 

@@ -29,7 +29,13 @@ pub struct RelationCache {
     relations: HashMap<u32, Arc<Relation>>,
     /// Xid of the open transaction (from its Begin), for the Commit event.
     xid: Option<u32>,
+    /// Row vectors handed back by [`RelationCache::recycle`], reused by
+    /// [`RelationCache::decode_shared`]: no allocation per row image.
+    spare: Vec<TupleData>,
 }
+
+/// Row vectors kept for reuse (an Update has two row images).
+const SPARE_ROWS: usize = 8;
 
 impl RelationCache {
     /// An empty cache.
@@ -61,15 +67,35 @@ impl RelationCache {
     }
 
     /// [`RelationCache::decode_payload`] of a payload in a shared buffer:
-    /// column values are slices of it, not copies (the worker's path).
+    /// column values are slices of it, not copies, and row vectors come from
+    /// [`RelationCache::recycle`] when it has some (the worker's path).
     pub fn decode_shared(
         &mut self,
         payload: &bytes::Bytes,
         wal_start: Lsn,
         out: &mut Vec<Event>,
     ) -> Result<(), DecodeError> {
-        let msg = pgoutput::parse_shared(payload).map_err(|e| e.at(wal_start))?;
+        let msg = pgoutput::parse_pooled(payload, &mut self.spare).map_err(|e| e.at(wal_start))?;
         self.decode(msg, wal_start, out)
+    }
+
+    /// Takes back an event once it has been planned: its row vectors are
+    /// emptied and kept for the next rows [`RelationCache::decode_shared`]
+    /// decodes, so a steady stream allocates none.
+    pub fn recycle(&mut self, event: Event) {
+        if let Event::Change(change) = event {
+            for row in [change.old, change.new].into_iter().flatten() {
+                if self.spare.len() >= SPARE_ROWS {
+                    return;
+                }
+                let mut values = row.values;
+                values.clear();
+                // Value and TupleValue have the same layout: the empty vector
+                // is converted in place and keeps its capacity.
+                self.spare
+                    .push(values.into_iter().map(|_| TupleValue::Null).collect());
+            }
+        }
     }
 
     /// Turns one message into zero or more events appended to `out`: Begin,
@@ -266,6 +292,72 @@ mod tests {
 
     fn t(s: &str) -> TupleValue {
         TupleValue::Text(s.into())
+    }
+
+    /// An Insert into relation 7 (`users()`) as pgoutput sends it.
+    fn insert_payload(values: [&str; 3]) -> bytes::Bytes {
+        let mut p = vec![b'I'];
+        p.extend_from_slice(&7u32.to_be_bytes());
+        p.push(b'N');
+        p.extend_from_slice(&3i16.to_be_bytes());
+        for v in values {
+            p.push(b't');
+            p.extend_from_slice(&i32::try_from(v.len()).unwrap().to_be_bytes());
+            p.extend_from_slice(v.as_bytes());
+        }
+        bytes::Bytes::from(p)
+    }
+
+    /// A recycled event's row vector carries the next row: a steady stream
+    /// allocates no row vectors.
+    #[test]
+    fn recycled_row_vectors_are_reused() {
+        let mut cache = RelationCache::new();
+        let mut out = Vec::new();
+        cache.decode(users(), Lsn(1), &mut out).unwrap();
+        out.clear();
+        let new_row = |event: &Event| match event {
+            Event::Change(c) => c.new.clone().unwrap(),
+            other => panic!("not a change: {other:?}"),
+        };
+        cache
+            .decode_shared(&insert_payload(["1", "ann", "hi"]), Lsn(2), &mut out)
+            .unwrap();
+        let first = out.pop().unwrap();
+        let buffer = match &first {
+            Event::Change(c) => c.new.as_ref().unwrap().values.as_ptr() as usize,
+            other => panic!("not a change: {other:?}"),
+        };
+        assert_eq!(new_row(&first).values[1], Value::Text("ann".into()));
+        cache.recycle(first);
+        assert!(
+            matches!(cache.spare.as_slice(), [v] if v.is_empty() && v.capacity() >= 3),
+            "the row vector was not kept with its capacity"
+        );
+        cache
+            .decode_shared(&insert_payload(["2", "bob", "yo"]), Lsn(3), &mut out)
+            .unwrap();
+        assert!(cache.spare.is_empty(), "the kept vector was not used");
+        let second = out.pop().unwrap();
+        match &second {
+            Event::Change(c) => {
+                let row = c.new.as_ref().unwrap();
+                assert_eq!(
+                    row.values.as_ptr() as usize,
+                    buffer,
+                    "a new vector was allocated"
+                );
+                assert_eq!(
+                    row.values.as_slice(),
+                    [
+                        Value::Text("2".into()),
+                        Value::Text("bob".into()),
+                        Value::Text("yo".into())
+                    ]
+                );
+            }
+            other => panic!("not a change: {other:?}"),
+        }
     }
 
     fn decode_all(msgs: Vec<Message>) -> Result<Vec<Event>, DecodeError> {
