@@ -224,7 +224,7 @@ pub struct TxnPlan {
 }
 
 fn sorted(set: crate::plan::KeySet) -> Vec<String> {
-    let mut v: Vec<String> = set.into_iter().collect();
+    let mut v: Vec<String> = set.iter().map(str::to_owned).collect();
     v.sort_unstable();
     v
 }

@@ -48,10 +48,10 @@ async fn the_documented_acl_is_enough_and_no_more() {
     };
     let mut sink = RedisSink::connect(&options).await.unwrap();
     let mut plan = Plan::default();
-    plan.keys.insert("user:1:profile".into());
-    plan.tags.insert("tag:user:1".into());
-    plan.versions.insert("version:user:1".into());
-    plan.patterns.insert("feed:*:user:1".into());
+    plan.keys.insert("user:1:profile");
+    plan.tags.insert("tag:user:1");
+    plan.versions.insert("version:user:1");
+    plan.patterns.insert("feed:*:user:1");
     plan.add_publish(Publish {
         channel: "cache:invalidate".into(),
         message: "{}".into(),

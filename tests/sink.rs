@@ -54,14 +54,14 @@ async fn keys_tags_versions_patterns_and_publish() {
         .unwrap();
 
     let plan = plan_with(|p| {
-        p.keys.insert("user:1:profile".into());
-        p.keys.insert("user:1:avatar".into());
-        p.keys.insert("user:1:missing".into());
-        p.tags.insert("tag:user:1".into());
-        p.versions.insert("version:user:1".into());
-        p.versions.insert("version:user:2".into());
+        p.keys.insert("user:1:profile");
+        p.keys.insert("user:1:avatar");
+        p.keys.insert("user:1:missing");
+        p.tags.insert("tag:user:1");
+        p.versions.insert("version:user:1");
+        p.versions.insert("version:user:2");
         // An escaped value: only the literal key `feed:9:user:1*` and `feed:9:user:1`.
-        p.patterns.insert("feed:*:user:1\\*".into());
+        p.patterns.insert("feed:*:user:1\\*");
         p.add_publish(Publish {
             channel: "cache:invalidate".into(),
             message: r#"{"entity":"user","id":"1"}"#.into(),
@@ -108,8 +108,8 @@ async fn wrong_types_under_prefixes_are_unlinked_and_redone() {
     let _: () = c.set("tag:user:7", "not a set").unwrap();
     let _: () = c.set("version:user:7", "not a number").unwrap();
     let plan = plan_with(|p| {
-        p.tags.insert("tag:user:7".into());
-        p.versions.insert("version:user:7".into());
+        p.tags.insert("tag:user:7");
+        p.versions.insert("version:user:7");
     });
     let mut sink = RedisSink::connect(&options(&redis)).await.unwrap();
     let stats = sink.apply(&plan).await.unwrap();
@@ -142,11 +142,11 @@ async fn many_tags_and_versions_per_script_call() {
     let _: () = pipe.query(&mut c).unwrap();
     let plan = plan_with(|p| {
         for t in 0..250 {
-            p.tags.insert(format!("tag:t:{t}"));
-            p.versions.insert(format!("version:v:{t}"));
+            p.tags.insert(&format!("tag:t:{t}"));
+            p.versions.insert(&format!("version:v:{t}"));
         }
-        p.tags.insert("tag:t:wrong".into());
-        p.versions.insert("version:v:wrong".into());
+        p.tags.insert("tag:t:wrong");
+        p.versions.insert("version:v:wrong");
     });
     let mut sink = RedisSink::connect(&options(&redis)).await.unwrap();
     let stats = sink.apply(&plan).await.unwrap();
@@ -180,8 +180,8 @@ async fn scripts_flushed_from_redis_are_reloaded() {
     let mut c = redis.client().get_connection().unwrap();
     let mut sink = RedisSink::connect(&options(&redis)).await.unwrap();
     let plan = plan_with(|p| {
-        p.versions.insert("version:a".into());
-        p.tags.insert("tag:a".into());
+        p.versions.insert("version:a");
+        p.tags.insert("tag:a");
     });
     sink.apply(&plan).await.unwrap();
     let _: () = redis::cmd("SCRIPT").arg("FLUSH").query(&mut c).unwrap();
@@ -202,9 +202,9 @@ async fn truncate_patterns_cover_tags_and_versions() {
     let _: () = c.set("user:3:profile", "x").unwrap();
     let _: () = c.set("other", "x").unwrap();
     let plan = plan_with(|p| {
-        p.patterns.insert("user:*:profile".into());
-        p.tag_patterns.insert("tag:user:*".into());
-        p.version_patterns.insert("version:user:*".into());
+        p.patterns.insert("user:*:profile");
+        p.tag_patterns.insert("tag:user:*");
+        p.version_patterns.insert("version:user:*");
     });
     let mut sink = RedisSink::connect(&options(&redis)).await.unwrap();
     sink.apply(&plan).await.unwrap();
@@ -220,7 +220,7 @@ async fn redis_down_is_an_error_to_retry_and_recovers() {
     let mut redis = RedisServer::start();
     let mut sink = RedisSink::connect(&options(&redis)).await.unwrap();
     let plan = plan_with(|p| {
-        p.keys.insert("k1".into());
+        p.keys.insert("k1");
     });
     redis.kill();
     let err = sink.apply(&plan).await.expect_err("Redis is down");
@@ -257,7 +257,7 @@ async fn noperm_blocks() {
     opts.url = format!("redis://weak:pw@127.0.0.1:{}/0", redis.port());
     let mut sink = RedisSink::connect(&opts).await.unwrap();
     let plan = plan_with(|p| {
-        p.keys.insert("k".into());
+        p.keys.insert("k");
     });
     let err = sink
         .apply(&plan)
@@ -331,7 +331,7 @@ async fn redelete_after_deletes_a_key_refilled_right_after_the_invalidation() {
     let mut sink = RedisSink::connect(&opts).await.unwrap();
     let _: () = c.set("user:9:profile", "x").unwrap();
     let plan = plan_with(|p| {
-        p.keys.insert("user:9:profile".into());
+        p.keys.insert("user:9:profile");
     });
     sink.apply(&plan).await.unwrap();
     assert!(!c.exists::<_, bool>("user:9:profile").unwrap());
@@ -355,7 +355,7 @@ async fn wait_replicas_waits_for_replicas_and_fails_without_enough() {
             .filter(|i| i.contains("master_link_status:up"))
     });
     let plan = plan_with(|p| {
-        p.keys.insert("k".into());
+        p.keys.insert("k");
     });
     let mut opts = options(&redis);
     opts.wait_replicas = 1;

@@ -309,7 +309,7 @@ async fn redis_sink_applies_a_plan_over_tls_with_a_custom_ca() {
         .await
         .unwrap();
     let mut plan = Plan::default();
-    plan.keys.insert("user:1:profile".into());
+    plan.keys.insert("user:1:profile");
     sink.apply(&plan).await.unwrap();
     assert!(!c.exists::<_, bool>("user:1:profile").unwrap());
 
@@ -335,7 +335,7 @@ async fn redis_client_certificate_when_the_server_requires_one() {
         .await
         .unwrap();
     let mut plan = Plan::default();
-    plan.keys.insert("k".into());
+    plan.keys.insert("k");
     sink.apply(&plan).await.unwrap();
     assert!(!c.exists::<_, bool>("k").unwrap());
     // Without the client certificate the server hangs up.

@@ -11,8 +11,9 @@ use crate::lsn::Lsn;
 /// worker's CPU on small transactions.
 pub type FastHash = foldhash::fast::RandomState;
 
-/// A set of Redis keys (or patterns) in a plan.
-pub type KeySet = std::collections::HashSet<String, FastHash>;
+mod keyset;
+
+pub use keyset::KeySet;
 
 /// Redis keys with the LSN of the change that invalidated them.
 pub type LsnMap = std::collections::HashMap<String, Lsn, FastHash>;
@@ -95,12 +96,12 @@ impl Plan {
 
     /// Folds another plan into this one.
     pub fn merge(&mut self, other: Plan) {
-        self.keys.extend(other.keys);
-        self.tags.extend(other.tags);
-        self.versions.extend(other.versions);
-        self.patterns.extend(other.patterns);
-        self.tag_patterns.extend(other.tag_patterns);
-        self.version_patterns.extend(other.version_patterns);
+        self.keys.extend(&other.keys);
+        self.tags.extend(&other.tags);
+        self.versions.extend(&other.versions);
+        self.patterns.extend(&other.patterns);
+        self.tag_patterns.extend(&other.tag_patterns);
+        self.version_patterns.extend(&other.version_patterns);
         for (map, more) in [
             (&mut self.tombstones, other.tombstones),
             (&mut self.tombstone_tags, other.tombstone_tags),

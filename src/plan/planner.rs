@@ -793,7 +793,7 @@ fn push_all<T: PartialEq>(out: &mut Vec<T>, items: impl Iterator<Item = T>) {
 fn insert_all(set: &mut super::KeySet, items: &[String]) {
     for i in items {
         if !set.contains(i) {
-            set.insert(i.clone());
+            set.insert(i);
         }
     }
 }
@@ -901,9 +901,7 @@ trait RenderTarget {
 
 impl RenderTarget for super::KeySet {
     fn add(&mut self, name: &str) {
-        if !self.contains(name) {
-            self.insert(name.to_owned());
-        }
+        self.insert(name);
     }
 }
 
@@ -1035,7 +1033,7 @@ mod tests {
     }
 
     fn sorted(set: &crate::plan::KeySet) -> Vec<&str> {
-        let mut v: Vec<&str> = set.iter().map(String::as_str).collect();
+        let mut v: Vec<&str> = set.iter().collect();
         v.sort_unstable();
         v
     }

@@ -412,9 +412,9 @@ impl ClusterSink {
             ..ApplyStats::default()
         };
         let found = Found {
-            keys: plan.keys.iter().cloned().collect(),
-            tags: plan.tags.iter().cloned().collect(),
-            versions: plan.versions.iter().cloned().collect(),
+            keys: plan.keys.iter().map(str::to_owned).collect(),
+            tags: plan.tags.iter().map(str::to_owned).collect(),
+            versions: plan.versions.iter().map(str::to_owned).collect(),
         };
         self.run(found, &mut stats).await?;
         if !plan.tombstones.is_empty() {
@@ -467,8 +467,8 @@ impl ClusterSink {
             if !(plan.keys.is_empty() && plan.tags.is_empty()) {
                 let sink = self.clone();
                 let found = Found {
-                    keys: plan.keys.iter().cloned().collect(),
-                    tags: plan.tags.iter().cloned().collect(),
+                    keys: plan.keys.iter().map(str::to_owned).collect(),
+                    tags: plan.tags.iter().map(str::to_owned).collect(),
                     versions: Vec::new(),
                 };
                 tokio::spawn(async move {
@@ -683,14 +683,14 @@ impl ClusterSink {
     /// One SCAN pass over every master for every pattern of the plan, matched
     /// client-side; matches are processed as they accumulate.
     async fn scan_patterns(&self, plan: &Plan, stats: &mut ApplyStats) -> Result<(), SinkError> {
-        let all: Vec<&String> = plan
+        let all: Vec<&str> = plan
             .patterns
             .iter()
             .chain(&plan.tag_patterns)
             .chain(&plan.version_patterns)
             .collect();
         let server_match = if all.len() == 1 {
-            Some(all[0].clone())
+            Some(all[0].to_owned())
         } else {
             None
         };

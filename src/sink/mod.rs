@@ -320,9 +320,9 @@ impl RedisSink {
             ..ApplyStats::default()
         };
         let round = Round {
-            keys: plan.keys.iter().map(String::as_str).collect(),
-            tags: plan.tags.iter().map(String::as_str).collect(),
-            versions: plan.versions.iter().map(String::as_str).collect(),
+            keys: plan.keys.iter().collect(),
+            tags: plan.tags.iter().collect(),
+            versions: plan.versions.iter().collect(),
             tombstones: plan
                 .tombstones
                 .iter()
@@ -382,8 +382,8 @@ impl RedisSink {
         let mut sink = self.clone();
         sink.redelete_after = None;
         let found = Found {
-            keys: plan.keys.iter().cloned().collect(),
-            tags: plan.tags.iter().cloned().collect(),
+            keys: plan.keys.iter().map(str::to_owned).collect(),
+            tags: plan.tags.iter().map(str::to_owned).collect(),
             versions: Vec::new(),
         };
         tokio::spawn(async move {
@@ -602,7 +602,7 @@ impl RedisSink {
         plan: &Plan,
         stats: &mut ApplyStats,
     ) -> Result<(), SinkError> {
-        let all: Vec<&String> = plan
+        let all: Vec<&str> = plan
             .patterns
             .iter()
             .chain(&plan.tag_patterns)
@@ -610,7 +610,7 @@ impl RedisSink {
             .collect();
         // With a single pattern the server can filter; otherwise match here.
         let server_match = if all.len() == 1 {
-            Some(all[0].clone())
+            Some(all[0].to_owned())
         } else {
             None
         };
