@@ -212,6 +212,20 @@ enum Step<'a> {
     TagTombstone(&'a str, Lsn),
 }
 
+impl Step<'_> {
+    /// The command, as error messages name it.
+    fn command(&self) -> &'static str {
+        match self {
+            Step::Unlink(_) => "UNLINK",
+            Step::TagPop(_) => "EVALSHA tag-pop",
+            Step::Create => "SET NX (version)",
+            Step::Bump(_) => "INCR (version)",
+            Step::Tombstone(_) => "EVALSHA tombstone-set",
+            Step::TagTombstone(..) => "EVALSHA tag-tombstone",
+        }
+    }
+}
+
 /// The work of one round: what the next pipeline sends. Borrows the names
 /// from the plan (or the SCAN results): no copy per key.
 #[derive(Default)]
@@ -534,9 +548,7 @@ impl RedisSink {
                                 Step::TagTombstone(t, lsn) => {
                                     next.tombstone_tags.push((t, lsn, "0".to_owned()))
                                 }
-                                Step::Unlink(_) | Step::Create | Step::Bump(_) => {
-                                    return Err(self.err("UNLINK")(e))
-                                }
+                                other => return Err(self.err(other.command())(e)),
                             }
                         } else if is_wrong_type(&text) {
                             // A key of the wrong type under the tag or version
@@ -552,18 +564,10 @@ impl RedisSink {
                                     self.unlink_one(v).await?;
                                     next.versions.push(v);
                                 }
-                                _ => return Err(self.err("UNLINK/EVALSHA")(e)),
+                                other => return Err(self.err(other.command())(e)),
                             }
                         } else {
-                            let command = match step {
-                                Step::Unlink(_) => "UNLINK",
-                                Step::TagPop(_) => "EVALSHA tag-pop",
-                                Step::Create => "SET NX (version)",
-                                Step::Bump(_) => "INCR (version)",
-                                Step::Tombstone(_) => "EVALSHA tombstone-set",
-                                Step::TagTombstone(..) => "EVALSHA tag-tombstone",
-                            };
-                            return Err(self.err(command)(e));
+                            return Err(self.err(step.command())(e));
                         }
                     }
                     (_, other) => return Err(self.unexpected("pipeline", &[other])),
