@@ -180,6 +180,9 @@ async fn demo(scratch: &Path, servers: &mut Servers) -> Result<(), CliError> {
             ));
         }
     }
+    // A slow first probe may still be in flight: wait until the worker has
+    // acknowledged every probe update, or it would bump the version below.
+    wait_acknowledged(&client, "cache_invalidator_demo").await?;
     let _: () = redis::cmd("DEL")
         .arg("version:user:123")
         .query_async(&mut r)
@@ -313,6 +316,37 @@ async fn demo(scratch: &Path, servers: &mut Servers) -> Result<(), CliError> {
         }
     }
     Ok(())
+}
+
+/// Waits until `slot`'s confirmed position reaches the current WAL position:
+/// every transaction committed so far has been applied to Redis.
+async fn wait_acknowledged(client: &tokio_postgres::Client, slot: &str) -> Result<(), CliError> {
+    let deadline = Instant::now() + WAIT;
+    let caught_up = client
+        .query_one("SELECT pg_current_wal_lsn()::text", &[])
+        .await
+        .map_err(|e| fail("read the WAL position", e))?;
+    let target: String = caught_up.get(0);
+    loop {
+        let row = client
+            .query_one(
+                "SELECT coalesce(confirmed_flush_lsn >= $1::text::pg_lsn, false) \
+                 FROM pg_replication_slots WHERE slot_name = $2",
+                &[&target, &slot],
+            )
+            .await
+            .map_err(|e| fail("read the slot's position", e))?;
+        if row.get::<_, bool>(0) {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            return Err(fail(
+                "wait for the worker",
+                format!("slot {slot} did not confirm {target} within 30 s"),
+            ));
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
 
 async fn wait_gone(
