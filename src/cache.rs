@@ -30,7 +30,7 @@ use std::future::Future;
 use std::sync::OnceLock;
 
 use redis::aio::ConnectionLike;
-use redis::{AsyncCommands, RedisResult, Script};
+use redis::{RedisResult, Script};
 
 /// Seconds a tag set or version key outlives the data cached under it.
 pub const TTL_MARGIN_SECS: u64 = 60;
@@ -153,7 +153,7 @@ impl Seen {
 
 /// GET a key and tell a value from a miss (nothing, or a tombstone).
 pub async fn lookup<C: ConnectionLike + Send>(conn: &mut C, key: &str) -> RedisResult<Lookup> {
-    let v: Option<Vec<u8>> = conn.get(key).await?;
+    let v: Option<Vec<u8>> = redis::cmd("GET").arg(key).query_async(conn).await?;
     Ok(match v {
         None => Lookup::Miss(Seen::Absent),
         Some(v) if tombstone::is_tombstone(&v) => {
@@ -182,7 +182,7 @@ pub async fn guarded_fill<C: ConnectionLike + Send>(
 ) -> RedisResult<bool> {
     if tombstone::is_tombstone(value.as_bytes()) {
         return Err(redis::RedisError::from((
-            redis::ErrorKind::ClientError,
+            redis::ErrorKind::Client,
             "a cached value must not start with the tombstone prefix",
         )));
     }
@@ -282,7 +282,10 @@ impl VersionedCache {
         entity: &str,
         id: &str,
     ) -> RedisResult<i64> {
-        let v: Option<i64> = conn.get(self.version_key(entity, id)).await?;
+        let v: Option<i64> = redis::cmd("GET")
+            .arg(self.version_key(entity, id))
+            .query_async(conn)
+            .await?;
         Ok(v.unwrap_or(self.missing_version))
     }
 
@@ -297,7 +300,10 @@ impl VersionedCache {
         suffix: &str,
     ) -> RedisResult<Option<String>> {
         let version = self.get_version(conn, entity, id).await?;
-        conn.get(Self::data_key(entity, id, suffix, version)).await
+        redis::cmd("GET")
+            .arg(Self::data_key(entity, id, suffix, version))
+            .query_async(conn)
+            .await
     }
 
     /// The version and the data under it in one round trip ([`VERSIONED_GET`]).

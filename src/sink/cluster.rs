@@ -27,7 +27,7 @@
 //! it is never left alive and untracked.
 
 use super::{classify_scanned, PatternMatch};
-use std::collections::BTreeMap;
+use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
@@ -35,7 +35,7 @@ use futures_util::stream::{self, StreamExt, TryStreamExt};
 use redis::aio::ConnectionLike;
 use redis::cluster::ClusterClient;
 use redis::cluster_async::ClusterConnection;
-use redis::cluster_routing::{get_slot, RoutingInfo, SingleNodeRoutingInfo};
+use redis::cluster_routing::{RoutingInfo, SingleNodeRoutingInfo, Slot};
 use redis::{Cmd, Pipeline, RedisError, RedisFuture, Script, Value};
 
 use super::error::{mask_url, SinkError};
@@ -163,10 +163,10 @@ fn is_cross_slot(e: &RedisError) -> bool {
 
 /// `keys` grouped by hash slot, in chunks of at most [`UNLINK_CHUNK`].
 fn slot_groups(keys: &[String]) -> Vec<Vec<String>> {
-    let mut groups: BTreeMap<u16, Vec<String>> = BTreeMap::new();
+    let mut groups: HashMap<Slot, Vec<String>> = HashMap::new();
     for key in keys {
         groups
-            .entry(get_slot(key.as_bytes()))
+            .entry(Slot::for_key(key))
             .or_default()
             .push(key.clone());
     }
@@ -358,7 +358,8 @@ impl ClusterSink {
                 .on_node(&host, port, redis::cmd("INFO").arg("server"))
                 .await
                 .map_err(self.err("INFO server"))?;
-            let info: String = redis::from_redis_value(&info).map_err(self.err("INFO server"))?;
+            let info: String =
+                redis::from_redis_value(info).map_err(|e| self.err("INFO server")(e.into()))?;
             let id = info
                 .lines()
                 .find_map(|l| l.strip_prefix("run_id:"))
@@ -387,7 +388,7 @@ impl ClusterSink {
     async fn on_node(&self, host: &str, port: u16, cmd: &redis::Cmd) -> Result<Value, RedisError> {
         let mut conn = self.conn();
         timed(conn.0.route_command(
-            cmd,
+            cmd.clone(),
             RoutingInfo::SingleNode(SingleNodeRoutingInfo::ByAddress {
                 host: host.to_owned(),
                 port,
@@ -709,7 +710,7 @@ impl ClusterSink {
                     .await
                     .map_err(self.err("SCAN"))?;
                 let (next, keys): (u64, Vec<String>) =
-                    redis::from_redis_value(&reply).map_err(self.err("SCAN"))?;
+                    redis::from_redis_value(reply).map_err(|e| self.err("SCAN")(e.into()))?;
                 for key in keys {
                     match classify_scanned(plan, &key, stats) {
                         Some(PatternMatch::Key) => found.keys.push(key),

@@ -101,9 +101,10 @@ pub fn client(options: &SinkOptions) -> Result<redis::Client, SinkError> {
     let mut info = redis::IntoConnectionInfo::into_connection_info(options.url.as_str())
         .map_err(|e| SinkError::Config(format!("{target}: {}", redact(&e, options))))?;
     if let Some(password) = &options.password {
-        info.redis.password = Some(password.clone());
+        let settings = info.redis_settings().clone().set_password(password);
+        info = info.set_redis_settings(settings);
     }
-    let tls = matches!(info.addr, redis::ConnectionAddr::TcpTls { .. });
+    let tls = matches!(info.addr(), redis::ConnectionAddr::TcpTls { .. });
     if options.tls.is_empty() {
         return redis::Client::open(info)
             .map_err(|e| SinkError::Config(format!("{target}: {}", redact(&e, options))));
@@ -278,10 +279,10 @@ impl RedisSink {
         let target = mask_url(&options.url);
         let client = client(options)?;
         let config = ConnectionManagerConfig::new()
-            .set_connection_timeout(Duration::from_secs(5))
-            .set_response_timeout(Duration::from_secs(30))
+            .set_connection_timeout(Some(Duration::from_secs(5)))
+            .set_response_timeout(Some(Duration::from_secs(30)))
             .set_number_of_retries(2)
-            .set_max_delay(1000);
+            .set_max_delay(Duration::from_secs(1));
         let conn = client
             .get_connection_manager_with_config(config)
             .await
@@ -584,7 +585,7 @@ impl RedisSink {
     /// A reply of a shape the sink did not ask for.
     fn unexpected(&self, command: &'static str, reply: &[Value]) -> SinkError {
         self.err(command)(redis::RedisError::from((
-            redis::ErrorKind::TypeError,
+            redis::ErrorKind::UnexpectedReturnType,
             "unexpected reply",
             format!("{reply:?}"),
         )))
