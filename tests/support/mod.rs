@@ -388,6 +388,17 @@ impl PgCluster {
         }
     }
 
+    /// Waits until a logical slot's `confirmed_flush_lsn` reaches `lsn` (the
+    /// worker acknowledges only what Redis confirmed).
+    pub fn wait_confirmed(&self, lsn: &str, timeout: Duration) {
+        let sql = format!(
+            "SELECT coalesce(bool_or(confirmed_flush_lsn >= '{lsn}'::pg_lsn), false) FROM pg_replication_slots WHERE slot_type = 'logical'"
+        );
+        wait_for(&format!("a slot to confirm {lsn}"), timeout, || {
+            (self.psql(&sql).trim() == "t").then_some(())
+        });
+    }
+
     /// Runs SQL through `psql` (over the unix socket) and returns its unaligned, tuples-only output.
     pub fn psql(&self, sql: &str) -> String {
         let out = Command::new(pg_bindir().join("psql"))
@@ -567,6 +578,11 @@ impl RedisServer {
             .args(args)
             .output()?;
         Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+    }
+
+    /// What the server wrote to its log so far.
+    pub fn server_log(&self) -> String {
+        fs::read_to_string(self.dir.path().join("redis.log")).unwrap_or_default()
     }
 
     /// A plain redis client for assertions.
@@ -839,19 +855,31 @@ pub const SYNC_PROBE_TABLE: &str =
 pub const SYNC_PROBE_MAPPING: &str =
     "[[table]]\nname = \"sync_probe\"\nkeys = [\"sync:{id}\"]\ntruncate = \"none\"\n";
 
+/// Commits a change to `sync_probe` row `id` and returns a WAL position
+/// inside that transaction: once a slot confirms it, the worker has applied
+/// everything committed before (and the change itself).
+pub fn touch_sync_probe(pg: &PgCluster, id: u32) -> String {
+    pg.psql(&format!(
+        "INSERT INTO sync_probe (id) VALUES ({id}) ON CONFLICT (id) DO UPDATE SET n = sync_probe.n + 1 RETURNING pg_current_wal_lsn()"
+    ))
+    .trim()
+    .to_owned()
+}
+
 /// Waits until the worker applied everything committed before this call: a
-/// change to `sync_probe` (committed after) must delete its key, and batches
-/// are applied in commit order.
+/// change to `sync_probe` (committed after) must delete its key, and then be
+/// acknowledged. The key alone is not enough: batches are applied in commit
+/// order, but the keys of one batch (several transactions) in no particular
+/// order, so the probe's key can go before an earlier transaction's key.
 pub fn sync_worker(pg: &PgCluster, redis: &RedisServer, timeout: Duration) {
     static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(1);
     let id = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let mut probe = RedisProbe::new(redis);
     let key = format!("sync:{id}");
     probe.set(&key, "x");
-    pg.psql(&format!(
-        "INSERT INTO sync_probe (id) VALUES ({id}) ON CONFLICT (id) DO UPDATE SET n = sync_probe.n + 1"
-    ));
+    let lsn = touch_sync_probe(pg, id);
     probe.wait_gone(&key, timeout);
+    pg.wait_confirmed(&lsn, timeout);
 }
 
 /// A config directory for the worker: `cache-invalidator.toml` plus a
@@ -957,7 +985,13 @@ impl WorkerConfig {
             .arg("--config")
             .arg(self.path())
             .arg("run")
-            .env("RUST_LOG", "cache_invalidator=debug,info")
+            // CACHE_INVALIDATOR_TEST_WORKER_LOG overrides the workers' filter
+            // for a post-mortem (e.g. `cache_invalidator=debug,redis=debug,info`).
+            .env(
+                "RUST_LOG",
+                std::env::var("CACHE_INVALIDATOR_TEST_WORKER_LOG")
+                    .unwrap_or_else(|_| "cache_invalidator=debug,info".into()),
+            )
             .env_remove("CACHE_INVALIDATOR_POSTGRES_URL")
             .env_remove("CACHE_INVALIDATOR_REDIS_URL")
             .envs(env.iter().copied())
