@@ -431,3 +431,48 @@ async fn stalled_consumer_keeps_the_connection_alive_past_wal_sender_timeout() {
     assert_eq!(pid, s.backend_pid.to_string());
     assert!(!s.task.is_finished());
 }
+
+/// A walsender that stops answering (SIGSTOP: the TCP connection stays up,
+/// nothing arrives) is given up after twice wal_sender_timeout, with a
+/// `Reconnect` error that says so, instead of after TCP's retransmission
+/// timeout; a stalled consumer (previous test) is not mistaken for it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_walsender_is_given_up_after_twice_wal_sender_timeout() {
+    let pg = PgCluster::start_with(PgOptions::default().set("wal_sender_timeout", "2s"));
+    setup_table(&pg, "s");
+    let mut s = start_stream(&pg.url(), "s", "p", 64).await;
+    pg.psql("INSERT INTO t VALUES (1, 'a')");
+    let ends = commits(&mut s.rx, 1).await;
+    s.ack.send(ends[0]).unwrap();
+    // Healthy and idle: the stream stays up well past the limit (4 s).
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    assert!(!s.task.is_finished(), "an idle, healthy stream ended");
+    let pid = s.backend_pid.to_string();
+    let signal = |sig: &str| {
+        let ok = std::process::Command::new("kill")
+            .args([sig, &pid])
+            .status()
+            .expect("kill")
+            .success();
+        assert!(ok, "kill {sig} {pid}");
+    };
+    signal("-STOP");
+    let started = std::time::Instant::now();
+    let ended = tokio::time::timeout(Duration::from_secs(20), &mut s.task).await;
+    signal("-CONT");
+    let err = ended
+        .expect("the stream gives a silent server up")
+        .unwrap()
+        .unwrap_err();
+    assert_eq!(err.retry_class(), RetryClass::Reconnect, "{err}");
+    assert!(
+        err.to_string().contains("no message from the server"),
+        "{err}"
+    );
+    let took = started.elapsed();
+    assert!(
+        took >= Duration::from_secs(3),
+        "gave up after {took:?}, before the limit"
+    );
+    eprintln!("silent walsender given up after {took:?}: {err}");
+}

@@ -665,6 +665,14 @@ pub fn status_interval(wal_sender_timeout: Duration) -> Duration {
     }
 }
 
+/// How long the stream may hear nothing while it reads before it gives the
+/// connection up: twice `wal_sender_timeout` (by then the server has dropped
+/// the connection too and freed the slot). `None` when the timeout is
+/// disabled (0): then a silent server is noticed only by TCP.
+pub fn silence_limit(wal_sender_timeout: Duration) -> Option<Duration> {
+    (!wal_sender_timeout.is_zero()).then(|| wal_sender_timeout * 2)
+}
+
 /// "15.4 (Debian 15.4-1)" -> 150004; "9.6.3" -> 90603; "16beta1" -> 160000.
 pub fn parse_server_version(v: &str) -> Option<u32> {
     let numeric: String = v
@@ -722,6 +730,11 @@ mod tests {
         assert_eq!(
             status_interval(Duration::from_secs(3)),
             Duration::from_secs(1)
+        );
+        assert_eq!(silence_limit(Duration::ZERO), None);
+        assert_eq!(
+            silence_limit(Duration::from_secs(60)),
+            Some(Duration::from_secs(120))
         );
     }
 }

@@ -81,8 +81,9 @@ pub fn parse_server_message(body: Bytes) -> Result<ServerCopyMessage, CopyMessag
 }
 
 /// Appends a CopyData frame holding a standby status update: written =
-/// flushed = applied = `acked`, our clock, no reply requested.
-pub fn put_status_update(acked: Lsn, now: Timestamp, out: &mut BytesMut) {
+/// flushed = applied = `acked`, our clock, and whether the server should
+/// answer at once (with a keepalive).
+pub fn put_status_update(acked: Lsn, now: Timestamp, reply: bool, out: &mut BytesMut) {
     // CopyData header: 'd', length (4 + 34).
     out.put_u8(b'd');
     out.put_u32(4 + 34);
@@ -91,7 +92,7 @@ pub fn put_status_update(acked: Lsn, now: Timestamp, out: &mut BytesMut) {
     out.put_u64(acked.0); // flushed
     out.put_u64(acked.0); // applied
     out.put_i64(now.0);
-    out.put_u8(0);
+    out.put_u8(u8::from(reply));
 }
 
 /// Appends a CopyDone frame.
@@ -139,12 +140,15 @@ mod tests {
     #[test]
     fn status_update_layout() {
         let mut out = BytesMut::new();
-        put_status_update(Lsn(0x10), Timestamp(5), &mut out);
+        put_status_update(Lsn(0x10), Timestamp(5), false, &mut out);
         assert_eq!(out.len(), 1 + 4 + 34);
         assert_eq!(&out[..6], &[b'd', 0, 0, 0, 38, b'r']);
         assert_eq!(&out[6..14], &0x10u64.to_be_bytes());
         assert_eq!(&out[22..30], &0x10u64.to_be_bytes());
         assert_eq!(out[38], 0);
+        out.clear();
+        put_status_update(Lsn(0x10), Timestamp(5), true, &mut out);
+        assert_eq!(out[38], 1);
     }
 
     proptest! {

@@ -17,6 +17,11 @@
 //!   PostgreSQL time us out.
 //! * The LSN reported as written = flushed = applied is the highest the
 //!   acknowledger's `watch` has shown: it only moves forward.
+//! * Liveness: the timer's status updates ask the server to reply at once, so
+//!   a healthy walsender is never silent for long. While the task reads (it
+//!   holds a permit), hearing nothing for twice `wal_sender_timeout` ends the
+//!   stream with a `Reconnect` error: a black-holed network or a stuck server
+//!   is noticed in minutes, not after TCP's retransmission timeout (~15 min).
 //! * Idle advance is the consumer's job: keepalives are forwarded in order as
 //!   [`SourceItem::Keepalive`]; when nothing is pending, the acknowledger
 //!   advances to the keepalive's `wal_end` and this task reports it. The task
@@ -34,7 +39,7 @@ use tokio::io::AsyncReadExt;
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 
-use super::connection::{ReplicationConnection, READ_CHUNK};
+use super::connection::{silence_limit, ReplicationConnection, READ_CHUNK};
 use super::copyboth::{self, ServerCopyMessage};
 use super::error::{ServerError, SourceError};
 use super::frame::{self, Frame};
@@ -105,6 +110,10 @@ pub async fn run_stream(
         mut stop,
     } = control;
     let interval = conn.status_interval();
+    let silence = silence_limit(conn.wal_sender_timeout());
+    // Last time the socket gave us bytes, or reading resumed after backpressure.
+    let mut last_heard = tokio::time::Instant::now();
+    let mut was_reading = false;
     let mut acked = *ack_rx.borrow_and_update();
     let mut stopping = *stop.borrow_and_update();
     let mut stop_open = true;
@@ -150,6 +159,13 @@ pub async fn run_stream(
         }
 
         let reading = permit.is_some() && !stopping;
+        if reading && !was_reading {
+            // Unread data may have waited while we were full: silence counts from now.
+            last_heard = tokio::time::Instant::now();
+        }
+        was_reading = reading;
+        // Far in the future when there is no limit (the branch is then disabled).
+        let silent_at = last_heard + silence.unwrap_or(Duration::from_secs(86_400));
         let want_room = permit.is_none() && !stopping;
         let ReplicationConnection { io, read_buf, .. } = &mut conn;
         tokio::select! {
@@ -185,9 +201,10 @@ pub async fn run_stream(
                     }
                 }
             }
-            // 3. Status timer, whatever the consumer is doing.
+            // 3. Status timer, whatever the consumer is doing; asks for a reply
+            //    (the liveness check below).
             _ = timer.tick() => {
-                send_status(&mut conn, acked).await?;
+                send_status_requesting_reply(&mut conn, acked).await?;
                 reported = acked;
                 last_report = tokio::time::Instant::now();
             }
@@ -201,9 +218,14 @@ pub async fn run_stream(
             r = io.read_buf(read_buf), if reading => {
                 match r {
                     Ok(0) => return Err(lost(&conn, acked, None)),
-                    Ok(_) => {}
+                    Ok(_) => last_heard = tokio::time::Instant::now(),
                     Err(e) => return Err(lost(&conn, acked, Some(e))),
                 }
+            }
+            // 4b. Nothing from the server for too long while we read.
+            _ = tokio::time::sleep_until(silent_at), if reading && silence.is_some() => {
+                let limit = silence.unwrap_or_default();
+                return Err(silent(&conn, acked, last_heard.elapsed(), limit, interval));
             }
             // 5. Wait for room in the channel.
             p = items.reserve(), if want_room => {
@@ -216,6 +238,28 @@ pub async fn run_stream(
                 }
             }
         }
+    }
+}
+
+/// The server said nothing for `quiet` (past `limit`) although every status
+/// update asked it to.
+fn silent(
+    conn: &ReplicationConnection,
+    acked: Lsn,
+    quiet: Duration,
+    limit: Duration,
+    interval: Duration,
+) -> SourceError {
+    SourceError::ConnectionLost {
+        during: format!(
+            "streaming: no message from the server for {} s (the limit is twice wal_sender_timeout, {} s) although each status update, every {} ms, asked for a reply: the network or the server is stuck",
+            quiet.as_secs(),
+            limit.as_secs(),
+            interval.as_millis(),
+        ),
+        url: conn.url().to_string(),
+        lsn: Some(acked),
+        source: None,
     }
 }
 
@@ -299,15 +343,25 @@ async fn handle_frame(
 }
 
 async fn send_status(conn: &mut ReplicationConnection, acked: Lsn) -> Result<(), SourceError> {
-    copyboth::put_status_update(acked, Timestamp::now(), &mut conn.write_buf);
+    copyboth::put_status_update(acked, Timestamp::now(), false, &mut conn.write_buf);
     tracing::trace!(acked = %acked, "standby status update");
+    conn.flush_writes("status update").await
+}
+
+/// A status update the server answers at once with a keepalive.
+async fn send_status_requesting_reply(
+    conn: &mut ReplicationConnection,
+    acked: Lsn,
+) -> Result<(), SourceError> {
+    copyboth::put_status_update(acked, Timestamp::now(), true, &mut conn.write_buf);
+    tracing::trace!(acked = %acked, "standby status update (reply requested)");
     conn.flush_writes("status update").await
 }
 
 /// Final status update, CopyDone, then drain until the server ends the stream
 /// (closing with unread data would reset the connection and could lose the update).
 async fn finish(mut conn: ReplicationConnection, acked: Lsn) -> Result<(), SourceError> {
-    copyboth::put_status_update(acked, Timestamp::now(), &mut conn.write_buf);
+    copyboth::put_status_update(acked, Timestamp::now(), false, &mut conn.write_buf);
     copyboth::put_copy_done(&mut conn.write_buf);
     conn.flush_writes("final status update").await?;
     tracing::debug!(acked = %acked, "stream: final status update sent");
