@@ -164,8 +164,6 @@ pub async fn run_stream(
             last_heard = tokio::time::Instant::now();
         }
         was_reading = reading;
-        // Far in the future when there is no limit (the branch is then disabled).
-        let silent_at = last_heard + silence.unwrap_or(Duration::from_secs(86_400));
         let want_room = permit.is_none() && !stopping;
         let ReplicationConnection { io, read_buf, .. } = &mut conn;
         tokio::select! {
@@ -201,9 +199,14 @@ pub async fn run_stream(
                     }
                 }
             }
-            // 3. Status timer, whatever the consumer is doing; asks for a reply
-            //    (the liveness check below).
+            // 3. Status timer, whatever the consumer is doing; asks for a reply,
+            //    and gives the server up when it stayed silent past the limit
+            //    while we read (checked here, not by a timer per read: the
+            //    read path is the hot path).
             _ = timer.tick() => {
+                if let Some(limit) = silence.filter(|l| reading && last_heard.elapsed() >= *l) {
+                    return Err(silent(&conn, acked, last_heard.elapsed(), limit, interval));
+                }
                 send_status_requesting_reply(&mut conn, acked).await?;
                 reported = acked;
                 last_report = tokio::time::Instant::now();
@@ -221,11 +224,6 @@ pub async fn run_stream(
                     Ok(_) => last_heard = tokio::time::Instant::now(),
                     Err(e) => return Err(lost(&conn, acked, Some(e))),
                 }
-            }
-            // 4b. Nothing from the server for too long while we read.
-            _ = tokio::time::sleep_until(silent_at), if reading && silence.is_some() => {
-                let limit = silence.unwrap_or_default();
-                return Err(silent(&conn, acked, last_heard.elapsed(), limit, interval));
             }
             // 5. Wait for room in the channel.
             p = items.reserve(), if want_room => {
