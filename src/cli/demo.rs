@@ -16,6 +16,7 @@ use std::time::{Duration, Instant};
 use futures_util::StreamExt;
 
 use crate::error::CliError;
+use crate::lsn::Lsn;
 
 /// The demo schema and mappings, built into the binary.
 const MIGRATIONS: &[(&str, &str)] = &[
@@ -182,7 +183,7 @@ async fn demo(scratch: &Path, servers: &mut Servers) -> Result<(), CliError> {
     }
     // A slow first probe may still be in flight: wait until the worker has
     // acknowledged every probe update, or it would bump the version below.
-    wait_acknowledged(&client, "cache_invalidator_demo").await?;
+    wait_acknowledged(&pg_url, "cache_invalidator_demo").await?;
     let _: () = redis::cmd("DEL")
         .arg("version:user:123")
         .query_async(&mut r)
@@ -320,23 +321,28 @@ async fn demo(scratch: &Path, servers: &mut Servers) -> Result<(), CliError> {
 
 /// Waits until `slot`'s confirmed position reaches the current WAL position:
 /// every transaction committed so far has been applied to Redis.
-async fn wait_acknowledged(client: &tokio_postgres::Client, slot: &str) -> Result<(), CliError> {
-    let deadline = Instant::now() + WAIT;
-    let caught_up = client
+async fn wait_acknowledged(pg_url: &str, slot: &str) -> Result<(), CliError> {
+    let settings = crate::source::ConnectionSettings::parse(pg_url, None)
+        .map_err(|e| fail("PostgreSQL URL", e))?;
+    let sql = crate::source::connect_sql(&settings)
+        .await
+        .map_err(|e| fail("connect to PostgreSQL", e))?;
+    let row = sql
+        .client()
         .query_one("SELECT pg_current_wal_lsn()::text", &[])
         .await
         .map_err(|e| fail("read the WAL position", e))?;
-    let target: String = caught_up.get(0);
+    let target: Lsn = row
+        .get::<_, String>(0)
+        .parse()
+        .map_err(|e| fail("read the WAL position", e))?;
+    let deadline = Instant::now() + WAIT;
     loop {
-        let row = client
-            .query_one(
-                "SELECT coalesce(confirmed_flush_lsn >= $1::text::pg_lsn, false) \
-                 FROM pg_replication_slots WHERE slot_name = $2",
-                &[&target, &slot],
-            )
+        let info = sql
+            .slot_info(slot)
             .await
             .map_err(|e| fail("read the slot's position", e))?;
-        if row.get::<_, bool>(0) {
+        if info.and_then(|i| i.confirmed_flush_lsn) >= Some(target) {
             return Ok(());
         }
         if Instant::now() > deadline {
