@@ -114,7 +114,7 @@ rows_of() { case $1 in w1) echo "$W1_ROWS" ;; w2) echo "$W2_TXNS" ;; w3) echo "$
 time_recv() {
     local transport=$1 end=$2 t0 t1
     t0=$(now_s)
-    pg_recvlogical -d bench -h "$(pg_host "$transport")" -p "$PGPORT" -U postgres --no-loop \
+    "$RECVLOGICAL" -d bench -h "$(pg_host "$transport")" -p "$PGPORT" -U postgres --no-loop \
         --start -S "$RECV_SLOT" -P pgoutput -o proto_version=1 -o publication_names="$PUB" \
         --endpos "$end" -f /dev/null 2>>"$BENCH_TMP/recv.log" || die "pg_recvlogical failed: $(tail -3 "$BENCH_TMP/recv.log")"
     t1=$(now_s)
