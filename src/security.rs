@@ -7,12 +7,13 @@
 //! | command | sent by |
 //! | --- | --- |
 //! | `UNLINK` | keys, pattern matches, repaired keys; inside the tag-pop script |
+//! | `EXISTS` | tag sets, checked before the tag-pop script (only sets that exist get it) |
 //! | `EVALSHA`, `SCRIPT LOAD` | the tag-pop and tombstone scripts, and the version-bump script on a cluster (loaded on start and on NOSCRIPT) |
-//! | `SPOP`, `INCR` | inside those scripts (scripts run with the caller's permissions); `INCR` also bumps versions |
+//! | `SPOP`, `INCR` | inside those scripts (scripts run with the caller's permissions); `INCR` also bumps existing version keys |
 //! | `SCAN` | the one pattern pass per batch |
 //! | `PUBLISH` | `channels`, restricted to the mapped channels by `&` rules |
 //! | `INFO` | the identity guard (`run_id`) |
-//! | `GET`, `SET` | the identity key `cache-invalidator:<slot>:identity`; `SET NX` creates missing version keys |
+//! | `GET`, `SET` | the identity key `cache-invalidator:<slot>:identity`; `SET key 2 NX` creates missing version keys |
 //! | `WAIT` | `wait_replicas > 0` |
 //! | `SELECT` | a database other than 0 in the URL |
 //! | `PING` | liveness checks |
@@ -31,6 +32,7 @@ use crate::map::Mappings;
 /// of [`redis_acl_rule`].
 pub const REDIS_WORKER_COMMANDS: &[&str] = &[
     "unlink",
+    "exists",
     "evalsha",
     "script|load",
     "spop",
@@ -106,7 +108,7 @@ mod tests {
         let rule = redis_acl_rule(&["a".into(), "odd*[x]".into(), "a".into()]);
         assert_eq!(
             rule,
-            "~* resetchannels &a &odd\\*\\[x\\] -@all +unlink +evalsha +script|load +spop +incr +scan +publish +ping +select +info +wait +get +set +hello +auth"
+            "~* resetchannels &a &odd\\*\\[x\\] -@all +unlink +exists +evalsha +script|load +spop +incr +scan +publish +ping +select +info +wait +get +set +hello +auth"
         );
         assert_eq!(redis_acl_rule(&[]), rule.replace(" &a &odd\\*\\[x\\]", ""));
     }

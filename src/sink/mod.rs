@@ -1,9 +1,10 @@
 //! The Redis executor: runs a [`Plan`] against Redis, pipelined.
 //!
-//! Order within one plan: keys (UNLINK in chunks), tags (the SPOP script, up
-//! to [`scripts::SCRIPT_KEYS_CHUNK`] sets per call) and versions (`SET key 1
-//! NX` + `INCR key`: a missing version becomes 2) in one pipeline per round; then one
-//! SCAN pass for every pattern of the plan, matched client-side; then PUBLISH,
+//! Order within one plan: keys (UNLINK in chunks), tags (`EXISTS` per set;
+//! the sets that exist get the SPOP script in the next round, up to
+//! [`scripts::SCRIPT_KEYS_CHUNK`] sets per call) and versions (`SET key 2 NX`:
+//! a missing version becomes 2; the keys that existed get `INCR key` in the
+//! next round) in one pipeline per round; then one SCAN pass for every pattern of the plan, matched client-side; then PUBLISH,
 //! after the deletes; then `WAIT` when `wait_replicas > 0`. Everything is safe
 //! to repeat, so a failed plan is retried whole.
 //!
@@ -204,10 +205,13 @@ pub struct RedisSink {
 /// One command of a round, mirrored beside the pipeline to read its reply.
 enum Step<'a> {
     Unlink(usize),
+    /// `EXISTS tag`: a set that exists is popped in the next round.
+    TagExists(&'a str),
     TagPop(Vec<&'a str>),
-    /// `SET version 1 NX`: a missing version key becomes 1, then 2 by the INCR.
-    Create,
-    /// `INCR version`.
+    /// `SET version 2 NX`: a missing version key becomes 2; `nil` means it
+    /// exists, and it is bumped in the next round.
+    Create(&'a str),
+    /// `INCR version` (an existing version key).
     Bump(&'a str),
     Tombstone(Vec<(&'a str, Lsn)>),
     TagTombstone(&'a str, Lsn),
@@ -218,8 +222,9 @@ impl Step<'_> {
     fn command(&self) -> &'static str {
         match self {
             Step::Unlink(_) => "UNLINK",
+            Step::TagExists(_) => "EXISTS (tag)",
             Step::TagPop(_) => "EVALSHA tag-pop",
-            Step::Create => "SET NX (version)",
+            Step::Create(_) => "SET NX (version)",
             Step::Bump(_) => "INCR (version)",
             Step::Tombstone(_) => "EVALSHA tombstone-set",
             Step::TagTombstone(..) => "EVALSHA tag-tombstone",
@@ -232,8 +237,14 @@ impl Step<'_> {
 #[derive(Default)]
 struct Round<'a> {
     keys: Vec<&'a str>,
+    /// Tag sets to invalidate: checked with `EXISTS` first.
     tags: Vec<&'a str>,
+    /// Tag sets known to exist (or to hold more members): the SPOP script.
+    pop_tags: Vec<&'a str>,
+    /// Version keys to create as 2 or, when they exist, bump.
     versions: Vec<&'a str>,
+    /// Version keys known to exist: `INCR`.
+    bumps: Vec<&'a str>,
     tombstones: Vec<(&'a str, Lsn)>,
     /// (tag set, LSN, SSCAN cursor).
     tombstone_tags: Vec<(&'a str, Lsn, String)>,
@@ -267,7 +278,9 @@ impl Round<'_> {
     fn is_empty(&self) -> bool {
         self.keys.is_empty()
             && self.tags.is_empty()
+            && self.pop_tags.is_empty()
             && self.versions.is_empty()
+            && self.bumps.is_empty()
             && self.tombstones.is_empty()
             && self.tombstone_tags.is_empty()
     }
@@ -338,6 +351,8 @@ impl RedisSink {
             keys: plan.keys.iter().collect(),
             tags: plan.tags.iter().collect(),
             versions: plan.versions.iter().collect(),
+            pop_tags: Vec::new(),
+            bumps: Vec::new(),
             tombstones: plan
                 .tombstones
                 .iter()
@@ -475,7 +490,17 @@ impl RedisSink {
                     .arg(self.tombstone_ms);
                 steps.push(Step::TagTombstone(tag, lsn));
             }
-            for chunk in round.tags.chunks(scripts::SCRIPT_KEYS_CHUNK) {
+            // Most tag sets of a busy table do not exist (nothing cached under
+            // them): a plain EXISTS costs Redis a fraction of a script's call
+            // per set, and only the sets that exist get the script. A set
+            // created after the check was filled after the commit, like a
+            // fill that lands after the pop.
+            for &tag in &round.tags {
+                pipe.cmd("EXISTS").arg(tag);
+                steps.push(Step::TagExists(tag));
+            }
+            round.tags.clear();
+            for chunk in round.pop_tags.chunks(scripts::SCRIPT_KEYS_CHUNK) {
                 pipe.cmd("EVALSHA")
                     .arg(self.tag_pop.get_hash())
                     .arg(chunk.len())
@@ -483,17 +508,24 @@ impl RedisSink {
                     .arg(scripts::TAG_POP_COUNT);
                 steps.push(Step::TagPop(chunk.to_vec()));
             }
-            round.tags.clear();
-            // Two plain commands per version key instead of a script (a Lua
-            // call costs Redis more than both): readers may see 1 in between,
-            // which is harmless as the bump follows the commit.
+            round.pop_tags.clear();
+            // Plain commands instead of a script (a Lua call costs Redis more):
+            // `SET key 2 NX` creates a missing version as 2 (readers of a
+            // missing key as 0 or as 1 both see a new version) and is all a
+            // missing key needs; a key that exists gets `INCR` in the next
+            // round. Should it expire in between, INCR makes it 1: harmless,
+            // as a version key outlives the data cached under it (DESIGN.md)
+            // and this runs after the commit.
             for &version in &round.versions {
-                pipe.cmd("SET").arg(version).arg(1).arg("NX");
-                steps.push(Step::Create);
+                pipe.cmd("SET").arg(version).arg(2).arg("NX");
+                steps.push(Step::Create(version));
+            }
+            round.versions.clear();
+            for &version in &round.bumps {
                 pipe.cmd("INCR").arg(version);
                 steps.push(Step::Bump(version));
             }
-            round.versions.clear();
+            round.bumps.clear();
             round.keys.clear();
             let replies = self
                 .send(&pipe, steps.len(), "UNLINK/EVALSHA pipeline")
@@ -503,6 +535,11 @@ impl RedisSink {
             for (step, reply) in steps.into_iter().zip(replies) {
                 match (step, reply) {
                     (Step::Unlink(n), Value::Int(_)) => stats.keys += n as u64,
+                    (Step::TagExists(tag), Value::Int(n)) => {
+                        if n > 0 {
+                            next.pop_tags.push(tag);
+                        }
+                    }
                     (Step::TagPop(tags), Value::Array(reply)) => {
                         let (popped, again, wrong) = match reply.as_slice() {
                             [Value::Int(popped), Value::Array(again), Value::Array(wrong)] => {
@@ -512,7 +549,7 @@ impl RedisSink {
                         };
                         stats.tag_members += u64::try_from(popped).unwrap_or(0);
                         for tag in picked(&tags, again) {
-                            next.tags.push(tag);
+                            next.pop_tags.push(tag);
                         }
                         for tag in picked(&tags, wrong) {
                             tracing::warn!("a key under the tag prefix is not a set: unlinked it (key not logged: it holds row values)");
@@ -520,7 +557,8 @@ impl RedisSink {
                             next.keys.push(tag);
                         }
                     }
-                    (Step::Create, Value::Okay | Value::Nil) => {}
+                    (Step::Create(_), Value::Okay) => {}
+                    (Step::Create(version), Value::Nil) => next.bumps.push(version),
                     (Step::Bump(_), Value::Int(_)) => {}
                     (Step::Tombstone(chunk), Value::Int(_)) => {
                         stats.tombstones += chunk.len() as u64;
@@ -543,7 +581,7 @@ impl RedisSink {
                         if e.code() == Some("NOSCRIPT") || text.contains("NOSCRIPT") {
                             need_scripts = true;
                             match step {
-                                Step::TagPop(t) => next.tags.extend(t),
+                                Step::TagPop(t) => next.pop_tags.extend(t),
                                 Step::Tombstone(chunk) => next.tombstones.extend(chunk),
                                 // Restart the SSCAN: repeating it is harmless.
                                 Step::TagTombstone(t, lsn) => {

@@ -42,8 +42,8 @@ return {popped, again, wrong}
 /// Bumps the version key `KEYS[1]`. A missing key becomes 2, not 1: readers
 /// that read a missing version as 1 and readers that read it as 0 both see a
 /// new version. INCR keeps the key's TTL. The cluster sink runs it per key;
-/// the single-server sink sends `SET key 1 NX` + `INCR key` instead (the same
-/// result, cheaper for Redis than a script call).
+/// the single-server sink sends `SET key 2 NX`, then `INCR key` for the keys
+/// that existed (the same result, cheaper for Redis than a script call).
 pub const VERSION_BUMP: &str = r"
 local v = redis.call('INCR', KEYS[1])
 if v == 1 then
