@@ -19,7 +19,10 @@ use crate::lsn::Lsn;
 use crate::map::Mappings;
 use crate::plan::planner::Planner;
 use crate::sink::{Sink, SinkOptions};
-use crate::source::{self, ConnectionSettings, RetryClass, SourceError, StreamControl};
+use crate::source::{
+    self, ConnectionSettings, ReplicationConnection, RetryClass, SourceError, StreamControl,
+    SystemIdentity,
+};
 use crate::telemetry::{SinkReporter, Telemetry, HEARTBEAT_INTERVAL};
 use crate::worker::{self, Backoff, BatchLimits, IdentityGuard};
 
@@ -167,21 +170,21 @@ impl Worker {
     }
 
     async fn run(&self) -> Result<(), CliError> {
-        self.preflight().await?;
-        let mut sink = loop {
-            match Sink::connect(&self.sink_options, &self.config.redis.cluster).await {
-                Ok(sink) => break sink,
-                Err(err) if err.retry_class() == crate::sink::RetryClass::Fatal => {
-                    return Err(CliError::Invalid(err.to_string()))
-                }
-                Err(err) => {
-                    tracing::warn!({ ERROR } = %err, "Redis unreachable; retrying");
-                    self.pause(Duration::from_secs(1)).await;
-                    if self.stopping() {
-                        return Ok(());
-                    }
-                }
-            }
+        // The checks, the Redis connection and the replication connection at
+        // once: a restart resumes streaming sooner. Nothing is streamed or
+        // applied before the checks passed, and a failed check returns at
+        // once, even while Redis is unreachable.
+        let pre_connect = async {
+            let mut conn = source::connect(&self.settings).await.ok()?;
+            let system = conn.identify_system().await.ok()?;
+            Some((conn, system))
+        };
+        let ((), sink, mut replication) =
+            tokio::try_join!(self.preflight(), self.connect_sink(), async {
+                Ok(pre_connect.await)
+            })?;
+        let Some(mut sink) = sink else {
+            return Ok(());
         };
         sink.set_tombstone_hold(Duration::from_millis(self.config.worker.tombstone_ms));
         tokio::spawn(redis_probe(
@@ -197,7 +200,7 @@ impl Worker {
                 return Ok(());
             }
             self.telemetry.touch();
-            match self.session(&mut sink).await? {
+            match self.session(&mut sink, replication.take()).await? {
                 SessionEnd::Stopped => return Ok(()),
                 SessionEnd::Standby => self.pause(STANDBY_RETRY).await,
                 SessionEnd::Retry(why, class) => {
@@ -211,6 +214,26 @@ impl Worker {
                         last_error = why;
                     }
                     self.pause(delay).await;
+                }
+            }
+        }
+    }
+
+    /// Connects to Redis, retrying every second while it is unreachable;
+    /// `None` when a stop is requested meanwhile.
+    async fn connect_sink(&self) -> Result<Option<Sink>, CliError> {
+        loop {
+            match Sink::connect(&self.sink_options, &self.config.redis.cluster).await {
+                Ok(sink) => return Ok(Some(sink)),
+                Err(err) if err.retry_class() == crate::sink::RetryClass::Fatal => {
+                    return Err(CliError::Invalid(err.to_string()))
+                }
+                Err(err) => {
+                    tracing::warn!({ ERROR } = %err, "Redis unreachable; retrying");
+                    self.pause(Duration::from_secs(1)).await;
+                    if self.stopping() {
+                        return Ok(None);
+                    }
                 }
             }
         }
@@ -268,24 +291,23 @@ impl Worker {
             ))),
             Some(_) => Ok(()),
         }?;
-        self.check_catalog().await
+        self.check_catalog(&sql).await
     }
 
     /// What `check` refuses, `run` refuses too (exit 2): a rule whose old values
     /// the replica identity does not carry, a publication hiding a mapped
     /// column, ... and an `allkeys-*` eviction policy that would evict tag sets
     /// and version keys.
-    async fn check_catalog(&self) -> Result<(), CliError> {
+    async fn check_catalog(&self, sql: &source::SqlClient) -> Result<(), CliError> {
         use crate::map::catalog::{check_catalog, Severity};
         let pg = &self.config.postgres;
-        let client = crate::pg::connect_sql(&pg.url, pg.password.as_ref().map(|p| p.expose()))
-            .await
-            .map_err(CliError::runtime)?;
         let tables: Vec<crate::map::TableName> =
             self.mappings.tables().into_iter().cloned().collect();
-        let snap = crate::pg::catalog::snapshot(&client, &tables, &pg.publication)
-            .await
-            .map_err(CliError::runtime)?;
+        let (snap, policy) = tokio::join!(
+            crate::pg::catalog::snapshot(sql.client(), &tables, &pg.publication),
+            super::check::redis_maxmemory_policy(&self.config)
+        );
+        let snap = snap.map_err(CliError::runtime)?;
         let findings = check_catalog(&self.mappings, &snap, crate::pg::APPLICATION_NAME);
         let mut errors = Vec::new();
         for f in findings {
@@ -294,7 +316,7 @@ impl Worker {
                 Severity::Warning => tracing::warn!(finding = %f, "check"),
             }
         }
-        if let Ok(policy) = super::check::redis_maxmemory_policy(&self.config).await {
+        if let Ok(policy) = policy {
             if policy.starts_with("allkeys-") {
                 errors.push(format!(
                     "Redis maxmemory-policy is {policy}: it evicts tag sets and version keys, which silently loses invalidations; use noeviction or a volatile-* policy"
@@ -311,8 +333,14 @@ impl Worker {
         )))
     }
 
-    /// One connection's worth of streaming.
-    async fn session(&self, sink: &mut Sink) -> Result<SessionEnd, CliError> {
+    /// One connection's worth of streaming, on `connected` when there is one
+    /// (opened during the start-up checks; a failed early attempt leaves it
+    /// `None` and the error to this session's own attempt).
+    async fn session(
+        &self,
+        sink: &mut Sink,
+        connected: Option<(ReplicationConnection, SystemIdentity)>,
+    ) -> Result<SessionEnd, CliError> {
         let pg = &self.config.postgres;
         let retry = |err: SourceError| -> Result<SessionEnd, CliError> {
             match err.retry_class() {
@@ -320,13 +348,18 @@ impl Worker {
                 class => Ok(SessionEnd::Retry(err.to_string(), class)),
             }
         };
-        let mut conn = match source::connect(&self.settings).await {
-            Ok(c) => c,
-            Err(err) => return retry(err),
-        };
-        let system = match conn.identify_system().await {
-            Ok(s) => s,
-            Err(err) => return retry(err),
+        let (mut conn, system) = match connected {
+            Some(pair) => pair,
+            None => {
+                let mut conn = match source::connect(&self.settings).await {
+                    Ok(c) => c,
+                    Err(err) => return retry(err),
+                };
+                match conn.identify_system().await {
+                    Ok(system) => (conn, system),
+                    Err(err) => return retry(err),
+                }
+            }
         };
         if let Err(err) = source::start_replication(&mut conn, &pg.slot, &pg.publication).await {
             if matches!(

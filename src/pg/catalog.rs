@@ -251,13 +251,47 @@ pub async fn snapshot(
     publication_name: &str,
 ) -> Result<CatalogSnapshot, PgError> {
     let server_version_num = server_version_num(client).await?;
-    let mut tables = BTreeMap::new();
-    for t in mapped {
-        if let Some(f) = table_facts(client, t).await? {
-            tables.insert(t.clone(), f.info);
-        }
-    }
-    let other_tables = client
+    // Concurrent futures on one client share its pipeline: the queries go
+    // out together instead of one round trip after another (a worker's
+    // start-up waits for this).
+    let (facts, other_tables, publication, settings) = tokio::try_join!(
+        futures_util::future::try_join_all(mapped.iter().map(|t| table_facts(client, t))),
+        unmapped_tables(client),
+        publication(client, publication_name, server_version_num),
+        async {
+            client
+                .query_one(
+                    "SELECT (SELECT setting::int8 FROM pg_settings WHERE name = 'max_slot_wal_keep_size'), \
+                            current_setting('synchronous_standby_names', true)",
+                    &[],
+                )
+                .await
+                .map_err(|e| PgError::query("reading server settings", e))
+        },
+    )?;
+    let tables: BTreeMap<TableName, TableInfo> = mapped
+        .iter()
+        .zip(facts)
+        .filter_map(|(t, f)| f.map(|f| (t.clone(), f.info)))
+        .collect();
+    let other_tables = other_tables
+        .into_iter()
+        .filter(|t| !tables.contains_key(t))
+        .collect();
+    Ok(CatalogSnapshot {
+        server_version_num,
+        tables,
+        other_tables,
+        publication,
+        max_slot_wal_keep_size_mb: settings.get(0),
+        synchronous_standby_names: settings.get(1),
+    })
+}
+
+/// Every user table, view and foreign table (at most 10,000), for "did you
+/// mean" hints on mapped tables that do not exist.
+async fn unmapped_tables(client: &Client) -> Result<Vec<TableName>, PgError> {
+    Ok(client
         .query(
             "SELECT n.nspname::text, c.relname::text FROM pg_class c \
              JOIN pg_namespace n ON n.oid = c.relnamespace \
@@ -274,25 +308,7 @@ pub async fn snapshot(
             schema: r.get(0),
             name: r.get(1),
         })
-        .filter(|t| !tables.contains_key(t))
-        .collect();
-    let publication = publication(client, publication_name, server_version_num).await?;
-    let settings = client
-        .query_one(
-            "SELECT (SELECT setting::int8 FROM pg_settings WHERE name = 'max_slot_wal_keep_size'), \
-                    current_setting('synchronous_standby_names', true)",
-            &[],
-        )
-        .await
-        .map_err(|e| PgError::query("reading server settings", e))?;
-    Ok(CatalogSnapshot {
-        server_version_num,
-        tables,
-        other_tables,
-        publication,
-        max_slot_wal_keep_size_mb: settings.get(0),
-        synchronous_standby_names: settings.get(1),
-    })
+        .collect())
 }
 
 /// A replication slot as `pg_replication_slots` shows it, with the server's
