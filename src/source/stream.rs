@@ -46,11 +46,14 @@ use super::frame::{self, Frame};
 use crate::decode::Timestamp;
 use crate::lsn::Lsn;
 
-/// Minimum spacing of status updates sent because the acknowledged LSN moved.
-/// Short: the end of a burst needs two reports in a row (the last commit,
-/// then the idle keepalive position the walsender answers it with), and each
-/// waits for this interval; at most 100 small messages a second under load.
+/// Minimum spacing of status updates sent because the acknowledged LSN moved,
+/// while the stream is busy: at most 100 small messages a second under load.
 const ACK_REPORT_INTERVAL: Duration = Duration::from_millis(10);
+
+/// The same once the acknowledgement caught up with the server's end of WAL
+/// (the end of a burst, or a quiet stream): reported almost at once, so the
+/// slot (and `pg_replication_slots`) shows it without waiting a busy interval.
+const CAUGHT_UP_REPORT_INTERVAL: Duration = Duration::from_millis(1);
 
 /// How long to wait for the server's end of the stream after our CopyDone.
 const FINISH_TIMEOUT: Duration = Duration::from_secs(5);
@@ -120,9 +123,12 @@ pub async fn run_stream(
     let mut permit: Option<mpsc::Permit<'_, SourceItem>> = None;
     let mut timer = tokio::time::interval(interval);
     // Acknowledgements are reported promptly (so the slot releases WAL and lag
-    // reads true), at most once per ACK_REPORT_INTERVAL; the timer covers the rest.
+    // reads true), at most once per ACK_REPORT_INTERVAL while busy and per
+    // CAUGHT_UP_REPORT_INTERVAL once caught up; the timer covers the rest.
     let mut reported = acked;
     let mut last_report = tokio::time::Instant::now();
+    // The server's end of WAL as the last message said.
+    let mut server_end = Lsn::ZERO;
     timer.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     tracing::debug!(url = %conn.url(), status_interval_ms = u64::try_from(interval.as_millis()).unwrap_or(u64::MAX), "streaming");
 
@@ -146,6 +152,11 @@ pub async fn run_stream(
             };
             if let Some(item) = handle_frame(&mut conn, f, acked).await? {
                 let (is_reply, item) = item;
+                server_end = match &item {
+                    SourceItem::XLogData { wal_end, .. } | SourceItem::Keepalive { wal_end } => {
+                        server_end.max(*wal_end)
+                    }
+                };
                 if let Some(p) = permit.take() {
                     p.send(item);
                 }
@@ -186,7 +197,7 @@ pub async fn run_stream(
                 match r {
                     Ok(()) => {
                         acked = acked.max(*ack_rx.borrow_and_update());
-                        if acked > reported && last_report.elapsed() >= ACK_REPORT_INTERVAL {
+                        if acked > reported && last_report.elapsed() >= report_interval(acked, server_end) {
                             send_status(&mut conn, acked).await?;
                             reported = acked;
                             last_report = tokio::time::Instant::now();
@@ -212,7 +223,7 @@ pub async fn run_stream(
                 last_report = tokio::time::Instant::now();
             }
             // 3b. An acknowledgement held back by the rate limit.
-            _ = tokio::time::sleep_until(last_report + ACK_REPORT_INTERVAL), if acked > reported => {
+            _ = tokio::time::sleep_until(last_report + report_interval(acked, server_end)), if acked > reported => {
                 send_status(&mut conn, acked).await?;
                 reported = acked;
                 last_report = tokio::time::Instant::now();
@@ -236,6 +247,15 @@ pub async fn run_stream(
                 }
             }
         }
+    }
+}
+
+/// How long after the last status update an acknowledgement may be reported.
+fn report_interval(acked: Lsn, server_end: Lsn) -> Duration {
+    if acked >= server_end {
+        CAUGHT_UP_REPORT_INTERVAL
+    } else {
+        ACK_REPORT_INTERVAL
     }
 }
 
@@ -383,4 +403,17 @@ async fn finish(mut conn: ReplicationConnection, acked: Lsn) -> Result<(), Sourc
     }
     conn.close().await;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn acknowledgements_are_reported_sooner_once_caught_up() {
+        let end = Lsn(0x1000);
+        assert_eq!(report_interval(Lsn(0x0fff), end), ACK_REPORT_INTERVAL);
+        assert_eq!(report_interval(end, end), CAUGHT_UP_REPORT_INTERVAL);
+        assert_eq!(report_interval(Lsn(0x2000), end), CAUGHT_UP_REPORT_INTERVAL);
+    }
 }
