@@ -3,9 +3,10 @@
 //!
 //! * `drain --pg URL --slot S --end LSN [--metrics HOST:PORT] -- CMD ARGS...`
 //!   spawns CMD (the worker), polls the slot's `confirmed_flush_lsn` every
-//!   10 ms until it reaches LSN, reads the worker's peak RSS (`VmHWM`) and the
-//!   fallback counter from `/metrics` (when served), stops the worker with
-//!   SIGTERM and prints `seconds=.. rss_kb=.. fallbacks=..|na exit=..`.
+//!   10 ms until it reaches LSN, reads the worker's peak RSS (`VmHWM`), its
+//!   CPU time so far (user + system) and the fallback counter from `/metrics`
+//!   (when served), stops the worker with SIGTERM and prints
+//!   `seconds=.. rss_kb=.. cpu_s=.. fallbacks=..|na exit=..`.
 //! * `latency --pg URL --redis URL --first-id N --duration S [--interval-ms 20]
 //!   [--metrics HOST:PORT]`: the outside view of commit-to-invalidated latency.
 //!   Per probe: cache a key, a tagged key and a version for user N, commit an
@@ -68,6 +69,18 @@ fn vm_hwm_kb(pid: u32) -> Option<u64> {
         .nth(1)?
         .parse()
         .ok()
+}
+
+/// User + system CPU seconds of a live process (`/proc/<pid>/stat`).
+fn cpu_seconds(pid: u32) -> Option<f64> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the parenthesised command name; utime and stime are 14 and 15.
+    let rest = s.rsplit_once(')')?.1;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: f64 = fields.get(11)?.parse::<f64>().ok()? + fields.get(12)?.parse::<f64>().ok()?;
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    (hz > 0).then(|| ticks / hz as f64)
 }
 
 /// GET /metrics over plain HTTP/1.0; `None` when nothing serves it.
@@ -145,6 +158,7 @@ async fn drain(args: &[String]) -> Result<(), Error> {
         tokio::time::sleep(Duration::from_millis(10)).await;
     };
     let rss = vm_hwm_kb(pid).unwrap_or(0);
+    let cpu = cpu_seconds(pid).unwrap_or(f64::NAN);
     let fallbacks = metrics
         .as_deref()
         .and_then(fetch_metrics)
@@ -159,7 +173,7 @@ async fn drain(args: &[String]) -> Result<(), Error> {
     }
     let status = child.wait()?;
     println!(
-        "seconds={:.3} rss_kb={rss} fallbacks={fallbacks} exit={}",
+        "seconds={:.3} rss_kb={rss} cpu_s={cpu:.2} fallbacks={fallbacks} exit={}",
         elapsed.as_secs_f64(),
         status.code().unwrap_or(-1)
     );

@@ -163,6 +163,10 @@ lsn_ge() { [[ $(sql "SELECT '$1'::pg_lsn >= '$2'::pg_lsn") == t ]]; }
 # Clock ticks of CPU (user + system) a process used so far.
 proc_cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
 clk_tck() { getconf CLK_TCK; }
+# User + system CPU seconds in a saved `times` output (its second line: the
+# shell's waited-for children). `times` runs in the measuring shell itself,
+# redirected to a file: in a $(...) subshell it would see that subshell's children.
+children_cpu_s() { tail -1 "$1" | awk '{ n = 0; for (i = 1; i <= 2; i++) { split($i, a, /[ms]/); n += a[1] * 60 + a[2] } print n }'; }
 
 now_s() { date +%s.%N; }
 

@@ -56,7 +56,7 @@ W2_SCRIPT="$BENCH_TMP/w2.sql"
 printf '%s\n' '\set id random(1, :nusers)' 'UPDATE users SET updated_at = now() WHERE id = :id;' >"$W2_SCRIPT"
 
 RESULTS="$BENCH_TMP/results.tsv"
-printf 'workload\ttransport\trun\trows\trecv_s\tworker_s\trss_kb\tredis_cpu_s\tfallbacks\n' >"$RESULTS"
+printf 'workload\ttransport\trun\trows\trecv_s\tworker_s\trss_kb\tredis_cpu_s\tfallbacks\trecv_cpu_s\tworker_cpu_s\n' >"$RESULTS"
 TCK=$(clk_tck)
 
 # A sample of ids: all of 1..n when n <= SAMPLE, else SAMPLE random ones.
@@ -111,17 +111,22 @@ run_workload() {
 
 rows_of() { case $1 in w1) echo "$W1_ROWS" ;; w2) echo "$W2_TXNS" ;; w3) echo "$W3_ROWS" ;; esac; }
 
+# Prints "seconds cpu_seconds" of pg_recvlogical.
 time_recv() {
-    local transport=$1 end=$2 t0 t1
+    local transport=$1 end=$2 t0 t1 c0 c1
+    times >"$BENCH_TMP/times.0"
     t0=$(now_s)
     "$RECVLOGICAL" -d bench -h "$(pg_host "$transport")" -p "$PGPORT" -U postgres --no-loop \
         --start -S "$RECV_SLOT" -P pgoutput -o proto_version=1 -o publication_names="$PUB" \
         --endpos "$end" -f /dev/null 2>>"$BENCH_TMP/recv.log" || die "pg_recvlogical failed: $(tail -3 "$BENCH_TMP/recv.log")"
     t1=$(now_s)
-    echo "$t1 - $t0" | bc -l
+    times >"$BENCH_TMP/times.1"
+    c0=$(children_cpu_s "$BENCH_TMP/times.0")
+    c1=$(children_cpu_s "$BENCH_TMP/times.1")
+    echo "$(echo "$t1 - $t0" | bc -l) $(echo "$c1 - $c0" | bc -l)"
 }
 
-# Prints "seconds rss_kb redis_cpu_s fallbacks".
+# Prints "seconds rss_kb redis_cpu_s fallbacks cpu_s".
 time_worker() {
     local transport=$1 end=$2 cfg="$BENCH_TMP/worker-$1.toml" cpu0 cpu1 out wlog
     wlog="$BENCH_TMP/worker-$transport-$3.log"
@@ -137,12 +142,13 @@ time_worker() {
         log "worker warnings (first 5):"
         grep -E "ERROR|WARN" "$wlog" | grep -v "flush marker" | head -5 >&2
     fi
-    local secs rss fb
+    local secs rss fb cpu
     secs=$(sed -n 's/.*seconds=\([^ ]*\).*/\1/p' <<<"$out")
+    cpu=$(sed -n 's/.*cpu_s=\([^ ]*\).*/\1/p' <<<"$out")
     rss=$(sed -n 's/.*rss_kb=\([^ ]*\).*/\1/p' <<<"$out")
     fb=$(sed -n 's/.*fallbacks=\([^ ]*\).*/\1/p' <<<"$out")
     [[ $fb == na || $fb == 0 ]] || die "fallbacks_total = $fb"
-    echo "$secs $rss $(echo "($cpu1 - $cpu0) / $TCK" | bc -l) $fb"
+    echo "$secs $rss $(echo "($cpu1 - $cpu0) / $TCK" | bc -l) $fb $cpu"
 }
 
 one_run() {
@@ -174,9 +180,10 @@ one_run() {
         recv=$(time_recv "$transport" "$end")
     fi
     check_cache "$wl"
-    read -r ws rss rcpu fb <<<"$worker"
-    log "$wl/$transport run $run: pg_recvlogical $(printf %.2f "$recv") s, worker $(printf %.2f "$ws") s (x$(printf %.2f "$(echo "$ws / $recv" | bc -l)")), rss $((rss / 1024)) MB, redis cpu $(printf %.2f "$rcpu") s"
-    printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$wl" "$transport" "$run" "$n" "$recv" "$ws" "$rss" "$rcpu" "$fb" >>"$RESULTS"
+    read -r ws rss rcpu fb wcpu <<<"$worker"
+    read -r recv recv_cpu <<<"$recv"
+    log "$wl/$transport run $run: pg_recvlogical $(printf %.2f "$recv") s, worker $(printf %.2f "$ws") s (x$(printf %.2f "$(echo "$ws / $recv" | bc -l)")), rss $((rss / 1024)) MB, cpu: pg_recvlogical $(printf %.2f "$recv_cpu") s, worker $(printf %.2f "$wcpu") s, redis $(printf %.2f "$rcpu") s"
+    printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$wl" "$transport" "$run" "$n" "$recv" "$ws" "$rss" "$rcpu" "$fb" "$recv_cpu" "$wcpu" >>"$RESULTS"
 }
 
 for run in $(seq "$RUNS"); do
