@@ -4,9 +4,10 @@
 //! the sets that exist get the SPOP script in the next round, up to
 //! [`scripts::SCRIPT_KEYS_CHUNK`] sets per call) and versions (`SET key 2 NX`:
 //! a missing version becomes 2; the keys that existed get `INCR key` in the
-//! next round) in one pipeline per round; then one SCAN pass for every pattern of the plan, matched client-side; then PUBLISH,
-//! after the deletes; then `WAIT` when `wait_replicas > 0`. Everything is safe
-//! to repeat, so a failed plan is retried whole.
+//! next round) in one pipeline per round; then one SCAN pass for every
+//! pattern of the plan, matched client-side; then PUBLISH, after the deletes;
+//! then `WAIT` when `wait_replicas > 0`. Everything is safe to repeat, so a
+//! failed plan is retried whole.
 //!
 //! Tombstones (`mode = "tombstone"` rules) run in the same rounds, after the
 //! UNLINKs (a key both unlinked and tombstoned ends as a tombstone): the
