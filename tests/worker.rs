@@ -254,6 +254,25 @@ fn run_without_setup_exits_2_with_the_setup_command() {
     assert!(err.contains("cache-invalidator setup --config"), "{err}");
 }
 
+/// The start-up checks run while Redis is being connected: a failed check
+/// ends `run` at once instead of waiting for an unreachable Redis.
+#[test]
+fn a_failed_check_exits_at_once_while_redis_is_unreachable() {
+    let pg = PgCluster::start();
+    let mut redis = RedisServer::start();
+    pg.migrate();
+    let cfg = WorkerConfig::demo(&pg, &redis);
+    redis.stop();
+    let mut w = cfg.spawn_worker();
+    let code = support::wait_for("run to exit", WAIT, || w.try_exit_code());
+    assert_eq!(code, 2, "{}", w.log());
+    assert!(
+        w.log().contains("cache-invalidator setup --config"),
+        "{}",
+        w.log()
+    );
+}
+
 #[test]
 fn run_refuses_rules_the_replica_identity_cannot_serve_and_allkeys_eviction() {
     let pg = PgCluster::start();

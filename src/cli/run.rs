@@ -175,14 +175,15 @@ impl Worker {
         // applied before the checks passed, and a failed check returns at
         // once, even while Redis is unreachable.
         let pre_connect = async {
-            let mut conn = source::connect(&self.settings).await.ok()?;
-            let system = conn.identify_system().await.ok()?;
-            Some((conn, system))
+            let mut conn = source::connect(&self.settings).await?;
+            let system = conn.identify_system().await?;
+            Ok((conn, system))
         };
-        let ((), sink, mut replication) =
+        let ((), sink, replication) =
             tokio::try_join!(self.preflight(), self.connect_sink(), async {
                 Ok(pre_connect.await)
             })?;
+        let mut replication = Some(replication);
         let Some(mut sink) = sink else {
             return Ok(());
         };
@@ -333,13 +334,13 @@ impl Worker {
         )))
     }
 
-    /// One connection's worth of streaming, on `connected` when there is one
-    /// (opened during the start-up checks; a failed early attempt leaves it
-    /// `None` and the error to this session's own attempt).
+    /// One connection's worth of streaming. `connected` is the first
+    /// session's connection (or why it failed), opened during the start-up
+    /// checks; later sessions connect themselves.
     async fn session(
         &self,
         sink: &mut Sink,
-        connected: Option<(ReplicationConnection, SystemIdentity)>,
+        connected: Option<Result<(ReplicationConnection, SystemIdentity), SourceError>>,
     ) -> Result<SessionEnd, CliError> {
         let pg = &self.config.postgres;
         let retry = |err: SourceError| -> Result<SessionEnd, CliError> {
@@ -349,7 +350,8 @@ impl Worker {
             }
         };
         let (mut conn, system) = match connected {
-            Some(pair) => pair,
+            Some(Ok(pair)) => pair,
+            Some(Err(err)) => return retry(err),
             None => {
                 let mut conn = match source::connect(&self.settings).await {
                     Ok(c) => c,
