@@ -50,9 +50,10 @@ use crate::lsn::Lsn;
 /// while the stream is busy: at most 100 small messages a second under load.
 const ACK_REPORT_INTERVAL: Duration = Duration::from_millis(10);
 
-/// The same once the acknowledgement caught up with the server's end of WAL
-/// (the end of a burst, or a quiet stream): reported almost at once, so the
-/// slot (and `pg_replication_slots`) shows it without waiting a busy interval.
+/// The same once the acknowledgement caught up with everything received so
+/// far (the end of a burst, or a quiet stream): reported almost at once, so
+/// the slot (and `pg_replication_slots`) shows it without waiting a busy
+/// interval. At most 1,000 small messages a second.
 const CAUGHT_UP_REPORT_INTERVAL: Duration = Duration::from_millis(1);
 
 /// How long to wait for the server's end of the stream after our CopyDone.
@@ -127,7 +128,9 @@ pub async fn run_stream(
     // CAUGHT_UP_REPORT_INTERVAL once caught up; the timer covers the rest.
     let mut reported = acked;
     let mut last_report = tokio::time::Instant::now();
-    // The server's end of WAL as the last message said.
+    // The highest position a message handed downstream carried: the
+    // keepalive's end of WAL, or an XLogData's position (a logical walsender
+    // puts the change's LSN in its wal_end field).
     let mut server_end = Lsn::ZERO;
     timer.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     tracing::debug!(url = %conn.url(), status_interval_ms = u64::try_from(interval.as_millis()).unwrap_or(u64::MAX), "streaming");
