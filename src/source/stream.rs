@@ -126,8 +126,10 @@ pub async fn run_stream(
     // Acknowledgements are reported promptly (so the slot releases WAL and lag
     // reads true), at most once per ACK_REPORT_INTERVAL while busy and per
     // CAUGHT_UP_REPORT_INTERVAL once caught up; the timer covers the rest.
-    let mut reported = acked;
-    let mut last_report = tokio::time::Instant::now();
+    let mut last = LastReport {
+        acked,
+        at: tokio::time::Instant::now(),
+    };
     // The highest position a message handed downstream carried: the
     // keepalive's end of WAL, or an XLogData's position (a logical walsender
     // puts the change's LSN in its wal_end field).
@@ -164,7 +166,7 @@ pub async fn run_stream(
                     p.send(item);
                 }
                 if is_reply {
-                    send_status(&mut conn, acked).await?;
+                    last.send(&mut conn, acked, false).await?;
                 }
             }
         }
@@ -200,10 +202,8 @@ pub async fn run_stream(
                 match r {
                     Ok(()) => {
                         acked = acked.max(*ack_rx.borrow_and_update());
-                        if acked > reported && last_report.elapsed() >= report_interval(acked, server_end) {
-                            send_status(&mut conn, acked).await?;
-                            reported = acked;
-                            last_report = tokio::time::Instant::now();
+                        if acked > last.acked && last.at.elapsed() >= report_interval(acked, server_end) {
+                            last.send(&mut conn, acked, false).await?;
                         }
                     }
                     Err(_) => {
@@ -221,15 +221,11 @@ pub async fn run_stream(
                 if let Some(limit) = silence.filter(|l| reading && last_heard.elapsed() >= *l) {
                     return Err(silent(&conn, acked, last_heard.elapsed(), limit, interval));
                 }
-                send_status_requesting_reply(&mut conn, acked).await?;
-                reported = acked;
-                last_report = tokio::time::Instant::now();
+                last.send(&mut conn, acked, true).await?;
             }
             // 3b. An acknowledgement held back by the rate limit.
-            _ = tokio::time::sleep_until(last_report + report_interval(acked, server_end)), if acked > reported => {
-                send_status(&mut conn, acked).await?;
-                reported = acked;
-                last_report = tokio::time::Instant::now();
+            _ = tokio::time::sleep_until(last.at + report_interval(acked, server_end)), if acked > last.acked => {
+                last.send(&mut conn, acked, false).await?;
             }
             // 4. The socket, only while the channel has room (we hold a permit).
             r = io.read_buf(read_buf), if reading => {
@@ -363,20 +359,28 @@ async fn handle_frame(
     }
 }
 
-async fn send_status(conn: &mut ReplicationConnection, acked: Lsn) -> Result<(), SourceError> {
-    copyboth::put_status_update(acked, Timestamp::now(), false, &mut conn.write_buf);
-    tracing::trace!(acked = %acked, "standby status update");
-    conn.flush_writes("status update").await
+/// The last standby status update sent: what it reported, and when.
+struct LastReport {
+    acked: Lsn,
+    at: tokio::time::Instant,
 }
 
-/// A status update the server answers at once with a keepalive.
-async fn send_status_requesting_reply(
-    conn: &mut ReplicationConnection,
-    acked: Lsn,
-) -> Result<(), SourceError> {
-    copyboth::put_status_update(acked, Timestamp::now(), true, &mut conn.write_buf);
-    tracing::trace!(acked = %acked, "standby status update (reply requested)");
-    conn.flush_writes("status update").await
+impl LastReport {
+    /// Sends a status update reporting `acked` (with `reply`, the server
+    /// answers at once with a keepalive) and remembers it.
+    async fn send(
+        &mut self,
+        conn: &mut ReplicationConnection,
+        acked: Lsn,
+        reply: bool,
+    ) -> Result<(), SourceError> {
+        copyboth::put_status_update(acked, Timestamp::now(), reply, &mut conn.write_buf);
+        tracing::trace!(acked = %acked, reply, "standby status update");
+        conn.flush_writes("status update").await?;
+        self.acked = acked;
+        self.at = tokio::time::Instant::now();
+        Ok(())
+    }
 }
 
 /// Final status update, CopyDone, then drain until the server ends the stream
