@@ -327,22 +327,27 @@ async fn wait_acknowledged(pg_url: &str, slot: &str) -> Result<(), CliError> {
     let sql = crate::source::connect_sql(&settings)
         .await
         .map_err(|e| fail("connect to PostgreSQL", e))?;
-    let row = sql
-        .client()
-        .query_one("SELECT pg_current_wal_lsn()::text", &[])
-        .await
-        .map_err(|e| fail("read the WAL position", e))?;
-    let target: Lsn = row
-        .get::<_, String>(0)
-        .parse()
-        .map_err(|e| fail("read the WAL position", e))?;
+    // `catalog::slot` reads the server's WAL position beside the slot's.
+    let read = || async {
+        let facts = crate::pg::catalog::slot(sql.client(), slot)
+            .await
+            .map_err(|e| fail("read the slot's position", e))?
+            .ok_or_else(|| fail("read the slot's position", format!("no slot {slot}")))?;
+        let lsn = |text: Option<&str>| text.and_then(|t| t.parse::<Lsn>().ok());
+        Ok::<_, CliError>((
+            lsn(Some(&facts.current_lsn)),
+            lsn(facts.confirmed_flush_lsn.as_deref()),
+        ))
+    };
+    let target = read().await?.0.ok_or_else(|| {
+        fail(
+            "read the WAL position",
+            "pg_current_wal_lsn() is unreadable",
+        )
+    })?;
     let deadline = Instant::now() + WAIT;
     loop {
-        let info = sql
-            .slot_info(slot)
-            .await
-            .map_err(|e| fail("read the slot's position", e))?;
-        if info.and_then(|i| i.confirmed_flush_lsn) >= Some(target) {
+        if read().await?.1 >= Some(target) {
             return Ok(());
         }
         if Instant::now() > deadline {
