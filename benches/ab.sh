@@ -32,11 +32,7 @@ CONTENDERS=("$@" pg_recvlogical)
 USERS=100000 TXNS=100000 DOCS=200000 SAMPLE=10000
 
 bench_setup_dirs
-if [[ -z "${BENCH_NO_BUILD:-}" ]]; then
-    (cd "$BENCH_ROOT" && cargo build --release --quiet --example bench_tool) || die "build bench_tool"
-fi
-TOOL="$BENCH_ROOT/target/release/examples/bench_tool"
-[[ -x $TOOL ]] || die "$TOOL missing"
+build_bench_tool
 log "temp dir $BENCH_TMP; $WL over $TRANSPORT, $ROUNDS rounds; contenders: ${CONTENDERS[*]}"
 start_postgres
 start_redis

@@ -149,6 +149,16 @@ build_release() {
     [[ -x "$BIN" ]] || die "$BIN missing"
 }
 
+# The helper `benches/bench_tool.rs` (an example, so the measured binary has
+# no test features) unless BENCH_NO_BUILD; sets TOOL to its path.
+build_bench_tool() {
+    if [[ -z "${BENCH_NO_BUILD:-}" ]]; then
+        (cd "$BENCH_ROOT" && cargo build --release --quiet --example bench_tool) || die "build bench_tool"
+    fi
+    TOOL="$BENCH_ROOT/target/release/examples/bench_tool"
+    [[ -x $TOOL ]] || die "$TOOL missing"
+}
+
 drop_slot() {
     sql "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE slot_name = '$1'" >/dev/null
 }

@@ -29,11 +29,7 @@ OWNERS=1000
 
 bench_setup_dirs
 build_release
-if [[ -z "${BENCH_NO_BUILD:-}" ]]; then
-    (cd "$BENCH_ROOT" && cargo build --release --quiet --example bench_tool) || die "build bench_tool"
-fi
-TOOL="$BENCH_ROOT/target/release/examples/bench_tool"
-[[ -x $TOOL ]] || die "$TOOL missing"
+build_bench_tool
 
 log "temp dir $BENCH_TMP; postgres :$PGPORT (socket $SOCKDIR), redis :$REDIS_PORT"
 start_postgres

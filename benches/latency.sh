@@ -21,10 +21,7 @@ LOAD_USERS=10000
 
 bench_setup_dirs
 build_release
-if [[ -z "${BENCH_NO_BUILD:-}" ]]; then
-    (cd "$BENCH_ROOT" && cargo build --release --quiet --example bench_tool) || die "build bench_tool"
-fi
-TOOL="$BENCH_ROOT/target/release/examples/bench_tool"
+build_bench_tool
 start_postgres
 start_redis
 apply_schema
