@@ -4,80 +4,10 @@
 
 mod support;
 
-use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::path::Path;
 use std::time::{Duration, Instant};
 
-use support::{PgCluster, RedisServer};
-
-const DEMO: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/mappings");
-
-/// A config dir: `cache-invalidator.toml` + `mappings/`.
-struct Workspace {
-    dir: tempfile::TempDir,
-}
-
-impl Workspace {
-    fn new(pg_url: &str, redis_url: &str, publication: &str) -> Workspace {
-        let dir = tempfile::tempdir().expect("temp dir");
-        std::fs::create_dir(dir.path().join("mappings")).expect("mappings dir");
-        std::fs::write(
-            dir.path().join("cache-invalidator.toml"),
-            format!(
-                "mappings = \"mappings\"\n[postgres]\nurl = \"{pg_url}\"\nslot = \"cache_invalidator\"\npublication = \"{publication}\"\n[redis]\nurl = \"{redis_url}\"\n"
-            ),
-        )
-        .expect("write config");
-        Workspace { dir }
-    }
-
-    fn with_demo_mappings(self) -> Workspace {
-        for e in std::fs::read_dir(DEMO).expect("demo mappings") {
-            let p = e.expect("entry").path();
-            std::fs::copy(
-                &p,
-                self.dir
-                    .path()
-                    .join("mappings")
-                    .join(p.file_name().unwrap()),
-            )
-            .expect("copy mapping");
-        }
-        self
-    }
-
-    fn mapping(&self, file: &str, text: &str) {
-        std::fs::write(self.dir.path().join("mappings").join(file), text).expect("write mapping");
-    }
-
-    fn file(&self, name: &str, text: &str) -> PathBuf {
-        let p = self.dir.path().join(name);
-        std::fs::write(&p, text).expect("write file");
-        p
-    }
-
-    fn config(&self) -> PathBuf {
-        self.dir.path().join("cache-invalidator.toml")
-    }
-
-    /// Runs the binary; returns (exit code, stdout, stderr).
-    fn run(&self, args: &[&str]) -> (i32, String, String) {
-        let out = Command::new(support::binary())
-            .arg("--config")
-            .arg(self.config())
-            .args(args)
-            .env_remove("CACHE_INVALIDATOR_POSTGRES_URL")
-            .env_remove("CACHE_INVALIDATOR_REDIS_URL")
-            .env_remove("CACHE_INVALIDATOR_CONFIG")
-            .output()
-            .expect("run cache-invalidator");
-        (
-            out.status.code().unwrap_or(-1),
-            String::from_utf8_lossy(&out.stdout).into_owned(),
-            String::from_utf8_lossy(&out.stderr).into_owned(),
-        )
-    }
-}
+use support::{PgCluster, RedisServer, WorkerConfig};
 
 /// Messages carrying `content` the slot would decode (peeked, not consumed).
 fn count_markers(pg: &PgCluster, content: &str) -> usize {
@@ -128,11 +58,11 @@ fn set(conn: &mut redis::Connection, key: &str) {
 fn setup_creates_publication_then_slot_once_and_marks_added_tables() {
     let pg = PgCluster::start();
     pg.migrate();
-    let ws = Workspace::new(&pg.url(), "redis://127.0.0.1:1/0", "cache_invalidator")
+    let ws = WorkerConfig::urls(&pg.url(), "redis://127.0.0.1:1/0", "cache_invalidator")
         .with_demo_mappings();
 
     // status before setup: a runtime probe that says what to do.
-    let (code, out, _) = ws.run(&["status", "--json"]);
+    let (code, out, _) = ws.command(&["status", "--json"]);
     assert_eq!(code, 1);
     let s = json(&out);
     assert_eq!(s["slot_exists"], false);
@@ -141,14 +71,14 @@ fn setup_creates_publication_then_slot_once_and_marks_added_tables() {
         .as_str()
         .unwrap()
         .contains("run `cache-invalidator setup`"));
-    let (code, out, err) = ws.run(&["status"]);
+    let (code, out, err) = ws.command(&["status"]);
     assert_eq!(code, 1, "{err}");
     assert!(
         out.contains("missing") && err.contains("cache-invalidator setup"),
         "{out}{err}"
     );
 
-    let (code, out, err) = ws.run(&["setup", "--replica-identity-full"]);
+    let (code, out, err) = ws.command(&["setup", "--replica-identity-full"]);
     assert_eq!(code, 0, "{out}\n{err}");
     assert!(out.contains("SET lock_timeout = '5s';"), "{out}");
     assert!(
@@ -193,18 +123,18 @@ fn setup_creates_publication_then_slot_once_and_marks_added_tables() {
     markers(&pg, "flush:all", 1);
 
     // The demo mappings pass the live check once setup ran.
-    let (code, out, err) = ws.run(&["check"]);
+    let (code, out, err) = ws.command(&["check"]);
     assert_eq!(code, 0, "{out}\n{err}");
     assert!(!err.contains("error:"), "{err}");
 
     // Idempotent: nothing runs, no new marker.
-    let (code, out, err) = ws.run(&["setup", "--replica-identity-full"]);
+    let (code, out, err) = ws.command(&["setup", "--replica-identity-full"]);
     assert_eq!(code, 0, "{err}");
     assert!(out.starts_with("nothing to do"), "{out}");
     markers(&pg, "flush:all", 1);
     markers(&pg, "flush:", 1);
 
-    let (code, out, err) = ws.run(&["status", "--json"]);
+    let (code, out, err) = ws.command(&["status", "--json"]);
     assert_eq!(code, 0, "{err}");
     let s = json(&out);
     assert_eq!(s["slot_exists"], true);
@@ -217,7 +147,7 @@ fn setup_creates_publication_then_slot_once_and_marks_added_tables() {
     assert_eq!(s["wal_status"], "reserved");
     assert_eq!(s["publish_via_partition_root"], true);
     assert_eq!(s["publication_tables"].as_array().unwrap().len(), 5);
-    let (code, out, _) = ws.run(&["status"]);
+    let (code, out, _) = ws.command(&["status"]);
     assert_eq!(code, 0);
     assert!(
         out.contains("inactive: no worker streams it") && out.contains("WAL retained"),
@@ -230,7 +160,7 @@ fn setup_creates_publication_then_slot_once_and_marks_added_tables() {
         "tags.toml",
         "[[table]]\nname = \"tags\"\nkeys = [\"tag-page:{id}\"]\n",
     );
-    let (code, out, err) = ws.run(&["setup"]);
+    let (code, out, err) = ws.command(&["setup"]);
     assert_eq!(code, 0, "{out}\n{err}");
     assert!(
         out.contains("ALTER PUBLICATION \"cache_invalidator\" ADD TABLE \"public\".\"tags\";"),
@@ -245,13 +175,13 @@ fn setup_creates_publication_then_slot_once_and_marks_added_tables() {
 fn setup_refuses_a_table_without_replica_identity_unless_asked() {
     let pg = PgCluster::start();
     pg.psql("CREATE TABLE nopk (a int, b text)");
-    let ws = Workspace::new(&pg.url(), "redis://127.0.0.1:1/0", "cache_invalidator");
+    let ws = WorkerConfig::urls(&pg.url(), "redis://127.0.0.1:1/0", "cache_invalidator");
     ws.mapping(
         "nopk.toml",
         "[[table]]\nname = \"nopk\"\nkeys = [\"nopk:{a}\"]\n",
     );
 
-    let (code, out, err) = ws.run(&["setup"]);
+    let (code, out, err) = ws.command(&["setup"]);
     assert_eq!(code, 2, "{out}\n{err}");
     assert!(
         err.contains("public.nopk") && err.contains("no usable replica identity"),
@@ -266,7 +196,7 @@ fn setup_refuses_a_table_without_replica_identity_unless_asked() {
         "d"
     );
 
-    let (code, out, err) = ws.run(&["setup", "--replica-identity-full"]);
+    let (code, out, err) = ws.command(&["setup", "--replica-identity-full"]);
     assert_eq!(code, 0, "{out}\n{err}");
     assert_eq!(
         pg.psql("SELECT relreplident FROM pg_class WHERE relname = 'nopk'"),
@@ -297,7 +227,7 @@ fn check_refuses_what_the_live_catalog_and_redis_would_break() {
         .query::<()>(&mut conn)
         .expect("CONFIG SET");
 
-    let ws = Workspace::new(&pg.url(), &redis.url(), "hand_made");
+    let ws = WorkerConfig::urls(&pg.url(), &redis.url(), "hand_made");
     ws.mapping(
         "m.toml",
         r#"
@@ -334,7 +264,7 @@ name = "events"
 keys = ["event:{id}"]
 "#,
     );
-    let (code, out, err) = ws.run(&["check"]);
+    let (code, out, err) = ws.command(&["check"]);
     assert_eq!(code, 2, "{out}\n{err}");
     for needle in [
         "table public.nosuch does not exist",
@@ -367,13 +297,13 @@ keys = ["event:{id}"]
     assert!(err.contains("warning: Redis maxmemory-policy"), "{err}");
 
     // An unreachable database only skips the catalog part.
-    let down = Workspace::new(
+    let down = WorkerConfig::urls(
         "postgres://postgres:hunter2@127.0.0.1:1/postgres",
         "redis://127.0.0.1:1/0",
         "p",
     )
     .with_demo_mappings();
-    let (code, out, err) = down.run(&["check"]);
+    let (code, out, err) = down.command(&["check"]);
     assert_eq!(code, 0, "{out}\n{err}");
     assert!(
         err.contains("warning: catalog checks skipped: cannot connect to PostgreSQL"),
@@ -389,7 +319,7 @@ keys = ["event:{id}"]
 #[test]
 fn flush_fires_truncate_invalidations_and_keeps_other_keys() {
     let redis = RedisServer::start();
-    let ws = Workspace::new(
+    let ws = WorkerConfig::urls(
         "postgres://postgres@127.0.0.1:1/postgres",
         &redis.url(),
         "p",
@@ -413,7 +343,7 @@ fn flush_fires_truncate_invalidations_and_keeps_other_keys() {
         .query::<()>(&mut conn)
         .unwrap();
 
-    let (code, out, err) = ws.run(&["flush", "--table", "nosuch"]);
+    let (code, out, err) = ws.command(&["flush", "--table", "nosuch"]);
     assert_eq!(code, 2);
     assert!(
         err.contains("public.nosuch is not mapped")
@@ -422,13 +352,13 @@ fn flush_fires_truncate_invalidations_and_keeps_other_keys() {
         "{err}"
     );
 
-    let (code, out2, err) = ws.run(&["flush", "--table", "posts"]);
+    let (code, out2, err) = ws.command(&["flush", "--table", "posts"]);
     assert_eq!(code, 0, "{out}{err}");
     assert!(out2.contains("flushed public.posts"), "{out2}");
     assert!(!exists(&mut conn, "post:7") && !exists(&mut conn, "author:1:posts"));
     assert!(exists(&mut conn, "user:1:profile"));
 
-    let (code, out, err) = ws.run(&["flush"]);
+    let (code, out, err) = ws.command(&["flush"]);
     assert_eq!(code, 0, "{out}{err}");
     assert!(out.contains("flushed all 5 mapped table(s)"), "{out}");
     for k in [
@@ -446,7 +376,7 @@ fn flush_fires_truncate_invalidations_and_keeps_other_keys() {
 #[test]
 fn replay_apply_deletes_the_keys_of_a_recorded_file() {
     let redis = RedisServer::start();
-    let ws = Workspace::new(
+    let ws = WorkerConfig::urls(
         "postgres://postgres@127.0.0.1:1/postgres",
         &redis.url(),
         "p",
@@ -475,7 +405,7 @@ fn replay_apply_deletes_the_keys_of_a_recorded_file() {
     let first_two: String = fixture.lines().take(2).map(|l| format!("{l}\n")).collect();
     let file = ws.file("rec.jsonl", &first_two);
 
-    let (code, out, err) = ws.run(&["replay", "--apply", file.to_str().unwrap()]);
+    let (code, out, err) = ws.command(&["replay", "--apply", file.to_str().unwrap()]);
     assert_eq!(code, 0, "{out}\n{err}");
     assert_eq!(out.lines().count(), 2, "{out}");
     assert!(

@@ -1,0 +1,418 @@
+//! Throwaway PostgreSQL clusters with `wal_level=logical`, each on a free
+//! loopback port, with `stop()`, `kill()` (SIGKILL) and `restart()` for fault
+//! tests, removed on drop even when the test panics.
+//!
+//! `initdb` runs once per machine into a template directory (created atomically,
+//! shared by every test binary); each cluster is a copy of it. As root,
+//! PostgreSQL runs as the `postgres` OS user in directories it owns.
+
+use std::fs;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use super::common::{
+    child_pids, child_pids_of_dir, free_port, signal, wait_for, wait_or_kill, ScratchDir,
+    START_TIMEOUT,
+};
+
+/// Directory holding `initdb`, `postgres`, `pg_ctl`, `psql`, ...
+pub fn pg_bindir() -> PathBuf {
+    if let Ok(out) = Command::new("pg_config").arg("--bindir").output() {
+        let dir = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
+        if dir.join("initdb").exists() {
+            return dir;
+        }
+    }
+    let mut candidates: Vec<PathBuf> = fs::read_dir("/usr/lib/postgresql")
+        .map(|rd| {
+            rd.filter_map(|e| e.ok())
+                .map(|e| e.path().join("bin"))
+                .collect()
+        })
+        .unwrap_or_default();
+    candidates.retain(|p| p.join("initdb").exists());
+    candidates.sort();
+    candidates
+        .pop()
+        .expect("no PostgreSQL binaries: install postgresql (initdb not found via pg_config or /usr/lib/postgresql/*/bin)")
+}
+
+/// The uid/gid PostgreSQL must run as: ours, or `postgres`'s when we are root.
+pub(crate) fn pg_owner() -> Option<(u32, u32)> {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        return None;
+    }
+    let name = std::ffi::CString::new("postgres").unwrap();
+    // SAFETY: getpwnam returns a pointer into static storage or null; read immediately.
+    let pw = unsafe { libc::getpwnam(name.as_ptr()) };
+    assert!(
+        !pw.is_null(),
+        "running as root but there is no `postgres` OS user to run PostgreSQL as"
+    );
+    // SAFETY: pw checked non-null above.
+    unsafe { Some(((*pw).pw_uid, (*pw).pw_gid)) }
+}
+
+pub(crate) fn chown_tree(path: &Path, owner: Option<(u32, u32)>) {
+    if let Some((uid, gid)) = owner {
+        let status = Command::new("chown")
+            .arg("-R")
+            .arg(format!("{uid}:{gid}"))
+            .arg(path)
+            .status()
+            .expect("chown");
+        assert!(status.success(), "chown -R {}", path.display());
+    }
+}
+
+pub(crate) fn as_owner(cmd: &mut Command, owner: Option<(u32, u32)>) -> &mut Command {
+    if let Some((uid, gid)) = owner {
+        cmd.uid(uid).gid(gid);
+    }
+    cmd
+}
+
+/// The initdb'ed template every cluster copies (once per machine and PostgreSQL version).
+fn pg_template() -> &'static Path {
+    static TEMPLATE: OnceLock<PathBuf> = OnceLock::new();
+    TEMPLATE.get_or_init(|| {
+        let bindir = pg_bindir();
+        let version = bindir
+            .parent()
+            .and_then(|p| p.file_name())
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_else(|| "pg".into());
+        let owner = pg_owner();
+        let uid = owner.map(|o| o.0).unwrap_or(0);
+        let final_dir =
+            std::env::temp_dir().join(format!("cache-invalidator-pgtemplate-{version}-{uid}"));
+        if final_dir.join("PG_VERSION").exists() {
+            return final_dir;
+        }
+        let staging = std::env::temp_dir().join(format!(
+            "cache-invalidator-pgtemplate-{version}-{uid}.tmp{}",
+            std::process::id()
+        ));
+        let _ = fs::remove_dir_all(&staging);
+        fs::create_dir_all(&staging).expect("create template dir");
+        chown_tree(&staging, owner);
+        let out = as_owner(
+            Command::new(bindir.join("initdb"))
+                .arg("-D")
+                .arg(&staging)
+                .args([
+                    "-A",
+                    "trust",
+                    "-U",
+                    "postgres",
+                    "-E",
+                    "UTF8",
+                    "--locale=C",
+                    "--no-sync",
+                ]),
+            owner,
+        )
+        .output()
+        .expect("run initdb");
+        assert!(
+            out.status.success(),
+            "initdb failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        // Another test binary may have won the race: then use its template.
+        if fs::rename(&staging, &final_dir).is_err() {
+            let _ = fs::remove_dir_all(&staging);
+        }
+        final_dir
+    })
+}
+
+/// Extra settings for a cluster, as `-c name=value`.
+#[derive(Default, Clone)]
+pub struct PgOptions {
+    /// Additional `postgresql.conf` settings.
+    pub settings: Vec<(String, String)>,
+}
+
+impl PgOptions {
+    /// Adds one setting.
+    pub fn set(mut self, name: &str, value: &str) -> Self {
+        self.settings.push((name.into(), value.into()));
+        self
+    }
+}
+
+/// A throwaway PostgreSQL cluster.
+pub struct PgCluster {
+    dir: ScratchDir,
+    port: u16,
+    owner: Option<(u32, u32)>,
+    options: PgOptions,
+    child: Option<Child>,
+}
+
+impl PgCluster {
+    /// Starts a cluster with `wal_level=logical` and the default options.
+    pub fn start() -> Self {
+        Self::start_with(PgOptions::default())
+    }
+
+    /// Starts a cluster with extra settings.
+    pub fn start_with(options: PgOptions) -> Self {
+        let template = pg_template();
+        let dir = ScratchDir::new("pg");
+        let owner = pg_owner();
+        let status = Command::new("cp")
+            .arg("-a")
+            .arg(template)
+            .arg(dir.path().join("data"))
+            .status()
+            .expect("cp template");
+        assert!(status.success(), "copy the initdb template");
+        fs::create_dir_all(dir.path().join("socket")).expect("socket dir");
+        chown_tree(dir.path(), owner);
+        let mut cluster = PgCluster {
+            dir,
+            port: free_port(),
+            owner,
+            options,
+            child: None,
+        };
+        cluster.launch();
+        cluster
+    }
+
+    fn data_dir(&self) -> PathBuf {
+        self.dir.path().join("data")
+    }
+
+    /// Directory of the cluster's unix socket (use as `?host=`).
+    pub fn socket_dir(&self) -> PathBuf {
+        self.dir.path().join("socket")
+    }
+
+    /// TCP port on 127.0.0.1.
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// `postgres://postgres@127.0.0.1:<port>/postgres`.
+    pub fn url(&self) -> String {
+        format!("postgres://postgres@127.0.0.1:{}/postgres", self.port)
+    }
+
+    /// The same database over the unix socket.
+    pub fn socket_url(&self) -> String {
+        format!(
+            "postgres://postgres@/postgres?host={}&port={}",
+            self.socket_dir().display(),
+            self.port
+        )
+    }
+
+    /// Libpq keyword/value connection string (for tokio-postgres and psql).
+    pub fn conninfo(&self) -> String {
+        format!(
+            "host=127.0.0.1 port={} user=postgres dbname=postgres",
+            self.port
+        )
+    }
+
+    /// The server log so far (for assertion messages).
+    pub fn log(&self) -> String {
+        fs::read_to_string(self.dir.path().join("postgres.log")).unwrap_or_default()
+    }
+
+    fn launch(&mut self) {
+        assert!(self.child.is_none(), "cluster already running");
+        let log = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.path().join("postgres.log"))
+            .expect("open log");
+        chown_tree(&self.dir.path().join("postgres.log"), self.owner);
+        let mut cmd = Command::new(pg_bindir().join("postgres"));
+        cmd.arg("-D").arg(self.data_dir());
+        let mut settings: Vec<(String, String)> = vec![
+            ("port".into(), self.port.to_string()),
+            ("listen_addresses".into(), "127.0.0.1".into()),
+            (
+                "unix_socket_directories".into(),
+                self.socket_dir().display().to_string(),
+            ),
+            ("wal_level".into(), "logical".into()),
+            ("max_replication_slots".into(), "20".into()),
+            ("max_wal_senders".into(), "20".into()),
+            ("max_connections".into(), "60".into()),
+            ("fsync".into(), "off".into()),
+            ("full_page_writes".into(), "off".into()),
+            ("shared_buffers".into(), "32MB".into()),
+            ("log_min_messages".into(), "warning".into()),
+            ("logging_collector".into(), "off".into()),
+        ];
+        settings.extend(self.options.settings.iter().cloned());
+        for (k, v) in &settings {
+            cmd.arg("-c").arg(format!("{k}={v}"));
+        }
+        cmd.stdin(Stdio::null())
+            .stdout(log.try_clone().expect("log fd"))
+            .stderr(log);
+        as_owner(&mut cmd, self.owner);
+        self.child = Some(cmd.spawn().expect("spawn postgres"));
+        self.wait_ready();
+    }
+
+    fn wait_ready(&mut self) {
+        let deadline = Instant::now() + START_TIMEOUT;
+        let pidfile = self.data_dir().join("postmaster.pid");
+        loop {
+            if let Some(child) = self.child.as_mut() {
+                if let Ok(Some(status)) = child.try_wait() {
+                    self.child = None;
+                    panic!("postgres exited during startup ({status}):\n{}", self.log());
+                }
+            }
+            // The last line of postmaster.pid reads "ready" once connections are accepted.
+            if let Ok(text) = fs::read_to_string(&pidfile) {
+                if text
+                    .lines()
+                    .nth(7)
+                    .map(|l| l.trim() == "ready")
+                    .unwrap_or(false)
+                {
+                    return;
+                }
+            }
+            assert!(
+                Instant::now() < deadline,
+                "postgres not ready in {START_TIMEOUT:?}:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// PID of the postmaster, while running.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(|c| c.id())
+    }
+
+    /// Fast shutdown (SIGINT), waiting for it.
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            signal(child.id(), libc::SIGINT);
+            wait_or_kill(&mut child, Duration::from_secs(10));
+        }
+    }
+
+    /// SIGKILL the postmaster and every backend: a crash.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let pid = child.id();
+            let children = child_pids(pid);
+            signal(pid, libc::SIGKILL);
+            for c in children {
+                signal(c, libc::SIGKILL);
+            }
+            let _ = child.wait();
+            // Orphaned backends must be gone before the next start can claim shared memory.
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while !child_pids_of_dir(&self.data_dir()).is_empty() && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let _ = fs::remove_file(self.data_dir().join("postmaster.pid"));
+        }
+    }
+
+    /// Starts it again on the same port and data (after `stop()` or `kill()`).
+    pub fn restart(&mut self) {
+        if self.child.is_some() {
+            self.stop();
+        }
+        self.launch();
+    }
+
+    /// Appends lines to `pg_hba.conf`'s top (they win) and reloads.
+    pub fn set_hba(&mut self, hba: &str) {
+        fs::write(self.data_dir().join("pg_hba.conf"), hba).expect("write pg_hba.conf");
+        chown_tree(&self.data_dir().join("pg_hba.conf"), self.owner);
+        if let Some(pid) = self.pid() {
+            signal(pid, libc::SIGHUP);
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
+    /// Waits until a logical slot's `confirmed_flush_lsn` reaches `lsn` (the
+    /// worker acknowledges only what Redis confirmed).
+    pub fn wait_confirmed(&self, lsn: &str, timeout: Duration) {
+        let sql = format!(
+            "SELECT coalesce(bool_or(confirmed_flush_lsn >= '{lsn}'::pg_lsn), false) FROM pg_replication_slots WHERE slot_type = 'logical'"
+        );
+        wait_for(&format!("a slot to confirm {lsn}"), timeout, || {
+            (self.psql(&sql).trim() == "t").then_some(())
+        });
+    }
+
+    /// Runs SQL through `psql` (over the unix socket) and returns its unaligned, tuples-only output.
+    pub fn psql(&self, sql: &str) -> String {
+        let out = Command::new(pg_bindir().join("psql"))
+            .args([
+                "-X",
+                "-q",
+                "-A",
+                "-t",
+                "-v",
+                "ON_ERROR_STOP=1",
+                "-U",
+                "postgres",
+                "-d",
+                "postgres",
+            ])
+            .arg("-h")
+            .arg(self.socket_dir())
+            .arg("-p")
+            .arg(self.port.to_string())
+            .arg("-c")
+            .arg(sql)
+            .output()
+            .expect("run psql");
+        assert!(
+            out.status.success(),
+            "psql failed for {sql:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    }
+
+    /// Applies every `migrations/*.sql` file in name order.
+    pub fn migrate(&self) {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("migrations");
+        let mut files: Vec<PathBuf> = fs::read_dir(&dir)
+            .expect("migrations dir")
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.extension().map(|e| e == "sql").unwrap_or(false))
+            .collect();
+        files.sort();
+        for f in files {
+            self.psql(&fs::read_to_string(&f).expect("read migration"));
+        }
+    }
+}
+
+impl Drop for PgCluster {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            // Immediate shutdown: the data is thrown away anyway.
+            signal(child.id(), libc::SIGQUIT);
+            wait_or_kill(&mut child, Duration::from_secs(5));
+        }
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !child_pids_of_dir(&self.data_dir()).is_empty() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
