@@ -9,6 +9,7 @@ pub mod cluster;
 pub mod common;
 pub mod pg;
 pub mod redis;
+pub mod standby;
 pub mod worker;
 
 pub use self::cluster::*;
