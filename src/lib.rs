@@ -42,7 +42,10 @@
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 //!
-//! `worker` wires the stages together for `run`; `cli/` holds one file per
+//! `worker` runs the pipeline for `run`: the plan and sink stages, the session
+//! loop (reconnect, standby, takeover), the heartbeat and the Redis probe; the
+//! sink stage drives any [`sink::ApplySink`] (Redis, or the in-memory
+//! [`sink::MemorySink`] of the unit tests). `cli/` holds one file per
 //! subcommand; `config` turns the service TOML into a validated model;
 //! `cache` holds the application-side helpers (tagged set, versioned get/set).
 //! `metrics` holds the Prometheus metrics, the `/livez` and `/readyz` state and

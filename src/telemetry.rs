@@ -14,8 +14,9 @@ use std::time::{Duration, Instant};
 use crate::decode::{Op, Timestamp};
 use crate::lsn::Lsn;
 use crate::metrics::{FlushReason, Health, InvalidationKind, Metrics, Role, Target};
+use crate::plan::Batch;
+use crate::sink::SinkObserver;
 use crate::sink::{ApplyStats, RetryClass, SinkError};
-use crate::worker::{Batch, SinkObserver};
 
 /// Content of the heartbeat message (`pg_logical_emit_message(false, 'cache-invalidator', 'heartbeat')`).
 pub const HEARTBEAT: &[u8] = b"heartbeat";

@@ -10,7 +10,7 @@ use crate::config::{Config, EnvOverrides};
 use crate::error::CliError;
 use crate::map::TableName;
 use crate::plan::{Plan, Planner};
-use crate::sink::{ApplyStats, RetryClass, Sink, SinkOptions};
+use crate::sink::{ApplySink, ApplyStats, RetryClass, Sink, SinkOptions};
 
 /// Attempts to apply a plan on a transient error.
 const ATTEMPTS: u32 = 4;

@@ -397,7 +397,7 @@ impl Setup {
 
 /// Stores `cache-invalidator:<slot>:identity` for the configured Redis.
 async fn store_identity(client: &Client, config: &crate::config::Config) -> Result<(), String> {
-    use crate::sink::identity;
+    use crate::sink::{identity, ApplySink};
     let row = client
         .query_one(
             "SELECT system_identifier::text, (SELECT timeline_id FROM pg_control_checkpoint())::int8 FROM pg_control_system()",

@@ -18,7 +18,10 @@ pub use keyset::KeySet;
 /// Redis keys with the LSN of the change that invalidated them.
 pub type LsnMap = std::collections::HashMap<String, Lsn, FastHash>;
 
+pub mod batch;
 pub mod planner;
+
+pub use batch::Batch;
 
 pub use planner::{Fallback, FallbackReason, Planner, PlannerContext, PlannerStats, TableCounters};
 

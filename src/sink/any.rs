@@ -4,6 +4,7 @@
 
 use std::time::Duration;
 
+use super::apply::ApplySink;
 use super::cluster::ClusterSink;
 use super::identity::{self, Identity, IdentityCheck};
 use super::{ApplyStats, RedisSink, SinkError, SinkOptions};
@@ -48,25 +49,26 @@ impl Sink {
             Sink::Cluster(s) => s.target(),
         }
     }
+}
 
-    /// Executes every step of `plan`; on error, retry the whole plan.
-    pub async fn apply(&mut self, plan: &Plan) -> Result<ApplyStats, SinkError> {
+// The trait's futures are `Send`: spelled as `async fn` in the impl, the
+// compiler checks each body against the trait's `impl Future + Send`.
+impl ApplySink for Sink {
+    async fn apply(&mut self, plan: &Plan) -> Result<ApplyStats, SinkError> {
         match self {
             Sink::Single(s) => s.apply(plan).await,
             Sink::Cluster(s) => s.apply(plan).await,
         }
     }
 
-    /// The Redis `run_id`; on a cluster, every master's, sorted and joined.
-    pub async fn redis_run_id(&self) -> Result<String, SinkError> {
+    async fn redis_run_id(&self) -> Result<String, SinkError> {
         match self {
             Sink::Single(s) => identity::redis_run_id(&mut s.connection(), s.target()).await,
             Sink::Cluster(s) => s.redis_run_id().await,
         }
     }
 
-    /// Compares the identity stored under `key` with `current`.
-    pub async fn check_identity(
+    async fn check_identity(
         &self,
         key: &str,
         current: &Identity,
@@ -79,8 +81,7 @@ impl Sink {
         }
     }
 
-    /// Stores `current` under `key`.
-    pub async fn store_identity(&self, key: &str, current: &Identity) -> Result<(), SinkError> {
+    async fn store_identity(&self, key: &str, current: &Identity) -> Result<(), SinkError> {
         match self {
             Sink::Single(s) => identity::store(&mut s.connection(), s.target(), key, current).await,
             Sink::Cluster(s) => {
@@ -89,8 +90,7 @@ impl Sink {
         }
     }
 
-    /// PING (on a cluster, every master).
-    pub async fn ping(&self) -> Result<(), SinkError> {
+    async fn ping(&self) -> Result<(), SinkError> {
         match self {
             Sink::Single(s) => {
                 let _: String = redis::cmd("PING")
@@ -105,5 +105,9 @@ impl Sink {
             }
             Sink::Cluster(s) => s.ping().await,
         }
+    }
+
+    fn target(&self) -> &str {
+        Sink::target(self)
     }
 }

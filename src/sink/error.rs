@@ -42,6 +42,14 @@ pub enum SinkError {
         /// WAIT timeout.
         timeout_ms: u64,
     },
+    /// A failure the in-memory sink was told to produce (its unit tests).
+    #[error("simulated sink failure ({class:?}): {reason}")]
+    Simulated {
+        /// How the failure asks to be retried.
+        class: RetryClass,
+        /// What the test said about it.
+        reason: String,
+    },
 }
 
 impl SinkError {
@@ -50,6 +58,7 @@ impl SinkError {
         match self {
             SinkError::Config(_) => RetryClass::Fatal,
             SinkError::Replicas { .. } => RetryClass::BackOff,
+            SinkError::Simulated { class, .. } => *class,
             SinkError::Redis { source, .. } => classify(source),
         }
     }
@@ -59,6 +68,7 @@ impl SinkError {
         match self {
             SinkError::Config(_) => "config",
             SinkError::Replicas { .. } => "replicas",
+            SinkError::Simulated { .. } => "simulated",
             SinkError::Redis { source, .. } => {
                 let code = source.code().unwrap_or("");
                 match code {

@@ -20,9 +20,11 @@
 //! [`RetryClass::Blocked`] errors.
 
 pub mod any;
+pub mod apply;
 pub mod cluster;
 pub mod error;
 pub mod identity;
+pub mod memory;
 pub mod scripts;
 
 use std::path::PathBuf;
@@ -32,8 +34,10 @@ use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
 use redis::{Pipeline, Script, Value};
 
 pub use any::Sink;
+pub use apply::{ApplySink, SinkObserver};
 pub use cluster::ClusterSink;
 pub use error::{mask_url, RetryClass, SinkError};
+pub use memory::MemorySink;
 
 use crate::cache::tombstone::lsn_hex;
 use crate::lsn::Lsn;

@@ -1,33 +1,22 @@
-//! The run loop: source -> decode + plan -> sink -> acknowledger, as tasks
-//! joined by bounded channels, so backpressure reaches the replication socket.
+//! The plan stage: decodes the source's items, folds their changes into a
+//! [`Batch`] through the [`Planner`], decides what each batch acknowledges and
+//! hands closed batches to the sink stage.
 //!
-//! ```text
-//!  source task ──SourceItem──▶ plan stage ──Batch──▶ sink stage ──LSN──▶ Acknowledger
-//!  (socket, status timer)      (decode, fold,        (Redis, retries)    (watch) ──▶ source
-//!                               close batches)
-//! ```
-//!
-//! Ordering is the acknowledgement argument: every stage is FIFO, so when the
-//! sink has applied batch N, every batch before it was applied. A batch carries
-//! the end LSN of the last transaction it completes; a batch cut in the middle
-//! of a large transaction carries none for it, so a Commit's end LSN is
-//! acknowledged only after every chunk of it (and everything before) succeeded.
-//! A keepalive that reaches the plan stage with no transaction open carries its
-//! WAL position the same way: idle slots do not pin WAL.
+//! Its one `biased` `select!` is the stage's whole schedule; its priorities are
+//! written next to its arms. The place a batch's acknowledgement is decided is
+//! described in ARCHITECTURE.md, "The acknowledgement rule".
 
-use crate::log_fields::{COLUMN, COUNT, LSN, REASON, TABLE};
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use tokio::sync::{mpsc, watch};
 
-use crate::ack::Acknowledger;
 use crate::decode::relations::RelationCache;
-use crate::decode::{Event, Timestamp};
+use crate::decode::Event;
+use crate::log_fields::{COLUMN, COUNT, LSN, REASON, TABLE};
 use crate::lsn::Lsn;
 use crate::plan::planner::Planner;
-use crate::plan::Plan;
-use crate::sink::{identity, RetryClass, Sink, SinkError};
+use crate::plan::Batch;
 use crate::source::SourceItem;
 use crate::telemetry::Telemetry;
 
@@ -45,28 +34,6 @@ pub struct BatchLimits {
     pub max_delay: Duration,
     /// A batch closes when its plan holds this many operations.
     pub max_ops: usize,
-}
-
-/// One unit of work for the sink: a plan and what it completes.
-#[derive(Debug, Default)]
-pub struct Batch {
-    /// The deduplicated Redis work.
-    pub plan: Plan,
-    /// Acknowledge up to here once the plan is applied (the end LSN of the
-    /// last transaction completed in this batch, or an idle keepalive position).
-    pub ack: Option<Lsn>,
-    /// Transactions completed in this batch.
-    pub transactions: u64,
-    /// Row changes folded into this batch.
-    pub changes: u64,
-    /// Commit time of the first transaction completed in this batch (latency).
-    pub first_commit_time: Option<Timestamp>,
-}
-
-impl Batch {
-    fn is_idle(&self) -> bool {
-        self.plan.is_empty() && self.ack.is_none() && self.changes == 0
-    }
 }
 
 /// Why the pipeline stopped on the planning side.
@@ -299,170 +266,4 @@ fn close_batch(batch: &mut Batch, planner: &mut Planner, telemetry: &Telemetry) 
         );
     }
     out
-}
-
-/// Capped exponential backoff for Redis retries.
-#[derive(Debug)]
-pub struct Backoff {
-    next: Duration,
-    max: Duration,
-}
-
-impl Backoff {
-    /// Starts at 100 ms, doubling up to 5 s.
-    pub fn new() -> Self {
-        Backoff {
-            next: Duration::from_millis(100),
-            max: Duration::from_secs(5),
-        }
-    }
-
-    /// The delay to wait now; the next one doubles.
-    pub fn next_delay(&mut self) -> Duration {
-        let d = self.next;
-        self.next = (self.next * 2).min(self.max);
-        d
-    }
-}
-
-impl Default for Backoff {
-    fn default() -> Self {
-        Self::new()
-    }
-}
-
-/// Observes what the sink stage does (metrics, logs, tests).
-pub trait SinkObserver: Send {
-    /// A batch was applied (its `ack`, if any, is confirmed right after).
-    fn applied(&mut self, batch: &Batch, stats: &crate::sink::ApplyStats, elapsed: Duration);
-    /// Everything up to `lsn` is acknowledged.
-    fn acknowledged(&mut self, lsn: Lsn);
-    /// An attempt failed; it will be retried after `retry_in`.
-    fn failed(&mut self, err: &SinkError, retry_in: Duration);
-    /// Every mapped table was flushed, for `reason` (e.g. `identity`).
-    fn flushed(&mut self, reason: &'static str);
-}
-
-/// Guarantee 6: what the sink stage checks before applying, at start and
-/// after every Redis error, and the plan it fires when Redis changed.
-#[derive(Debug, Clone)]
-pub struct IdentityGuard {
-    /// `cache-invalidator:<slot>:identity`.
-    pub key: String,
-    /// PostgreSQL system identifier.
-    pub pg_system_id: String,
-    /// PostgreSQL timeline.
-    pub pg_timeline: u32,
-    /// Every mapped table's truncate invalidations.
-    pub flush_plan: Plan,
-    /// Set by the Redis probe when Redis was unreachable: verify the identity
-    /// again before the next batch (Redis may have restarted from a snapshot).
-    pub recheck: std::sync::Arc<std::sync::atomic::AtomicBool>,
-}
-
-/// Verifies the Redis identity; when it changed (or is missing), applies the
-/// flush plan and stores the new identity. Errors are retried by the caller.
-async fn ensure_identity(
-    sink: &mut Sink,
-    guard: &IdentityGuard,
-    observer: &mut dyn SinkObserver,
-) -> Result<(), SinkError> {
-    let current = identity::Identity {
-        redis_run_id: sink.redis_run_id().await?,
-        pg_system_id: guard.pg_system_id.clone(),
-        pg_timeline: guard.pg_timeline,
-    };
-    let reason = match sink.check_identity(&guard.key, &current).await? {
-        identity::IdentityCheck::Unchanged => return Ok(()),
-        identity::IdentityCheck::Missing => {
-            tracing::warn!(key = %guard.key, "no worker identity in Redis (first run, or Redis lost its data): flushing every mapped table");
-            "identity_missing"
-        }
-        identity::IdentityCheck::Changed { stored } => {
-            tracing::warn!(key = %guard.key, %stored, current = %current, "Redis or PostgreSQL changed since the last acknowledgement (restart from a snapshot, failover): flushing every mapped table");
-            "identity_changed"
-        }
-    };
-    sink.apply(&guard.flush_plan).await?;
-    sink.store_identity(&guard.key, &current).await?;
-    observer.flushed(reason);
-    Ok(())
-}
-
-/// Applies batches in order, retrying each until Redis confirms it, then
-/// acknowledges. Returns when the batch channel closes, or with the error when
-/// it is fatal. Before the first batch and after any Redis error, the Redis
-/// identity is verified (guarantee 6).
-pub async fn sink_stage(
-    mut batches: mpsc::Receiver<Batch>,
-    sink: &mut Sink,
-    ack: &mut Acknowledger,
-    guard: &IdentityGuard,
-    observer: &mut dyn SinkObserver,
-) -> Result<(), SinkError> {
-    let mut verify_identity = true;
-    while let Some(batch) = batches.recv().await {
-        if guard
-            .recheck
-            .swap(false, std::sync::atomic::Ordering::Relaxed)
-        {
-            verify_identity = true;
-        }
-        let started = Instant::now();
-        let mut backoff = Backoff::new();
-        let stats = loop {
-            let attempt = async {
-                if verify_identity {
-                    ensure_identity(sink, guard, observer).await?;
-                }
-                if batch.plan.is_empty() {
-                    Ok(crate::sink::ApplyStats::default())
-                } else {
-                    sink.apply(&batch.plan).await
-                }
-            };
-            match attempt.await {
-                Ok(stats) => {
-                    verify_identity = false;
-                    break stats;
-                }
-                Err(err) if err.retry_class() == RetryClass::Fatal => return Err(err),
-                Err(err) => {
-                    verify_identity = true;
-                    let delay = backoff.next_delay();
-                    observer.failed(&err, delay);
-                    tokio::time::sleep(delay).await;
-                }
-            }
-        };
-        observer.applied(&batch, &stats, started.elapsed());
-        if batch.transactions > 0 {
-            // A transaction applied in Redis and not yet acknowledged.
-            failpoint("after_apply_before_ack");
-        }
-        if let Some(lsn) = batch.ack {
-            if ack.confirm(lsn) {
-                observer.acknowledged(lsn);
-            }
-        }
-    }
-    Ok(())
-}
-
-/// Crash points for the fault-injection tests: with the `failpoints` feature
-/// (on in this crate's own test builds), `CACHE_INVALIDATOR_FAILPOINT=<name>`
-/// aborts the process (like SIGKILL) when the named point is reached. Without
-/// the feature, nothing.
-pub fn failpoint(name: &str) {
-    #[cfg(feature = "failpoints")]
-    {
-        static ARMED: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
-        let armed = ARMED.get_or_init(|| std::env::var("CACHE_INVALIDATOR_FAILPOINT").ok());
-        if armed.as_deref() == Some(name) {
-            eprintln!("failpoint {name}: aborting");
-            std::process::abort();
-        }
-    }
-    #[cfg(not(feature = "failpoints"))]
-    let _ = name;
 }

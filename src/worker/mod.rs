@@ -1,0 +1,45 @@
+//! Running the pipeline: source -> decode + plan -> sink -> acknowledger, as
+//! tasks joined by bounded channels, so backpressure reaches the replication
+//! socket; and around it the session loop (connect, stream, reconnect,
+//! standby, takeover), the heartbeat and the Redis probe.
+//!
+//! ```text
+//!  source task ──SourceItem──▶ plan stage ──Batch──▶ sink stage ──LSN──▶ Acknowledger
+//!  (socket, status timer)      (decode, fold,        (Redis, retries)    (watch) ──▶ source
+//!                               close batches)
+//! ```
+//!
+//! Ordering is the acknowledgement argument: every stage is FIFO, so when the
+//! sink has applied batch N, every batch before it was applied. A batch carries
+//! the end LSN of the last transaction it completes; a batch cut in the middle
+//! of a large transaction carries none for it, so a Commit's end LSN is
+//! acknowledged only after every chunk of it (and everything before) succeeded.
+//! A keepalive that reaches the plan stage with no transaction open carries its
+//! WAL position the same way: idle slots do not pin WAL. ARCHITECTURE.md,
+//! "The acknowledgement rule", says it whole.
+//!
+//! | file | job |
+//! | --- | --- |
+//! | `plan_stage.rs` | decode, fold into batches, decide what a batch acknowledges |
+//! | `sink_stage.rs` | apply batches in order through an [`ApplySink`](crate::sink::ApplySink), retry, acknowledge |
+//! | `session.rs` | one process's loop of replication sessions: connect, stream, reconnect, standby |
+//! | `heartbeat.rs` | the heartbeat message that measures end-to-end lag |
+//! | `probe.rs` | the Redis probe behind `/readyz` while no batch is in flight |
+//! | `backoff.rs`, `failpoint.rs` | retry delays; crash points of the fault tests |
+
+mod backoff;
+pub mod failpoint;
+mod heartbeat;
+pub mod plan_stage;
+mod probe;
+pub mod session;
+pub mod sink_stage;
+
+pub use backoff::Backoff;
+pub use failpoint::failpoint;
+pub use plan_stage::{plan_stage, BatchLimits, PlanStageError};
+pub use session::{AutoSetup, Worker};
+pub use sink_stage::{sink_stage, IdentityGuard};
+
+pub use crate::plan::Batch;
+pub use crate::sink::SinkObserver;

@@ -1,0 +1,124 @@
+//! The sink stage: applies batches in order through an [`ApplySink`],
+//! retrying each until the sink confirms it, then acknowledges it.
+//!
+//! The one place a batch waits before it is applied is marked in
+//! [`sink_stage`] ("before applying this batch"): checks that must hold before
+//! Redis sees a batch go there.
+
+use std::time::Instant;
+
+use tokio::sync::mpsc;
+
+use super::backoff::Backoff;
+use super::failpoint::{failpoint, AFTER_APPLY_BEFORE_ACK};
+use crate::ack::Acknowledger;
+use crate::plan::{Batch, Plan};
+use crate::sink::{identity, ApplySink, ApplyStats, RetryClass, SinkError, SinkObserver};
+
+/// Guarantee 6 (ARCHITECTURE.md): what the sink stage checks before applying, at start and
+/// after every Redis error, and the plan it fires when Redis changed.
+#[derive(Debug, Clone)]
+pub struct IdentityGuard {
+    /// `cache-invalidator:<slot>:identity`.
+    pub key: String,
+    /// PostgreSQL system identifier.
+    pub pg_system_id: String,
+    /// PostgreSQL timeline.
+    pub pg_timeline: u32,
+    /// Every mapped table's truncate invalidations.
+    pub flush_plan: Plan,
+    /// Set by the Redis probe when Redis was unreachable: verify the identity
+    /// again before the next batch (Redis may have restarted from a snapshot).
+    pub recheck: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+/// Verifies the Redis identity; when it changed (or is missing), applies the
+/// flush plan and stores the new identity. Errors are retried by the caller.
+async fn ensure_identity<S: ApplySink>(
+    sink: &mut S,
+    guard: &IdentityGuard,
+    observer: &mut dyn SinkObserver,
+) -> Result<(), SinkError> {
+    let current = identity::Identity {
+        redis_run_id: sink.redis_run_id().await?,
+        pg_system_id: guard.pg_system_id.clone(),
+        pg_timeline: guard.pg_timeline,
+    };
+    let reason = match sink.check_identity(&guard.key, &current).await? {
+        identity::IdentityCheck::Unchanged => return Ok(()),
+        identity::IdentityCheck::Missing => {
+            tracing::warn!(key = %guard.key, "no worker identity in Redis (first run, or Redis lost its data): flushing every mapped table");
+            "identity_missing"
+        }
+        identity::IdentityCheck::Changed { stored } => {
+            tracing::warn!(key = %guard.key, %stored, current = %current, "Redis or PostgreSQL changed since the last acknowledgement (restart from a snapshot, failover): flushing every mapped table");
+            "identity_changed"
+        }
+    };
+    sink.apply(&guard.flush_plan).await?;
+    sink.store_identity(&guard.key, &current).await?;
+    observer.flushed(reason);
+    Ok(())
+}
+
+/// Applies batches in order, retrying each until Redis confirms it, then
+/// acknowledges. Returns when the batch channel closes, or with the error when
+/// it is fatal. Before the first batch and after any Redis error, the Redis
+/// identity is verified (guarantee 6).
+pub async fn sink_stage<S: ApplySink>(
+    mut batches: mpsc::Receiver<Batch>,
+    sink: &mut S,
+    ack: &mut Acknowledger,
+    guard: &IdentityGuard,
+    observer: &mut dyn SinkObserver,
+) -> Result<(), SinkError> {
+    let mut verify_identity = true;
+    while let Some(batch) = batches.recv().await {
+        if guard
+            .recheck
+            .swap(false, std::sync::atomic::Ordering::Relaxed)
+        {
+            verify_identity = true;
+        }
+        // Before applying this batch: the one place a batch may wait for a
+        // condition outside the pipeline. Nothing of it has reached Redis yet.
+        let started = Instant::now();
+        let mut backoff = Backoff::new();
+        let stats = loop {
+            let attempt = async {
+                if verify_identity {
+                    ensure_identity(sink, guard, observer).await?;
+                }
+                if batch.plan.is_empty() {
+                    Ok(ApplyStats::default())
+                } else {
+                    sink.apply(&batch.plan).await
+                }
+            };
+            match attempt.await {
+                Ok(stats) => {
+                    verify_identity = false;
+                    break stats;
+                }
+                Err(err) if err.retry_class() == RetryClass::Fatal => return Err(err),
+                Err(err) => {
+                    verify_identity = true;
+                    let delay = backoff.next_delay();
+                    observer.failed(&err, delay);
+                    tokio::time::sleep(delay).await;
+                }
+            }
+        };
+        observer.applied(&batch, &stats, started.elapsed());
+        if batch.transactions > 0 {
+            // A transaction applied in Redis and not yet acknowledged.
+            failpoint(AFTER_APPLY_BEFORE_ACK);
+        }
+        if let Some(lsn) = batch.ack {
+            if ack.confirm(lsn) {
+                observer.acknowledged(lsn);
+            }
+        }
+    }
+    Ok(())
+}
