@@ -75,6 +75,10 @@ pub mod names {
     pub const ROLE: &str = "cache_invalidator_role";
     /// Gauge: mapped tables currently followed under a new name (renamed since start).
     pub const RENAMED_TABLES: &str = "cache_invalidator_renamed_tables";
+    /// Counter `{source, kind}`: invalidations requested other than by a
+    /// mapping rule (`source="declared"`: the SQL API's messages), by kind.
+    pub const REQUESTED_INVALIDATIONS_TOTAL: &str =
+        "cache_invalidator_requested_invalidations_total";
 }
 
 /// Buckets of [`names::APPLY_LATENCY_SECONDS`]: 0.5 ms to 10 s.
@@ -136,15 +140,19 @@ pub enum FlushReason {
     IdentityChanged,
     /// A TRUNCATE of a mapped table.
     Truncate,
+    /// A message under our prefix the worker could not understand (a malformed
+    /// declared invalidation, an unknown payload version).
+    MalformedMessage,
 }
 
 impl FlushReason {
     /// Every reason, in label order.
-    pub const ALL: [FlushReason; 4] = [
+    pub const ALL: [FlushReason; 5] = [
         FlushReason::MarkerAll,
         FlushReason::MarkerTable,
         FlushReason::IdentityChanged,
         FlushReason::Truncate,
+        FlushReason::MalformedMessage,
     ];
 
     /// The label value.
@@ -154,6 +162,7 @@ impl FlushReason {
             FlushReason::MarkerTable => "marker_table",
             FlushReason::IdentityChanged => "identity_changed",
             FlushReason::Truncate => "truncate",
+            FlushReason::MalformedMessage => "malformed_message",
         }
     }
 }
@@ -210,6 +219,12 @@ struct TableReasonLabels {
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
 struct KindLabels {
+    kind: &'static str,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct SourceKindLabels {
+    source: &'static str,
     kind: &'static str,
 }
 
@@ -286,6 +301,7 @@ pub struct Metrics {
     heartbeat_lag: Gauge<f64, AtomicU64>,
     role: [Gauge; 2],
     renamed_tables: Gauge,
+    declared: [Counter; InvalidationKind::ALL.len()],
 }
 
 impl std::fmt::Debug for Metrics {
@@ -412,6 +428,19 @@ impl Metrics {
             renamed_tables.clone(),
         );
 
+        let requested = Family::<SourceKindLabels, Counter>::default();
+        r.register(
+            counter_name(REQUESTED_INVALIDATIONS_TOTAL),
+            "Invalidations requested other than by a mapping rule, by source (declared: the SQL API) and kind",
+            requested.clone(),
+        );
+        let declared = InvalidationKind::ALL.map(|k| {
+            requested.get_or_create_owned(&SourceKindLabels {
+                source: "declared",
+                kind: k.as_str(),
+            })
+        });
+
         Arc::new(Metrics {
             registry: r,
             replication_lag_bytes,
@@ -432,6 +461,7 @@ impl Metrics {
             heartbeat_lag,
             role,
             renamed_tables,
+            declared,
         })
     }
 
@@ -468,6 +498,11 @@ impl Metrics {
                 })
             })
             .inc();
+    }
+
+    /// `n` declared invalidations of one kind planned (`source="declared"`).
+    pub fn declared(&self, kind: InvalidationKind, n: u64) {
+        self.declared[kind as usize].inc_by(n);
     }
 
     /// One flush fired by the worker.

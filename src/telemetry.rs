@@ -98,6 +98,22 @@ impl Telemetry {
         });
     }
 
+    /// Declared invalidations planned since the last call, by kind, and the
+    /// full flushes of messages that could not be understood.
+    pub fn declared(&self, d: &crate::plan::DeclaredCounters) {
+        let m = &self.metrics;
+        m.declared(InvalidationKind::Keys, d.keys);
+        m.declared(InvalidationKind::Tags, d.tags);
+        m.declared(InvalidationKind::Versions, d.versions);
+        m.declared(InvalidationKind::Patterns, d.patterns);
+        m.declared(InvalidationKind::Publish, d.publish);
+        // Each message under our prefix that could not be understood flushed
+        // every mapped table (rare: a loop is fine).
+        for _ in 0..d.malformed {
+            m.flush(FlushReason::MalformedMessage);
+        }
+    }
+
     /// A mapping fell back to the table's truncate invalidations.
     pub fn fallback(&self, table: &str, reason: &'static str, count: u64) {
         for _ in 0..count {

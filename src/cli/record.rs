@@ -10,8 +10,11 @@
 //! session settings) or null; a column absent from `old`/`new` is unknown (not
 //! sent); a truncate is `{"table":"public.users","op":"truncate"}`. `changes`
 //! is written while the transaction streams and `lsn`/`commit_time` last, so a
-//! huge transaction needs no buffering. Logical decoding messages are not
-//! recorded.
+//! huge transaction needs no buffering. Transactional logical decoding
+//! messages (flush markers, declared invalidations) are recorded in place as
+//! `{"op":"message","prefix":"cache-invalidator","content":"invalidate:v1:{...}"}`
+//! (content as UTF-8, invalid bytes replaced); non-transactional ones
+//! (heartbeats) are not.
 //!
 //! Everything written is acknowledged to PostgreSQL (the temporary slot goes
 //! away with the connection anyway). Stops on `--max-txns`, `--timeout` or
@@ -106,6 +109,22 @@ impl<W: Write> JsonLinesWriter<W> {
                         self.row(&change.relation, new)?;
                     }
                 }
+                self.put("}")?;
+            }
+            Event::Message {
+                transactional: true,
+                prefix,
+                content,
+                ..
+            } if self.open_at.is_some() => {
+                if !self.first_change {
+                    self.put(",")?;
+                }
+                self.first_change = false;
+                self.put("{\"op\":\"message\",\"prefix\":")?;
+                self.put_json_str(prefix)?;
+                self.put(",\"content\":")?;
+                self.put_json_str(&String::from_utf8_lossy(content))?;
                 self.put("}")?;
             }
             Event::Commit {
@@ -383,6 +402,19 @@ mod tests {
                 old: None,
                 new: None,
             }),
+            Event::Message {
+                transactional: true,
+                lsn: Lsn(1),
+                prefix: "cache-invalidator".into(),
+                content: br#"invalidate:v1:{"keys":["k"]}"#.to_vec(),
+            },
+            // Not recorded: non-transactional (heartbeats).
+            Event::Message {
+                transactional: false,
+                lsn: Lsn(1),
+                prefix: "cache-invalidator".into(),
+                content: b"heartbeat".to_vec(),
+            },
         ];
         for e in &events {
             assert_eq!(w.event(e).unwrap(), None);
@@ -405,7 +437,8 @@ mod tests {
             serde_json::json!({"xid":735,"lsn":"0/1A2B3C4","commit_time":"2026-11-25T20:00:00.123456Z","changes":[
                 {"table":"public.users","op":"update","old":{"id":"1","team_id":"5"},"new":{"id":"1","team_id":"6","name":"Ann \"q\"\n"}},
                 {"table":"public.users","op":"insert","new":{"id":"2","team_id":null}},
-                {"table":"public.users","op":"truncate"}
+                {"table":"public.users","op":"truncate"},
+                {"op":"message","prefix":"cache-invalidator","content":"invalidate:v1:{\"keys\":[\"k\"]}"}
             ]})
         );
     }

@@ -62,6 +62,9 @@ pub async fn run(
         for f in replayer.planner().take_fallbacks() {
             tracing::warn!(table = %f.table, reason = f.reason.as_str(), column = f.column.as_deref().unwrap_or(""), count = f.count, xid = t.xid, "value unknown: fired the table's truncate invalidations");
         }
+        for m in replayer.planner().take_malformed() {
+            tracing::warn!(error = %m.error, xid = t.xid, lsn = %t.lsn, "a cache-invalidator message could not be understood: flushed every mapped table");
+        }
         let line = serde_json::to_string(&plan).map_err(CliError::runtime)?;
         writeln!(out, "{line}").map_err(CliError::runtime)?;
     }

@@ -19,11 +19,15 @@ pub use keyset::KeySet;
 pub type LsnMap = std::collections::HashMap<String, Lsn, FastHash>;
 
 pub mod batch;
+pub mod declared;
 pub mod planner;
 
 pub use batch::Batch;
 
-pub use planner::{Fallback, FallbackReason, Planner, PlannerContext, PlannerStats, TableCounters};
+pub use planner::{
+    DeclaredCounters, Fallback, FallbackReason, Malformed, Planner, PlannerContext, PlannerStats,
+    TableCounters,
+};
 
 /// A pub/sub message to send after the deletes of the same batch.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]

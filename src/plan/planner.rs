@@ -17,6 +17,7 @@ use std::sync::Arc;
 
 use serde::Serialize;
 
+use super::declared::{self, Declared, DeclaredError};
 use super::{Plan, Publish};
 use crate::decode::{Change, Event, Op, Relation, Row, Value};
 use crate::lsn::Lsn;
@@ -26,6 +27,64 @@ use crate::map::{Mappings, Mode, Rule, Shape, TableName};
 
 /// The prefix of logical decoding messages addressed to the worker.
 pub const MESSAGE_PREFIX: &str = "cache-invalidator";
+
+/// The name declared invalidations go by where a table name is expected
+/// (the `table` of a truncate message replacing overflowing messages).
+pub const DECLARED_SOURCE: &str = "declared";
+
+/// Malformed messages kept for logging between two [`Planner::take_malformed`] calls.
+pub const MAX_MALFORMED_KEPT: usize = 16;
+
+/// A message under our prefix the planner could not understand and answered
+/// with a full flush.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Malformed {
+    /// The message's own LSN (where `pg_waldump` finds it).
+    pub lsn: Lsn,
+    /// What is wrong with it.
+    pub error: DeclaredError,
+}
+
+/// Counters of declared invalidations (the SQL API's messages).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct DeclaredCounters {
+    /// Messages understood and planned.
+    pub messages: u64,
+    /// Keys declared.
+    pub keys: u64,
+    /// Tags declared.
+    pub tags: u64,
+    /// Versions declared.
+    pub versions: u64,
+    /// Patterns declared.
+    pub patterns: u64,
+    /// Messages to publish declared.
+    pub publish: u64,
+    /// Messages under our prefix that could not be understood (each answered
+    /// with a full flush).
+    pub malformed: u64,
+}
+
+impl DeclaredCounters {
+    /// What was counted since `earlier` (a previous copy of these counters).
+    pub fn since(&self, earlier: &DeclaredCounters) -> DeclaredCounters {
+        DeclaredCounters {
+            messages: self.messages.saturating_sub(earlier.messages),
+            keys: self.keys.saturating_sub(earlier.keys),
+            tags: self.tags.saturating_sub(earlier.tags),
+            versions: self.versions.saturating_sub(earlier.versions),
+            patterns: self.patterns.saturating_sub(earlier.patterns),
+            publish: self.publish.saturating_sub(earlier.publish),
+            malformed: self.malformed.saturating_sub(earlier.malformed),
+        }
+    }
+}
+
+/// At most 60 bytes of a content, for an error message.
+fn lossy_prefix(content: &[u8]) -> String {
+    let cut = &content[..content.len().min(60)];
+    String::from_utf8_lossy(cut).into_owned()
+}
 
 /// What the planner needs beyond the mappings (from the service config and the slot).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -162,6 +221,8 @@ pub struct PlannerStats {
     pub message_overflows: u64,
     /// Relations followed by OID after a rename (mapped name, current name).
     pub renamed: Vec<(String, String)>,
+    /// Declared invalidations planned, and malformed messages.
+    pub declared: DeclaredCounters,
 }
 
 /// A rule resolved against one relation.
@@ -258,6 +319,9 @@ pub struct Planner {
     txn_pairs: Vec<(String, Arc<str>)>,
     scratch: Scratch,
     fallbacks: HashMap<FallbackKey, u64>,
+    malformed: Vec<Malformed>,
+    /// [`PlannerStats::declared`] at the last [`Planner::take_declared`].
+    declared_reported: DeclaredCounters,
     stats: PlannerStats,
 }
 
@@ -314,6 +378,8 @@ impl Planner {
             txn_pairs: Vec::new(),
             scratch: Scratch::default(),
             fallbacks: HashMap::new(),
+            malformed: Vec::new(),
+            declared_reported: DeclaredCounters::default(),
             stats: PlannerStats::default(),
         }
     }
@@ -371,9 +437,14 @@ impl Planner {
         self.relations.insert(rel.oid, state);
     }
 
-    /// A logical decoding message: `flush:all` and `flush:table:<schema.table>`
-    /// under the `cache-invalidator` prefix fire truncate invalidations; others
-    /// (heartbeats, other prefixes) are ignored.
+    /// A logical decoding message under the `cache-invalidator` prefix (others
+    /// are ignored): `flush:all` and `flush:table:<schema.table>` fire
+    /// truncate invalidations; `invalidate:v1:<json>` is a declared
+    /// invalidation ([`super::declared`]), planned like a mapped one;
+    /// `heartbeat` plans nothing. Anything else under our prefix (an unknown
+    /// payload version, a malformed payload, an unknown kind) cannot be
+    /// understood, so it is answered with a full flush, never guessed: see
+    /// [`Planner::take_malformed`].
     pub fn message(&mut self, prefix: &str, content: &[u8], lsn: Lsn) {
         if prefix != MESSAGE_PREFIX {
             return;
@@ -381,18 +452,123 @@ impl Planner {
         if self.xid.is_none() {
             self.lsn = lsn;
         }
-        let Ok(content) = std::str::from_utf8(content) else {
+        if content == crate::telemetry::HEARTBEAT {
             return;
-        };
-        if content == "flush:all" {
+        }
+        if content == b"flush:all" {
             self.stats.flush_markers += 1;
             self.flush_all();
-        } else if let Some(t) = content.strip_prefix("flush:table:") {
-            self.stats.flush_markers += 1;
-            if let Ok(t) = TableName::parse(t) {
-                self.flush_table(&t);
+            return;
+        }
+        let result = if let Some(rest) = content.strip_prefix(b"flush:table:") {
+            match std::str::from_utf8(rest).ok().map(TableName::parse) {
+                Some(Ok(t)) => {
+                    self.stats.flush_markers += 1;
+                    self.flush_table(&t);
+                    Ok(())
+                }
+                _ => Err(DeclaredError::UnknownKind(lossy_prefix(content))),
+            }
+        } else if let Some(rest) = content.strip_prefix(declared::INVALIDATE_PREFIX.as_bytes()) {
+            declared::parse_invalidate(rest).map(|d| self.declared(&d))
+        } else {
+            Err(DeclaredError::UnknownKind(lossy_prefix(content)))
+        };
+        if let Err(error) = result {
+            self.malformed(lsn, error);
+        }
+    }
+
+    /// Plans one declared invalidation: keys and patterns as given, tags and
+    /// versions under their prefixes, messages after the deletes (like a
+    /// mapped rule's), all in the current transaction.
+    pub fn declared(&mut self, d: &Declared) {
+        let c = &mut self.stats.declared;
+        c.messages += 1;
+        c.keys += d.keys.len() as u64;
+        c.tags += d.tags.len() as u64;
+        c.versions += d.versions.len() as u64;
+        c.patterns += d.patterns.len() as u64;
+        c.publish += d.channels.len() as u64;
+        let plan = &mut self.plan;
+        let buf = &mut self.scratch.buf;
+        for k in &d.keys {
+            plan.keys.insert(k);
+        }
+        for (set, prefix, names) in [
+            (&mut plan.tags, &self.ctx.tag_prefix, &d.tags),
+            (&mut plan.versions, &self.ctx.version_prefix, &d.versions),
+        ] {
+            for n in names {
+                buf.clear();
+                buf.push_str(prefix);
+                buf.push_str(n);
+                set.insert(buf);
             }
         }
+        for p in &d.patterns {
+            plan.patterns.insert(p);
+        }
+        if d.channels.is_empty() {
+            return;
+        }
+        let source: Arc<str> = Arc::from(DECLARED_SOURCE);
+        for ch in &d.channels {
+            let message = match &ch.message {
+                Some(m) => m.clone(),
+                None => self.declared_message(d),
+            };
+            self.add_message(&ch.channel, message, &source);
+        }
+    }
+
+    /// The default message of a declared channel without a message of its own.
+    fn declared_message(&self, d: &Declared) -> String {
+        let tags: Vec<String> = d
+            .tags
+            .iter()
+            .map(|t| format!("{}{t}", self.ctx.tag_prefix))
+            .collect();
+        let versions: Vec<String> = d
+            .versions
+            .iter()
+            .map(|v| format!("{}{v}", self.ctx.version_prefix))
+            .collect();
+        serde_json::json!({
+            "op": "declared",
+            "lsn": self.lsn.to_string(),
+            "keys": d.keys,
+            "tags": tags,
+            "versions": versions,
+            "epoch": self.ctx.epoch,
+        })
+        .to_string()
+    }
+
+    /// A message under our prefix that cannot be understood: every mapped
+    /// table's truncate invalidations (as `flush:all`), counted and kept for
+    /// one log line with its LSN.
+    fn malformed(&mut self, lsn: Lsn, error: DeclaredError) {
+        self.stats.declared.malformed += 1;
+        if self.malformed.len() < MAX_MALFORMED_KEPT {
+            self.malformed.push(Malformed { lsn, error });
+        }
+        self.flush_all();
+    }
+
+    /// Messages answered with a full flush since the last call (at most
+    /// [`MAX_MALFORMED_KEPT`]; [`PlannerStats::declared`] counts them all),
+    /// each for one log line.
+    pub fn take_malformed(&mut self) -> Vec<Malformed> {
+        std::mem::take(&mut self.malformed)
+    }
+
+    /// Declared invalidations counted since the last call (for metrics).
+    pub fn take_declared(&mut self) -> DeclaredCounters {
+        let now = self.stats.declared;
+        let delta = now.since(&self.declared_reported);
+        self.declared_reported = now;
+        delta
     }
 
     /// Fires every mapped table's truncate invalidations.
@@ -1302,6 +1478,108 @@ patterns = ["feed:*:author:{author_id}"]
         p.message("other", b"flush:all", Lsn(5));
         assert!(p.take().is_empty());
         assert_eq!(p.stats().flush_markers, 3);
+    }
+
+    #[test]
+    fn declared_invalidations_are_planned_with_the_transaction() {
+        let src = format!("{POSTS}\n[[table]]\nname = \"users\"\nkeys = [\"user:{{id}}\"]\n[table.truncate]\npatterns = [\"user:*\"]\n");
+        let mut p = planner(&src);
+        p.begin(3, Lsn(0x30));
+        p.change(&change(
+            &posts(),
+            Op::Insert,
+            None,
+            Some(&[Some("7"), Some("1"), Some("a")]),
+        ));
+        p.message(
+            MESSAGE_PREFIX,
+            br#"invalidate:v1:{"keys":["post:7:count","post:7"],"tags":["user:5"],"versions":["post:7"],"patterns":["feed:[ab]*"],"channels":[{"channel":"c","message":{"post":7}},{"channel":"d"}]}"#,
+            Lsn(0x20),
+        );
+        p.commit();
+        let plan = p.take();
+        // Keys as given, deduplicated with the mapped rule's.
+        assert_eq!(
+            sorted(&plan.keys),
+            ["author:1:posts", "post:7", "post:7:count"]
+        );
+        assert_eq!(sorted(&plan.tags), ["tag:author:1", "tag:user:5"]);
+        assert_eq!(sorted(&plan.versions), ["version:post:7"]);
+        // The declared pattern keeps its glob; the mapped one is escaped.
+        assert_eq!(sorted(&plan.patterns), ["feed:*:author:1", "feed:[ab]*"]);
+        assert!(plan.tag_patterns.is_empty(), "no flush: {plan:?}");
+        assert_eq!(plan.publish.len(), 2);
+        assert_eq!(plan.publish[0].message, r#"{"post":7}"#);
+        assert_eq!(
+            plan.publish[1].message,
+            r#"{"epoch":"e1","keys":["post:7:count","post:7"],"lsn":"0/30","op":"declared","tags":["tag:user:5"],"versions":["version:post:7"]}"#
+        );
+        let d = p.stats().declared;
+        assert_eq!(
+            (
+                d.messages,
+                d.keys,
+                d.tags,
+                d.versions,
+                d.patterns,
+                d.publish,
+                d.malformed
+            ),
+            (1, 2, 1, 1, 1, 2, 0)
+        );
+        assert!(p.take_malformed().is_empty());
+        assert_eq!(p.take_declared().keys, 2);
+        assert_eq!(p.take_declared(), DeclaredCounters::default());
+    }
+
+    #[test]
+    fn a_message_that_cannot_be_understood_flushes_everything() {
+        let src = format!("{POSTS}\n[[table]]\nname = \"users\"\nkeys = [\"user:{{id}}\"]\n[table.truncate]\npatterns = [\"user:*\"]\n");
+        let all = ["author:*:posts", "feed:*:author:*", "post:*", "user:*"];
+        for content in [
+            &b"invalidate:v9:{}"[..],
+            b"invalidate:v1:{not json",
+            b"invalidate:v1:{\"keys\":[\"\"]}",
+            b"invalidate:\xff",
+            b"flush:table:",
+            b"flush:everything",
+            b"",
+        ] {
+            let mut p = planner(&src);
+            p.begin(3, Lsn(0x30));
+            p.message(MESSAGE_PREFIX, content, Lsn(0x20));
+            p.commit();
+            let plan = p.take();
+            assert_eq!(
+                sorted(&plan.patterns),
+                all,
+                "{}",
+                String::from_utf8_lossy(content)
+            );
+            let m = p.take_malformed();
+            assert_eq!(m.len(), 1);
+            assert_eq!(m[0].lsn, Lsn(0x20), "the message's own LSN");
+            assert_eq!(p.stats().declared.malformed, 1);
+            assert_eq!(p.stats().declared.messages, 0);
+        }
+        // Heartbeats, known markers and other prefixes are not malformed.
+        let mut p = planner(&src);
+        p.message(MESSAGE_PREFIX, b"heartbeat", Lsn(1));
+        p.message("someone-else", b"invalidate:v9:", Lsn(1));
+        p.message(MESSAGE_PREFIX, b"flush:table:public.unmapped", Lsn(1));
+        assert!(p.take().is_empty());
+        assert!(p.take_malformed().is_empty());
+    }
+
+    #[test]
+    fn malformed_messages_kept_for_logging_are_bounded() {
+        let mut p = planner(POSTS);
+        for i in 0..100 {
+            p.message(MESSAGE_PREFIX, b"invalidate:v0:", Lsn(i));
+        }
+        assert_eq!(p.take_malformed().len(), MAX_MALFORMED_KEPT);
+        assert_eq!(p.stats().declared.malformed, 100);
+        assert_eq!(sorted(&p.take().patterns).len(), 3);
     }
 
     #[test]

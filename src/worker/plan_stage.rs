@@ -255,6 +255,14 @@ async fn flush(
 fn close_batch(batch: &mut Batch, planner: &mut Planner, telemetry: &Telemetry) -> Batch {
     let mut out = std::mem::take(batch);
     out.plan = planner.take();
+    telemetry.declared(&planner.take_declared());
+    for m in planner.take_malformed() {
+        tracing::error!(
+            { LSN } = %m.lsn,
+            error = %m.error,
+            "a cache-invalidator message could not be understood: flushed every mapped table instead of guessing what it meant"
+        );
+    }
     for fallback in planner.take_fallbacks() {
         telemetry.fallback(&fallback.table, fallback.reason.as_str(), fallback.count);
         tracing::warn!(
