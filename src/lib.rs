@@ -73,6 +73,7 @@ pub mod security;
 pub mod sink;
 pub mod source;
 pub mod telemetry;
+pub mod visibility;
 pub mod worker;
 
 pub use error::CliError;

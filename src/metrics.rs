@@ -79,7 +79,31 @@ pub mod names {
     /// mapping rule (`source="declared"`: the SQL API's messages), by kind.
     pub const REQUESTED_INVALIDATIONS_TOTAL: &str =
         "cache_invalidator_requested_invalidations_total";
+    /// Histogram: seconds a batch waited for its transactions to be visible on
+    /// the primary (batches whose check needed a query).
+    pub const VISIBILITY_WAIT_SECONDS: &str = "cache_invalidator_visibility_wait_seconds";
+    /// Gauge: 1 while a batch waits for visibility on the primary, else 0.
+    pub const VISIBILITY_WAITING: &str = "cache_invalidator_visibility_waiting";
+    /// Gauge `{replica}`: 1 while a listed read replica is reachable and in recovery.
+    pub const REPLICA_UP: &str = "cache_invalidator_replica_up";
+    /// Gauge `{replica}`: bytes between the primary's WAL end and the replica's replay position.
+    pub const REPLICA_LAG_BYTES: &str = "cache_invalidator_replica_replay_lag_bytes";
+    /// Gauge `{replica}`: seconds since the replica's last replayed transaction
+    /// while it has received WAL it has not replayed; 0 when caught up.
+    pub const REPLICA_LAG_SECONDS: &str = "cache_invalidator_replica_replay_lag_seconds";
+    /// Counter `{replica}`: batches that waited for the replica to replay them.
+    pub const REPLICA_WAITS_TOTAL: &str = "cache_invalidator_replica_waits_total";
+    /// Counter `{replica}`: batches applied before the replica replayed them
+    /// (`replica_max_wait_ms` elapsed, or it was still behind an earlier timeout).
+    pub const REPLICA_TIMEOUTS_TOTAL: &str = "cache_invalidator_replica_timeouts_total";
+    /// Counter `{replica}`: those batches applied again once the replica caught up.
+    pub const REPLICA_REAPPLIES_TOTAL: &str = "cache_invalidator_replica_reapplies_total";
 }
+
+/// Buckets of [`names::VISIBILITY_WAIT_SECONDS`]: 0.1 ms to 30 s.
+pub const VISIBILITY_WAIT_BUCKETS: [f64; 14] = [
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.1, 0.5, 1.0, 5.0, 10.0, 30.0,
+];
 
 /// Buckets of [`names::APPLY_LATENCY_SECONDS`]: 0.5 ms to 10 s.
 pub const APPLY_LATENCY_BUCKETS: [f64; 14] = [
@@ -239,6 +263,11 @@ struct TargetLabels {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct ReplicaLabels {
+    replica: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
 struct RoleLabels {
     role: &'static str,
 }
@@ -302,6 +331,14 @@ pub struct Metrics {
     role: [Gauge; 2],
     renamed_tables: Gauge,
     declared: [Counter; InvalidationKind::ALL.len()],
+    visibility_wait: Histogram,
+    visibility_waiting: Gauge,
+    replica_up: Family<ReplicaLabels, Gauge>,
+    replica_lag_bytes: Family<ReplicaLabels, Gauge<u64, AtomicU64>>,
+    replica_lag_seconds: Family<ReplicaLabels, Gauge<f64, AtomicU64>>,
+    replica_waits: Family<ReplicaLabels, Counter>,
+    replica_timeouts: Family<ReplicaLabels, Counter>,
+    replica_reapplies: Family<ReplicaLabels, Counter>,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -440,6 +477,54 @@ impl Metrics {
                 kind: k.as_str(),
             })
         });
+        let visibility_wait = Histogram::new(VISIBILITY_WAIT_BUCKETS);
+        r.register(
+            VISIBILITY_WAIT_SECONDS,
+            "Seconds a batch waited for its transactions to be visible on the primary (checks that needed a query)",
+            visibility_wait.clone(),
+        );
+        let visibility_waiting = Gauge::default();
+        r.register(
+            VISIBILITY_WAITING,
+            "1 while a batch waits for its transactions to be visible on the primary",
+            visibility_waiting.clone(),
+        );
+        let replica_up = Family::<ReplicaLabels, Gauge>::default();
+        r.register(
+            REPLICA_UP,
+            "1 while a listed read replica is reachable and in recovery",
+            replica_up.clone(),
+        );
+        let replica_lag_bytes = Family::<ReplicaLabels, Gauge<u64, AtomicU64>>::default();
+        r.register(
+            REPLICA_LAG_BYTES,
+            "Bytes between the primary's WAL end and the replica's replay position",
+            replica_lag_bytes.clone(),
+        );
+        let replica_lag_seconds = Family::<ReplicaLabels, Gauge<f64, AtomicU64>>::default();
+        r.register(
+            REPLICA_LAG_SECONDS,
+            "Seconds since the replica's last replayed transaction while it is behind what it received; 0 when caught up",
+            replica_lag_seconds.clone(),
+        );
+        let replica_waits = Family::<ReplicaLabels, Counter>::default();
+        r.register(
+            counter_name(REPLICA_WAITS_TOTAL),
+            "Batches that waited for the replica to replay them",
+            replica_waits.clone(),
+        );
+        let replica_timeouts = Family::<ReplicaLabels, Counter>::default();
+        r.register(
+            counter_name(REPLICA_TIMEOUTS_TOTAL),
+            "Batches applied before the replica replayed them (replica_max_wait_ms)",
+            replica_timeouts.clone(),
+        );
+        let replica_reapplies = Family::<ReplicaLabels, Counter>::default();
+        r.register(
+            counter_name(REPLICA_REAPPLIES_TOTAL),
+            "Batches applied again once the replica caught up",
+            replica_reapplies.clone(),
+        );
 
         Arc::new(Metrics {
             registry: r,
@@ -462,6 +547,14 @@ impl Metrics {
             role,
             renamed_tables,
             declared,
+            visibility_wait,
+            visibility_waiting,
+            replica_up,
+            replica_lag_bytes,
+            replica_lag_seconds,
+            replica_waits,
+            replica_timeouts,
+            replica_reapplies,
         })
     }
 
@@ -566,6 +659,57 @@ impl Metrics {
             .set(i64::try_from(n).unwrap_or(i64::MAX));
     }
 
+    /// A batch waits (or no longer waits) for visibility on the primary.
+    pub fn set_visibility_waiting(&self, waiting: bool) {
+        self.visibility_waiting.set(i64::from(waiting));
+    }
+
+    /// One visibility check that needed a query, and how long it waited.
+    pub fn visibility_wait(&self, waited: Duration) {
+        self.visibility_wait.observe(waited.as_secs_f64());
+    }
+
+    fn replica_labels(replica: &str) -> ReplicaLabels {
+        ReplicaLabels {
+            replica: replica.to_owned(),
+        }
+    }
+
+    /// Whether the read replica `replica` (`host:port`) is up.
+    pub fn replica_up(&self, replica: &str, up: bool) {
+        self.replica_up
+            .get_or_create(&Self::replica_labels(replica))
+            .set(i64::from(up));
+    }
+
+    /// The replica's replay lag in bytes and seconds.
+    pub fn replica_lag(&self, replica: &str, bytes: u64, seconds: f64) {
+        let labels = Self::replica_labels(replica);
+        self.replica_lag_bytes.get_or_create(&labels).set(bytes);
+        self.replica_lag_seconds.get_or_create(&labels).set(seconds);
+    }
+
+    /// A batch waited for the replica to replay it.
+    pub fn replica_wait(&self, replica: &str) {
+        self.replica_waits
+            .get_or_create(&Self::replica_labels(replica))
+            .inc();
+    }
+
+    /// A batch was applied before the replica replayed it.
+    pub fn replica_timeout(&self, replica: &str) {
+        self.replica_timeouts
+            .get_or_create(&Self::replica_labels(replica))
+            .inc();
+    }
+
+    /// A batch was applied again after the replica caught up.
+    pub fn replica_reapplied(&self, replica: &str) {
+        self.replica_reapplies
+            .get_or_create(&Self::replica_labels(replica))
+            .inc();
+    }
+
     /// The OpenMetrics text exposition of every metric, `# EOF` included.
     pub fn render(&self) -> String {
         if let Some(since) = *lock(&self.blocked_since) {
@@ -591,6 +735,10 @@ struct HealthState {
     role: Option<Role>,
     renamed: Option<String>,
     heartbeat_lag: Option<Duration>,
+    /// Why the visibility check on the primary cannot run (503).
+    visibility: Option<String>,
+    /// Read replicas that are down, and why (detail only: 200 stays 200).
+    replicas_down: std::collections::BTreeMap<String, String>,
 }
 
 /// Readiness and liveness, shared between the worker (which sets it) and the
@@ -614,6 +762,8 @@ impl Default for Health {
                 role: None,
                 renamed: None,
                 heartbeat_lag: None,
+                visibility: None,
+                replicas_down: std::collections::BTreeMap::new(),
             }),
             started: Instant::now(),
             last_tick_ms: AtomicU64::new(0),
@@ -674,6 +824,22 @@ impl Health {
         lock(&self.state).heartbeat_lag = Some(lag);
     }
 
+    /// The visibility check on the primary cannot run (`Some(why)`: batches
+    /// wait, 503), or runs again (`None`).
+    pub fn set_visibility_blocked(&self, why: Option<String>) {
+        lock(&self.state).visibility = why;
+    }
+
+    /// A read replica is down (`Some(why)`) or up again (`None`). Shown in
+    /// `/readyz` without failing it: a down replica serves no reader.
+    pub fn set_replica_down(&self, replica: &str, why: Option<String>) {
+        let mut s = lock(&self.state);
+        match why {
+            Some(why) => s.replicas_down.insert(replica.to_owned(), why),
+            None => s.replicas_down.remove(replica),
+        };
+    }
+
     /// The last heartbeat lag, if a heartbeat came back yet.
     pub fn heartbeat_lag(&self) -> Option<Duration> {
         lock(&self.state).heartbeat_lag
@@ -698,9 +864,23 @@ impl Health {
         if let Some(r) = &s.renamed {
             reasons.push(format!("renamed table {r}"));
         }
+        if let Some(v) = &s.visibility {
+            reasons.push(format!("visibility check failing: {v}"));
+        }
+        let details: Vec<String> = s
+            .replicas_down
+            .iter()
+            .map(|(name, why)| format!("replica {name} down (not waited for): {why}"))
+            .collect();
         if reasons.is_empty() {
-            (200, "ok".into())
+            let mut body = String::from("ok");
+            for d in details {
+                body.push('\n');
+                body.push_str(&d);
+            }
+            (200, body)
         } else {
+            reasons.extend(details);
             (503, reasons.join("\n"))
         }
     }

@@ -100,6 +100,12 @@ fn every_metric_name_is_exposed() {
     m.change("t", Op::Insert);
     m.fallback("t", "unknown_value");
     m.redis_error("oom");
+    m.visibility_wait(Duration::from_millis(2));
+    m.replica_up("10.0.0.2:5432", true);
+    m.replica_lag("10.0.0.2:5432", 10, 0.5);
+    m.replica_wait("10.0.0.2:5432");
+    m.replica_timeout("10.0.0.2:5432");
+    m.replica_reapplied("10.0.0.2:5432");
     let t = m.render();
     use names::*;
     for name in [
@@ -118,6 +124,14 @@ fn every_metric_name_is_exposed() {
         HEARTBEAT_LAG_SECONDS,
         ROLE,
         RENAMED_TABLES,
+        VISIBILITY_WAIT_SECONDS,
+        VISIBILITY_WAITING,
+        REPLICA_UP,
+        REPLICA_LAG_BYTES,
+        REPLICA_LAG_SECONDS,
+        REPLICA_WAITS_TOTAL,
+        REPLICA_TIMEOUTS_TOTAL,
+        REPLICA_REAPPLIES_TOTAL,
     ] {
         assert!(name.starts_with("cache_invalidator_"));
         assert!(
@@ -197,6 +211,36 @@ fn ready() -> Arc<Health> {
 #[test]
 fn readyz_ok_only_when_streaming_reachable_and_unblocked() {
     assert_eq!(ready().readyz(), (200, "ok".to_string()));
+}
+
+#[test]
+fn readyz_names_a_down_replica_without_failing() {
+    let h = ready();
+    h.set_replica_down("10.0.0.2:5432", Some("connection refused".into()));
+    assert_eq!(
+        h.readyz(),
+        (
+            200,
+            "ok\nreplica 10.0.0.2:5432 down (not waited for): connection refused".to_string()
+        )
+    );
+    h.set_replica_down("10.0.0.2:5432", None);
+    assert_eq!(h.readyz(), (200, "ok".to_string()));
+}
+
+#[test]
+fn readyz_fails_while_the_visibility_check_cannot_run() {
+    let h = ready();
+    h.set_visibility_blocked(Some("connection refused".into()));
+    assert_eq!(
+        h.readyz(),
+        (
+            503,
+            "visibility check failing: connection refused".to_string()
+        )
+    );
+    h.set_visibility_blocked(None);
+    assert_eq!(h.readyz().0, 200);
 }
 
 #[test]
