@@ -98,6 +98,9 @@ struct RawPostgres {
     publication: Option<Spanned<String>>,
     #[serde(default)]
     auto_setup: bool,
+    visibility_check: Option<bool>,
+    replicas: Option<Spanned<Vec<Spanned<String>>>>,
+    replica_max_wait_ms: Option<Spanned<u64>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -169,6 +172,15 @@ pub struct PostgresConfig {
     pub publication: String,
     /// `run` does what `setup` does at start.
     pub auto_setup: bool,
+    /// Wait until a batch's transactions are visible on the primary before
+    /// applying it (default true; off only to measure its cost).
+    pub visibility_check: bool,
+    /// Read replicas (libpq URLs; `password_file` applies to them too): a
+    /// batch waits until each replayed it. May hold passwords: never log.
+    pub replicas: Vec<String>,
+    /// Longest wait for a replica before a batch is applied anyway (and
+    /// applied again once the replica caught up).
+    pub replica_max_wait_ms: u64,
 }
 
 impl fmt::Debug for PostgresConfig {
@@ -182,6 +194,16 @@ impl fmt::Debug for PostgresConfig {
             .field("slot", &self.slot)
             .field("publication", &self.publication)
             .field("auto_setup", &self.auto_setup)
+            .field("visibility_check", &self.visibility_check)
+            .field(
+                "replicas",
+                &self
+                    .replicas
+                    .iter()
+                    .map(|u| crate::source::conninfo::mask_connection_string(u))
+                    .collect::<Vec<_>>(),
+            )
+            .field("replica_max_wait_ms", &self.replica_max_wait_ms)
             .finish()
     }
 }
@@ -405,6 +427,9 @@ impl V<'_> {
         let mut publication = "cache_invalidator".to_owned();
         let mut pg_password = None;
         let mut auto_setup = false;
+        let mut visibility_check = true;
+        let mut replicas = Vec::new();
+        let mut replica_max_wait_ms = 30_000;
         if let Some(pg) = &pg {
             if let Some(s) = &pg.slot {
                 if valid_slot_name(s.get_ref()) {
@@ -430,6 +455,27 @@ impl V<'_> {
                 pg_password = self.read_secret(f);
             }
             auto_setup = pg.auto_setup;
+            visibility_check = pg.visibility_check.unwrap_or(true);
+            if let Some(list) = &pg.replicas {
+                for r in list.get_ref() {
+                    match crate::source::ConnectionSettings::parse(r.get_ref(), None) {
+                        Ok(_) => replicas.push(r.get_ref().clone()),
+                        Err(e) => self.error(
+                            r.span().start,
+                            format!("invalid replica URL: {e}; write a libpq URL like \"postgres://cache_invalidator@10.0.0.6:5432/app\""),
+                        ),
+                    }
+                }
+            }
+            if let Some(ms) = &pg.replica_max_wait_ms {
+                if *ms.get_ref() == 0 {
+                    self.error(
+                        ms.span().start,
+                        "replica_max_wait_ms = 0: a batch would never wait for a replica; at least 1 (default 30000)",
+                    );
+                }
+                replica_max_wait_ms = *ms.get_ref();
+            }
         }
 
         let redis_span = raw.redis.as_ref().map(|r| r.span().start).unwrap_or(0);
@@ -572,6 +618,9 @@ impl V<'_> {
                 slot,
                 publication,
                 auto_setup,
+                visibility_check,
+                replicas,
+                replica_max_wait_ms,
             },
             redis: RedisConfig {
                 url: if cluster.is_empty() { redis_url } else { None },
@@ -615,6 +664,9 @@ mod tests {
         assert_eq!(c.postgres.slot, "cache_invalidator");
         assert_eq!(c.postgres.publication, "cache_invalidator");
         assert!(!c.postgres.auto_setup);
+        assert!(c.postgres.visibility_check, "on by default");
+        assert!(c.postgres.replicas.is_empty());
+        assert_eq!(c.postgres.replica_max_wait_ms, 30_000);
         assert_eq!(c.redis.tag_prefix, "tag:");
         assert_eq!(c.redis.version_prefix, "version:");
         assert_eq!(c.redis.wait_replicas, 0);
@@ -640,6 +692,27 @@ mod tests {
         let e = parse("[postgres]\nurl = \"postgres://u@h/db\"\n[redis]\nurl = \"redis://h/0\"\ntls_cert_file = \"c.pem\"\n").unwrap_err();
         assert!(
             e.contains("go together") && e.contains("use rediss://"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn replicas_parse_and_bad_urls_are_located() {
+        let c = parse("[postgres]\nurl = \"postgres://u@h/db\"\nvisibility_check = false\nreplicas = [\"postgres://u:r3pl@r1:5433/db\", \"postgres://u@r2/db?sslmode=require\"]\nreplica_max_wait_ms = 500\n[redis]\nurl = \"redis://h/0\"\n").unwrap();
+        assert!(!c.postgres.visibility_check);
+        assert_eq!(c.postgres.replicas.len(), 2);
+        assert_eq!(c.postgres.replica_max_wait_ms, 500);
+        assert!(
+            !format!("{c:?}").contains("r3pl"),
+            "replica passwords are masked"
+        );
+        let e = parse("[postgres]\nurl = \"postgres://u@h/db\"\nreplicas = [\"postgres://u@r1/db?sslmode=bogus\"]\nreplica_max_wait_ms = 0\n[redis]\nurl = \"redis://h/0\"\n").unwrap_err();
+        assert!(
+            e.contains("c.toml:3:") && e.contains("invalid replica URL"),
+            "{e}"
+        );
+        assert!(
+            e.contains("c.toml:4:") && e.contains("replica_max_wait_ms = 0"),
             "{e}"
         );
     }
@@ -734,7 +807,7 @@ listen = "127.0.0.1:9464"
         );
         assert_eq!(
             parse("[postgres]\nurl = \"x\"\nslott = \"a\"\n[redis]\nurl = \"r\"\n").unwrap_err(),
-            "/etc/ci/c.toml:3:1: unknown field `slott`: did you mean `slot`?; allowed fields: url, password_file, slot, publication, auto_setup"
+            "/etc/ci/c.toml:3:1: unknown field `slott`: did you mean `slot`?; allowed fields: url, password_file, slot, publication, auto_setup, visibility_check, replicas, replica_max_wait_ms"
         );
     }
 

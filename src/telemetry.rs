@@ -56,6 +56,11 @@ impl Telemetry {
         self.wal_end.fetch_max(lsn.0, Ordering::Relaxed);
     }
 
+    /// The highest WAL end the server reported so far.
+    pub fn wal_end_lsn(&self) -> Lsn {
+        Lsn(self.wal_end.load(Ordering::Relaxed))
+    }
+
     /// PostgreSQL now holds everything up to `lsn` as acknowledged.
     pub fn confirmed(&self, lsn: Lsn) {
         let end = self.wal_end.load(Ordering::Relaxed);

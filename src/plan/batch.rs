@@ -20,6 +20,14 @@ pub struct Batch {
     pub changes: u64,
     /// Commit time of the first transaction completed in this batch (latency).
     pub first_commit_time: Option<Timestamp>,
+    /// Transaction ids (as the Begin messages carry them) of every
+    /// transaction with changes in this batch, including one cut into
+    /// chunks: its chunks are applied before its Commit arrives. The sink
+    /// stage waits until they are visible on the primary (guarantee 8).
+    pub xids: Vec<u32>,
+    /// The highest commit LSN (Begin's final LSN) of those transactions:
+    /// listed read replicas must replay past it before the batch is applied.
+    pub last_commit_lsn: Option<Lsn>,
 }
 
 impl Batch {

@@ -418,9 +418,10 @@ async fn poll_replica(
                 break;
             }
             reconnect = crate::worker::Backoff::new();
-            let came_up = states.send_if_modified(|s| {
+            let mut came_up = false;
+            states.send_if_modified(|s| {
                 let s = &mut s[i];
-                let came_up = !s.up;
+                came_up = !s.up;
                 let changed = came_up || s.replay != poll.replay;
                 s.up = true;
                 s.down_reason = None;
@@ -429,7 +430,7 @@ async fn poll_replica(
                 if s.lagging_until.is_some_and(|l| s.covers(l)) {
                     s.lagging_until = None;
                 }
-                changed && came_up
+                changed
             });
             if came_up {
                 tracing::info!(replica = %name, replay = %poll.replay.unwrap_or(Lsn::ZERO), "read replica up");

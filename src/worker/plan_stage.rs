@@ -62,6 +62,9 @@ pub async fn plan_stage(
     let mut batch = Batch::default();
     let mut opened: Option<Instant> = None;
     let mut in_transaction = false;
+    // The open transaction's xid and commit LSN: a batch closed in its middle
+    // hands them to the next one (guarantee 8 waits for them per batch).
+    let mut open: Option<(u32, Lsn)> = None;
     // The batch should go as soon as the sink stage can take it. While the
     // sink is busy, changes keep folding into the batch (bigger batches, more
     // dedup, fewer round trips); a full batch waits and backpressure builds.
@@ -93,7 +96,7 @@ pub async fn plan_stage(
             // 2. A ready batch and room in the sink stage: hand it over.
             permit = batches.reserve(), if ready && has_work => {
                 match permit {
-                    Ok(permit) => permit.send(close_batch(&mut batch, planner, telemetry)),
+                    Ok(permit) => permit.send(close_batch(&mut batch, planner, open, telemetry)),
                     // The sink stage ended (fatal error or shutdown): nothing
                     // more is acknowledged; PostgreSQL resends the rest.
                     Err(_) => return Ok(()),
@@ -111,7 +114,7 @@ pub async fn plan_stage(
             item = source.recv(), if !full => match item {
                 Some(item) => item,
                 None => {
-                    flush(&mut batch, planner, &batches, telemetry).await;
+                    flush(&mut batch, planner, open, &batches, telemetry).await;
                     return Ok(());
                 }
             },
@@ -131,12 +134,21 @@ pub async fn plan_stage(
                     telemetry.wal_end(wal_end);
                     events.clear();
                     if let Err(err) = relations.decode_shared(&data, wal_start, &mut events) {
-                        flush(&mut batch, planner, &batches, telemetry).await;
+                        flush(&mut batch, planner, open, &batches, telemetry).await;
                         return Err(err.into());
                     }
                     for event in events.drain(..) {
                         match &event {
-                            Event::Begin { .. } => in_transaction = true,
+                            Event::Begin { xid, final_lsn, .. } => {
+                                in_transaction = true;
+                                open = Some((*xid, *final_lsn));
+                                batch.xids.push(*xid);
+                                batch.last_commit_lsn = Some(
+                                    batch
+                                        .last_commit_lsn
+                                        .map_or(*final_lsn, |l| l.max(*final_lsn)),
+                                );
+                            }
                             Event::Change(change) => {
                                 batch.changes += 1;
                                 let table = table_names
@@ -158,6 +170,7 @@ pub async fn plan_stage(
                                 ..
                             } => {
                                 in_transaction = false;
+                                open = None;
                                 batch.ack = Some(*end_lsn);
                                 batch.transactions += 1;
                                 batch.first_commit_time.get_or_insert(*commit_time);
@@ -239,10 +252,11 @@ fn observe_message(prefix: &str, content: &[u8], lsn: Lsn, telemetry: &Telemetry
 async fn flush(
     batch: &mut Batch,
     planner: &mut Planner,
+    open: Option<(u32, Lsn)>,
     batches: &mpsc::Sender<Batch>,
     telemetry: &Telemetry,
 ) {
-    let out = close_batch(batch, planner, telemetry);
+    let out = close_batch(batch, planner, open, telemetry);
     if out.is_idle() {
         return;
     }
@@ -252,8 +266,19 @@ async fn flush(
 }
 
 /// Takes the batch and the planner's plan, logging and counting fallbacks.
-fn close_batch(batch: &mut Batch, planner: &mut Planner, telemetry: &Telemetry) -> Batch {
+/// A transaction still open (`open`: its xid and commit LSN) continues in
+/// the next batch, which must wait for it too.
+fn close_batch(
+    batch: &mut Batch,
+    planner: &mut Planner,
+    open: Option<(u32, Lsn)>,
+    telemetry: &Telemetry,
+) -> Batch {
     let mut out = std::mem::take(batch);
+    if let Some((xid, commit_lsn)) = open {
+        batch.xids.push(xid);
+        batch.last_commit_lsn = Some(commit_lsn);
+    }
     out.plan = planner.take();
     telemetry.declared(&planner.take_declared());
     for m in planner.take_malformed() {

@@ -23,12 +23,14 @@ use crate::error::CliError;
 use crate::lsn::Lsn;
 use crate::map::Mappings;
 use crate::plan::planner::Planner;
-use crate::sink::{Sink, SinkOptions};
+use crate::sink::{ApplySink, Sink, SinkOptions};
 use crate::source::{
     self, ConnectionSettings, ReplicationConnection, RetryClass, SourceError, StreamControl,
     SystemIdentity,
 };
 use crate::telemetry::{SinkReporter, Telemetry};
+use crate::visibility::replicas::{ReapplyFn, ReplicaContext};
+use crate::visibility::{PrimaryVisibility, Replicas, VisibilityGate};
 
 /// Items buffered between the socket and the planner.
 const SOURCE_CHANNEL: usize = 4096;
@@ -138,6 +140,7 @@ impl Worker {
             Arc::clone(&self.redis_interrupted),
             self.stop.clone(),
         ));
+        let mut gate = self.visibility_gate(&sink)?;
         let mut backoff = Backoff::new();
         let mut last_error = String::new();
         loop {
@@ -145,7 +148,10 @@ impl Worker {
                 return Ok(());
             }
             self.telemetry.touch();
-            match self.session(&mut sink, replication.take()).await? {
+            match self
+                .session(&mut sink, &mut gate, replication.take())
+                .await?
+            {
                 SessionEnd::Stopped => return Ok(()),
                 SessionEnd::Standby => self.pause(STANDBY_RETRY).await,
                 SessionEnd::Retry(why, class) => {
@@ -162,6 +168,63 @@ impl Worker {
                 }
             }
         }
+    }
+
+    /// Guarantee 8: the primary's snapshot check (unless `visibility_check =
+    /// false`) and the listed read replicas, whose pollers and re-appliers
+    /// run for the whole process (a re-application queued in one session is
+    /// not lost when the replication connection drops).
+    fn visibility_gate(&self, sink: &Sink) -> Result<VisibilityGate, CliError> {
+        let pg = &self.config.postgres;
+        let metrics = Arc::clone(&self.telemetry.metrics);
+        let health = Arc::clone(&self.telemetry.health);
+        let primary = pg.visibility_check.then(|| {
+            PrimaryVisibility::new(
+                self.settings.clone(),
+                Some(Arc::clone(&metrics)),
+                Some(Arc::clone(&health)),
+            )
+        });
+        if pg.replicas.is_empty() {
+            return Ok(VisibilityGate::new(primary, None));
+        }
+        let mut settings = Vec::with_capacity(pg.replicas.len());
+        for url in &pg.replicas {
+            let mut s = ConnectionSettings::parse(url, None)
+                .map_err(|e| CliError::Invalid(format!("[postgres] replicas: {e}")))?;
+            if s.password.is_none() {
+                s.password = pg.password.as_ref().map(|p| p.expose().to_string());
+            }
+            settings.push(s);
+        }
+        let reapply_sink = sink.clone();
+        let reapply: ReapplyFn = Arc::new(move |plan| {
+            let mut sink = reapply_sink.clone();
+            Box::pin(async move {
+                sink.apply(&plan)
+                    .await
+                    .map(|_| ())
+                    .map_err(|e| e.to_string())
+            })
+        });
+        let telemetry = Arc::clone(&self.telemetry);
+        let mut planner = Planner::new(
+            Arc::clone(&self.mappings),
+            self.config
+                .planner_context(format!("{}@replica-catch-up", pg.slot)),
+        );
+        planner.flush_all();
+        let flush_plan = planner.take();
+        let ctx = ReplicaContext {
+            metrics: Some(metrics),
+            health: Some(health),
+            primary_wal_end: Arc::new(move || telemetry.wal_end_lsn()),
+            reapply,
+            flush_plan,
+        };
+        let replicas =
+            Replicas::spawn(settings, Duration::from_millis(pg.replica_max_wait_ms), ctx);
+        Ok(VisibilityGate::new(primary, Some(replicas)))
     }
 
     /// Connects to Redis, retrying every second while it is unreachable;
@@ -190,6 +253,7 @@ impl Worker {
     async fn session(
         &self,
         sink: &mut Sink,
+        gate: &mut VisibilityGate,
         connected: Option<Result<(ReplicationConnection, SystemIdentity), SourceError>>,
     ) -> Result<SessionEnd, CliError> {
         let pg = &self.config.postgres;
@@ -290,7 +354,7 @@ impl Worker {
             );
             let apply = async {
                 let result =
-                    super::sink_stage(batch_rx, sink, &mut ack, &guard, &mut observer).await;
+                    super::sink_stage(batch_rx, sink, &mut ack, &guard, gate, &mut observer).await;
                 // Dropping the acknowledger tells the stream the pipeline drained.
                 drop(ack);
                 result

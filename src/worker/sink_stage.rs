@@ -14,6 +14,7 @@ use super::failpoint::{failpoint, AFTER_APPLY_BEFORE_ACK};
 use crate::ack::Acknowledger;
 use crate::plan::{Batch, Plan};
 use crate::sink::{identity, ApplySink, ApplyStats, RetryClass, SinkError, SinkObserver};
+use crate::visibility::VisibilityGate;
 
 /// Guarantee 6 (ARCHITECTURE.md): what the sink stage checks before applying, at start and
 /// after every Redis error, and the plan it fires when Redis changed.
@@ -64,12 +65,16 @@ async fn ensure_identity<S: ApplySink>(
 /// Applies batches in order, retrying each until Redis confirms it, then
 /// acknowledges. Returns when the batch channel closes, or with the error when
 /// it is fatal. Before the first batch and after any Redis error, the Redis
-/// identity is verified (guarantee 6).
+/// identity is verified (guarantee 6). Before a batch is applied, `gate`
+/// waits until its transactions are visible on the primary and replayed by
+/// the listed replicas (guarantee 8); nothing later is applied or
+/// acknowledged meanwhile, and the stream keeps its status updates.
 pub async fn sink_stage<S: ApplySink>(
     mut batches: mpsc::Receiver<Batch>,
     sink: &mut S,
     ack: &mut Acknowledger,
     guard: &IdentityGuard,
+    gate: &mut VisibilityGate,
     observer: &mut dyn SinkObserver,
 ) -> Result<(), SinkError> {
     let mut verify_identity = true;
@@ -82,6 +87,7 @@ pub async fn sink_stage<S: ApplySink>(
         }
         // Before applying this batch: the one place a batch may wait for a
         // condition outside the pipeline. Nothing of it has reached Redis yet.
+        let passed = gate.before_apply(&batch).await;
         let started = Instant::now();
         let mut backoff = Backoff::new();
         let stats = loop {
@@ -110,6 +116,7 @@ pub async fn sink_stage<S: ApplySink>(
             }
         };
         observer.applied(&batch, &stats, started.elapsed());
+        gate.applied(passed, &batch);
         if batch.transactions > 0 {
             // A transaction applied in Redis and not yet acknowledged.
             failpoint(AFTER_APPLY_BEFORE_ACK);
