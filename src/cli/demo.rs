@@ -136,7 +136,11 @@ async fn demo(scratch: &Path, servers: &mut Servers) -> Result<(), CliError> {
     .map_err(|e| fail("write the config", e))?;
 
     println!("\n$ cache-invalidator setup --replica-identity-full");
-    super::setup::run_with_env(&config, true, &crate::config::EnvOverrides::default()).await?;
+    let options = super::setup::SetupOptions {
+        replica_identity_full: true,
+        ..Default::default()
+    };
+    super::setup::run_with_env(&config, &options, &crate::config::EnvOverrides::default()).await?;
 
     println!("\n$ cache-invalidator run   (in the background)");
     let exe = std::env::current_exe().map_err(|e| fail("find this executable", e))?;

@@ -9,6 +9,7 @@ pub mod check;
 pub mod flush;
 pub mod replay;
 pub mod setup;
+pub mod sql_api;
 pub mod status;
 
 use crate::error::CliError;
@@ -53,11 +54,24 @@ pub enum LogFormat {
 pub enum Command {
     /// Run the worker in the foreground (SIGINT/SIGTERM stop it gracefully).
     Run,
-    /// Create the publication and the slot, add mapped tables, emit flush markers (idempotent).
+    /// Create the publication and the slot, add mapped tables, emit flush
+    /// markers, install the SQL API (idempotent).
     Setup {
         /// Set REPLICA IDENTITY FULL on tables whose rules need old values.
         #[arg(long)]
         replica_identity_full: bool,
+        /// Install the DDL event triggers (needs a superuser): a rewrite,
+        /// retype, partition change or drop of a mapped table flushes it.
+        #[arg(long)]
+        ddl_trigger: bool,
+        /// Grant EXECUTE on cache_invalidator.invalidate and flush_table to
+        /// this role (repeatable).
+        #[arg(long, value_name = "ROLE")]
+        grant_execute: Vec<String>,
+        /// Print the SQL API's statements (with --grant-execute and
+        /// --ddl-trigger, theirs too) without connecting, for migration tools.
+        #[arg(long)]
+        print_sql: bool,
     },
     /// Validate config and mappings (and, when reachable, against the catalog and Redis).
     Check,
@@ -117,7 +131,21 @@ pub async fn execute(cli: Cli) -> Result<(), CliError> {
         Command::Run => run::run(&cli.config).await,
         Command::Setup {
             replica_identity_full,
-        } => setup::run(&cli.config, replica_identity_full).await,
+            ddl_trigger,
+            grant_execute,
+            print_sql,
+        } => {
+            let options = setup::SetupOptions {
+                replica_identity_full,
+                ddl_trigger,
+                grant_execute,
+            };
+            if print_sql {
+                setup::print_sql(&cli.config, &options)
+            } else {
+                setup::run(&cli.config, &options).await
+            }
+        }
         Command::Check => check::run(&cli.config).await,
         Command::Flush { table } => flush::run(&cli.config, table.as_deref()).await,
         Command::Record {

@@ -134,7 +134,7 @@ fn spawn_signal_handler(stop: watch::Sender<bool>) {
 /// whenever the slot turns out missing or lost.
 async fn run_auto_setup(config_path: &Path) -> Result<(), CliError> {
     tracing::info!("auto_setup: running setup (publication, slot, flush markers)");
-    super::setup::run(config_path, false).await
+    super::setup::run(config_path, &super::setup::SetupOptions::default()).await
 }
 
 /// The start-up checks, run while the worker connects.

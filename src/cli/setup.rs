@@ -13,9 +13,15 @@
 //! 4. the slot (`pgoutput`) under a statement timeout, logging the PIDs of the
 //!    transactions it waits for; a slot whose WAL was lost is recreated;
 //! 5. durable flush markers: `flush:all` after creating the slot,
-//!    `flush:table:<t>` after adding a table to an existing publication+slot.
+//!    `flush:table:<t>` after adding a table to an existing publication+slot;
+//! 6. the SQL API (schema `cache_invalidator`, see [`super::sql_api`]) when
+//!    missing or changed, `mapped_tables` when the mappings changed, `EXECUTE`
+//!    for the roles of `--grant-execute`, and with `--ddl-trigger` the DDL
+//!    event triggers (superuser only: otherwise `setup` says so and fails
+//!    after everything else is done).
 //!
 //! A second run finds everything in place, runs no statement and emits no marker.
+//! `setup --print-sql` prints step 6 without connecting.
 
 use std::collections::BTreeSet;
 use std::path::Path;
@@ -47,22 +53,44 @@ struct Target {
     facts: TableFacts,
 }
 
+/// What `setup` does beyond the publication and the slot.
+#[derive(Debug, Clone, Default)]
+pub struct SetupOptions {
+    /// `--replica-identity-full`: REPLICA IDENTITY FULL where rules need old values.
+    pub replica_identity_full: bool,
+    /// `--ddl-trigger`: install the DDL event triggers (superuser only).
+    pub ddl_trigger: bool,
+    /// `--grant-execute ROLE`: roles that may call the SQL API.
+    pub grant_execute: Vec<String>,
+}
+
 /// Runs `setup`.
-pub async fn run(config_path: &Path, replica_identity_full: bool) -> Result<(), CliError> {
-    run_with_env(
-        config_path,
-        replica_identity_full,
-        &EnvOverrides::from_env(),
-    )
-    .await
+pub async fn run(config_path: &Path, options: &SetupOptions) -> Result<(), CliError> {
+    run_with_env(config_path, options, &EnvOverrides::from_env()).await
+}
+
+/// `setup --print-sql`: the SQL API statements for the config's mappings,
+/// printed without connecting.
+pub fn print_sql(config_path: &Path, options: &SetupOptions) -> Result<(), CliError> {
+    let checked = super::check::check_offline(config_path, &EnvOverrides::from_env())?;
+    print!(
+        "{}",
+        super::sql_api::print_sql(
+            checked.mappings.tables(),
+            &options.grant_execute,
+            options.ddl_trigger
+        )
+    );
+    Ok(())
 }
 
 /// Runs `setup` with explicit environment overrides (the demo passes none).
 pub async fn run_with_env(
     config_path: &Path,
-    replica_identity_full: bool,
+    options: &SetupOptions,
     env: &EnvOverrides,
 ) -> Result<(), CliError> {
+    let replica_identity_full = options.replica_identity_full;
     let checked = super::check::check_offline(config_path, env)?;
     let pg = &checked.config.postgres;
     let password = pg.password.as_ref().map(|p| p.expose());
@@ -91,13 +119,17 @@ pub async fn run_with_env(
             println!("note: could not record the Redis identity ({why}); the worker's first start will flush once more");
         }
     }
-    if setup.ran == 0 {
+    let not_installed = setup.sql_api(&checked.mappings, options).await?;
+    if setup.ran == 0 && not_installed.is_none() {
         println!(
-            "nothing to do: publication {:?} has every mapped table and slot {:?} exists",
+            "nothing to do: publication {:?} has every mapped table, slot {:?} exists and the SQL API is current",
             pg.publication, pg.slot
         );
     }
-    Ok(())
+    match not_installed {
+        Some(why) => Err(CliError::Runtime(why.into())),
+        None => Ok(()),
+    }
 }
 
 struct Setup {
@@ -217,6 +249,117 @@ impl Setup {
             }
         }
         Ok(created)
+    }
+
+    /// Step 6: the SQL API, `mapped_tables`, grants and (asked for) the DDL
+    /// triggers, each only when missing or changed. Returns what could not be
+    /// installed that the options asked for, and why (setup then fails after
+    /// doing everything else); an API that could not be installed without
+    /// being asked for explicitly is a warning.
+    async fn sql_api(
+        &mut self,
+        mappings: &Mappings,
+        options: &SetupOptions,
+    ) -> Result<Option<String>, CliError> {
+        use super::sql_api as api;
+        let asked = options.ddl_trigger || !options.grant_execute.is_empty();
+        let stamp: Option<String> = self
+            .client
+            .query_opt(api::INSTALLED_STAMP_SQL, &[])
+            .await
+            .map_err(|e| CliError::runtime(PgError::query(api::INSTALLED_STAMP_SQL, e)))?
+            .and_then(|r| r.get(0));
+        if stamp.as_deref() != Some(api::api_stamp().as_str()) {
+            println!("-- the SQL API: cache_invalidator.invalidate(...) and flush_table(...) (see docs/operations.md)");
+            if let Err(e) = self.transaction(&api::api_statements()).await {
+                let why = format!(
+                    "the SQL API (schema cache_invalidator) was not installed: {e}. The setup user needs CREATE on the database;                      or apply `cache-invalidator setup --print-sql` as a user who has it"
+                );
+                if asked {
+                    return Ok(Some(why));
+                }
+                eprintln!("warning: {why}");
+                return Ok(None);
+            }
+        }
+        let installed: Vec<String> = self
+            .client
+            .query(api::MAPPED_TABLES_SQL, &[])
+            .await
+            .map_err(|e| CliError::runtime(PgError::query(api::MAPPED_TABLES_SQL, e)))?
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        let tables = mappings.tables();
+        let wanted: Vec<String> = tables.iter().map(|t| t.to_string()).collect();
+        if installed != wanted {
+            self.transaction(&api::mapped_tables_statements(tables))
+                .await
+                .map_err(CliError::runtime)?;
+        }
+        for role in &options.grant_execute {
+            let sql = "SELECT has_schema_privilege($1, 'cache_invalidator', 'USAGE')                        AND has_function_privilege($1, 'cache_invalidator.invalidate(text[], text[], text[], text[], jsonb)', 'EXECUTE')                        AND has_function_privilege($1, 'cache_invalidator.flush_table(regclass)', 'EXECUTE')";
+            let granted: bool = self
+                .client
+                .query_one(sql, &[role])
+                .await
+                .map_err(|e| {
+                    CliError::Invalid(format!(
+                        "--grant-execute {role:?}: {}; name an existing role",
+                        crate::pg::describe(&e)
+                    ))
+                })?
+                .get(0);
+            if !granted {
+                for s in api::grant_statements(role) {
+                    self.exec(&s).await.map_err(CliError::runtime)?;
+                }
+            }
+        }
+        if !options.ddl_trigger {
+            return Ok(None);
+        }
+        let installed: bool = self
+            .client
+            .query_one(api::TRIGGERS_INSTALLED_SQL, &[])
+            .await
+            .map_err(|e| CliError::runtime(PgError::query(api::TRIGGERS_INSTALLED_SQL, e)))?
+            .get(0);
+        if installed {
+            return Ok(None);
+        }
+        let superuser: bool = self
+            .client
+            .query_one(
+                "SELECT rolsuper FROM pg_roles WHERE rolname = current_user",
+                &[],
+            )
+            .await
+            .map_err(|e| CliError::runtime(PgError::query("SELECT rolsuper", e)))?
+            .get(0);
+        if !superuser {
+            let why = "the DDL event triggers were not installed: CREATE EVENT TRIGGER needs a superuser and the setup user is not one.                        Everything else is set up; DDL on mapped tables is not tracked until a superuser runs                        `cache-invalidator setup --ddl-trigger` (or applies the trigger statements of `setup --print-sql --ddl-trigger`)";
+            eprintln!("error: {why}");
+            return Ok(Some(why.into()));
+        }
+        println!("-- DDL event triggers: a rewrite, retype, partition change or drop of a mapped table emits flush:table:<t>");
+        self.transaction(&api::trigger_statements())
+            .await
+            .map_err(CliError::runtime)?;
+        Ok(None)
+    }
+
+    /// Prints and runs statements in one transaction (rolled back on error).
+    async fn transaction(&mut self, statements: &[String]) -> Result<(), PgError> {
+        self.exec("BEGIN").await?;
+        for s in statements {
+            if let Err(e) = self.exec(s).await {
+                let _ = self.client.batch_execute("ROLLBACK").await;
+                println!("ROLLBACK;");
+                return Err(e);
+            }
+        }
+        self.exec("COMMIT").await
     }
 
     /// Every mapped table, refusing those that do not exist or are not tables.
