@@ -88,12 +88,7 @@ fn setup(postgres_extra: impl FnOnce(&PgCluster) -> String) -> Setup {
     let metrics_port = support::free_port();
     cfg.file(
         "cache-invalidator.toml",
-        &format!(
-            "mappings = \"mappings\"\n[postgres]\nurl = \"{}\"\nslot = \"cache_invalidator\"\npublication = \"cache_invalidator\"\n{}\n[redis]\nurl = \"{}\"\n[worker]\ntombstone_ms = 60000\n[metrics]\nlisten = \"127.0.0.1:{metrics_port}\"\n",
-            pg.url(),
-            postgres_extra(&pg),
-            redis.url()
-        ),
+        &config_text(&pg, &redis, &postgres_extra(&pg), metrics_port),
     );
     let (code, out, err) = cfg.command(&["setup"]);
     assert_eq!(code, 0, "setup failed:\n{out}\n{err}");
@@ -103,6 +98,21 @@ fn setup(postgres_extra: impl FnOnce(&PgCluster) -> String) -> Setup {
         cfg,
         metrics_port,
     }
+}
+
+/// The worker's config: the throwaway servers, `postgres_extra` lines in
+/// `[postgres]`, long tombstones, metrics on `metrics_port`.
+fn config_text(
+    pg: &PgCluster,
+    redis: &RedisServer,
+    postgres_extra: &str,
+    metrics_port: u16,
+) -> String {
+    format!(
+        "mappings = \"mappings\"\n[postgres]\nurl = \"{}\"\nslot = \"cache_invalidator\"\npublication = \"cache_invalidator\"\n{postgres_extra}\n[redis]\nurl = \"{}\"\n[worker]\ntombstone_ms = 60000\n[metrics]\nlisten = \"127.0.0.1:{metrics_port}\"\n",
+        pg.url(),
+        redis.url()
+    )
 }
 
 fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
@@ -554,4 +564,78 @@ fn stopped_replica_is_marked_down_and_does_not_block() {
     probe.wait_gone("plain:1", WAIT);
     let (code, body) = http_get(s.metrics_port, "/readyz").expect("/readyz");
     assert_eq!((code, body.trim()), (200, "ok"));
+}
+
+/// `check` and `status` show each replica's replay position and lag; `check`
+/// refuses a replica URL that is not a standby of the primary.
+#[test]
+fn check_and_status_show_replicas_and_refuse_a_server_that_is_not_a_standby() {
+    let mut standby_slot = None;
+    let s = setup(|pg| {
+        let standby = Standby::start(pg);
+        let extra = replica_extra(&standby, 30_000);
+        standby_slot = Some(standby);
+        extra
+    });
+    let standby = standby_slot.take().expect("standby");
+    let name = format!("127.0.0.1:{}", standby.port());
+
+    let (code, out, err) = s.cfg.command(&["check"]);
+    assert_eq!(code, 0, "check failed:\n{out}\n{err}");
+    assert!(
+        out.contains(&format!(
+            "replica {name}: standby of this primary, replayed "
+        )),
+        "{out}"
+    );
+    let (code, out, err) = s.cfg.command(&["status"]);
+    assert_eq!(code, 0, "status failed:\n{out}\n{err}");
+    assert!(
+        out.contains(&format!("replica {name}: standby of this primary")),
+        "{out}"
+    );
+    let (code, out, _) = s.cfg.command(&["status", "--json"]);
+    assert_eq!(code, 0);
+    let v: serde_json::Value = serde_json::from_str(out.trim()).expect("status --json");
+    let r = &v["replicas"][0];
+    assert_eq!(r["replica"], name.as_str());
+    assert_eq!(r["reachable"], true);
+    assert_eq!(r["in_recovery"], true);
+    assert_eq!(r["same_system"], true);
+    assert!(
+        r["replay_lsn"].as_str().is_some_and(|l| l.contains('/')),
+        "{r}"
+    );
+    assert!(r["lag_bytes"].as_i64().is_some(), "{r}");
+
+    // A primary of its own (not in recovery) listed as a replica: refused.
+    let other = PgCluster::start();
+    s.cfg.file(
+        "cache-invalidator.toml",
+        &config_text(
+            &s.pg,
+            &s.redis,
+            &format!("replicas = [\"{}\"]", other.url()),
+            s.metrics_port,
+        ),
+    );
+    let (code, out, err) = s.cfg.command(&["check"]);
+    assert_eq!(code, 2, "check accepted a non-standby:\n{out}\n{err}");
+    assert!(err.contains("not a standby"), "{err}");
+    // An unreachable replica is a warning, not a failure.
+    s.cfg.file(
+        "cache-invalidator.toml",
+        &config_text(
+            &s.pg,
+            &s.redis,
+            &format!(
+                "replicas = [\"postgres://postgres@127.0.0.1:{}/postgres\"]",
+                support::free_port()
+            ),
+            s.metrics_port,
+        ),
+    );
+    let (code, out, err) = s.cfg.command(&["check"]);
+    assert_eq!(code, 0, "{out}\n{err}");
+    assert!(err.contains("unreachable"), "{err}");
 }

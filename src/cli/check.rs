@@ -99,6 +99,35 @@ pub async fn run(config_path: &Path) -> Result<(), CliError> {
         }
     }
 
+    let mut replica_lines = Vec::new();
+    if !pg.replicas.is_empty() {
+        match crate::pg::connect_sql(&pg.url, pg.password.as_ref().map(|p| p.expose())).await {
+            Err(e) => findings.push(warning(format!(
+                "replica checks skipped: the primary is unreachable: {e}"
+            ))),
+            Ok(primary) => {
+                let reports = crate::visibility::report::inspect_all(
+                    &primary,
+                    &pg.replicas,
+                    pg.password.as_ref().map(|p| p.expose()),
+                )
+                .await;
+                for r in reports {
+                    if r.is_wrong_server() {
+                        findings.push(Finding {
+                            severity: Severity::Error,
+                            message: format!("[postgres] replicas: {}", r.render()),
+                        });
+                    } else if !r.reachable {
+                        findings.push(warning(format!("[postgres] replicas: {}", r.render())));
+                    } else {
+                        replica_lines.push(r.render());
+                    }
+                }
+            }
+        }
+    }
+
     match redis_maxmemory_policy(&checked.config).await {
         Ok(policy) => {
             findings.extend(check_maxmemory_policy(&policy));
@@ -134,6 +163,9 @@ pub async fn run(config_path: &Path) -> Result<(), CliError> {
         (false, false) => "offline checks only: PostgreSQL and Redis unreachable",
     };
     println!("ok: {rules} rule(s) on {tables} table(s) from {files} file(s); {scope}");
+    for line in &replica_lines {
+        println!("{line}");
+    }
     println!("{acl}");
     Ok(())
 }

@@ -16,7 +16,7 @@ use crate::pg::catalog::{self, SlotFacts};
 use crate::pg::connect_sql;
 
 /// What `status --json` prints. Field names are stable.
-#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, PartialEq)]
 pub struct Status {
     /// The slot name from the config.
     pub slot: String,
@@ -54,6 +54,8 @@ pub struct Status {
     pub publication_tables: Vec<String>,
     /// What to do, when something is wrong (`null` when healthy).
     pub problem: Option<String>,
+    /// `[postgres] replicas`: reachability, replay position and lag of each.
+    pub replicas: Vec<crate::visibility::report::ReplicaReport>,
 }
 
 /// Runs `status`.
@@ -144,6 +146,12 @@ pub async fn probe(config: &Config) -> Result<Status, CliError> {
         retained_wal_bytes: None,
         streaming: false,
     });
+    let replicas = crate::visibility::report::inspect_all(
+        &client,
+        &pg.replicas,
+        pg.password.as_ref().map(|p| p.expose()),
+    )
+    .await;
     Ok(Status {
         slot: pg.slot.clone(),
         slot_exists: slot.is_some(),
@@ -165,6 +173,7 @@ pub async fn probe(config: &Config) -> Result<Status, CliError> {
             .map(|p| p.tables.keys().map(|t| t.to_string()).collect())
             .unwrap_or_default(),
         problem,
+        replicas,
     })
 }
 
@@ -236,6 +245,10 @@ pub fn render(s: &Status) -> String {
         ));
     } else {
         out.push_str(&format!("publication {:?}: missing\n", s.publication));
+    }
+    for r in &s.replicas {
+        out.push_str(&r.render());
+        out.push('\n');
     }
     if let Some(p) = &s.problem {
         out.push_str(&format!("problem: {p}\n"));

@@ -7,12 +7,14 @@
 //!   waiting for a synchronous standby is in the WAL but not visible yet.
 //! * [`replicas`]: replay positions of `[postgres] replicas`, bounded by
 //!   `replica_max_wait_ms`, with re-application after a timeout.
+//! * [`report`]: what `check` and `status` say about the replicas.
 //!
 //! The sink stage calls both before it applies a batch; see ARCHITECTURE.md
 //! and docs/race-proof-fills.md for the windows this closes.
 
 pub mod primary;
 pub mod replicas;
+pub mod report;
 
 pub use primary::{PrimaryVisibility, Snapshot};
 pub use replicas::{ReplicaContext, ReplicaState, Replicas};
