@@ -112,7 +112,9 @@ pg_url() {
     fi
 }
 
-# write_config TRANSPORT FILE
+# write_config TRANSPORT FILE [POSTGRES_LINES]
+# POSTGRES_LINES (default $BENCH_POSTGRES_EXTRA) go into [postgres], e.g.
+# "visibility_check = false" to measure the visibility check's cost.
 write_config() {
     cat >"$2" <<CONF
 mappings = "$BENCH_ROOT/benches/mappings"
@@ -121,6 +123,7 @@ mappings = "$BENCH_ROOT/benches/mappings"
 url = "$(pg_url "$1")"
 slot = "$WORKER_SLOT"
 publication = "$PUB"
+${3:-${BENCH_POSTGRES_EXTRA:-}}
 
 [redis]
 url = "redis://127.0.0.1:$REDIS_PORT/0"

@@ -300,3 +300,131 @@ fn close_batch(
     }
     out
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bytes::{BufMut, Bytes, BytesMut};
+    use std::sync::Arc;
+
+    fn begin(xid: u32, final_lsn: u64) -> Bytes {
+        let mut b = BytesMut::new();
+        b.put_u8(b'B');
+        b.put_u64(final_lsn);
+        b.put_i64(0);
+        b.put_u32(xid);
+        b.freeze()
+    }
+
+    fn relation() -> Bytes {
+        let mut b = BytesMut::new();
+        b.put_u8(b'R');
+        b.put_u32(7);
+        b.put_slice(b"public\0items\0");
+        b.put_u8(b'd');
+        b.put_i16(1);
+        b.put_u8(1);
+        b.put_slice(b"id\0");
+        b.put_u32(23);
+        b.put_i32(-1);
+        b.freeze()
+    }
+
+    fn insert(id: &str) -> Bytes {
+        let mut b = BytesMut::new();
+        b.put_u8(b'I');
+        b.put_u32(7);
+        b.put_u8(b'N');
+        b.put_i16(1);
+        b.put_u8(b't');
+        b.put_i32(i32::try_from(id.len()).unwrap());
+        b.put_slice(id.as_bytes());
+        b.freeze()
+    }
+
+    fn commit(commit_lsn: u64, end_lsn: u64) -> Bytes {
+        let mut b = BytesMut::new();
+        b.put_u8(b'C');
+        b.put_u8(0);
+        b.put_u64(commit_lsn);
+        b.put_u64(end_lsn);
+        b.put_i64(0);
+        b.freeze()
+    }
+
+    /// Guarantee 8 needs every batch to name the transactions it has work
+    /// for: a large transaction cut into several batches is applied chunk by
+    /// chunk before its Commit arrives, so each chunk carries its xid and its
+    /// commit LSN (known from the Begin).
+    #[tokio::test]
+    async fn every_batch_carries_the_xids_and_commit_lsn_of_its_transactions() {
+        let mappings = Arc::new(
+            crate::map::Mappings::parse(
+                "t.toml",
+                "[[table]]\nname = \"items\"\nkeys = [\"item:{id}\"]\n",
+            )
+            .unwrap(),
+        );
+        let mut planner = Planner::new(mappings, crate::plan::PlannerContext::default());
+        let telemetry = Telemetry::new();
+        let (src_tx, src_rx) = mpsc::channel(64);
+        let (batch_tx, mut batch_rx) = mpsc::channel(64);
+        let (_stop_tx, stop_rx) = watch::channel(false);
+        let messages = [
+            (10, relation()),
+            (10, begin(700, 0x500)),
+            (11, insert("1")),
+            (12, insert("2")),
+            (13, insert("3")),
+            (14, commit(0x500, 0x510)),
+            (20, begin(701, 0x600)),
+            (21, insert("4")),
+            (22, commit(0x600, 0x610)),
+        ];
+        for (lsn, data) in messages {
+            src_tx
+                .send(SourceItem::XLogData {
+                    wal_start: Lsn(lsn),
+                    wal_end: Lsn(lsn),
+                    data,
+                })
+                .await
+                .unwrap();
+        }
+        drop(src_tx);
+        let limits = BatchLimits {
+            max_delay: Duration::from_millis(1),
+            max_ops: 1,
+        };
+        plan_stage(src_rx, batch_tx, &mut planner, limits, stop_rx, &telemetry)
+            .await
+            .unwrap();
+        let mut batches = Vec::new();
+        while let Ok(b) = batch_rx.try_recv() {
+            batches.push(b);
+        }
+        let with_work: Vec<&Batch> = batches.iter().filter(|b| !b.plan.is_empty()).collect();
+        assert_eq!(with_work.len(), 4, "one change per batch: {batches:?}");
+        for b in &with_work {
+            let keys: Vec<String> = b.plan.keys.iter().map(str::to_owned).collect();
+            let key = &keys[0];
+            let (xid, lsn) = if key == "item:4" {
+                (701, 0x600)
+            } else {
+                (700, 0x500)
+            };
+            assert!(
+                b.xids.contains(&xid),
+                "{key}: batch without its xid {xid}: {b:?}"
+            );
+            assert!(
+                b.last_commit_lsn >= Some(Lsn(lsn)),
+                "{key}: batch without its commit LSN: {b:?}"
+            );
+        }
+        // The chunks of transaction 700 before its Commit acknowledge nothing.
+        let first = with_work[0];
+        assert_eq!(first.plan.keys.iter().collect::<Vec<_>>(), ["item:1"]);
+        assert_eq!(first.ack, None);
+    }
+}
