@@ -48,6 +48,7 @@
 //! [`sink::MemorySink`] of the unit tests). `cli/` holds one file per
 //! subcommand; `config` turns the service TOML into a validated model;
 //! `cache` holds the application-side helpers (tagged set, versioned get/set).
+//! `preflight` holds the start-up checks `run` does and `check` prints.
 //! `metrics` holds the Prometheus metrics, the `/livez` and `/readyz` state and
 //! the HTTP endpoint serving them; `log_fields` names the `tracing` fields.
 //!
@@ -68,6 +69,7 @@ pub mod map;
 pub mod metrics;
 pub mod pg;
 pub mod plan;
+pub mod preflight;
 pub mod replay;
 pub mod security;
 pub mod sink;

@@ -98,6 +98,12 @@ pub mod names {
     pub const REPLICA_TIMEOUTS_TOTAL: &str = "cache_invalidator_replica_timeouts_total";
     /// Counter `{replica}`: those batches applied again once the replica caught up.
     pub const REPLICA_REAPPLIES_TOTAL: &str = "cache_invalidator_replica_reapplies_total";
+    /// Gauge: mapped tables DDL broke (dropped, a column gone), invalidated by fallback.
+    pub const BROKEN_TABLES: &str = "cache_invalidator_broken_tables";
+    /// Gauge: 1 while the publication hides changes the mappings need (drift), else 0.
+    pub const PUBLICATION_DRIFT: &str = "cache_invalidator_publication_drift";
+    /// Counter: times publication drift was detected (each new set of problems).
+    pub const PUBLICATION_DRIFTS_TOTAL: &str = "cache_invalidator_publication_drifts_total";
 }
 
 /// Buckets of [`names::VISIBILITY_WAIT_SECONDS`]: 0.1 ms to 30 s.
@@ -339,6 +345,9 @@ pub struct Metrics {
     replica_waits: Family<ReplicaLabels, Counter>,
     replica_timeouts: Family<ReplicaLabels, Counter>,
     replica_reapplies: Family<ReplicaLabels, Counter>,
+    broken_tables: Gauge,
+    publication_drift: Gauge,
+    publication_drifts: Counter,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -525,6 +534,24 @@ impl Metrics {
             "Batches applied again once the replica caught up",
             replica_reapplies.clone(),
         );
+        let broken_tables = Gauge::default();
+        r.register(
+            BROKEN_TABLES,
+            "Mapped tables DDL broke (dropped, a mapped column gone), invalidated by their truncate fallback (see /readyz)",
+            broken_tables.clone(),
+        );
+        let publication_drift = Gauge::default();
+        r.register(
+            PUBLICATION_DRIFT,
+            "1 while the publication hides changes the mappings need (see /readyz), else 0",
+            publication_drift.clone(),
+        );
+        let publication_drifts = Counter::default();
+        r.register(
+            counter_name(PUBLICATION_DRIFTS_TOTAL),
+            "Times the publication was found hiding changes the mappings need",
+            publication_drifts.clone(),
+        );
 
         Arc::new(Metrics {
             registry: r,
@@ -555,6 +582,9 @@ impl Metrics {
             replica_waits,
             replica_timeouts,
             replica_reapplies,
+            broken_tables,
+            publication_drift,
+            publication_drifts,
         })
     }
 
@@ -710,6 +740,20 @@ impl Metrics {
             .inc();
     }
 
+    /// How many mapped tables DDL broke.
+    pub fn set_broken_tables(&self, n: usize) {
+        self.broken_tables.set(i64::try_from(n).unwrap_or(i64::MAX));
+    }
+
+    /// Publication drift: `Some(true)` newly detected (counted), `Some(false)`
+    /// still there, `None` gone.
+    pub fn set_publication_drift(&self, drift: Option<bool>) {
+        if drift == Some(true) {
+            self.publication_drifts.inc();
+        }
+        self.publication_drift.set(i64::from(drift.is_some()));
+    }
+
     /// The OpenMetrics text exposition of every metric, `# EOF` included.
     pub fn render(&self) -> String {
         if let Some(since) = *lock(&self.blocked_since) {
@@ -734,6 +778,8 @@ struct HealthState {
     blocked: Option<String>,
     role: Option<Role>,
     renamed: Option<String>,
+    broken: Option<String>,
+    drift: Option<String>,
     heartbeat_lag: Option<Duration>,
     /// Why the visibility check on the primary cannot run (503).
     visibility: Option<String>,
@@ -761,6 +807,8 @@ impl Default for Health {
                 blocked: None,
                 role: None,
                 renamed: None,
+                broken: None,
+                drift: None,
                 heartbeat_lag: None,
                 visibility: None,
                 replicas_down: std::collections::BTreeMap::new(),
@@ -819,6 +867,16 @@ impl Health {
         lock(&self.state).renamed = reason;
     }
 
+    /// Mapped tables DDL broke, invalidated by fallback (`Some("public.posts: ...")`), or none.
+    pub fn set_broken(&self, reason: Option<String>) {
+        lock(&self.state).broken = reason;
+    }
+
+    /// What the publication hides from the mappings, or `None` when nothing.
+    pub fn set_drift(&self, reason: Option<String>) {
+        lock(&self.state).drift = reason;
+    }
+
     /// How long the last heartbeat took to come back through the stream.
     pub fn set_heartbeat_lag(&self, lag: Duration) {
         lock(&self.state).heartbeat_lag = Some(lag);
@@ -845,8 +903,9 @@ impl Health {
         lock(&self.state).heartbeat_lag
     }
 
-    /// `(200, "ok")` while streaming with Redis reachable, nothing blocked and
-    /// no renamed table; otherwise 503 and one reason per line.
+    /// `(200, "ok")` while streaming with Redis reachable, nothing blocked, no
+    /// renamed or broken table and no publication drift; otherwise 503 and one
+    /// reason per line.
     pub fn readyz(&self) -> (u16, String) {
         let s = lock(&self.state);
         let mut reasons: Vec<String> = Vec::new();
@@ -872,6 +931,12 @@ impl Health {
             .iter()
             .map(|(name, why)| format!("replica {name} down (not waited for): {why}"))
             .collect();
+        if let Some(d) = &s.drift {
+            reasons.push(format!("publication drift: {d}"));
+        }
+        if let Some(b) = &s.broken {
+            reasons.push(format!("broken mapping (fallback): {b}"));
+        }
         if reasons.is_empty() {
             let mut body = String::from("ok");
             for d in details {

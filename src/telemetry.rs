@@ -5,7 +5,7 @@
 //! call here, which updates the metric, the health state and, for failures,
 //! one log line per distinct cause.
 
-use crate::log_fields::{ERROR, ERROR_KIND};
+use crate::log_fields::{ERROR, ERROR_KIND, REASON, TABLE};
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -135,6 +135,28 @@ impl Telemetry {
             let list: Vec<String> = renamed.iter().map(|(a, b)| format!("{a} -> {b}")).collect();
             self.health.set_renamed(Some(list.join(", ")));
         }
+    }
+
+    /// Mapped tables DDL broke (table -> why), found at start: each logged
+    /// once, counted, and named by `/readyz`; they run in fallback.
+    pub fn broken_tables(
+        &self,
+        broken: &std::collections::BTreeMap<crate::map::TableName, String>,
+    ) {
+        self.metrics.set_broken_tables(broken.len());
+        if broken.is_empty() {
+            self.health.set_broken(None);
+            return;
+        }
+        for (table, why) in broken {
+            tracing::error!(
+                { TABLE } = %table,
+                { REASON } = %why,
+                "mapping broken by DDL: this table's changes fire its truncate invalidations (fallback) until the mapping or the table is fixed and the worker restarted; every other table is invalidated precisely"
+            );
+        }
+        let list: Vec<String> = broken.iter().map(|(t, w)| format!("{t} ({w})")).collect();
+        self.health.set_broken(Some(list.join(", ")));
     }
 
     /// A heartbeat was emitted at `lsn`.

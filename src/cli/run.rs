@@ -17,7 +17,7 @@ use crate::config::{Config, EnvOverrides};
 use crate::error::CliError;
 use crate::map::Mappings;
 use crate::sink::SinkOptions;
-use crate::source::{self, ConnectionSettings, RetryClass};
+use crate::source::ConnectionSettings;
 use crate::telemetry::Telemetry;
 use crate::worker::{AutoSetup, Worker};
 
@@ -89,7 +89,7 @@ pub async fn run(config_path: &Path) -> Result<(), CliError> {
     let checks = Preflight {
         config: config.clone(),
         mappings: Arc::clone(&mappings),
-        settings: settings.clone(),
+        telemetry: Arc::clone(&telemetry),
     };
     let auto_setup: Option<AutoSetup> = config.postgres.auto_setup.then(|| {
         let path = config.path.clone();
@@ -141,93 +141,29 @@ async fn run_auto_setup(config_path: &Path) -> Result<(), CliError> {
 struct Preflight {
     config: Config,
     mappings: Arc<Mappings>,
-    settings: ConnectionSettings,
+    telemetry: Arc<Telemetry>,
 }
 
 impl Preflight {
-    /// Read-only checks (after `auto_setup`): the publication and the slot exist.
+    /// The start-up checks (after `auto_setup`), the very function `check`
+    /// prints: [`crate::preflight::preflight`]. Errors refuse the start; a
+    /// broken table is reported and runs in fallback; an unreachable server
+    /// is retried by the session loop.
     async fn run(self) -> Result<(), CliError> {
-        let pg = &self.config.postgres;
-        if pg.auto_setup {
+        if self.config.postgres.auto_setup {
             run_auto_setup(&self.config.path).await?;
         }
-        let setup_cmd = format!(
-            "cache-invalidator setup --config {}",
-            self.config.path.display()
-        );
-        let sql = match source::connect_sql(&self.settings).await {
-            Ok(sql) => sql,
-            Err(err) if err.retry_class() == RetryClass::Fatal => {
-                return Err(CliError::runtime(err))
-            }
-            // Unreachable now: the session loop retries.
-            Err(err) => {
-                tracing::warn!({ ERROR } = %err, "PostgreSQL unreachable at start; will retry");
-                return Ok(());
-            }
-        };
-        if !sql
-            .publication_exists(&pg.publication)
-            .await
-            .map_err(CliError::runtime)?
-        {
-            return Err(CliError::Invalid(format!(
-                "publication {:?} does not exist in {}; create it (and the slot) with:\n  {setup_cmd}",
-                pg.publication,
-                sql.url()
-            )));
+        let report = crate::preflight::preflight(&self.config, &self.mappings).await;
+        if let Some(refusal) = report.refusal(&self.config) {
+            return Err(refusal);
         }
-        match sql.slot_info(&pg.slot).await.map_err(CliError::runtime)? {
-            None => Err(CliError::Invalid(format!(
-                "replication slot {:?} does not exist in {}; create it (and the publication) with:\n  {setup_cmd}",
-                pg.slot,
-                sql.url()
-            ))),
-            Some(info) if info.is_lost() => Err(CliError::Invalid(format!(
-                "replication slot {:?} lost WAL it needed (wal_status = 'lost'): invalidations in that gap are unknown. Recreate it and flush with:\n  {setup_cmd}",
-                pg.slot
-            ))),
-            Some(_) => Ok(()),
-        }?;
-        self.check_catalog(&sql).await
-    }
-
-    /// What `check` refuses, `run` refuses too (exit 2): a rule whose old values
-    /// the replica identity does not carry, a publication hiding a mapped
-    /// column, ... and an `allkeys-*` eviction policy that would evict tag sets
-    /// and version keys.
-    async fn check_catalog(&self, sql: &source::SqlClient) -> Result<(), CliError> {
-        use crate::map::catalog::{check_catalog, Severity};
-        let pg = &self.config.postgres;
-        let tables: Vec<crate::map::TableName> =
-            self.mappings.tables().into_iter().cloned().collect();
-        let (snap, policy) = tokio::join!(
-            crate::pg::catalog::snapshot(sql.client(), &tables, &pg.publication),
-            super::check::redis_maxmemory_policy(&self.config)
-        );
-        let snap = snap.map_err(CliError::runtime)?;
-        let findings = check_catalog(&self.mappings, &snap, crate::pg::APPLICATION_NAME);
-        let mut errors = Vec::new();
-        for f in findings {
-            match f.severity {
-                Severity::Error => errors.push(f.to_string()),
-                Severity::Warning => tracing::warn!(finding = %f, "check"),
-            }
+        for f in report.of(crate::map::catalog::Severity::Warning) {
+            tracing::warn!(finding = %f, "check");
         }
-        if let Ok(policy) = policy {
-            if policy.starts_with("allkeys-") {
-                errors.push(format!(
-                    "Redis maxmemory-policy is {policy}: it evicts tag sets and version keys, which silently loses invalidations; use noeviction or a volatile-* policy"
-                ));
-            }
+        if let crate::preflight::Reach::Unreachable(why) = &report.postgres {
+            tracing::warn!({ ERROR } = %why, "PostgreSQL unreachable at start; will retry");
         }
-        if errors.is_empty() {
-            return Ok(());
-        }
-        Err(CliError::Invalid(format!(
-            "refusing to run:\n{}\n(`cache-invalidator check --config {}` shows the same)",
-            errors.join("\n"),
-            self.config.path.display()
-        )))
+        self.telemetry.broken_tables(&report.broken);
+        Ok(())
     }
 }

@@ -44,6 +44,10 @@ const LOCK_TIMEOUT: &str = "5s";
 const ALTER_ATTEMPTS: u32 = 3;
 /// `statement_timeout` of the slot creation (it waits for running transactions).
 const SLOT_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long peeking the slot for a publication gap may take.
+const PEEK_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long a slot to recreate may stay in use before its walsender is terminated.
+const DROP_WAIT: Duration = Duration::from_secs(5);
 /// How often the waiting slot creation logs the transactions it waits for.
 const BLOCKER_POLL: Duration = Duration::from_secs(1);
 
@@ -159,6 +163,21 @@ impl Setup {
         slot: &str,
         replica_identity_full: bool,
     ) -> Result<bool, CliError> {
+        // What no statement of setup can fix: refuse before changing anything.
+        let blockers: Vec<String> = crate::preflight::server_prerequisites(
+            &self.client,
+            &crate::pg::mask_conninfo(&self.url),
+        )
+        .await
+        .into_iter()
+        .map(|(f, _)| f.to_string())
+        .collect();
+        if !blockers.is_empty() {
+            return Err(CliError::Invalid(format!(
+                "cannot set up:\n{}\nNothing was changed.",
+                blockers.join("\n")
+            )));
+        }
         let targets = self.targets(mappings).await?;
 
         // 1. Replica identities PostgreSQL would refuse to publish.
@@ -206,10 +225,18 @@ impl Setup {
         let existing = catalog::publication(&self.client, publication, server_version)
             .await
             .map_err(CliError::runtime)?;
-        let mut added: Vec<TableName> = Vec::new();
+        // Tables whose changes the publication may have hidden: flushed
+        // once it is repaired (the window's changes were never sent).
+        let mut repaired: BTreeSet<TableName> = BTreeSet::new();
         let publication_sql = quote_ident(publication);
+        let mut publication_created = false;
         match existing {
             None => {
+                if targets.is_empty() {
+                    return Err(CliError::Invalid(
+                        "cannot create the publication: none of the mapped tables exists (see the warnings above). Nothing was changed.".into(),
+                    ));
+                }
                 let list: Vec<String> = targets.iter().map(|t| qualified(&t.name)).collect();
                 self.exec(&format!(
                     "CREATE PUBLICATION {publication_sql} FOR TABLE {} WITH (publish_via_partition_root = true)",
@@ -217,34 +244,23 @@ impl Setup {
                 ))
                 .await
                 .map_err(CliError::runtime)?;
+                publication_created = true;
             }
             Some(p) => {
-                let members = catalog::publication_member_oids(&self.client, publication)
-                    .await
-                    .map_err(CliError::runtime)?;
-                for t in &targets {
-                    let published = p.all_tables
-                        || members.contains(&t.facts.info.oid)
-                        || p.tables.contains_key(&t.name);
-                    if !published {
-                        self.exec(&format!(
-                            "ALTER PUBLICATION {publication_sql} ADD TABLE {}",
-                            qualified(&t.name)
-                        ))
-                        .await
-                        .map_err(CliError::runtime)?;
-                        added.push(t.name.clone());
-                    }
-                }
+                repaired = self
+                    .repair_publication(mappings, &targets, publication, &p)
+                    .await?;
             }
         }
 
         // 4. The slot, and 5. the markers.
-        let created = self.ensure_slot(slot).await?;
+        let created = self
+            .ensure_slot(slot, publication, publication_created)
+            .await?;
         if created {
             self.emit("flush:all").await?;
         } else {
-            for t in &added {
+            for t in &repaired {
                 self.emit(&format!("flush:table:{t}")).await?;
             }
         }
@@ -362,6 +378,94 @@ impl Setup {
         self.exec("COMMIT").await
     }
 
+    /// Brings an existing publication back to what the mappings need: the
+    /// publish actions, `publish_via_partition_root` for partitioned tables,
+    /// mapped tables that are missing, and no row filter or column list on a
+    /// mapped table. Returns the tables whose changes it may have hidden.
+    async fn repair_publication(
+        &mut self,
+        mappings: &Mappings,
+        targets: &[Target],
+        publication: &str,
+        p: &crate::map::catalog::PublicationInfo,
+    ) -> Result<BTreeSet<TableName>, CliError> {
+        let publication_sql = quote_ident(publication);
+        let mut hidden: BTreeSet<TableName> = BTreeSet::new();
+        // Publish actions: every mapped table whose rules fire on a missing one.
+        let missing_truncate = !p.truncate;
+        let mut missing_actions = false;
+        for t in targets {
+            for rule in mappings.rules().iter().filter(|r| r.table == t.name) {
+                let needs = (rule.on.insert && !p.insert)
+                    || (rule.on.update && !p.update)
+                    || (rule.on.delete && !p.delete)
+                    || missing_truncate;
+                if needs {
+                    missing_actions = true;
+                    hidden.insert(t.name.clone());
+                }
+            }
+        }
+        if missing_actions {
+            self.exec(&format!(
+                "ALTER PUBLICATION {publication_sql} SET (publish = 'insert, update, delete, truncate')"
+            ))
+            .await
+            .map_err(CliError::runtime)?;
+        }
+        let partitioned: Vec<&Target> = targets
+            .iter()
+            .filter(|t| t.facts.info.relkind == 'p')
+            .collect();
+        if !p.via_partition_root && !partitioned.is_empty() {
+            self.exec(&format!(
+                "ALTER PUBLICATION {publication_sql} SET (publish_via_partition_root = true)"
+            ))
+            .await
+            .map_err(CliError::runtime)?;
+            hidden.extend(partitioned.iter().map(|t| t.name.clone()));
+        }
+        let members = catalog::publication_member_oids(&self.client, publication)
+            .await
+            .map_err(CliError::runtime)?;
+        for t in targets {
+            let published = p.all_tables
+                || members.contains(&t.facts.info.oid)
+                || p.tables.contains_key(&t.name);
+            let narrowed = p
+                .tables
+                .get(&t.name)
+                .map(|pt| pt.row_filter.is_some() || pt.column_list.is_some())
+                .unwrap_or(false);
+            if narrowed && members.contains(&t.facts.info.oid) {
+                // A row filter or column list hides changes: publish the whole table.
+                self.exec(&format!(
+                    "ALTER PUBLICATION {publication_sql} DROP TABLE {}",
+                    qualified(&t.name)
+                ))
+                .await
+                .map_err(CliError::runtime)?;
+            } else if published {
+                continue;
+            }
+            self.exec(&format!(
+                "ALTER PUBLICATION {publication_sql} ADD TABLE {}",
+                qualified(&t.name)
+            ))
+            .await
+            .map_err(CliError::runtime)?;
+            hidden.insert(t.name.clone());
+        }
+        if !hidden.is_empty() {
+            let list: Vec<String> = hidden.iter().map(|t| t.to_string()).collect();
+            println!(
+                "-- repaired the publication: the changes of {} may have been hidden meanwhile; their flush markers follow",
+                list.join(", ")
+            );
+        }
+        Ok(hidden)
+    }
+
     /// Every mapped table, refusing those that do not exist or are not tables.
     async fn targets(&self, mappings: &Mappings) -> Result<Vec<Target>, CliError> {
         let mut out = Vec::new();
@@ -372,10 +476,24 @@ impl Setup {
                 .await
                 .map_err(CliError::runtime)?
             {
-                None => problems.push(format!("{name} does not exist")),
+                // Dropped (or misspelled): nothing to publish. The others
+                // are set up; `check` fails and `run` invalidates it by fallback.
+                None => eprintln!(
+                    "warning: mapped table {name} does not exist: skipped (fix the mapping or create the table, then rerun setup; `cache-invalidator check` shows details)"
+                ),
                 Some(f) if !matches!(f.info.relkind, 'r' | 'p') => problems.push(format!(
                     "{name} is not a table (relkind '{}')",
                     f.info.relkind
+                )),
+                Some(TableFacts {
+                    info:
+                        crate::map::catalog::TableInfo {
+                            partition_of: Some(parent),
+                            ..
+                        },
+                    ..
+                }) => problems.push(format!(
+                    "{name} is a partition of {parent}: the publication publishes via the partition root, so its changes arrive as {parent}; map {parent} instead"
                 )),
                 Some(facts) => out.push(Target {
                     name: name.clone(),
@@ -429,8 +547,15 @@ impl Setup {
         reset.map_err(CliError::runtime)
     }
 
-    /// Creates the slot when it is missing (or lost); returns whether it did.
-    async fn ensure_slot(&mut self, slot: &str) -> Result<bool, CliError> {
+    /// Creates the slot when it is missing, lost, or cannot decode past a gap
+    /// in the publication (dropped, then recreated: PostgreSQL cannot decode
+    /// the changes made while it did not exist); returns whether it did.
+    async fn ensure_slot(
+        &mut self,
+        slot: &str,
+        publication: &str,
+        publication_created: bool,
+    ) -> Result<bool, CliError> {
         if let Some(s) = catalog::slot(&self.client, slot)
             .await
             .map_err(CliError::runtime)?
@@ -452,24 +577,96 @@ impl Setup {
                     s.database.unwrap_or_default()
                 )));
             }
-            if s.wal_status.as_deref() != Some("lost") {
+            let why = if s.wal_status.as_deref() == Some("lost") {
+                if s.active {
+                    return Err(CliError::Runtime(
+                        format!("replication slot {slot:?} lost its WAL but is still in use by PID {}: stop that worker, then rerun `setup`", s.active_pid.unwrap_or(0)).into(),
+                    ));
+                }
+                "lost WAL it needed (wal_status = 'lost')".to_string()
+            } else if publication_created {
+                format!("streamed publication {publication:?}, which did not exist: changes made meanwhile were never sent, and the slot cannot decode past that gap")
+            } else if let Some(e) = self.undecodable_gap(slot, publication).await {
+                format!("cannot decode past a gap in publication {publication:?} (dropped and recreated: {e}); changes made meanwhile were never sent")
+            } else {
                 return Ok(false);
-            }
-            if s.active {
-                return Err(CliError::Runtime(
-                    format!("replication slot {slot:?} lost its WAL but is still in use by PID {}: stop that worker, then rerun `setup`", s.active_pid.unwrap_or(0)).into(),
-                ));
-            }
-            eprintln!("warning: replication slot {slot:?} lost WAL it needed (wal_status = 'lost'); recreating it and flushing every mapped table");
-            self.exec(&format!(
-                "SELECT pg_drop_replication_slot({})",
-                quote_literal(slot)
-            ))
-            .await
-            .map_err(CliError::runtime)?;
+            };
+            eprintln!("warning: replication slot {slot:?} {why}; recreating it and flushing every mapped table (flush:all)");
+            println!("-- replication slot {slot:?} {why}: recreated, with a full flush marker");
+            self.drop_slot(slot).await?;
         }
         self.create_slot(slot).await?;
         Ok(true)
+    }
+
+    /// Whether the slot fails to decode its pending changes because the
+    /// publication did not exist for part of them: peeks (never consumes) up
+    /// to one change. `Some(server message)` when it fails that way; `None`
+    /// when it decodes, or when it cannot be told (the slot is in use by a
+    /// streaming worker, or the peek is slow: then it says so).
+    async fn undecodable_gap(&self, slot: &str, publication: &str) -> Option<String> {
+        let sql = format!(
+            "SET LOCAL statement_timeout = '{}s'; SELECT count(*) FROM pg_logical_slot_peek_binary_changes({}, NULL, 1, \
+             'proto_version', '1', 'publication_names', {})",
+            PEEK_TIMEOUT.as_secs(),
+            quote_literal(slot),
+            quote_literal(publication)
+        );
+        let result = self
+            .client
+            .batch_execute(&format!("BEGIN; {sql}; COMMIT"))
+            .await;
+        let _ = self.client.batch_execute("ROLLBACK").await;
+        match result {
+            Ok(()) => None,
+            Err(e) => {
+                let e = PgError::query("peeking the slot", e);
+                match e.sqlstate() {
+                    Some("42704") => Some(e.to_string()),
+                    Some("55006") => None,
+                    _ => {
+                        eprintln!("warning: could not verify that slot {slot:?} decodes past its pending changes ({e}); if the worker fails with `publication ... does not exist`, drop the slot and rerun setup");
+                        None
+                    }
+                }
+            }
+        }
+    }
+
+    /// Drops the slot; a walsender still holding it (a worker failing on the
+    /// gap, which reconnects at once) is given a few seconds, then terminated.
+    async fn drop_slot(&mut self, slot: &str) -> Result<(), CliError> {
+        let sql = format!("SELECT pg_drop_replication_slot({})", quote_literal(slot));
+        println!("{sql};");
+        let started = std::time::Instant::now();
+        loop {
+            match self.client.batch_execute(&sql).await {
+                Ok(()) => {
+                    self.ran += 1;
+                    return Ok(());
+                }
+                Err(e) => {
+                    let e = PgError::query(sql.as_str(), e);
+                    if e.sqlstate() != Some("55006") || started.elapsed() > DROP_WAIT * 3 {
+                        return Err(CliError::runtime(e));
+                    }
+                }
+            }
+            if started.elapsed() > DROP_WAIT {
+                let pid = catalog::slot(&self.client, slot)
+                    .await
+                    .map_err(CliError::runtime)?
+                    .and_then(|s| s.active_pid);
+                if let Some(pid) = pid {
+                    println!("-- slot {slot:?} is in use by PID {pid}: terminating that walsender");
+                    let _ = self
+                        .client
+                        .execute("SELECT pg_terminate_backend($1)", &[&pid])
+                        .await;
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
     }
 
     /// `pg_create_logical_replication_slot` under a statement timeout; a second

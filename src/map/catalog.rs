@@ -80,11 +80,17 @@ pub struct CatalogSnapshot {
     pub synchronous_standby_names: Option<String>,
 }
 
-/// How bad a finding is: errors fail `check` (exit 2), warnings don't.
+/// How bad a finding is: errors and broken tables fail `check` (exit 2),
+/// warnings don't.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Severity {
     /// Printed, exit 0.
     Warning,
+    /// A mapped table the catalog no longer matches (dropped, or a column its
+    /// rules read is gone): `check` fails, `run` starts and invalidates that
+    /// table by its truncate invalidations on each of its changes (the
+    /// fallback), every other table precisely.
+    Broken,
     /// Refused, exit 2.
     Error,
 }
@@ -99,13 +105,22 @@ pub struct Finding {
 }
 
 impl Finding {
-    fn error(message: String) -> Self {
+    /// A refusal (`check` and `run` exit 2).
+    pub fn error(message: String) -> Self {
         Finding {
             severity: Severity::Error,
             message,
         }
     }
-    fn warning(message: String) -> Self {
+    /// A table DDL broke (see [`Severity::Broken`]).
+    pub fn broken(message: String) -> Self {
+        Finding {
+            severity: Severity::Broken,
+            message,
+        }
+    }
+    /// Printed, never fails.
+    pub fn warning(message: String) -> Self {
         Finding {
             severity: Severity::Warning,
             message,
@@ -115,11 +130,15 @@ impl Finding {
 
 impl fmt::Display for Finding {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let label = match self.severity {
-            Severity::Error => "error",
-            Severity::Warning => "warning",
-        };
-        write!(f, "{label}: {}", self.message)
+        match self.severity {
+            Severity::Error => write!(f, "error: {}", self.message),
+            Severity::Warning => write!(f, "warning: {}", self.message),
+            Severity::Broken => write!(
+                f,
+                "error: {} (`run` falls back to this table's truncate invalidations on each of its changes until the mapping or the table is fixed)",
+                self.message
+            ),
+        }
     }
 }
 
@@ -134,6 +153,37 @@ fn referenced_columns(rule: &Rule) -> Vec<&str> {
     {
         if !out.contains(&c.as_str()) {
             out.push(c);
+        }
+    }
+    out
+}
+
+/// Mapped tables the catalog no longer matches, with why: the table does not
+/// exist, or a column one of its rules reads is gone. `run` starts with these
+/// in fallback (their truncate invalidations on each of their changes);
+/// [`check_catalog`] reports them as [`Severity::Broken`].
+pub fn broken_tables(mappings: &Mappings, snap: &CatalogSnapshot) -> BTreeMap<TableName, String> {
+    let mut out: BTreeMap<TableName, String> = BTreeMap::new();
+    for rule in mappings.rules() {
+        let t = &rule.table;
+        let Some(info) = snap.tables.get(t) else {
+            out.insert(t.clone(), "the table does not exist".into());
+            continue;
+        };
+        let missing: Vec<&str> = referenced_columns(rule)
+            .into_iter()
+            .filter(|c| !info.columns.iter().any(|ci| ci.name == *c))
+            .collect();
+        if !missing.is_empty() {
+            let why = format!("column(s) {} no longer exist", missing.join(", "));
+            out.entry(t.clone())
+                .and_modify(|w| {
+                    if !w.contains(&why) {
+                        w.push_str("; ");
+                        w.push_str(&why);
+                    }
+                })
+                .or_insert(why);
         }
     }
     out
@@ -162,8 +212,8 @@ pub fn check_catalog(
             let hint = suggest(&t.to_string(), names.iter().map(String::as_str))
                 .map(|s| format!(": did you mean {s}?"))
                 .unwrap_or_default();
-            out.push(Finding::error(format!(
-                "{loc}: table {t} does not exist{hint} (names are case-sensitive, as in the catalog)"
+            out.push(Finding::broken(format!(
+                "{loc}: table {t} does not exist{hint} (names are schema-qualified and case-sensitive, as in the catalog: `name = \"Sales.Orders\"` for a quoted identifier)"
             )));
             continue;
         };
@@ -198,7 +248,7 @@ pub fn check_catalog(
                     let hint = suggest(c, names.iter().copied())
                         .map(|s| format!(": did you mean `{s}`?"))
                         .unwrap_or_default();
-                    out.push(Finding::error(format!(
+                    out.push(Finding::broken(format!(
                         "{loc}: table {t} has no column `{c}`{hint}; its columns: {}",
                         names.join(", ")
                     )));
@@ -215,6 +265,25 @@ pub fn check_catalog(
         }
         if let Some(e) = identity::check_rule(rule, &info.replica_identity) {
             out.push(Finding::error(e.to_string()));
+        }
+        if info.replica_identity == ReplicaIdentity::Columns(Vec::new()) {
+            out.push(Finding::error(format!(
+                "{loc}: {t} has no usable replica identity (no primary key, or REPLICA IDENTITY NOTHING): once published, PostgreSQL rejects every UPDATE and DELETE on it; \
+                 add a primary key, `ALTER TABLE {t} REPLICA IDENTITY USING INDEX <unique index>`, or run `cache-invalidator setup --replica-identity-full`"
+            )));
+        }
+        if let Some(parent) = &info.partition_of {
+            // `setup` creates the publication with publish_via_partition_root.
+            let via_root = snap
+                .publication
+                .as_ref()
+                .map(|p| p.via_partition_root)
+                .unwrap_or(true);
+            if via_root || mappings.tables().contains(parent) {
+                out.push(Finding::error(format!(
+                    "{loc}: {t} is a partition of {parent}, and changes of partitions arrive as {parent} (publish_via_partition_root): map {parent} instead of its partition"
+                )));
+            }
         }
         if let Some(pub_) = &snap.publication {
             check_publication(rule, info, pub_, &mut out);
@@ -250,7 +319,7 @@ fn check_publication(rule: &Rule, info: &TableInfo, p: &PublicationInfo, out: &m
     ] {
         if needed && !published {
             out.push(Finding::error(format!(
-                "{loc}: the publication does not publish {op}s, which the rule for {t} fires on: `ALTER PUBLICATION ... SET (publish = 'insert, update, delete, truncate')`"
+                "{loc}: the publication does not publish {op}s, which the rule for {t} fires on: `cache-invalidator setup` repairs it (and flushes the tables whose changes were hidden)"
             )));
         }
     }
@@ -264,16 +333,9 @@ fn check_publication(rule: &Rule, info: &TableInfo, p: &PublicationInfo, out: &m
             "{loc}: {t} is partitioned but the publication is not `publish_via_partition_root = true`: changes would arrive under the partitions' names; `ALTER PUBLICATION ... SET (publish_via_partition_root = true)`"
         )));
     }
-    if let Some(parent) = &info.partition_of {
-        if p.via_partition_root {
-            out.push(Finding::error(format!(
-                "{loc}: {t} is a partition of {parent} and the publication publishes via the partition root: its changes arrive as {parent}; map {parent} instead"
-            )));
-        }
-    }
     match p.tables.get(t) {
-        None if !p.all_tables && info.partition_of.is_none() => out.push(Finding::warning(
-            format!("{loc}: {t} is not in the publication yet: `cache-invalidator setup` adds it"),
+        None if !p.all_tables && info.partition_of.is_none() => out.push(Finding::error(
+            format!("{loc}: {t} is not in the publication, so its changes are never sent: `cache-invalidator setup` adds it (and flushes it)"),
         )),
         None => {}
         Some(pt) => {
@@ -312,16 +374,6 @@ fn sync_names_match(setting: &str, application_name: &str) -> bool {
     list.split(',')
         .map(|n| n.trim().trim_matches('"'))
         .any(|n| n == "*" || n.eq_ignore_ascii_case(application_name))
-}
-
-/// Redis's `maxmemory-policy`: `allkeys-*` evicts tag sets and version keys.
-/// A warning for `check`; `run` refuses it.
-pub fn check_maxmemory_policy(policy: &str) -> Option<Finding> {
-    policy.starts_with("allkeys-").then(|| {
-        Finding::warning(format!(
-            "Redis maxmemory-policy is {policy}: it evicts tag sets and version keys, losing invalidations (`run` refuses it); use volatile-* or noeviction"
-        ))
-    })
 }
 
 #[cfg(test)]
@@ -380,7 +432,7 @@ mod tests {
 
     fn errors(f: &[Finding]) -> Vec<&str> {
         f.iter()
-            .filter(|f| f.severity == Severity::Error)
+            .filter(|f| f.severity >= Severity::Broken)
             .map(|f| f.message.as_str())
             .collect()
     }
@@ -429,7 +481,18 @@ mod tests {
         let m = mappings("[[table]]\nname = \"post\"\nkeys = [\"p:{id}\"]\n[[table]]\nname = \"posts\"\nkeys = [\"p:{auther_id}\"]\n");
         let f = check_catalog(&m, &posts_snapshot(ReplicaIdentity::Full), "x");
         let e = errors(&f);
-        assert_eq!(e[0], "m.toml:2:8: table public.post does not exist: did you mean public.posts? (names are case-sensitive, as in the catalog)");
+        assert!(e[0].starts_with("m.toml:2:8: table public.post does not exist: did you mean public.posts? (names are schema-qualified and case-sensitive"), "{}", e[0]);
+        assert!(f.iter().all(|f| f.severity == Severity::Broken), "{f:?}");
+        let broken = broken_tables(&m, &posts_snapshot(ReplicaIdentity::Full));
+        assert_eq!(broken.len(), 2, "{broken:?}");
+        assert_eq!(
+            broken[&TableName::parse("posts").unwrap()],
+            "column(s) auther_id no longer exist"
+        );
+        assert_eq!(
+            broken[&TableName::parse("post").unwrap()],
+            "the table does not exist"
+        );
         assert_eq!(e[1], "m.toml:5:8: table public.posts has no column `auther_id`: did you mean `author_id`?; its columns: id, author_id, title");
     }
 
@@ -498,7 +561,5 @@ mod tests {
             "cache-invalidator"
         ));
         assert!(!sync_names_match("a, b", "cache-invalidator"));
-        assert!(check_maxmemory_policy("allkeys-lru").is_some());
-        assert!(check_maxmemory_policy("volatile-lru").is_none());
     }
 }

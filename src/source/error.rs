@@ -283,7 +283,7 @@ pub enum SourceError {
         slot: String,
     },
     /// The publication does not exist.
-    #[error("publication {publication:?} does not exist on {url}: run `cache-invalidator setup`")]
+    #[error("publication {publication:?} does not exist on {url} (dropped?): changes made while it is missing are never sent; run `cache-invalidator setup`, which recreates it and, when the slot cannot decode past the gap, the slot with a full flush")]
     PublicationMissing {
         /// Publication name.
         publication: String,
@@ -439,8 +439,10 @@ pub(crate) fn classify(
             url,
         },
         "42704" if msg.contains("publication") => SourceError::PublicationMissing {
+            // `publication "x" does not exist`: name it once, not the message.
             publication: publication
                 .map(str::to_string)
+                .or_else(|| quoted_name(msg))
                 .unwrap_or_else(|| msg.to_string()),
             url,
         },
@@ -469,9 +471,50 @@ pub(crate) fn classify(
     }
 }
 
+/// The first double-quoted name of a server message (`publication "x" does
+/// not exist` -> `x`), with `""` unescaped.
+fn quoted_name(msg: &str) -> Option<String> {
+    let start = msg.find('"')? + 1;
+    let rest = &msg[start..];
+    let mut out = String::new();
+    let mut chars = rest.chars().peekable();
+    while let Some(c) = chars.next() {
+        if c == '"' {
+            if chars.peek() == Some(&'"') {
+                chars.next();
+                out.push('"');
+            } else {
+                return Some(out);
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    None
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_missing_publication_is_named_once() {
+        let server = ServerError {
+            severity: "ERROR".into(),
+            code: "42704".into(),
+            message: "publication \"adv_pub\" does not exist".into(),
+            detail: None,
+            hint: None,
+        };
+        let e = classify(server, "streaming", "u", "x", Some("s"), None);
+        let text = e.to_string();
+        assert!(
+            matches!(e, SourceError::PublicationMissing { ref publication, .. } if publication == "adv_pub"),
+            "{text}"
+        );
+        assert_eq!(text.matches("adv_pub").count(), 1, "{text}");
+        assert_eq!(quoted_name("x \"a\"\"b\" y").as_deref(), Some("a\"b"));
+    }
 
     fn body(fields: &[(u8, &str)]) -> Vec<u8> {
         let mut b = Vec::new();
