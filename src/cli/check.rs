@@ -117,7 +117,7 @@ pub async fn run(config_path: &Path) -> Result<(), CliError> {
         findings.push(warning(format!("Redis checks skipped: {why}")));
     }
     // Errors first: they are what to fix.
-    findings.sort_by(|a, b| b.severity.cmp(&a.severity));
+    findings.sort_by_key(|f| std::cmp::Reverse(f.severity));
     for f in &findings {
         eprintln!("{f}");
     }
