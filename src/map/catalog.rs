@@ -14,8 +14,34 @@ use crate::diag::suggest;
 pub struct ColumnInfo {
     /// Column name.
     pub name: String,
-    /// `attgenerated <> ''`: a generated column (not published before PostgreSQL 18).
-    pub generated: bool,
+    /// `attgenerated`: whether (and how) the column is generated.
+    pub generated: Generated,
+}
+
+/// `pg_attribute.attgenerated`. pgoutput never sends a generated column
+/// before PostgreSQL 18; 18 sends a stored one when the publication says
+/// `publish_generated_columns = stored` (or names it in a column list), and
+/// never a virtual one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Generated {
+    /// `''`: an ordinary column.
+    #[default]
+    No,
+    /// `'s'`: `GENERATED ALWAYS AS (...) STORED`.
+    Stored,
+    /// `'v'`: `GENERATED ALWAYS AS (...) VIRTUAL` (PostgreSQL 18's default).
+    Virtual,
+}
+
+impl Generated {
+    /// From `attgenerated::text`.
+    pub fn from_attgenerated(code: &str) -> Generated {
+        match code {
+            "s" => Generated::Stored,
+            "v" => Generated::Virtual,
+            _ => Generated::No,
+        }
+    }
 }
 
 /// A table as the catalog describes it.
@@ -59,6 +85,9 @@ pub struct PublicationInfo {
     pub truncate: bool,
     /// `pubviaroot`.
     pub via_partition_root: bool,
+    /// `pubgencols = 's'` (`publish_generated_columns = stored`, PostgreSQL
+    /// 18+; always false before).
+    pub publish_generated_stored: bool,
     /// Tables in the publication (`pg_publication_tables`, by `schema.table`).
     pub tables: BTreeMap<TableName, PublishedTable>,
 }
@@ -253,10 +282,12 @@ pub fn check_catalog(
                         names.join(", ")
                     )));
                 }
-                Some(ci) if ci.generated && rule.columns.iter().any(|p| p == c) => {
-                    if snap.server_version_num < 180000 {
+                Some(ci)
+                    if ci.generated != Generated::No && rule.columns.iter().any(|p| p == c) =>
+                {
+                    if let Some(why) = unpublished_generated(snap, t, c, ci.generated) {
                         out.push(Finding::error(format!(
-                            "{loc}: column `{c}` of {t} is generated: generated columns are not published before PostgreSQL 18; use the columns it is computed from"
+                            "{loc}: column `{c}` of {t} is generated: {why}"
                         )));
                     }
                 }
@@ -360,6 +391,44 @@ fn check_publication(rule: &Rule, info: &TableInfo, p: &PublicationInfo, out: &m
     }
 }
 
+/// Why pgoutput would not send generated column `column` of `table`, or
+/// `None` when it does (PostgreSQL 18, stored, published).
+fn unpublished_generated(
+    snap: &CatalogSnapshot,
+    table: &TableName,
+    column: &str,
+    kind: Generated,
+) -> Option<&'static str> {
+    if snap.server_version_num < 180000 {
+        return Some(
+            "generated columns are not published before PostgreSQL 18; use the columns it is computed from",
+        );
+    }
+    if kind == Generated::Virtual {
+        return Some(
+            "virtual generated columns are never published; use the columns it is computed from (or make it STORED and publish it)",
+        );
+    }
+    let Some(p) = &snap.publication else {
+        // No publication yet: `setup` creates it without generated columns.
+        return Some(
+            "PostgreSQL 18 publishes a stored generated column only with `publish_generated_columns = stored`; use the columns it is computed from, or `ALTER PUBLICATION ... SET (publish_generated_columns = stored)` once it exists",
+        );
+    };
+    let listed = p
+        .tables
+        .get(table)
+        .and_then(|t| t.column_list.as_ref())
+        .is_some_and(|list| list.iter().any(|l| l == column));
+    if p.publish_generated_stored || listed {
+        None
+    } else {
+        Some(
+            "PostgreSQL 18 publishes a stored generated column only with `ALTER PUBLICATION ... SET (publish_generated_columns = stored)`; set it, or use the columns it is computed from",
+        )
+    }
+}
+
 /// Whether `synchronous_standby_names` names `application_name` (or `*`).
 fn sync_names_match(setting: &str, application_name: &str) -> bool {
     let s = setting.trim();
@@ -393,7 +462,7 @@ mod tests {
                 .iter()
                 .map(|c| ColumnInfo {
                     name: c.to_string(),
-                    generated: false,
+                    generated: Generated::No,
                 })
                 .collect(),
             replica_identity: identity,
@@ -422,6 +491,7 @@ mod tests {
             delete: true,
             truncate: true,
             via_partition_root: true,
+            publish_generated_stored: false,
             tables,
         });
         s
@@ -507,13 +577,31 @@ mod tests {
         let mut s = posts_snapshot(ReplicaIdentity::Full);
         let t = s.tables.values_mut().next().unwrap();
         t.persistence = 'u';
-        t.columns[1].generated = true;
+        t.columns[1].generated = Generated::Stored;
         let e = check_catalog(&mappings(POSTS), &s, "x");
         let e = errors(&e);
         assert!(e[0].contains("is UNLOGGED"));
         assert!(e[1].contains("column `author_id` of public.posts is generated"));
+        assert!(e[1].contains("not published before PostgreSQL 18"));
+        // 18 publishes a stored generated column only when asked to.
         s.server_version_num = 180000;
+        let e = check_catalog(&mappings(POSTS), &s, "x");
+        let e = errors(&e);
+        assert_eq!(e.len(), 2, "{e:?}");
+        assert!(e[1].contains("publish_generated_columns = stored"));
+        s.publication.as_mut().unwrap().publish_generated_stored = true;
         assert_eq!(errors(&check_catalog(&mappings(POSTS), &s, "x")).len(), 1);
+        // ... or when the column list names it.
+        let publication = s.publication.as_mut().unwrap();
+        publication.publish_generated_stored = false;
+        publication.tables.values_mut().next().unwrap().column_list =
+            Some(vec!["id".into(), "author_id".into(), "title".into()]);
+        assert_eq!(errors(&check_catalog(&mappings(POSTS), &s, "x")).len(), 1);
+        // A virtual generated column never.
+        s.publication.as_mut().unwrap().publish_generated_stored = true;
+        s.tables.values_mut().next().unwrap().columns[1].generated = Generated::Virtual;
+        let e = check_catalog(&mappings(POSTS), &s, "x");
+        assert!(errors(&e)[1].contains("virtual generated columns are never published"));
     }
 
     #[test]

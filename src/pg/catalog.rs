@@ -9,13 +9,15 @@ use tokio_postgres::Client;
 
 use super::PgError;
 use crate::map::catalog::{
-    CatalogSnapshot, ColumnInfo, PublicationInfo, PublishedTable, TableInfo,
+    CatalogSnapshot, ColumnInfo, Generated, PublicationInfo, PublishedTable, TableInfo,
 };
 use crate::map::identity::ReplicaIdentity;
 use crate::map::TableName;
 
 /// First server version with publication row filters and column lists.
 const PG15: u32 = 150000;
+/// `pg_publication.pubgencols` (`publish_generated_columns`) exists from 18 on.
+const PG18: u32 = 180000;
 
 /// `server_version_num`.
 pub async fn server_version_num(client: &Client) -> Result<u32, PgError> {
@@ -78,7 +80,7 @@ pub async fn table_facts(
 
     let columns = client
         .query(
-            "SELECT attname::text, attgenerated::text <> '' FROM pg_attribute \
+            "SELECT attname::text, attgenerated::text FROM pg_attribute \
              WHERE attrelid = $1 AND attnum > 0 AND NOT attisdropped ORDER BY attnum",
             &[&oid],
         )
@@ -87,7 +89,7 @@ pub async fn table_facts(
         .iter()
         .map(|r| ColumnInfo {
             name: r.get(0),
-            generated: r.get(1),
+            generated: Generated::from_attgenerated(r.get(1)),
         })
         .collect();
 
@@ -157,8 +159,13 @@ pub async fn publication(
     let what = || format!("reading publication {name:?}");
     let Some(row) = client
         .query_opt(
-            "SELECT oid, puballtables, pubinsert, pubupdate, pubdelete, pubtruncate, pubviaroot \
-             FROM pg_publication WHERE pubname = $1",
+            if server_version_num >= PG18 {
+                "SELECT oid, puballtables, pubinsert, pubupdate, pubdelete, pubtruncate, pubviaroot, \
+                 pubgencols = 's' FROM pg_publication WHERE pubname = $1"
+            } else {
+                "SELECT oid, puballtables, pubinsert, pubupdate, pubdelete, pubtruncate, pubviaroot, \
+                 false FROM pg_publication WHERE pubname = $1"
+            },
             &[&name],
         )
         .await
@@ -219,6 +226,7 @@ pub async fn publication(
         delete: row.get(4),
         truncate: row.get(5),
         via_partition_root: row.get(6),
+        publish_generated_stored: row.get(7),
         tables,
     }))
 }
