@@ -19,7 +19,7 @@ use postgres_protocol::message::{backend, frontend};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::{TcpStream, UnixStream};
 
-use super::conninfo::{ConnectionSettings, Host};
+use super::conninfo::{ConnectionSettings, Host, TargetSessionAttrs};
 use super::error::{classify, ServerError, SourceError};
 use super::frame::{self, Frame};
 use crate::lsn::Lsn;
@@ -130,7 +130,31 @@ impl std::fmt::Debug for ReplicationConnection {
 
 /// Connects, authenticates and checks the server: version 14 or later,
 /// `wal_level = logical`. Reads `wal_sender_timeout` for the status interval.
+/// Several hosts are tried in order, each under `connect_timeout`; with
+/// `target_session_attrs=read-write` a read-only server (a standby) is
+/// skipped. The error is the last host's.
 pub async fn connect(settings: &ConnectionSettings) -> Result<ReplicationConnection, SourceError> {
+    let mut last = None;
+    for candidate in settings.candidates() {
+        match connect_one(&candidate).await {
+            Ok(conn) => return Ok(conn),
+            Err(err) => {
+                if settings.hosts.len() > 1 {
+                    tracing::debug!(target = %candidate.target(), error = %err, "trying the next PostgreSQL host");
+                }
+                last = Some(err);
+            }
+        }
+    }
+    Err(
+        last.unwrap_or_else(|| SourceError::InvalidConnectionString {
+            masked: settings.to_string(),
+            reason: "no host".into(),
+        }),
+    )
+}
+
+async fn connect_one(settings: &ConnectionSettings) -> Result<ReplicationConnection, SourceError> {
     let url = settings.to_string();
     let timeout = settings.connect_timeout;
     match tokio::time::timeout(timeout, connect_inner(settings, url.clone())).await {
@@ -187,6 +211,18 @@ async fn connect_inner(
         poisoned: false,
     };
     conn.startup().await?;
+    // Before the server checks: a standby's settings (wal_level) are not the
+    // primary's, and it is skipped anyway.
+    if settings.target_session_attrs == TargetSessionAttrs::ReadWrite
+        && conn.show("transaction_read_only").await? != "off"
+    {
+        let url = conn.url.clone();
+        conn.close().await;
+        return Err(SourceError::NotReadWrite {
+            target: settings.target(),
+            url,
+        });
+    }
     conn.check_server().await?;
     tracing::debug!(url = %conn.url, backend_pid = conn.backend_pid, server_version = %conn.server_version, "replication connection ready");
     Ok(conn)

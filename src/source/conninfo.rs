@@ -2,6 +2,11 @@
 //! (`postgres://user:pass@host:port/db?sslmode=prefer&host=/run/postgresql`)
 //! or the keyword/value form (`host=/run/postgresql port=5432 user=app`).
 //!
+//! Several hosts are tried in order, as libpq does (`postgres://h1:5432,h2:5433/db`,
+//! `host=h1,h2 port=5432,5433`); with `target_session_attrs=read-write` a
+//! server in recovery (a standby) is skipped, so after a failover the
+//! promoted standby is found ([`ConnectionSettings::candidates`]).
+//!
 //! Passwords never leave this module in clear text except to authentication:
 //! [`ConnectionSettings`]'s `Display` and `Debug` print the URL with the
 //! password masked as `***`.
@@ -73,6 +78,34 @@ impl SslMode {
     }
 }
 
+/// libpq's `target_session_attrs`: which of several servers will do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum TargetSessionAttrs {
+    /// The first server that accepts the connection (libpq's default).
+    #[default]
+    Any,
+    /// A server that accepts writes (`transaction_read_only = off`): the primary.
+    ReadWrite,
+}
+
+impl TargetSessionAttrs {
+    fn parse(s: &str) -> Option<Self> {
+        Some(match s {
+            "any" => TargetSessionAttrs::Any,
+            "read-write" | "primary" => TargetSessionAttrs::ReadWrite,
+            _ => return None,
+        })
+    }
+
+    /// The libpq spelling.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TargetSessionAttrs::Any => "any",
+            TargetSessionAttrs::ReadWrite => "read-write",
+        }
+    }
+}
+
 /// `sslrootcert`: where the trusted CA certificates come from.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum RootCert {
@@ -85,10 +118,15 @@ pub enum RootCert {
 /// Validated connection settings.
 #[derive(Clone)]
 pub struct ConnectionSettings {
-    /// Where to connect.
+    /// Where to connect: the first of [`ConnectionSettings::hosts`], or the
+    /// one a connection chose (see [`ConnectionSettings::candidates`]).
     pub host: Host,
-    /// TCP port, also the unix socket's suffix.
+    /// TCP port, also the unix socket's suffix (of [`ConnectionSettings::host`]).
     pub port: u16,
+    /// Every server named, in the order they are tried (one for most URLs).
+    pub hosts: Vec<(Host, u16)>,
+    /// Which server of several will do.
+    pub target_session_attrs: TargetSessionAttrs,
     /// Role name.
     pub user: String,
     /// Password, if any (from the URL or a password file).
@@ -123,6 +161,7 @@ const KNOWN: &[&str] = &[
     "sslkey",
     "application_name",
     "connect_timeout",
+    "target_session_attrs",
 ];
 
 #[derive(Default)]
@@ -138,6 +177,7 @@ struct Raw {
     sslkey: Option<String>,
     application_name: Option<String>,
     connect_timeout: Option<String>,
+    target_session_attrs: Option<String>,
 }
 
 impl Raw {
@@ -154,6 +194,7 @@ impl Raw {
             "sslkey" => &mut self.sslkey,
             "application_name" => &mut self.application_name,
             "connect_timeout" => &mut self.connect_timeout,
+            "target_session_attrs" => &mut self.target_session_attrs,
             other => {
                 return Err(format!(
                     "unsupported connection parameter {other:?} (supported: {})",
@@ -181,23 +222,52 @@ impl ConnectionSettings {
             reason,
         };
         let raw = raw.map_err(invalid)?;
-        let port = match raw.port.as_deref() {
-            None | Some("") => DEFAULT_PORT,
-            Some(p) => p
-                .parse::<u16>()
+        let port_of = |p: &str| -> Result<u16, SourceError> {
+            if p.is_empty() {
+                return Ok(DEFAULT_PORT);
+            }
+            p.parse::<u16>()
                 .ok()
                 .filter(|p| *p != 0)
-                .ok_or_else(|| invalid(format!("invalid port {p:?}")))?,
+                .ok_or_else(|| invalid(format!("invalid port {p:?}")))
         };
-        let host = match raw.host.as_deref() {
-            None | Some("") => Host::Unix(PathBuf::from("/var/run/postgresql")),
-            Some(h) if h.contains(',') => {
-                return Err(invalid(format!(
-                    "several hosts ({h:?}) are not supported: name one"
-                )))
+        let host_of = |h: &str| -> Host {
+            if h.is_empty() {
+                Host::Unix(PathBuf::from("/var/run/postgresql"))
+            } else if h.starts_with('/') {
+                Host::Unix(PathBuf::from(h))
+            } else {
+                Host::Tcp(h.to_string())
             }
-            Some(h) if h.starts_with('/') => Host::Unix(PathBuf::from(h)),
-            Some(h) => Host::Tcp(h.to_string()),
+        };
+        // libpq: `host` and `port` are comma-separated lists; one port
+        // serves every host, else there is one port per host.
+        let host_list: Vec<&str> = raw.host.as_deref().unwrap_or("").split(',').collect();
+        let port_list: Vec<&str> = raw.port.as_deref().unwrap_or("").split(',').collect();
+        if port_list.len() != 1 && port_list.len() != host_list.len() {
+            return Err(invalid(format!(
+                "{} hosts but {} ports: give one port for all, or one per host",
+                host_list.len(),
+                port_list.len()
+            )));
+        }
+        let mut hosts = Vec::with_capacity(host_list.len());
+        for (i, h) in host_list.iter().enumerate() {
+            let p = port_list
+                .get(i)
+                .or(port_list.first())
+                .copied()
+                .unwrap_or("");
+            hosts.push((host_of(h.trim()), port_of(p.trim())?));
+        }
+        let (host, port) = hosts[0].clone();
+        let target_session_attrs = match raw.target_session_attrs.as_deref() {
+            None | Some("") => TargetSessionAttrs::Any,
+            Some(t) => TargetSessionAttrs::parse(t).ok_or_else(|| {
+                invalid(format!(
+                    "unsupported target_session_attrs {t:?} (supported: any, read-write, primary)"
+                ))
+            })?,
         };
         let user = match raw.user {
             Some(u) if !u.is_empty() => u,
@@ -234,6 +304,8 @@ impl ConnectionSettings {
         Ok(ConnectionSettings {
             host,
             port,
+            hosts,
+            target_session_attrs,
             user,
             password,
             dbname,
@@ -262,6 +334,20 @@ impl ConnectionSettings {
         }
     }
 
+    /// The settings for each server named, in the order to try them: each
+    /// has `host`/`port` set to one server (and `hosts` to that one alone).
+    pub fn candidates(&self) -> Vec<ConnectionSettings> {
+        self.hosts
+            .iter()
+            .map(|(host, port)| ConnectionSettings {
+                host: host.clone(),
+                port: *port,
+                hosts: vec![(host.clone(), *port)],
+                ..self.clone()
+            })
+            .collect()
+    }
+
     /// The unix socket file, for a [`Host::Unix`].
     pub fn socket_path(&self) -> Option<PathBuf> {
         match &self.host {
@@ -271,7 +357,8 @@ impl ConnectionSettings {
     }
 }
 
-/// Prints the settings as a URL with the password masked (`***`).
+/// Prints the settings as a URL with the password masked (`***`); several
+/// hosts print as libpq writes them (`h1:5432,h2:5433`, unix sockets in `?host=`).
 impl fmt::Display for ConnectionSettings {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "postgres://{}", encode(&self.user))?;
@@ -279,23 +366,43 @@ impl fmt::Display for ConnectionSettings {
             f.write_str(":***")?;
         }
         f.write_str("@")?;
-        match &self.host {
-            Host::Tcp(h) if h.contains(':') => write!(f, "[{h}]:{}", self.port)?,
-            Host::Tcp(h) => write!(f, "{}:{}", encode(h), self.port)?,
-            Host::Unix(_) => {}
+        let all_tcp = self.hosts.iter().all(|(h, _)| matches!(h, Host::Tcp(_)));
+        if all_tcp {
+            for (i, (h, port)) in self.hosts.iter().enumerate() {
+                if i > 0 {
+                    f.write_str(",")?;
+                }
+                match h {
+                    Host::Tcp(h) if h.contains(':') => write!(f, "[{h}]:{port}")?,
+                    Host::Tcp(h) => write!(f, "{}:{port}", encode(h))?,
+                    Host::Unix(_) => {}
+                }
+            }
         }
         write!(f, "/{}", encode(&self.dbname))?;
         let mut sep = '?';
-        if let Host::Unix(dir) = &self.host {
-            write!(
-                f,
-                "{sep}host={}&port={}",
-                encode(&dir.display().to_string()),
-                self.port
-            )?;
+        if !all_tcp {
+            let hosts: Vec<String> = self
+                .hosts
+                .iter()
+                .map(|(h, _)| match h {
+                    Host::Tcp(h) => encode(h),
+                    Host::Unix(dir) => encode(&dir.display().to_string()),
+                })
+                .collect();
+            let ports: Vec<String> = self.hosts.iter().map(|(_, p)| p.to_string()).collect();
+            write!(f, "{sep}host={}&port={}", hosts.join(","), ports.join(","))?;
             sep = '&';
         }
-        write!(f, "{sep}sslmode={}", self.sslmode.as_str())
+        write!(f, "{sep}sslmode={}", self.sslmode.as_str())?;
+        if self.target_session_attrs != TargetSessionAttrs::Any {
+            write!(
+                f,
+                "&target_session_attrs={}",
+                self.target_session_attrs.as_str()
+            )?;
+        }
+        Ok(())
     }
 }
 
@@ -417,24 +524,19 @@ fn parse_url(conn: &str) -> Result<Raw, String> {
         }
         None => authority,
     };
-    if hostport.contains(',') {
-        return Err(format!(
-            "several hosts ({hostport:?}) are not supported: name one"
-        ));
-    }
-    if let Some(v6) = hostport.strip_prefix('[') {
-        let (h, after) = v6.split_once(']').ok_or("unterminated [ in IPv6 host")?;
-        raw.host = Some(h.to_string());
-        if let Some(p) = after.strip_prefix(':') {
-            raw.port = Some(p.to_string());
-        } else if !after.is_empty() {
-            return Err(format!("unexpected {after:?} after the IPv6 host"));
+    // `h1:p1,h2,[::1]:p3`: one list of hosts and one of ports (empty: default).
+    if !hostport.is_empty() {
+        let mut hosts = Vec::new();
+        let mut ports = Vec::new();
+        for one in hostport.split(',') {
+            let (h, p) = split_host_port(one)?;
+            hosts.push(h);
+            ports.push(p);
         }
-    } else if let Some((h, p)) = hostport.rsplit_once(':') {
-        raw.host = Some(decode(h)?);
-        raw.port = Some(p.to_string());
-    } else if !hostport.is_empty() {
-        raw.host = Some(decode(hostport)?);
+        raw.host = Some(hosts.join(","));
+        if ports.iter().any(|p| !p.is_empty()) {
+            raw.port = Some(ports.join(","));
+        }
     }
     if let Some(path) = path {
         if !path.is_empty() {
@@ -453,6 +555,23 @@ fn parse_url(conn: &str) -> Result<Raw, String> {
         }
     }
     Ok(raw)
+}
+
+/// One `host[:port]` of a URL's authority (`[v6]:port` for IPv6): the
+/// decoded host and the port text (empty when absent).
+fn split_host_port(one: &str) -> Result<(String, String), String> {
+    if let Some(v6) = one.strip_prefix('[') {
+        let (h, after) = v6.split_once(']').ok_or("unterminated [ in IPv6 host")?;
+        return match after.strip_prefix(':') {
+            Some(p) => Ok((h.to_string(), p.to_string())),
+            None if after.is_empty() => Ok((h.to_string(), String::new())),
+            None => Err(format!("unexpected {after:?} after the IPv6 host")),
+        };
+    }
+    match one.rsplit_once(':') {
+        Some((h, p)) => Ok((decode(h)?, p.to_string())),
+        None => Ok((decode(one)?, String::new())),
+    }
 }
 
 fn parse_keyword_value(conn: &str) -> Result<Raw, String> {
@@ -650,5 +769,68 @@ mod tests {
         assert_eq!(s.sslrootcert, Some(RootCert::System));
         assert!(ConnectionSettings::parse("postgres://u@h/d?sslmode=nope", None).is_err());
         assert!(ConnectionSettings::parse("postgres://u@h/d?bogus=1", None).is_err());
+    }
+
+    #[test]
+    fn several_hosts_are_tried_in_order_as_libpq_lists_them() {
+        let s = ConnectionSettings::parse(
+            "postgresql://u@h1:5001,h2,[::1]:5003/d?target_session_attrs=read-write",
+            None,
+        )
+        .unwrap();
+        assert_eq!(
+            s.hosts,
+            vec![
+                (Host::Tcp("h1".into()), 5001),
+                (Host::Tcp("h2".into()), DEFAULT_PORT),
+                (Host::Tcp("::1".into()), 5003),
+            ]
+        );
+        assert_eq!((s.host.clone(), s.port), (Host::Tcp("h1".into()), 5001));
+        assert_eq!(s.target_session_attrs, TargetSessionAttrs::ReadWrite);
+        assert_eq!(
+            s.to_string(),
+            "postgres://u@h1:5001,h2:5432,[::1]:5003/d?sslmode=prefer&target_session_attrs=read-write"
+        );
+        let candidates = s.candidates();
+        assert_eq!(candidates.len(), 3);
+        assert_eq!(candidates[1].host, Host::Tcp("h2".into()));
+        assert_eq!(candidates[1].port, DEFAULT_PORT);
+        assert_eq!(candidates[1].hosts.len(), 1);
+        assert_eq!(candidates[2].target(), "[::1]:5003");
+        assert_eq!(
+            candidates[2].target_session_attrs,
+            TargetSessionAttrs::ReadWrite
+        );
+
+        // Keyword/value: one port for all hosts, or one per host.
+        let s = ConnectionSettings::parse("host=a,b port=6000 user=u", None).unwrap();
+        assert_eq!(
+            s.hosts,
+            vec![(Host::Tcp("a".into()), 6000), (Host::Tcp("b".into()), 6000)]
+        );
+        let s = ConnectionSettings::parse(
+            "host=a,/run/pg port=6000,6001 user=u dbname=d target_session_attrs=primary",
+            None,
+        )
+        .unwrap();
+        assert_eq!(s.hosts[1], (Host::Unix("/run/pg".into()), 6001));
+        assert_eq!(s.target_session_attrs, TargetSessionAttrs::ReadWrite);
+        assert_eq!(
+            s.to_string(),
+            "postgres://u@/d?host=a,%2Frun%2Fpg&port=6000,6001&sslmode=prefer&target_session_attrs=read-write"
+        );
+        let err = ConnectionSettings::parse("host=a,b,c port=1,2", None)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("3 hosts but 2 ports"), "{err}");
+        let err = ConnectionSettings::parse("postgres://u@h/d?target_session_attrs=standby", None)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("unsupported target_session_attrs"), "{err}");
+        // One host: as before, no list in the URL.
+        let s = ConnectionSettings::parse("postgres://u@h:1/d", None).unwrap();
+        assert_eq!(s.hosts, vec![(Host::Tcp("h".into()), 1)]);
+        assert_eq!(s.to_string(), "postgres://u@h:1/d?sslmode=prefer");
     }
 }

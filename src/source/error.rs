@@ -133,6 +133,15 @@ pub enum SourceError {
         #[source]
         source: std::io::Error,
     },
+    /// `target_session_attrs=read-write` and this server is read-only (a
+    /// standby, or `default_transaction_read_only = on`).
+    #[error("PostgreSQL at {target} ({url}) is read-only (a standby in recovery, or default_transaction_read_only = on) and target_session_attrs=read-write asks for the primary; no host named is one: retrying (a standby is taken once promoted)")]
+    NotReadWrite {
+        /// `host:port` or socket path.
+        target: String,
+        /// Masked URL.
+        url: String,
+    },
     /// Connecting and authenticating took longer than `connect_timeout`.
     #[error("connecting to PostgreSQL at {target} ({url}) timed out after {timeout:?}")]
     ConnectTimeout {
@@ -366,6 +375,7 @@ impl SourceError {
             | PublicationMissing { .. } => RetryClass::Fatal,
             Connect { .. }
             | ConnectTimeout { .. }
+            | NotReadWrite { .. }
             | NoFreeWalSenders { .. }
             | SlotActive { .. }
             | SlotCreationTimeout { .. } => RetryClass::BackOffAndRetry,

@@ -25,7 +25,7 @@ pub mod stream;
 pub mod tls;
 
 pub use connection::{connect, ReplicationConnection, SystemIdentity};
-pub use conninfo::{ConnectionSettings, Host, SslMode};
+pub use conninfo::{ConnectionSettings, Host, SslMode, TargetSessionAttrs};
 pub use error::{RetryClass, ServerError, SourceError};
 pub use slot::{create_slot, create_temporary_slot, drop_slot, start_replication, CreatedSlot};
 pub use sql::{connect_sql, SlotInfo, SqlClient};

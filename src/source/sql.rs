@@ -9,7 +9,7 @@ use tokio_postgres::NoTls;
 use tokio_postgres_rustls::MakeRustlsConnect;
 
 use super::connection::PINNED_OPTIONS;
-use super::conninfo::{ConnectionSettings, Host};
+use super::conninfo::{ConnectionSettings, Host, TargetSessionAttrs};
 use super::error::SourceError;
 use crate::lsn::Lsn;
 
@@ -51,7 +51,47 @@ impl SlotInfo {
 }
 
 /// Opens a SQL connection from the settings (unix sockets via `host_path`).
+/// Several hosts are tried in order; with `target_session_attrs=read-write`
+/// a read-only server (a standby) is skipped. The error is the last host's.
 pub async fn connect_sql(settings: &ConnectionSettings) -> Result<SqlClient, SourceError> {
+    let mut last = None;
+    for candidate in settings.candidates() {
+        let attempt = async {
+            let client = connect_sql_one(&candidate).await?;
+            if candidate.target_session_attrs == TargetSessionAttrs::ReadWrite {
+                let read_only = client
+                    .client
+                    .query_one("SHOW transaction_read_only", &[])
+                    .await
+                    .map_err(|e| client.err("SHOW transaction_read_only", e))?;
+                if read_only.get::<_, &str>(0) != "off" {
+                    return Err(SourceError::NotReadWrite {
+                        target: candidate.target(),
+                        url: client.url.clone(),
+                    });
+                }
+            }
+            Ok(client)
+        };
+        match attempt.await {
+            Ok(client) => return Ok(client),
+            Err(err) => {
+                if settings.hosts.len() > 1 {
+                    tracing::debug!(target = %candidate.target(), error = %err, "trying the next PostgreSQL host");
+                }
+                last = Some(err);
+            }
+        }
+    }
+    Err(
+        last.unwrap_or_else(|| SourceError::InvalidConnectionString {
+            masked: settings.to_string(),
+            reason: "no host".into(),
+        }),
+    )
+}
+
+async fn connect_sql_one(settings: &ConnectionSettings) -> Result<SqlClient, SourceError> {
     let url = settings.to_string();
     let tls = super::tls::setup(settings)?;
     let mut config = tokio_postgres::Config::new();
