@@ -18,8 +18,30 @@ use super::common::{
     START_TIMEOUT,
 };
 
-/// Directory holding `initdb`, `postgres`, `pg_ctl`, `psql`, ...
+/// Environment variable naming a directory of PostgreSQL server binaries
+/// (`initdb`, `postgres`, `pg_ctl`, `pg_basebackup`, `pg_recvlogical`,
+/// `psql`) to test against instead of the system's: `scripts/test` points it
+/// at PostgreSQL 18 for its second pass.
+pub const PG_BINDIR_ENV: &str = "CI_PG_BINDIR";
+
+/// Directory holding `initdb`, `postgres`, `pg_ctl`, `psql`, ...: `$CI_PG_BINDIR`
+/// when set, else the system's (`pg_config --bindir`, else the newest
+/// `/usr/lib/postgresql/*/bin`).
 pub fn pg_bindir() -> PathBuf {
+    static BINDIR: OnceLock<PathBuf> = OnceLock::new();
+    BINDIR.get_or_init(find_pg_bindir).clone()
+}
+
+fn find_pg_bindir() -> PathBuf {
+    if let Some(dir) = std::env::var_os(PG_BINDIR_ENV).filter(|d| !d.is_empty()) {
+        let dir = PathBuf::from(dir);
+        assert!(
+            dir.join("initdb").exists() && dir.join("postgres").exists(),
+            "{PG_BINDIR_ENV}={} holds no initdb/postgres: point it at a PostgreSQL bin directory (scripts/pg18 prints one)",
+            dir.display()
+        );
+        return dir;
+    }
     if let Ok(out) = Command::new("pg_config").arg("--bindir").output() {
         let dir = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
         if dir.join("initdb").exists() {
@@ -37,7 +59,36 @@ pub fn pg_bindir() -> PathBuf {
     candidates.sort();
     candidates
         .pop()
-        .expect("no PostgreSQL binaries: install postgresql (initdb not found via pg_config or /usr/lib/postgresql/*/bin)")
+        .expect("no PostgreSQL binaries: install postgresql (initdb not found via pg_config or /usr/lib/postgresql/*/bin), or set CI_PG_BINDIR")
+}
+
+/// The server version of [`pg_bindir`]'s `postgres`, e.g. `"18.6"`.
+pub fn pg_version() -> String {
+    static VERSION: OnceLock<String> = OnceLock::new();
+    VERSION
+        .get_or_init(|| {
+            let out = Command::new(pg_bindir().join("postgres"))
+                .arg("--version")
+                .output()
+                .expect("run postgres --version");
+            // "postgres (PostgreSQL) 18.6" (Debian may append " (Debian 15.10-1)").
+            let text = String::from_utf8_lossy(&out.stdout);
+            text.split_whitespace()
+                .nth(2)
+                .unwrap_or_else(|| panic!("unexpected `postgres --version` output: {text}"))
+                .to_owned()
+        })
+        .clone()
+}
+
+/// The major version of [`pg_version`], e.g. 18.
+pub fn pg_major() -> u32 {
+    let version = pg_version();
+    version
+        .split(|c: char| !c.is_ascii_digit())
+        .next()
+        .and_then(|m| m.parse().ok())
+        .unwrap_or_else(|| panic!("no major version in {version:?}"))
 }
 
 /// The uid/gid PostgreSQL must run as: ours, or `postgres`'s when we are root.
@@ -81,11 +132,13 @@ fn pg_template() -> &'static Path {
     static TEMPLATE: OnceLock<PathBuf> = OnceLock::new();
     TEMPLATE.get_or_init(|| {
         let bindir = pg_bindir();
-        let version = bindir
-            .parent()
-            .and_then(|p| p.file_name())
-            .map(|s| s.to_string_lossy().into_owned())
-            .unwrap_or_else(|| "pg".into());
+        // One template per server version and binary directory: two
+        // installations of one version may still differ (e.g. in locales).
+        let version = format!(
+            "{}-{:x}",
+            pg_version(),
+            fnv1a(bindir.as_os_str().as_encoded_bytes())
+        );
         let owner = pg_owner();
         let uid = owner.map(|o| o.0).unwrap_or(0);
         let final_dir =
@@ -128,6 +181,13 @@ fn pg_template() -> &'static Path {
             let _ = fs::remove_dir_all(&staging);
         }
         final_dir
+    })
+}
+
+/// FNV-1a, to name a directory after a path.
+fn fnv1a(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, b| {
+        (h ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3)
     })
 }
 
