@@ -101,6 +101,7 @@ struct RawPostgres {
     visibility_check: Option<bool>,
     replicas: Option<Spanned<Vec<Spanned<String>>>>,
     replica_max_wait_ms: Option<Spanned<u64>>,
+    failover_slot: Option<bool>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -181,6 +182,9 @@ pub struct PostgresConfig {
     /// Longest wait for a replica before a batch is applied anyway (and
     /// applied again once the replica caught up).
     pub replica_max_wait_ms: u64,
+    /// Create the slot failover-enabled on PostgreSQL 17+ (default true), so
+    /// that it is synchronized to standbys and survives a promotion.
+    pub failover_slot: bool,
 }
 
 impl fmt::Debug for PostgresConfig {
@@ -204,6 +208,7 @@ impl fmt::Debug for PostgresConfig {
                     .collect::<Vec<_>>(),
             )
             .field("replica_max_wait_ms", &self.replica_max_wait_ms)
+            .field("failover_slot", &self.failover_slot)
             .finish()
     }
 }
@@ -430,6 +435,7 @@ impl V<'_> {
         let mut visibility_check = true;
         let mut replicas = Vec::new();
         let mut replica_max_wait_ms = 30_000;
+        let mut failover_slot = true;
         if let Some(pg) = &pg {
             if let Some(s) = &pg.slot {
                 if valid_slot_name(s.get_ref()) {
@@ -476,6 +482,7 @@ impl V<'_> {
                 }
                 replica_max_wait_ms = *ms.get_ref();
             }
+            failover_slot = pg.failover_slot.unwrap_or(true);
         }
 
         let redis_span = raw.redis.as_ref().map(|r| r.span().start).unwrap_or(0);
@@ -621,6 +628,7 @@ impl V<'_> {
                 visibility_check,
                 replicas,
                 replica_max_wait_ms,
+                failover_slot,
             },
             redis: RedisConfig {
                 url: if cluster.is_empty() { redis_url } else { None },
@@ -807,7 +815,7 @@ listen = "127.0.0.1:9464"
         );
         assert_eq!(
             parse("[postgres]\nurl = \"x\"\nslott = \"a\"\n[redis]\nurl = \"r\"\n").unwrap_err(),
-            "/etc/ci/c.toml:3:1: unknown field `slott`: did you mean `slot`?; allowed fields: url, password_file, slot, publication, auto_setup, visibility_check, replicas, replica_max_wait_ms"
+            "/etc/ci/c.toml:3:1: unknown field `slott`: did you mean `slot`?; allowed fields: url, password_file, slot, publication, auto_setup, visibility_check, replicas, replica_max_wait_ms, failover_slot"
         );
     }
 

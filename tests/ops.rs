@@ -93,8 +93,17 @@ fn setup_creates_publication_then_slot_once_and_marks_added_tables() {
         .find("CREATE PUBLICATION \"cache_invalidator\" FOR TABLE")
         .expect("CREATE PUBLICATION");
     let create_slot = out
-        .find("pg_create_logical_replication_slot('cache_invalidator', 'pgoutput')")
+        .find("pg_create_logical_replication_slot('cache_invalidator', 'pgoutput'")
         .expect("slot");
+    // Failover-enabled where the server has failover slots (17+).
+    if support::pg_major() >= 17 {
+        assert!(
+            out.contains("pg_create_logical_replication_slot('cache_invalidator', 'pgoutput', false, false, true);"),
+            "{out}"
+        );
+    } else {
+        assert!(out.contains("has no failover slots (17+)"), "{out}");
+    }
     assert!(create_pub < create_slot, "publication before slot: {out}");
     assert!(out.contains("WITH (publish_via_partition_root = true)"));
     assert!(out.contains("pg_logical_emit_message(true, 'cache-invalidator', 'flush:all')"));

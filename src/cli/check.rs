@@ -84,6 +84,20 @@ pub async fn run(config_path: &Path) -> Result<(), CliError> {
     }
 
     let pg = &checked.config.postgres;
+    if !matches!(report.postgres, Reach::Unreachable(_)) {
+        // Failover slots (17+): warnings only, `run` does not need them.
+        match crate::pg::connect_sql(&pg.url, pg.password.as_ref().map(|p| p.expose())).await {
+            Ok(client) => match crate::pg::failover::read(&client, &pg.slot).await {
+                Ok(facts) => findings.extend(crate::pg::failover::findings(
+                    &facts,
+                    &pg.slot,
+                    pg.failover_slot,
+                )),
+                Err(e) => findings.push(warning(format!("failover checks skipped: {e}"))),
+            },
+            Err(e) => findings.push(warning(format!("failover checks skipped: {e}"))),
+        }
+    }
     let mut replica_lines = Vec::new();
     if !pg.replicas.is_empty() {
         match crate::pg::connect_sql(&pg.url, pg.password.as_ref().map(|p| p.expose())).await {

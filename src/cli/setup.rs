@@ -11,7 +11,9 @@
 //!    `publish_via_partition_root = true`) BEFORE the slot, so the slot
 //!    decodes with it from its first LSN; missing mapped tables added;
 //! 4. the slot (`pgoutput`) under a statement timeout, logging the PIDs of the
-//!    transactions it waits for; a slot whose WAL was lost is recreated;
+//!    transactions it waits for; a slot whose WAL was lost is recreated; on
+//!    PostgreSQL 17+ failover-enabled (`[postgres] failover_slot`, default
+//!    true), and an existing slot without failover is altered to have it;
 //! 5. durable flush markers: `flush:all` after creating the slot,
 //!    `flush:table:<t>` after adding a table to an existing publication+slot;
 //! 6. the SQL API (schema `cache_invalidator`, see [`super::sql_api`]) when
@@ -35,6 +37,7 @@ use crate::error::CliError;
 use crate::map::identity;
 use crate::map::{Mappings, TableName};
 use crate::pg::catalog::{self, TableFacts};
+use crate::pg::failover;
 use crate::pg::{connect_sql, quote_ident, quote_literal, PgError};
 use crate::plan::planner::MESSAGE_PREFIX;
 
@@ -105,6 +108,7 @@ pub async fn run_with_env(
         client,
         url: pg.url.clone(),
         password: password.map(str::to_owned),
+        failover_slot: pg.failover_slot,
         ran: 0,
     };
     let created = setup
@@ -140,6 +144,8 @@ struct Setup {
     client: Client,
     url: String,
     password: Option<String>,
+    /// `[postgres] failover_slot`: create (or make) the slot failover-enabled on 17+.
+    failover_slot: bool,
     /// Statements run that changed something (0: a no-op run).
     ran: usize,
 }
@@ -589,6 +595,7 @@ impl Setup {
             } else if let Some(e) = self.undecodable_gap(slot, publication).await {
                 format!("cannot decode past a gap in publication {publication:?} (dropped and recreated: {e}); changes made meanwhile were never sent")
             } else {
+                self.ensure_failover(slot).await?;
                 return Ok(false);
             };
             eprintln!("warning: replication slot {slot:?} {why}; recreating it and flushing every mapped table (flush:all)");
@@ -669,6 +676,44 @@ impl Setup {
         }
     }
 
+    /// On PostgreSQL 17+ with `failover_slot`, makes an existing slot that is
+    /// not failover-enabled one (`ALTER_REPLICATION_SLOT ... (FAILOVER true)`,
+    /// a replication command). A worker streaming the slot holds it: then
+    /// only a warning says to rerun `setup` while it is stopped.
+    async fn ensure_failover(&mut self, slot: &str) -> Result<(), CliError> {
+        if !self.failover_slot {
+            return Ok(());
+        }
+        let facts = failover::read(&self.client, slot)
+            .await
+            .map_err(CliError::runtime)?;
+        if !failover::supported(facts.server_version_num) || facts.slot_failover != Some(false) {
+            return Ok(());
+        }
+        let cmd = format!(
+            "ALTER_REPLICATION_SLOT {} ( FAILOVER true )",
+            quote_ident(slot)
+        );
+        println!("-- on a replication connection:\n{cmd};");
+        let settings = crate::source::ConnectionSettings::parse(&self.url, self.password.clone())
+            .map_err(CliError::runtime)?;
+        let result = async {
+            let mut conn = crate::source::connect(&settings).await?;
+            let r = conn.simple_query(&cmd, Some(slot), None).await;
+            conn.close().await;
+            r
+        }
+        .await;
+        match result {
+            Ok(_) => self.ran += 1,
+            Err(e @ crate::source::SourceError::SlotActive { .. }) => eprintln!(
+                "warning: replication slot {slot:?} stays without failover: {e}; rerun `setup` while no worker streams it"
+            ),
+            Err(e) => return Err(CliError::runtime(e)),
+        }
+        Ok(())
+    }
+
     /// `pg_create_logical_replication_slot` under a statement timeout; a second
     /// connection logs the transactions it waits for.
     async fn create_slot(&mut self, slot: &str) -> Result<(), CliError> {
@@ -691,12 +736,44 @@ impl Setup {
             own_pid,
             Arc::clone(&seen),
         ));
-        let sql = "SELECT pg_create_logical_replication_slot($1, 'pgoutput')";
-        println!(
-            "SELECT pg_create_logical_replication_slot({}, 'pgoutput');",
-            quote_literal(slot)
-        );
-        let result = self.client.execute(sql, &[&slot]).await;
+        let version = catalog::server_version_num(&self.client)
+            .await
+            .map_err(CliError::runtime)?;
+        let failover = self.failover_slot && failover::supported(version);
+        let result = if failover {
+            println!(
+                "-- failover-enabled (PostgreSQL 17+): standbys with sync_replication_slots = on keep a copy a promotion resumes from"
+            );
+            println!(
+                "SELECT pg_create_logical_replication_slot({}, 'pgoutput', false, false, true);",
+                quote_literal(slot)
+            );
+            self.client
+                .execute(
+                    "SELECT pg_create_logical_replication_slot($1, 'pgoutput', false, false, true)",
+                    &[&slot],
+                )
+                .await
+        } else {
+            if !self.failover_slot {
+                println!("-- failover_slot = false: the slot is not synchronized to standbys; a failover recreates it with a full flush");
+            } else {
+                println!(
+                    "-- PostgreSQL {} has no failover slots (17+): a failover recreates the slot with a full flush",
+                    version / 10000
+                );
+            }
+            println!(
+                "SELECT pg_create_logical_replication_slot({}, 'pgoutput');",
+                quote_literal(slot)
+            );
+            self.client
+                .execute(
+                    "SELECT pg_create_logical_replication_slot($1, 'pgoutput')",
+                    &[&slot],
+                )
+                .await
+        };
         watcher.abort();
         let blockers: Vec<i32> = seen.lock().map(|v| v.clone()).unwrap_or_default();
         let reset = self.exec("RESET statement_timeout").await;

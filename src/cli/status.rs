@@ -7,6 +7,7 @@
 //! stable field names (see [`Status`]) in every case where it reached PostgreSQL.
 
 use std::path::Path;
+use std::time::Duration;
 
 use serde::Serialize;
 
@@ -14,6 +15,7 @@ use crate::config::{Config, EnvOverrides};
 use crate::error::CliError;
 use crate::pg::catalog::{self, SlotFacts};
 use crate::pg::connect_sql;
+use crate::pg::failover::{self, StandbySlot};
 
 /// What `status --json` prints. Field names are stable.
 #[derive(Debug, Clone, Serialize, PartialEq)]
@@ -52,10 +54,64 @@ pub struct Status {
     pub publish_via_partition_root: Option<bool>,
     /// Published tables, `schema.table`, sorted.
     pub publication_tables: Vec<String>,
+    /// `pg_replication_slots.failover` (PostgreSQL 17+; `null` before or
+    /// without a slot): the slot is synchronized to standbys that ask for it.
+    pub failover: Option<bool>,
+    /// `pg_replication_slots.synced` where the URL led (true on a promoted
+    /// standby whose slot came through synchronization).
+    pub synced: Option<bool>,
+    /// `synchronized_standby_slots` (PostgreSQL 17+).
+    pub synchronized_standby_slots: Option<String>,
+    /// The slot on each other host of a multi-host URL that is a standby.
+    pub standbys: Vec<StandbySlot>,
+    /// Failover warnings (what `check` says too).
+    pub warnings: Vec<String>,
     /// What to do, when something is wrong (`null` when healthy).
     pub problem: Option<String>,
     /// `[postgres] replicas`: reachability, replay position and lag of each.
     pub replicas: Vec<crate::visibility::report::ReplicaReport>,
+}
+
+/// How long `status` waits for each standby of a multi-host URL.
+const STANDBY_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The slot on every host of the URL that is a standby (in recovery); hosts
+/// that do not answer are listed as unreachable.
+async fn standbys(config: &Config) -> Vec<StandbySlot> {
+    let pg = &config.postgres;
+    let Ok(settings) = crate::source::ConnectionSettings::parse(
+        &pg.url,
+        pg.password.as_ref().map(|p| p.expose().to_owned()),
+    ) else {
+        return Vec::new();
+    };
+    if settings.hosts.len() < 2 {
+        return Vec::new();
+    }
+    let mut out = Vec::new();
+    for mut candidate in settings.candidates() {
+        candidate.target_session_attrs = crate::source::TargetSessionAttrs::Any;
+        candidate.connect_timeout = candidate.connect_timeout.min(STANDBY_TIMEOUT);
+        let target = candidate.target();
+        match crate::source::connect_sql(&candidate).await {
+            Ok(sql) => {
+                let standby = failover::read_standby(sql.client(), &target, &pg.slot).await;
+                // The primary is not a standby: reported above, not here.
+                if standby.error.as_deref() != Some(failover::NOT_A_STANDBY) {
+                    out.push(standby);
+                }
+            }
+            Err(e) => out.push(StandbySlot {
+                target,
+                reachable: false,
+                error: Some(e.to_string()),
+                slot_exists: false,
+                synced: false,
+                confirmed_flush_lsn: None,
+            }),
+        }
+    }
+    out
 }
 
 /// Runs `status`.
@@ -92,6 +148,14 @@ pub async fn probe(config: &Config) -> Result<Status, CliError> {
     let publication = catalog::publication(&client, &pg.publication, version)
         .await
         .map_err(CliError::runtime)?;
+    let facts = failover::read(&client, &pg.slot)
+        .await
+        .map_err(CliError::runtime)?;
+    let warnings = failover::findings(&facts, &pg.slot, pg.failover_slot)
+        .into_iter()
+        .map(|f| f.message)
+        .collect();
+    let standbys = standbys(config).await;
     let current_lsn = match &slot {
         Some(s) => Some(s.current_lsn.clone()),
         None => client
@@ -172,6 +236,11 @@ pub async fn probe(config: &Config) -> Result<Status, CliError> {
         publication_tables: publication
             .map(|p| p.tables.keys().map(|t| t.to_string()).collect())
             .unwrap_or_default(),
+        failover: facts.slot_failover,
+        synced: facts.slot_synced,
+        synchronized_standby_slots: facts.synchronized_standby_slots,
+        standbys,
+        warnings,
         problem,
         replicas,
     })
@@ -232,8 +301,33 @@ pub fn render(s: &Status) -> String {
                 v => bytes(v),
             }
         ));
+        match s.failover {
+            Some(true) => out.push_str(&format!(
+                "  failover-enabled (synchronized to standbys with sync_replication_slots = on); synchronized_standby_slots = {:?}{}\n",
+                s.synchronized_standby_slots.clone().unwrap_or_default(),
+                if s.synced == Some(true) { "; synced: this copy came from a former primary" } else { "" }
+            )),
+            Some(false) => out.push_str("  not failover-enabled: a promoted standby will not have it\n"),
+            None => out.push_str("  no failover slots before PostgreSQL 17: a failover recreates the slot with a full flush\n"),
+        }
     } else {
         out.push_str(&format!("slot {:?}: missing\n", s.slot));
+    }
+    for st in &s.standbys {
+        let what = match (st.reachable, st.slot_exists, st.synced) {
+            (false, _, _) => format!("unreachable ({})", st.error.clone().unwrap_or_default()),
+            (true, false, _) => {
+                "standby without the slot: a promotion there means a full flush".into()
+            }
+            (true, true, true) => format!(
+                "standby with a synchronized copy (confirmed_flush_lsn {})",
+                opt(&st.confirmed_flush_lsn)
+            ),
+            (true, true, false) => {
+                "standby with a slot of that name that is not synchronized".into()
+            }
+        };
+        out.push_str(&format!("  {}: {what}\n", st.target));
     }
     if s.publication_exists {
         out.push_str(&format!(
@@ -249,6 +343,9 @@ pub fn render(s: &Status) -> String {
     for r in &s.replicas {
         out.push_str(&r.render());
         out.push('\n');
+    }
+    for w in &s.warnings {
+        out.push_str(&format!("warning: {w}\n"));
     }
     if let Some(p) = &s.problem {
         out.push_str(&format!("problem: {p}\n"));

@@ -5,9 +5,10 @@
 //! connection path (TLS per `sslmode`, pinned session settings).
 //! Errors never show the password: [`mask_conninfo`] hides it in URLs and in
 //! `key=value` strings alike. [`catalog`] reads the catalog facts the checks,
-//! `setup` and `status` need.
+//! `setup` and `status` need; [`failover`] the failover-slot state (17+).
 
 pub mod catalog;
+pub mod failover;
 
 /// The `application_name` of every connection this service opens.
 pub const APPLICATION_NAME: &str = "cache-invalidator";
