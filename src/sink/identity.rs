@@ -5,6 +5,12 @@
 //! older snapshot, or a promoted replica, has another `run_id` (or no identity
 //! key at all): deletes acknowledged to PostgreSQL may be undone there, so the
 //! worker flushes every mapped table before acknowledging anything more.
+//!
+//! A PostgreSQL promotion moves the timeline but keeps the system id; when
+//! the slot the worker streams came through slot synchronization (17+), its
+//! position continues the former primary's and nothing was missed:
+//! [`promoted_from`] tells that case apart, and the worker then stores the
+//! new identity without a flush (docs/operations.md, "PostgreSQL failover").
 
 use std::fmt;
 
@@ -31,6 +37,41 @@ impl fmt::Display for Identity {
             self.redis_run_id, self.pg_system_id, self.pg_timeline
         )
     }
+}
+
+impl Identity {
+    /// Parses the stored form (what `Display` writes).
+    pub fn parse(stored: &str) -> Option<Identity> {
+        let mut redis_run_id = None;
+        let mut pg_system_id = None;
+        let mut pg_timeline = None;
+        for field in stored.split_whitespace() {
+            match field.split_once('=')? {
+                ("redis_run_id", v) => redis_run_id = Some(v.to_owned()),
+                ("pg_system_id", v) => pg_system_id = Some(v.to_owned()),
+                ("pg_timeline", v) => pg_timeline = v.parse().ok(),
+                _ => return None,
+            }
+        }
+        Some(Identity {
+            redis_run_id: redis_run_id?,
+            pg_system_id: pg_system_id?,
+            pg_timeline: pg_timeline?,
+        })
+    }
+}
+
+/// When `stored` names the same Redis and the same PostgreSQL system as
+/// `current` on an earlier timeline (a standby was promoted, or a backup of
+/// the same system was restored to a new timeline): that earlier timeline.
+/// Which of the two it was is not for the identity to say: the slot is
+/// (synchronized from the former primary, or not).
+pub fn promoted_from(stored: &str, current: &Identity) -> Option<u32> {
+    let stored = Identity::parse(stored)?;
+    (stored.redis_run_id == current.redis_run_id
+        && stored.pg_system_id == current.pg_system_id
+        && stored.pg_timeline < current.pg_timeline)
+        .then_some(stored.pg_timeline)
 }
 
 /// The outcome of comparing the stored identity with the current one.
@@ -115,4 +156,44 @@ pub async fn store(
             source,
         })?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn identity(run_id: &str, system: &str, timeline: u32) -> Identity {
+        Identity {
+            redis_run_id: run_id.into(),
+            pg_system_id: system.into(),
+            pg_timeline: timeline,
+        }
+    }
+
+    #[test]
+    fn the_stored_form_parses_back() {
+        let id = identity("abc", "7412", 3);
+        assert_eq!(Identity::parse(&id.to_string()), Some(id));
+        assert_eq!(Identity::parse("redis_run_id=abc pg_system_id=1"), None);
+        assert_eq!(Identity::parse("garbage"), None);
+    }
+
+    #[test]
+    fn only_a_later_timeline_of_the_same_system_and_redis_is_a_promotion() {
+        let stored = identity("r1", "7412", 1).to_string();
+        assert_eq!(promoted_from(&stored, &identity("r1", "7412", 2)), Some(1));
+        // Another Redis (restarted from a snapshot): not a promotion.
+        assert_eq!(promoted_from(&stored, &identity("r2", "7412", 2)), None);
+        // Another PostgreSQL system: not a promotion.
+        assert_eq!(promoted_from(&stored, &identity("r1", "9999", 2)), None);
+        // The same or an earlier timeline: not a promotion.
+        assert_eq!(promoted_from(&stored, &identity("r1", "7412", 1)), None);
+        assert_eq!(
+            promoted_from(
+                &identity("r1", "7412", 3).to_string(),
+                &identity("r1", "7412", 2)
+            ),
+            None
+        );
+    }
 }

@@ -27,6 +27,8 @@ pub mod tls;
 pub use connection::{connect, ReplicationConnection, SystemIdentity};
 pub use conninfo::{ConnectionSettings, Host, SslMode, TargetSessionAttrs};
 pub use error::{RetryClass, ServerError, SourceError};
-pub use slot::{create_slot, create_temporary_slot, drop_slot, start_replication, CreatedSlot};
+pub use slot::{
+    create_slot, create_temporary_slot, drop_slot, slot_synced, start_replication, CreatedSlot,
+};
 pub use sql::{connect_sql, SlotInfo, SqlClient};
 pub use stream::{spawn_stream, SourceItem, StreamControl};

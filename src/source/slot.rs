@@ -145,6 +145,27 @@ pub async fn create_slot(
     Ok(created)
 }
 
+/// Whether `slot` came through slot synchronization from a former primary
+/// (`pg_replication_slots.synced`, PostgreSQL 17+; false before, and for a
+/// missing slot). Plain SQL over the replication connection (a
+/// `replication=database` walsender runs it).
+pub async fn slot_synced(
+    conn: &mut ReplicationConnection,
+    slot: &str,
+) -> Result<bool, SourceError> {
+    let sql = format!(
+        "SELECT coalesce((SELECT (to_jsonb(s) ->> 'synced')::bool FROM pg_replication_slots s \
+         WHERE s.slot_name = {}), false)",
+        quote_literal(slot)
+    );
+    let rows = conn.simple_query(&sql, Some(slot), None).await?;
+    Ok(rows
+        .first()
+        .and_then(|r| r.first().cloned().flatten())
+        .as_deref()
+        == Some("t"))
+}
+
 /// Creates a temporary logical slot (dropped when this connection closes), for `record`.
 pub async fn create_temporary_slot(
     conn: &mut ReplicationConnection,

@@ -277,6 +277,16 @@ impl Worker {
                 }
             }
         };
+        // Read before streaming: after a promotion, a slot synchronized from
+        // the former primary resumes without the identity check's flush.
+        let slot_synced = match source::slot_synced(&mut conn, &pg.slot).await {
+            Ok(synced) => synced,
+            Err(err) if err.retry_class() == RetryClass::Fatal => {
+                tracing::warn!({ SLOT } = %pg.slot, { ERROR } = %err, "cannot tell whether the slot was synchronized from a former primary; a timeline change will flush");
+                false
+            }
+            Err(err) => return retry(err),
+        };
         if let Err(err) = source::start_replication(&mut conn, &pg.slot, &pg.publication).await {
             if matches!(
                 err,
@@ -323,6 +333,7 @@ impl Worker {
             key: crate::sink::identity::identity_key(&pg.slot),
             pg_system_id: system.system_id.clone(),
             pg_timeline: system.timeline,
+            slot_synced,
             flush_plan,
             recheck: Arc::clone(&self.redis_interrupted),
         };

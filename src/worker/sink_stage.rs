@@ -26,6 +26,10 @@ pub struct IdentityGuard {
     pub pg_system_id: String,
     /// PostgreSQL timeline.
     pub pg_timeline: u32,
+    /// The slot came through slot synchronization from a former primary
+    /// (`pg_replication_slots.synced`, PostgreSQL 17+): after a promotion
+    /// (same system, later timeline) its position continues, so no flush.
+    pub slot_synced: bool,
     /// Every mapped table's truncate invalidations.
     pub flush_plan: Plan,
     /// Set by the Redis probe when Redis was unreachable: verify the identity
@@ -52,7 +56,19 @@ async fn ensure_identity<S: ApplySink>(
             "identity_missing"
         }
         identity::IdentityCheck::Changed { stored } => {
-            tracing::warn!(key = %guard.key, %stored, current = %current, "Redis or PostgreSQL changed since the last acknowledgement (restart from a snapshot, failover): flushing every mapped table");
+            match identity::promoted_from(&stored, &current) {
+                Some(from) if guard.slot_synced => {
+                    tracing::info!(key = %guard.key, from_timeline = from, to_timeline = current.pg_timeline, "PostgreSQL was promoted and the slot was synchronized from the former primary: resuming from its position without a flush");
+                    sink.store_identity(&guard.key, &current).await?;
+                    return Ok(());
+                }
+                Some(from) => {
+                    tracing::warn!(key = %guard.key, from_timeline = from, to_timeline = current.pg_timeline, "the PostgreSQL timeline moved and the slot was not synchronized from a former primary (a restored backup, or a slot created after a failover): flushing every mapped table")
+                }
+                None => {
+                    tracing::warn!(key = %guard.key, %stored, current = %current, "Redis or PostgreSQL changed since the last acknowledgement (restart from a snapshot, another database): flushing every mapped table")
+                }
+            }
             "identity_changed"
         }
     };
@@ -128,4 +144,87 @@ pub async fn sink_stage<S: ApplySink>(
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::AtomicBool;
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use super::*;
+    use crate::lsn::Lsn;
+    use crate::sink::MemorySink;
+
+    #[derive(Default)]
+    struct Flushes(Vec<&'static str>);
+
+    impl SinkObserver for Flushes {
+        fn applied(&mut self, _: &Batch, _: &ApplyStats, _: Duration) {}
+        fn acknowledged(&mut self, _: Lsn) {}
+        fn failed(&mut self, _: &SinkError, _: Duration) {}
+        fn flushed(&mut self, reason: &'static str) {
+            self.0.push(reason);
+        }
+    }
+
+    fn guard(timeline: u32, slot_synced: bool) -> IdentityGuard {
+        let mut flush_plan = Plan::default();
+        flush_plan.patterns.insert("user:*");
+        IdentityGuard {
+            key: "cache-invalidator:s:identity".into(),
+            pg_system_id: "7412".into(),
+            pg_timeline: timeline,
+            slot_synced,
+            flush_plan,
+            recheck: Arc::new(AtomicBool::new(false)),
+        }
+    }
+
+    /// Runs one batch through the stage with the identity stored on
+    /// timeline 1 and the current one on `guard`'s: the reasons flushed.
+    async fn one_batch(sink: &mut MemorySink, guard: &IdentityGuard) -> Vec<&'static str> {
+        let stored = identity::Identity {
+            redis_run_id: "memory-1".into(),
+            pg_system_id: "7412".into(),
+            pg_timeline: 1,
+        };
+        sink.store_identity(&guard.key, &stored).await.unwrap();
+        let (tx, rx) = mpsc::channel(1);
+        tx.send(Batch::default()).await.unwrap();
+        drop(tx);
+        let (mut ack, _acked) = Acknowledger::new(Lsn::ZERO);
+        let mut observer = Flushes::default();
+        sink_stage(rx, sink, &mut ack, guard, &mut observer)
+            .await
+            .unwrap();
+        observer.0
+    }
+
+    #[tokio::test]
+    async fn a_promotion_with_a_synchronized_slot_keeps_the_cache() {
+        let mut sink = MemorySink::new();
+        let guard = guard(2, true);
+        assert!(one_batch(&mut sink, &guard).await.is_empty());
+        assert!(sink.applied().is_empty(), "flushed: {:?}", sink.applied());
+        assert_eq!(sink.identity(&guard.key).unwrap().pg_timeline, 2);
+    }
+
+    #[tokio::test]
+    async fn a_new_timeline_without_a_synchronized_slot_flushes() {
+        let mut sink = MemorySink::new();
+        let guard = guard(2, false);
+        assert_eq!(one_batch(&mut sink, &guard).await, vec!["identity_changed"]);
+        assert_eq!(sink.applied(), vec![guard.flush_plan.clone()]);
+        assert_eq!(sink.identity(&guard.key).unwrap().pg_timeline, 2);
+    }
+
+    #[tokio::test]
+    async fn another_redis_flushes_even_with_a_synchronized_slot() {
+        let mut sink = MemorySink::new();
+        let guard = guard(2, true);
+        sink.set_run_id("memory-2");
+        assert_eq!(one_batch(&mut sink, &guard).await, vec!["identity_changed"]);
+        assert_eq!(sink.applied(), vec![guard.flush_plan.clone()]);
+    }
 }
