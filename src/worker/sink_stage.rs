@@ -195,7 +195,8 @@ mod tests {
         drop(tx);
         let (mut ack, _acked) = Acknowledger::new(Lsn::ZERO);
         let mut observer = Flushes::default();
-        sink_stage(rx, sink, &mut ack, guard, &mut observer)
+        let mut gate = VisibilityGate::disabled();
+        sink_stage(rx, sink, &mut ack, guard, &mut gate, &mut observer)
             .await
             .unwrap();
         observer.0
