@@ -75,6 +75,16 @@ fn match_single(pattern: &[u8], p: usize, c: u8) -> (bool, usize) {
     }
 }
 
+/// Where the pattern element starting at `p` ends (the next element's start):
+/// `\x` takes two bytes, a `[...]` class runs to its `]` (or the end), any
+/// other byte one. `p` must be in range.
+pub(crate) fn element_end(pattern: &[u8], p: usize) -> usize {
+    match pattern[p] {
+        b'*' => p + 1,
+        _ => match_single(pattern, p, 0).1,
+    }
+}
+
 /// Whether `s` matches the Redis glob `pattern`.
 pub fn glob_match(pattern: &[u8], s: &[u8]) -> bool {
     let (mut p, mut i) = (0usize, 0usize);

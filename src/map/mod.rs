@@ -9,6 +9,7 @@
 
 pub mod catalog;
 pub mod glob;
+pub mod glob_set;
 pub mod identity;
 mod raw;
 pub mod template;

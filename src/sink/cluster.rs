@@ -26,7 +26,7 @@
 //! between the first `UNLINK` and the `SREM` is deleted by the second `UNLINK`:
 //! it is never left alive and untracked.
 
-use super::{classify_scanned, PatternMatch};
+use super::patterns::{has_patterns, PatternMatch, PatternPass};
 use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
@@ -46,7 +46,7 @@ use crate::plan::Plan;
 
 /// Keys per UNLINK command (within one slot).
 const UNLINK_CHUNK: usize = 1000;
-/// Keys SCAN and SSCAN return per call (a hint).
+/// Keys SSCAN returns per call (a hint).
 const SCAN_COUNT: usize = 1000;
 /// Commands in flight at once.
 const CONCURRENCY: usize = 64;
@@ -429,10 +429,7 @@ impl ClusterSink {
         for (tag, lsn) in &plan.tombstone_tags {
             stats.tombstone_members += self.tombstone_tag(tag, *lsn, &mut stats).await?;
         }
-        if !(plan.patterns.is_empty()
-            && plan.tag_patterns.is_empty()
-            && plan.version_patterns.is_empty())
-        {
+        if has_patterns(plan) {
             self.scan_patterns(plan, &mut stats).await?;
         }
         // In order, one at a time: subscribers see the messages of a batch in
@@ -681,54 +678,58 @@ impl ClusterSink {
         }
     }
 
-    /// One SCAN pass over every master for every pattern of the plan, matched
-    /// client-side; matches are processed as they accumulate.
+    /// One SCAN pass over every master for every pattern of the plan
+    /// ([`super::patterns`]), the masters scanned concurrently; matches are
+    /// processed as they accumulate.
     async fn scan_patterns(&self, plan: &Plan, stats: &mut ApplyStats) -> Result<(), SinkError> {
-        let all: Vec<&str> = plan
-            .patterns
+        let pass = PatternPass::new(plan);
+        let masters = self.masters().await?;
+        let per_master = masters
             .iter()
-            .chain(&plan.tag_patterns)
-            .chain(&plan.version_patterns)
-            .collect();
-        let server_match = if all.len() == 1 {
-            Some(all[0].to_owned())
-        } else {
-            None
-        };
+            .map(|(host, port)| self.scan_master(&pass, host, *port));
+        for master_stats in futures_util::future::try_join_all(per_master).await? {
+            stats.add(&master_stats);
+        }
+        Ok(())
+    }
+
+    /// The pass over one master.
+    async fn scan_master(
+        &self,
+        pass: &PatternPass,
+        host: &str,
+        port: u16,
+    ) -> Result<ApplyStats, SinkError> {
+        let mut stats = ApplyStats::default();
         let mut found = Found::default();
-        for (host, port) in self.masters().await? {
-            let mut cursor: u64 = 0;
-            loop {
-                let mut cmd = redis::cmd("SCAN");
-                cmd.arg(cursor);
-                if let Some(m) = &server_match {
-                    cmd.arg("MATCH").arg(m);
-                }
-                cmd.arg("COUNT").arg(SCAN_COUNT);
-                let reply = self
-                    .on_node(&host, port, &cmd)
-                    .await
-                    .map_err(self.err("SCAN"))?;
-                let (next, keys): (u64, Vec<String>) =
-                    redis::from_redis_value(reply).map_err(|e| self.err("SCAN")(e.into()))?;
-                for key in keys {
-                    match classify_scanned(plan, &key, stats) {
-                        Some(PatternMatch::Key) => found.keys.push(key),
-                        Some(PatternMatch::Tag) => found.tags.push(key),
-                        Some(PatternMatch::Version) => found.versions.push(key),
-                        None => {}
-                    }
-                }
-                if found.len() >= UNLINK_CHUNK {
-                    self.run(std::mem::take(&mut found), stats).await?;
-                }
-                cursor = next;
-                if cursor == 0 {
-                    break;
+        let mut cursor: u64 = 0;
+        loop {
+            let reply = self
+                .on_node(host, port, &pass.scan_cmd(cursor))
+                .await
+                .map_err(self.err("SCAN"))?;
+            let (next, keys): (u64, Vec<String>) =
+                redis::from_redis_value(reply).map_err(|e| self.err("SCAN")(e.into()))?;
+            for key in keys {
+                match pass.classify(&key, &mut stats) {
+                    Some(PatternMatch::Key) => found.keys.push(key),
+                    Some(PatternMatch::Tag) => found.tags.push(key),
+                    Some(PatternMatch::Version) => found.versions.push(key),
+                    None => {}
                 }
             }
+            // A pass under way, matches found but not all invalidated.
+            crate::worker::failpoint(crate::worker::failpoint::IN_PATTERN_PASS);
+            if found.len() >= UNLINK_CHUNK {
+                self.run(std::mem::take(&mut found), &mut stats).await?;
+            }
+            cursor = next;
+            if cursor == 0 {
+                break;
+            }
         }
-        self.run(found, stats).await
+        self.run(found, &mut stats).await?;
+        Ok(stats)
     }
 }
 

@@ -25,6 +25,7 @@ pub mod cluster;
 pub mod error;
 pub mod identity;
 pub mod memory;
+pub mod patterns;
 pub mod scripts;
 
 use std::path::PathBuf;
@@ -38,16 +39,15 @@ pub use apply::{ApplySink, SinkObserver};
 pub use cluster::ClusterSink;
 pub use error::{mask_url, RetryClass, SinkError};
 pub use memory::MemorySink;
+pub use patterns::{has_patterns, take_patterns, PassReport};
 
 use crate::cache::tombstone::lsn_hex;
 use crate::lsn::Lsn;
-use crate::map::glob::glob_match;
 use crate::plan::Plan;
+use patterns::{PatternMatch, PatternPass};
 
 /// Keys per UNLINK command.
 const UNLINK_CHUNK: usize = 1000;
-/// Keys SCAN returns per call (a hint).
-const SCAN_COUNT: usize = 1000;
 /// How long WAIT waits for replicas before the plan is retried.
 const WAIT_TIMEOUT_MS: u64 = 1000;
 /// Hold time of tombstones unless [`RedisSink::set_tombstone_hold`] says otherwise.
@@ -184,6 +184,8 @@ pub struct ApplyStats {
     pub versions: u64,
     /// Keys matched by patterns (included in `keys`, `tags` or `versions` by kind).
     pub pattern_matches: u64,
+    /// Keys a pattern pass's SCAN returned (after the server's `MATCH` filter).
+    pub scanned: u64,
     /// Messages published.
     pub published: u64,
     /// Keys sent to the tombstone script (a newer tombstone already there is kept).
@@ -370,10 +372,7 @@ impl RedisSink {
                 .collect(),
         };
         self.run_rounds(round, &mut stats).await?;
-        if !(plan.patterns.is_empty()
-            && plan.tag_patterns.is_empty()
-            && plan.version_patterns.is_empty())
-        {
+        if has_patterns(plan) {
             self.scan_patterns(plan, &mut stats).await?;
         }
         if !plan.publish.is_empty() {
@@ -643,46 +642,32 @@ impl RedisSink {
         Ok(())
     }
 
-    /// One SCAN pass over the keyspace for every pattern of the plan, matched
-    /// client-side; matches are processed in rounds as they accumulate.
+    /// One SCAN pass over the keyspace for every pattern of the plan
+    /// ([`patterns`]); matches are processed in rounds as they accumulate.
     async fn scan_patterns(
         &mut self,
         plan: &Plan,
         stats: &mut ApplyStats,
     ) -> Result<(), SinkError> {
-        let all: Vec<&str> = plan
-            .patterns
-            .iter()
-            .chain(&plan.tag_patterns)
-            .chain(&plan.version_patterns)
-            .collect();
-        // With a single pattern the server can filter; otherwise match here.
-        let server_match = if all.len() == 1 {
-            Some(all[0].to_owned())
-        } else {
-            None
-        };
+        let pass = PatternPass::new(plan);
         let mut cursor: u64 = 0;
         let mut found = Found::default();
         loop {
-            let mut cmd = redis::cmd("SCAN");
-            cmd.arg(cursor);
-            if let Some(m) = &server_match {
-                cmd.arg("MATCH").arg(m);
-            }
-            cmd.arg("COUNT").arg(SCAN_COUNT);
-            let (next, keys): (u64, Vec<String>) = cmd
+            let (next, keys): (u64, Vec<String>) = pass
+                .scan_cmd(cursor)
                 .query_async(&mut self.conn)
                 .await
                 .map_err(self.err("SCAN"))?;
             for key in keys {
-                match classify_scanned(plan, &key, stats) {
+                match pass.classify(&key, stats) {
                     Some(PatternMatch::Key) => found.keys.push(key),
                     Some(PatternMatch::Tag) => found.tags.push(key),
                     Some(PatternMatch::Version) => found.versions.push(key),
                     None => {}
                 }
             }
+            // A pass under way, matches found but not all invalidated.
+            crate::worker::failpoint(crate::worker::failpoint::IN_PATTERN_PASS);
             if found.len() >= UNLINK_CHUNK {
                 let batch = std::mem::take(&mut found);
                 self.run_rounds(batch.round(), stats).await?;
@@ -694,42 +679,6 @@ impl RedisSink {
         }
         self.run_rounds(found.round(), stats).await
     }
-}
-
-/// Which pattern set of a plan a scanned key matched (first match wins:
-/// delete patterns, then tag-set patterns, then version patterns).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum PatternMatch {
-    /// A key to UNLINK.
-    Key,
-    /// A tag set to invalidate.
-    Tag,
-    /// A version key to bump.
-    Version,
-}
-
-/// Matches one key of the merged SCAN pass against the plan's patterns and
-/// counts it; shared by the single-server and the cluster executor.
-pub(crate) fn classify_scanned(
-    plan: &Plan,
-    key: &str,
-    stats: &mut ApplyStats,
-) -> Option<PatternMatch> {
-    let k = key.as_bytes();
-    let hit = |patterns: &crate::plan::KeySet| patterns.iter().any(|p| glob_match(p.as_bytes(), k));
-    let kind = if hit(&plan.patterns) {
-        PatternMatch::Key
-    } else if hit(&plan.tag_patterns) {
-        stats.tags += 1;
-        PatternMatch::Tag
-    } else if hit(&plan.version_patterns) {
-        stats.versions += 1;
-        PatternMatch::Version
-    } else {
-        return None;
-    };
-    stats.pattern_matches += 1;
-    Some(kind)
 }
 
 /// The entries of `items` at the 1-based `indexes` a script returned

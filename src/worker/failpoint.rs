@@ -4,6 +4,10 @@
 /// Redis and before its end LSN is acknowledged.
 pub const AFTER_APPLY_BEFORE_ACK: &str = "after_apply_before_ack";
 
+/// In a pattern pass, after a SCAN reply was matched and before the pass
+/// ends (its matches not all invalidated, its transactions not acknowledged).
+pub const IN_PATTERN_PASS: &str = "in_pattern_pass";
+
 /// Crash points for the fault-injection tests: with the `failpoints` feature
 /// (on in this crate's own test builds), `CACHE_INVALIDATOR_FAILPOINT=<name>`
 /// aborts the process (like SIGKILL) when the named point is reached. Without

@@ -1,0 +1,166 @@
+//! The pattern pass: one `SCAN` over the keyspace (every master of a cluster,
+//! concurrently) for every pattern of a plan, matched client-side by a
+//! [`GlobSet`] whose cost per scanned key does not grow with the pattern count,
+//! with the server filtering through `MATCH` wherever one glob covers all of
+//! them (ARCHITECTURE.md, "Patterns"; docs/operations.md, "Patterns and what
+//! they cost").
+//!
+//! Matches are collected and invalidated in chunks as they accumulate: keys
+//! unlinked, tag sets invalidated like tags, version keys bumped. The worker
+//! runs passes in their own lane (`worker/pattern_lane.rs`), so a pass never
+//! holds up the key, tag, version and channel invalidations of later batches.
+
+use std::time::Duration;
+
+use super::ApplyStats;
+use crate::map::glob_set::GlobSet;
+use crate::plan::Plan;
+
+/// Keys SCAN visits per call (a hint). Measured (BENCHMARKS.md, "Pattern
+/// passes"): on 1,000,000 keys a larger COUNT saves at most ~15% of a pass,
+/// within the noise of a busy 2-core machine, while each call holds Redis
+/// proportionally longer (COUNT 5000: up to 14 ms per call under load),
+/// which is latency every other client, this worker's key lane included, waits.
+pub const SCAN_COUNT: usize = 1000;
+
+/// Which pattern set of a plan a scanned key matched (first match wins:
+/// delete patterns, then tag-set patterns, then version patterns).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub(crate) enum PatternMatch {
+    /// A key to UNLINK.
+    Key,
+    /// A tag set to invalidate.
+    Tag,
+    /// A version key to bump.
+    Version,
+}
+
+/// True when `plan` has work for a pattern pass.
+pub fn has_patterns(plan: &Plan) -> bool {
+    !(plan.patterns.is_empty() && plan.tag_patterns.is_empty() && plan.version_patterns.is_empty())
+}
+
+/// Moves the pattern part of `plan` (patterns, tag patterns, version
+/// patterns) into a plan of its own; `plan` keeps everything else.
+pub fn take_patterns(plan: &mut Plan) -> Plan {
+    Plan {
+        patterns: std::mem::take(&mut plan.patterns),
+        tag_patterns: std::mem::take(&mut plan.tag_patterns),
+        version_patterns: std::mem::take(&mut plan.version_patterns),
+        ..Plan::default()
+    }
+}
+
+/// A plan's patterns compiled for one pass.
+pub(crate) struct PatternPass {
+    set: GlobSet<PatternMatch>,
+    filter: Option<Vec<u8>>,
+}
+
+impl PatternPass {
+    /// Compiles the plan's patterns (delete, tag-set and version patterns).
+    pub(crate) fn new(plan: &Plan) -> Self {
+        let set = GlobSet::new(
+            plan.patterns
+                .iter()
+                .map(|p| (p, PatternMatch::Key))
+                .chain(plan.tag_patterns.iter().map(|p| (p, PatternMatch::Tag)))
+                .chain(
+                    plan.version_patterns
+                        .iter()
+                        .map(|p| (p, PatternMatch::Version)),
+                ),
+        );
+        let filter = set.server_filter();
+        PatternPass { set, filter }
+    }
+
+    /// `SCAN cursor [MATCH filter] COUNT n`.
+    pub(crate) fn scan_cmd(&self, cursor: u64) -> redis::Cmd {
+        let mut cmd = redis::cmd("SCAN");
+        cmd.arg(cursor);
+        if let Some(filter) = &self.filter {
+            cmd.arg("MATCH").arg(filter.as_slice());
+        }
+        cmd.arg("COUNT").arg(SCAN_COUNT);
+        cmd
+    }
+
+    /// Matches one scanned key and counts it (`scanned`, and by kind).
+    pub(crate) fn classify(&self, key: &str, stats: &mut ApplyStats) -> Option<PatternMatch> {
+        stats.scanned += 1;
+        let kind = self.set.best_match(key.as_bytes())?;
+        match kind {
+            PatternMatch::Key => {}
+            PatternMatch::Tag => stats.tags += 1,
+            PatternMatch::Version => stats.versions += 1,
+        }
+        stats.pattern_matches += 1;
+        Some(kind)
+    }
+}
+
+/// What one pattern pass did, for metrics and logs.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct PassReport {
+    /// Patterns in the pass (delete, tag-set and version patterns).
+    pub patterns: u64,
+    /// Keys SCAN returned (after the server's `MATCH` filter).
+    pub scanned: u64,
+    /// Keys that matched a pattern.
+    pub matched: u64,
+    /// Wall-clock time of the pass, retries included.
+    pub elapsed: Duration,
+}
+
+impl ApplyStats {
+    /// Adds `other`'s counts to these.
+    pub fn add(&mut self, other: &ApplyStats) {
+        self.keys += other.keys;
+        self.tags += other.tags;
+        self.tag_members += other.tag_members;
+        self.versions += other.versions;
+        self.pattern_matches += other.pattern_matches;
+        self.scanned += other.scanned;
+        self.published += other.published;
+        self.tombstones += other.tombstones;
+        self.tombstone_members += other.tombstone_members;
+        self.repaired += other.repaired;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn take_patterns_leaves_the_immediate_part() {
+        let mut plan = Plan::default();
+        plan.keys.insert("post:1");
+        plan.patterns.insert("post:1:comments:*");
+        plan.tag_patterns.insert("tag:post:*");
+        plan.version_patterns.insert("version:post:*");
+        assert!(has_patterns(&plan));
+        let patterns = take_patterns(&mut plan);
+        assert!(!has_patterns(&plan));
+        assert_eq!(plan.keys.len(), 1);
+        assert_eq!(patterns.ops(), 3);
+        assert!(patterns.keys.is_empty());
+    }
+
+    #[test]
+    fn classify_prefers_delete_then_tag_then_version() {
+        let mut plan = Plan::default();
+        plan.patterns.insert("a:*");
+        plan.tag_patterns.insert("*");
+        plan.version_patterns.insert("v:*");
+        let pass = PatternPass::new(&plan);
+        let mut stats = ApplyStats::default();
+        assert_eq!(pass.classify("a:1", &mut stats), Some(PatternMatch::Key));
+        assert_eq!(pass.classify("v:1", &mut stats), Some(PatternMatch::Tag));
+        assert_eq!(stats.scanned, 2);
+        assert_eq!(stats.pattern_matches, 2);
+        assert_eq!(stats.tags, 1);
+        assert_eq!(pass.filter, None);
+    }
+}
