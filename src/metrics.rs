@@ -75,6 +75,9 @@ pub mod names {
     pub const ROLE: &str = "cache_invalidator_role";
     /// Gauge: mapped tables currently followed under a new name (renamed since start).
     pub const RENAMED_TABLES: &str = "cache_invalidator_renamed_tables";
+    /// Gauge: placeholder columns of mappings that their table no longer has
+    /// (dropped or renamed by DDL); those tables fall back to their truncate invalidations.
+    pub const MISSING_COLUMNS: &str = "cache_invalidator_missing_columns";
     /// Counter `{source, kind}`: invalidations requested other than by a
     /// mapping rule (`source="declared"`: the SQL API's messages), by kind.
     pub const REQUESTED_INVALIDATIONS_TOTAL: &str =
@@ -336,6 +339,7 @@ pub struct Metrics {
     heartbeat_lag: Gauge<f64, AtomicU64>,
     role: [Gauge; 2],
     renamed_tables: Gauge,
+    missing_columns: Gauge,
     declared: [Counter; InvalidationKind::ALL.len()],
     visibility_wait: Histogram,
     visibility_waiting: Gauge,
@@ -474,6 +478,12 @@ impl Metrics {
             renamed_tables.clone(),
         );
 
+        let missing_columns = Gauge::default();
+        r.register(
+            MISSING_COLUMNS,
+            "Placeholder columns of mappings their table no longer has (see /readyz); those tables fall back to their truncate invalidations",
+            missing_columns.clone(),
+        );
         let requested = Family::<SourceKindLabels, Counter>::default();
         r.register(
             counter_name(REQUESTED_INVALIDATIONS_TOTAL),
@@ -573,6 +583,7 @@ impl Metrics {
             heartbeat_lag,
             role,
             renamed_tables,
+            missing_columns,
             declared,
             visibility_wait,
             visibility_waiting,
@@ -754,6 +765,12 @@ impl Metrics {
         self.publication_drift.set(i64::from(drift.is_some()));
     }
 
+    /// How many mapped placeholder columns their table no longer has.
+    pub fn set_missing_columns(&self, n: u64) {
+        self.missing_columns
+            .set(i64::try_from(n).unwrap_or(i64::MAX));
+    }
+
     /// The OpenMetrics text exposition of every metric, `# EOF` included.
     pub fn render(&self) -> String {
         if let Some(since) = *lock(&self.blocked_since) {
@@ -780,6 +797,7 @@ struct HealthState {
     renamed: Option<String>,
     broken: Option<String>,
     drift: Option<String>,
+    missing_columns: Option<String>,
     heartbeat_lag: Option<Duration>,
     /// Why the visibility check on the primary cannot run (503).
     visibility: Option<String>,
@@ -809,6 +827,7 @@ impl Default for Health {
                 renamed: None,
                 broken: None,
                 drift: None,
+                missing_columns: None,
                 heartbeat_lag: None,
                 visibility: None,
                 replicas_down: std::collections::BTreeMap::new(),
@@ -877,6 +896,12 @@ impl Health {
         lock(&self.state).drift = reason;
     }
 
+    /// Mapped placeholder columns their table no longer has
+    /// (`Some("public.posts.author_id")`), or none.
+    pub fn set_missing_columns(&self, reason: Option<String>) {
+        lock(&self.state).missing_columns = reason;
+    }
+
     /// How long the last heartbeat took to come back through the stream.
     pub fn set_heartbeat_lag(&self, lag: Duration) {
         lock(&self.state).heartbeat_lag = Some(lag);
@@ -904,7 +929,8 @@ impl Health {
     }
 
     /// `(200, "ok")` while streaming with Redis reachable, nothing blocked, no
-    /// renamed or broken table and no publication drift; otherwise 503 and one
+    /// renamed or broken table, no missing mapped column and no publication
+    /// drift; otherwise 503 and one
     /// reason per line.
     pub fn readyz(&self) -> (u16, String) {
         let s = lock(&self.state);
@@ -922,6 +948,11 @@ impl Health {
         }
         if let Some(r) = &s.renamed {
             reasons.push(format!("renamed table {r}"));
+        }
+        if let Some(m) = &s.missing_columns {
+            reasons.push(format!(
+                "mapped column missing {m}: those tables fall back to their truncate invalidations; fix the mappings"
+            ));
         }
         if let Some(v) = &s.visibility {
             reasons.push(format!("visibility check failing: {v}"));

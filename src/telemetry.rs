@@ -159,6 +159,17 @@ impl Telemetry {
         self.health.set_broken(Some(list.join(", ")));
     }
 
+    /// Mapped placeholder columns the relations no longer have (table, column).
+    pub fn missing_columns(&self, missing: &[(String, String)]) {
+        self.metrics.set_missing_columns(missing.len() as u64);
+        if missing.is_empty() {
+            self.health.set_missing_columns(None);
+        } else {
+            let list: Vec<String> = missing.iter().map(|(t, c)| format!("{t}.{c}")).collect();
+            self.health.set_missing_columns(Some(list.join(", ")));
+        }
+    }
+
     /// A heartbeat was emitted at `lsn`.
     pub fn heartbeat_sent(&self, lsn: Lsn) {
         if let Ok(mut q) = self.heartbeats.lock() {

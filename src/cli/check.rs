@@ -12,6 +12,7 @@ use std::path::Path;
 use crate::config::{Config, EnvOverrides};
 use crate::error::CliError;
 use crate::map::catalog::{Finding, Severity};
+use crate::map::TableName;
 use crate::map::{Mappings, TruncateSource};
 use crate::preflight::Reach;
 
@@ -126,6 +127,14 @@ pub async fn run(config_path: &Path) -> Result<(), CliError> {
             }
         }
     }
+    if !matches!(report.postgres, Reach::Unreachable(_)) {
+        if let Ok(client) =
+            crate::pg::connect_sql(&pg.url, pg.password.as_ref().map(|p| p.expose())).await
+        {
+            let tables: Vec<TableName> = checked.mappings.tables().into_iter().cloned().collect();
+            findings.extend(ddl_tracking(&client, &tables).await);
+        }
+    }
 
     if let Reach::Unreachable(why) = &report.redis {
         findings.push(warning(format!("Redis checks skipped: {why}")));
@@ -168,6 +177,54 @@ pub async fn run(config_path: &Path) -> Result<(), CliError> {
     }
     println!("{acl}");
     Ok(())
+}
+
+/// Warnings about DDL tracking: without the event triggers of `setup
+/// --ddl-trigger`, DDL that changes what readers see without row events is
+/// not tracked; with them, `mapped_tables` must name the mapped tables.
+async fn ddl_tracking(client: &tokio_postgres::Client, tables: &[TableName]) -> Vec<Finding> {
+    use super::sql_api as api;
+    let installed = match client.query_one(api::TRIGGERS_INSTALLED_SQL, &[]).await {
+        Ok(row) => row.get::<_, bool>(0),
+        Err(e) => {
+            return vec![warning(format!(
+                "DDL tracking not checked: {}",
+                crate::pg::describe(&e)
+            ))]
+        }
+    };
+    if !installed {
+        return vec![warning(
+            "DDL is not tracked: the event triggers of `cache-invalidator setup --ddl-trigger` are not installed, so a rewrite              (ALTER COLUMN ... TYPE), a partition DROP/DETACH/ATTACH, a DROP of a mapped table or a REFRESH of a mapped              materialized view leaves stale entries until `cache-invalidator flush --table T`"
+                .into(),
+        )];
+    }
+    match client.query_one(api::CAN_READ_MAPPED_SQL, &[]).await {
+        Ok(row) if row.get::<_, bool>(0) => {}
+        // The worker's role may not read the API's schema: nothing to compare.
+        _ => return Vec::new(),
+    }
+    let names: Vec<String> = match client.query(api::MAPPED_TABLES_SQL, &[]).await {
+        Ok(rows) => rows.iter().map(|r| r.get(0)).collect(),
+        Err(e) => {
+            return vec![warning(format!(
+                "DDL tracking not checked: {}",
+                crate::pg::describe(&e)
+            ))]
+        }
+    };
+    let missing: Vec<String> = tables
+        .iter()
+        .map(|t| t.to_string())
+        .filter(|t| !names.contains(t))
+        .collect();
+    if missing.is_empty() {
+        return Vec::new();
+    }
+    vec![warning(format!(
+        "DDL of {} is not tracked: cache_invalidator.mapped_tables does not name it; rerun `cache-invalidator setup`",
+        missing.join(", ")
+    ))]
 }
 
 fn warning(message: String) -> Finding {

@@ -184,7 +184,14 @@ impl Setup {
                 blockers.join("\n")
             )));
         }
-        let targets = self.targets(mappings).await?;
+        // Materialized views have no row events: nothing to publish, no
+        // identity; only their truncate invalidations fire (REFRESH, flush).
+        let targets: Vec<Target> = self
+            .targets(mappings)
+            .await?
+            .into_iter()
+            .filter(|t| t.facts.info.relkind != 'm')
+            .collect();
 
         // 1. Replica identities PostgreSQL would refuse to publish.
         let unusable: Vec<&Target> = targets
@@ -304,17 +311,31 @@ impl Setup {
                 return Ok(None);
             }
         }
-        let installed: Vec<String> = self
+        let readable: bool = self
             .client
-            .query(api::MAPPED_TABLES_SQL, &[])
+            .query_one(api::CAN_READ_MAPPED_SQL, &[])
             .await
-            .map_err(|e| CliError::runtime(PgError::query(api::MAPPED_TABLES_SQL, e)))?
-            .iter()
-            .map(|r| r.get(0))
-            .collect();
+            .map_err(|e| CliError::runtime(PgError::query(api::CAN_READ_MAPPED_SQL, e)))?
+            .get(0);
+        let installed: Vec<String> = if readable {
+            self.client
+                .query(api::MAPPED_TABLES_SQL, &[])
+                .await
+                .map_err(|e| CliError::runtime(PgError::query(api::MAPPED_TABLES_SQL, e)))?
+                .iter()
+                .map(|r| r.get(0))
+                .collect()
+        } else {
+            Vec::new()
+        };
         let tables = mappings.tables();
         let wanted: Vec<String> = tables.iter().map(|t| t.to_string()).collect();
-        if installed != wanted {
+        if !readable {
+            eprintln!(
+                "warning: cache_invalidator.mapped_tables is not readable by the setup user: it was not compared with the mappings; \
+                 run `setup` as the role that installed the SQL API (its owner) to update it"
+            );
+        } else if installed != wanted {
             self.transaction(&api::mapped_tables_statements(tables))
                 .await
                 .map_err(CliError::runtime)?;
@@ -487,7 +508,7 @@ impl Setup {
                 None => eprintln!(
                     "warning: mapped table {name} does not exist: skipped (fix the mapping or create the table, then rerun setup; `cache-invalidator check` shows details)"
                 ),
-                Some(f) if !matches!(f.info.relkind, 'r' | 'p') => problems.push(format!(
+                Some(f) if !matches!(f.info.relkind, 'r' | 'p' | 'm') => problems.push(format!(
                     "{name} is not a table (relkind '{}')",
                     f.info.relkind
                 )),

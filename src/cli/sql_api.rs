@@ -329,6 +329,11 @@ pub const TRIGGERS_INSTALLED_SQL: &str = "SELECT count(*) = 2 FROM pg_catalog.pg
 pub const INSTALLED_STAMP_SQL: &str = "SELECT pg_catalog.obj_description(n.oid, 'pg_namespace') \
      FROM pg_catalog.pg_namespace AS n WHERE n.nspname = 'cache_invalidator'";
 
+/// Whether the current user may read `mapped_tables` (its owner may; the
+/// schema is closed to `PUBLIC`).
+pub const CAN_READ_MAPPED_SQL: &str = "SELECT has_schema_privilege('cache_invalidator', 'USAGE') \
+     AND has_table_privilege('cache_invalidator.mapped_tables', 'SELECT')";
+
 /// `mapped_tables` as `schema.table` names, sorted.
 pub const MAPPED_TABLES_SQL: &str =
     "SELECT schema_name || '.' || table_name FROM cache_invalidator.mapped_tables ORDER BY 1";

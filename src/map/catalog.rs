@@ -248,6 +248,14 @@ pub fn check_catalog(
         };
         match info.relkind {
             'r' | 'p' => {}
+            'm' => {
+                // No row events: only its truncate invalidations ever fire,
+                // on REFRESH (DDL event trigger) or by `flush`.
+                out.push(Finding::warning(format!(
+                    "{loc}: {t} is a materialized view: it has no row events; its truncate invalidations fire on REFRESH MATERIALIZED VIEW with `setup --ddl-trigger` installed, otherwise only by `cache-invalidator flush --table {t}`"
+                )));
+                continue;
+            }
             k => {
                 let what = match k {
                     'v' => "a view",
@@ -564,6 +572,18 @@ mod tests {
             "the table does not exist"
         );
         assert_eq!(e[1], "m.toml:5:8: table public.posts has no column `auther_id`: did you mean `author_id`?; its columns: id, author_id, title");
+    }
+
+    #[test]
+    fn a_materialized_view_is_a_warning_not_an_error() {
+        let mut s = posts_snapshot(ReplicaIdentity::Columns(vec![]));
+        s.tables.values_mut().next().unwrap().relkind = 'm';
+        s.publication = None;
+        let f = check_catalog(&mappings(POSTS), &s, "x");
+        assert!(errors(&f).is_empty(), "{f:?}");
+        assert!(f.iter().any(|x| x
+            .message
+            .contains("is a materialized view: it has no row events")));
     }
 
     #[test]

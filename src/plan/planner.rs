@@ -223,6 +223,11 @@ pub struct PlannerStats {
     pub renamed: Vec<(String, String)>,
     /// Declared invalidations planned, and malformed messages.
     pub declared: DeclaredCounters,
+    /// Placeholder columns the mapped relation no longer has, as of its last
+    /// Relation message (mapped table, column): that table's changes fall
+    /// back to its truncate invalidations until the column is back or the
+    /// mapping is fixed.
+    pub missing_columns: Vec<(String, String)>,
 }
 
 /// A rule resolved against one relation.
@@ -718,6 +723,7 @@ impl Planner {
                     rules.push(resolve_rule(i, rule, rel));
                 }
             }
+            self.recheck_columns(m, &rules);
         }
         RelState {
             rel: Arc::clone(rel),
@@ -726,6 +732,41 @@ impl Planner {
             rules,
             counters,
         }
+    }
+
+    /// Re-checks a mapped table's placeholder columns against its relation as
+    /// the last Relation message (after DDL) described it: a column that
+    /// disappeared is reported once, loudly (here, and through
+    /// [`PlannerStats::missing_columns`] as a metric and a `/readyz` reason);
+    /// one that came back is cleared.
+    fn recheck_columns(&mut self, mapped: &TableName, rules: &[ResolvedRule]) {
+        let table = mapped.to_string();
+        let mut missing: Vec<String> = Vec::new();
+        for rr in rules {
+            let rule = &self.mappings.rules()[rr.rule];
+            for (col, idx) in rule.columns.iter().zip(&rr.cols) {
+                if idx.is_none() && !missing.contains(col) {
+                    missing.push(col.clone());
+                }
+            }
+        }
+        let known = &mut self.stats.missing_columns;
+        for col in &missing {
+            if !known.iter().any(|(t, c)| *t == table && c == col) {
+                tracing::error!(
+                    table = %table,
+                    column = %col,
+                    "a mapped table no longer has a column its mapping renders: every change of it fires the table's truncate invalidations until the mapping is fixed (see /readyz)"
+                );
+                known.push((table.clone(), col.clone()));
+            }
+        }
+        known.retain(|(t, c)| *t != table || missing.contains(c));
+    }
+
+    /// Placeholder columns mapped relations no longer have (see [`PlannerStats::missing_columns`]).
+    pub fn missing_columns(&self) -> &[(String, String)] {
+        &self.stats.missing_columns
     }
 
     /// Renders one rule for one change into the plan; `Err` asks for the fallback.
@@ -1341,8 +1382,16 @@ patterns = ["feed:*:author:{author_id}"]
         p.change(&change(&r, Op::Insert, None, Some(&[Some("7"), Some("a")])));
         assert!(p.take().patterns.contains("post:*"));
         assert_eq!(p.take_fallbacks()[0].reason, FallbackReason::MissingColumn);
+        assert_eq!(
+            p.missing_columns(),
+            [("public.posts".to_owned(), "author_id".to_owned())],
+            "reported once, by name"
+        );
+        p.relation(&r);
+        assert_eq!(p.missing_columns().len(), 1, "not reported twice");
         // The column comes back with a new Relation: rendering resumes.
         p.relation(&posts());
+        assert!(p.missing_columns().is_empty(), "cleared");
         p.change(&change(
             &posts(),
             Op::Insert,

@@ -196,6 +196,7 @@ pub async fn plan_stage(
                         planner.feed(&event);
                         if matches!(event, Event::Relation(_)) {
                             telemetry.renamed(&planner.stats().renamed);
+                            telemetry.missing_columns(planner.missing_columns());
                         }
                         relations.recycle(event);
                     }
