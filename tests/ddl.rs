@@ -99,7 +99,7 @@ fn ddl_on_mapped_tables_flushes_them_with_the_trigger() {
     );
 
     // A setup user that is not a superuser: told why, nothing half-installed.
-    pg.psql("CREATE ROLE plain LOGIN");
+    pg.psql("CREATE ROLE plain LOGIN REPLICATION");
     let plain = WorkerConfig::urls(
         &pg.url().replace("postgres@", "plain@"),
         &redis.url(),
