@@ -11,7 +11,7 @@
 //!  decode/   pgoutput -> Event (Begin, Change, Message, Commit)
 //!        │                                         │
 //!  map/      mapping rules: row -> keys, tags, versions, patterns, messages
-//!  plan/     fold changes into one deduplicated Plan per batch
+//!  plan/     fold changes (and declared invalidations, plan/declared.rs) into one deduplicated Plan per batch
 //!        │                                         │
 //!  sink/     execute a Plan against Redis (UNLINK, scripts, SCAN, PUBLISH; one server or a Cluster)
 //!        │  "applied up to LSN"                    │

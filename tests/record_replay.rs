@@ -24,7 +24,7 @@ fn recorded_sql_replays_into_the_expected_plan() {
         .args([
             "record",
             "--max-txns",
-            "2",
+            "3",
             "--timeout",
             "60",
             "--publication",
@@ -43,6 +43,11 @@ fn recorded_sql_replays_into_the_expected_plan() {
     });
     pg.psql("UPDATE users SET avatar_url = 'https://img.example.com/ada-2.png' WHERE id = 123");
     pg.psql("UPDATE posts SET author_id = 2 WHERE id = 7");
+    // A declared invalidation, recorded in place and planned by replay.
+    pg.psql(
+        "BEGIN; UPDATE posts SET title = 'Cache invalidation, 2nd ed.' WHERE id = 7; \
+         SELECT cache_invalidator.invalidate(keys => ARRAY['post:7:comment_count'], tags => ARRAY['author:1']); COMMIT;",
+    );
     let status = record.wait().unwrap();
     assert!(status.success(), "record failed");
 
@@ -52,7 +57,7 @@ fn recorded_sql_replays_into_the_expected_plan() {
         .lines()
         .map(|l| serde_json::from_str(l).unwrap())
         .collect();
-    assert_eq!(plans.len(), 2, "{stdout}");
+    assert_eq!(plans.len(), 3, "{stdout}");
     let recorded: Vec<Value> = std::fs::read_to_string(&file)
         .unwrap()
         .lines()
@@ -74,4 +79,19 @@ fn recorded_sql_replays_into_the_expected_plan() {
         json!(["author:1:posts", "author:2:posts", "post:7"])
     );
     assert_eq!(plans[1]["lsn"], recorded[1]["lsn"]);
+    let message = &recorded[2]["changes"][1];
+    assert_eq!(message["op"], "message", "{}", recorded[2]);
+    assert_eq!(message["prefix"], "cache-invalidator");
+    assert!(
+        message["content"]
+            .as_str()
+            .is_some_and(|c| c.starts_with("invalidate:v1:{")),
+        "{message}"
+    );
+    assert_eq!(
+        plans[2]["keys"],
+        json!(["author:2:posts", "post:7", "post:7:comment_count"])
+    );
+    assert_eq!(plans[2]["tags"], json!(["tag:author:1"]));
+    assert_eq!(plans[2]["lsn"], recorded[2]["lsn"]);
 }
