@@ -218,6 +218,46 @@ pub fn broken_tables(mappings: &Mappings, snap: &CatalogSnapshot) -> BTreeMap<Ta
     out
 }
 
+/// What the publication hides from the mappings right now (drift): the
+/// publication missing, publish actions a rule fires on, a mapped table not
+/// in it, a row filter, a column list hiding a read column, a partitioned
+/// table published without `publish_via_partition_root`. One line per
+/// problem, each saying what to run; empty when nothing is hidden. The
+/// worker re-reads the publication on every (re)connect and on a timer and
+/// reports these on `/readyz`.
+pub fn publication_drift(
+    mappings: &Mappings,
+    snap: &CatalogSnapshot,
+    publication: &str,
+) -> Vec<String> {
+    let Some(p) = &snap.publication else {
+        return vec![format!(
+            "publication {publication:?} does not exist: no change is sent; run `cache-invalidator setup` (it recreates it, and the slot with a full flush when the slot cannot decode past the gap)"
+        )];
+    };
+    let mut out: Vec<String> = Vec::new();
+    for rule in mappings.rules() {
+        let Some(info) = snap.tables.get(&rule.table) else {
+            continue;
+        };
+        let mut found = Vec::new();
+        check_publication(rule, info, p, &mut found);
+        for f in found.into_iter().filter(|f| f.severity == Severity::Error) {
+            // Without the rule's location: one line per problem and table.
+            let text = f
+                .message
+                .split_once(": ")
+                .filter(|(loc, _)| *loc == rule.location.to_string())
+                .map(|(_, m)| m.to_string())
+                .unwrap_or(f.message);
+            if !out.contains(&text) {
+                out.push(text);
+            }
+        }
+    }
+    out
+}
+
 /// Checks the mappings against the catalog and the publication, per the design:
 /// unknown tables or columns, relkinds, unlogged tables, generated columns,
 /// replica identity, publish actions, row filters, column lists, partitions.
@@ -639,6 +679,23 @@ mod tests {
         assert!(e[0].contains("does not publish deletes"), "{e:?}");
         assert!(e[1].contains("row filter on public.posts (WHERE published)"));
         assert!(e[2].contains("hides column(s) author_id"));
+    }
+
+    #[test]
+    fn drift_names_what_the_publication_hides() {
+        let m = mappings(POSTS);
+        let mut s = posts_snapshot(ReplicaIdentity::Full);
+        assert!(publication_drift(&m, &s, "p").is_empty());
+        s.publication.as_mut().unwrap().update = false;
+        let d = publication_drift(&m, &s, "p");
+        assert_eq!(d.len(), 1, "{d:?}");
+        assert!(d[0].starts_with("the publication does not publish updates, which the rule for public.posts fires on"), "{d:?}");
+        s.publication.as_mut().unwrap().tables.clear();
+        assert!(publication_drift(&m, &s, "p")
+            .iter()
+            .any(|l| l.contains("public.posts is not in the publication")));
+        s.publication = None;
+        assert!(publication_drift(&m, &s, "p")[0].starts_with("publication \"p\" does not exist"));
     }
 
     #[test]

@@ -25,6 +25,7 @@
 //! | `session.rs` | one process's loop of replication sessions: connect, stream, reconnect, standby |
 //! | `heartbeat.rs` | the heartbeat message that measures end-to-end lag |
 //! | `probe.rs` | the Redis probe behind `/readyz` while no batch is in flight |
+//! | `publication.rs` | the publication watch: drift on `/readyz` (re-read per session and every 10 s) |
 //! | `backoff.rs`, `failpoint.rs` | retry delays; crash points of the fault tests |
 
 mod backoff;
@@ -32,6 +33,7 @@ pub mod failpoint;
 mod heartbeat;
 pub mod plan_stage;
 mod probe;
+mod publication;
 pub mod session;
 pub mod sink_stage;
 

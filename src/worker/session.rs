@@ -69,6 +69,8 @@ pub struct Worker {
     redis_interrupted: Arc<AtomicBool>,
     /// Waiting for another worker's slot (logged once per wait).
     was_standby: AtomicBool,
+    /// Wakes the publication watch: each new session re-reads the publication.
+    publication_kick: Arc<tokio::sync::Notify>,
 }
 
 impl Worker {
@@ -94,6 +96,7 @@ impl Worker {
             auto_setup,
             redis_interrupted: Arc::new(AtomicBool::new(false)),
             was_standby: AtomicBool::new(false),
+            publication_kick: Arc::new(tokio::sync::Notify::new()),
         }
     }
 
@@ -138,6 +141,14 @@ impl Worker {
             sink.clone(),
             Arc::clone(&self.telemetry),
             Arc::clone(&self.redis_interrupted),
+            self.stop.clone(),
+        ));
+        tokio::spawn(super::publication::watch_publication(
+            self.settings.clone(),
+            Arc::clone(&self.mappings),
+            self.config.postgres.publication.clone(),
+            Arc::clone(&self.telemetry),
+            Arc::clone(&self.publication_kick),
             self.stop.clone(),
         ));
         let mut gate = self.visibility_gate(&sink)?;
@@ -259,10 +270,17 @@ impl Worker {
         let pg = &self.config.postgres;
         let retry = |err: SourceError| -> Result<SessionEnd, CliError> {
             match err.retry_class() {
+                // Dropped under us: `setup` repairs it (the publication watch
+                // says so on /readyz); keep trying meanwhile, with backoff.
+                _ if matches!(err, SourceError::PublicationMissing { .. }) => Ok(
+                    SessionEnd::Retry(err.to_string(), RetryClass::BackOffAndRetry),
+                ),
                 RetryClass::Fatal => Err(CliError::runtime(err)),
                 class => Ok(SessionEnd::Retry(err.to_string(), class)),
             }
         };
+        // Every (re)connect re-reads the publication.
+        self.publication_kick.notify_one();
         let (mut conn, system) = match connected {
             Some(Ok(pair)) => pair,
             Some(Err(err)) => return retry(err),
@@ -390,6 +408,15 @@ impl Worker {
         if let Err(err) = plan_result {
             // Undecodable stream: reconnecting resends the same bytes.
             return Err(CliError::runtime(err));
+        }
+        if let (Err(err @ SourceError::PublicationMissing { .. }), Some(setup)) =
+            (&stream_result, &self.auto_setup)
+        {
+            // The slot cannot decode past the gap; setup recreates the
+            // publication and the slot, with a flush marker for everything.
+            tracing::warn!({ ERROR } = %err, "auto_setup: recreating the publication (and the slot, with a full flush) after it was dropped");
+            setup().await?;
+            return Ok(SessionEnd::Retry(err.to_string(), RetryClass::Reconnect));
         }
         match stream_result {
             Ok(()) if self.stopping() => Ok(SessionEnd::Stopped),

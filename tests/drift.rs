@@ -1,0 +1,257 @@
+//! No silent gaps, against real servers: the publication narrowed, a table
+//! dropped from it, the publication dropped and recreated, and a mapped
+//! column dropped before a restart. Each is visible on `/readyz` while it
+//! lasts, `setup` repairs it with the flush that covers the window, and the
+//! worker streams on.
+
+mod support;
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::time::Duration;
+
+use support::{PgCluster, RedisProbe, RedisServer, WorkerConfig, WorkerProcess};
+
+const WAIT: Duration = Duration::from_secs(60);
+
+const ITEMS: &str = "[[table]]\nname = \"items\"\nkeys = [\"item:{id}\"]\n";
+
+/// GET a path: (status, body).
+fn get(port: u16, path: &str) -> Option<(u16, String)> {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    )
+    .ok()?;
+    let mut text = String::new();
+    s.read_to_string(&mut text).ok()?;
+    let status = text.split_whitespace().nth(1)?.parse().ok()?;
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    Some((status, body))
+}
+
+/// Waits until `/readyz` answers `want` with a body containing `needle`.
+fn wait_readyz(port: u16, want: u16, needle: &str) -> String {
+    support::wait_for(&format!("/readyz {want} with {needle:?}"), WAIT, || {
+        get(port, "/readyz")
+            .filter(|(s, b)| *s == want && b.contains(needle))
+            .map(|(_, b)| b)
+    })
+}
+
+/// The value of one metric sample without labels.
+fn metric(port: u16, name: &str) -> f64 {
+    let (_, body) = get(port, "/metrics").expect("/metrics");
+    body.lines()
+        .find(|l| l.starts_with(name) && l[name.len()..].starts_with(' '))
+        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+        .unwrap_or_else(|| panic!("no {name} in:\n{body}"))
+}
+
+/// items + the sync probe, set up, and a worker serving metrics on a free port.
+fn start(
+    pg: &PgCluster,
+    redis: &RedisServer,
+    mappings: &[(&str, &str)],
+) -> (WorkerConfig, WorkerProcess, u16) {
+    pg.psql(support::SYNC_PROBE_TABLE);
+    let mut files: Vec<(&str, &str)> = mappings.to_vec();
+    files.push(("zz_sync_probe.toml", support::SYNC_PROBE_MAPPING));
+    let cfg = WorkerConfig::new(pg, redis, &files, "");
+    let port = support::free_port();
+    let text = std::fs::read_to_string(cfg.path()).unwrap();
+    std::fs::write(
+        cfg.path(),
+        format!("{text}\n[metrics]\nlisten = \"127.0.0.1:{port}\"\n"),
+    )
+    .unwrap();
+    let (code, out, err) = cfg.command(&["setup"]);
+    assert_eq!(code, 0, "{out}\n{err}");
+    let worker = cfg.spawn_worker();
+    support::sync_worker(pg, redis, WAIT);
+    wait_readyz(port, 200, "ok");
+    (cfg, worker, port)
+}
+
+#[test]
+fn a_narrowed_publication_is_503_until_setup_repairs_and_flushes_it() {
+    let pg = PgCluster::start();
+    let redis = RedisServer::start();
+    pg.psql(
+        "CREATE TABLE items (id int PRIMARY KEY, v int); INSERT INTO items VALUES (1, 0), (2, 0)",
+    );
+    let (cfg, worker, port) = start(&pg, &redis, &[("items.toml", ITEMS)]);
+    let mut probe = RedisProbe::new(&redis);
+
+    pg.psql("ALTER PUBLICATION cache_invalidator SET (publish = 'insert')");
+    let body = wait_readyz(port, 503, "publication drift");
+    assert!(body.contains("does not publish updates"), "{body}");
+    assert_eq!(metric(port, "cache_invalidator_publication_drift"), 1.0);
+    // The update is hidden by the narrowed publication: its key stays.
+    probe.set("item:1", "stale");
+    pg.psql("UPDATE items SET v = 1 WHERE id = 1");
+    support::sync_worker(&pg, &redis, WAIT);
+    assert!(
+        probe.exists("item:1"),
+        "the narrowed publication sent the update after all"
+    );
+    worker.wait_log("publication drift", WAIT);
+
+    // check says so, and setup repairs it with a flush of the hidden table.
+    let (code, out, err) = cfg.command(&["check"]);
+    assert_eq!(code, 2, "{out}\n{err}");
+    assert!(err.contains("does not publish updates"), "{err}");
+    let (code, out, err) = cfg.command(&["setup"]);
+    assert_eq!(code, 0, "{out}\n{err}");
+    assert!(
+        out.contains("SET (publish = 'insert, update, delete, truncate')"),
+        "{out}"
+    );
+    assert!(out.contains("'flush:table:public.items'"), "{out}");
+    probe.wait_gone("item:1", WAIT);
+    wait_readyz(port, 200, "ok");
+    assert_eq!(metric(port, "cache_invalidator_publication_drift"), 0.0);
+    // Streams on, precisely.
+    probe.set("item:2", "x");
+    pg.psql("UPDATE items SET v = 2 WHERE id = 2");
+    probe.wait_gone("item:2", WAIT);
+}
+
+#[test]
+fn a_table_dropped_from_the_publication_is_503_until_setup_adds_and_flushes_it() {
+    let pg = PgCluster::start();
+    let redis = RedisServer::start();
+    pg.psql("CREATE TABLE items (id int PRIMARY KEY, v int); INSERT INTO items VALUES (1, 0)");
+    let (cfg, _worker, port) = start(&pg, &redis, &[("items.toml", ITEMS)]);
+    let mut probe = RedisProbe::new(&redis);
+
+    pg.psql("ALTER PUBLICATION cache_invalidator DROP TABLE items");
+    let body = wait_readyz(port, 503, "publication drift");
+    assert!(
+        body.contains("public.items is not in the publication"),
+        "{body}"
+    );
+    probe.set("item:1", "stale");
+    pg.psql("UPDATE items SET v = 1 WHERE id = 1");
+    support::sync_worker(&pg, &redis, WAIT);
+    assert!(
+        probe.exists("item:1"),
+        "a table outside the publication sent its update"
+    );
+
+    let (code, out, err) = cfg.command(&["setup"]);
+    assert_eq!(code, 0, "{out}\n{err}");
+    assert!(out.contains("ADD TABLE \"public\".\"items\""), "{out}");
+    assert!(out.contains("'flush:table:public.items'"), "{out}");
+    probe.wait_gone("item:1", WAIT);
+    wait_readyz(port, 200, "ok");
+}
+
+#[test]
+fn a_dropped_publication_is_recreated_by_setup_with_the_slot_and_a_full_flush() {
+    let pg = PgCluster::start();
+    let redis = RedisServer::start();
+    pg.psql(
+        "CREATE TABLE items (id int PRIMARY KEY, v int); INSERT INTO items VALUES (1, 0), (2, 0)",
+    );
+    let (cfg, worker, port) = start(&pg, &redis, &[("items.toml", ITEMS)]);
+    let mut probe = RedisProbe::new(&redis);
+
+    // Dropped while running: /readyz says so, the log names the publication once.
+    pg.psql("DROP PUBLICATION cache_invalidator");
+    probe.set("item:1", "stale");
+    pg.psql("UPDATE items SET v = 1 WHERE id = 1");
+    wait_readyz(
+        port,
+        503,
+        "publication \"cache_invalidator\" does not exist",
+    );
+    worker.wait_log("does not exist", WAIT);
+    let log = worker.log();
+    assert!(
+        !log.contains("publication \\\"publication"),
+        "garbled: {log}"
+    );
+    assert!(!log.contains("publication \"publication"), "garbled: {log}");
+    let (code, out, err) = cfg.command(&["setup"]);
+    assert_eq!(code, 0, "{out}\n{err}");
+    assert!(out.contains("CREATE PUBLICATION"), "{out}");
+    assert!(out.contains("recreated, with a full flush marker"), "{out}");
+    assert!(out.contains("'flush:all'"), "{out}");
+    probe.wait_gone("item:1", WAIT);
+    support::sync_worker(&pg, &redis, WAIT);
+    wait_readyz(port, 200, "ok");
+
+    // Dropped and recreated by hand: the slot cannot decode past the gap;
+    // setup finds out and recreates it with a full flush.
+    pg.psql("DROP PUBLICATION cache_invalidator");
+    probe.set("item:2", "stale");
+    pg.psql("UPDATE items SET v = 1 WHERE id = 2");
+    pg.psql("CREATE PUBLICATION cache_invalidator FOR TABLE items, sync_probe WITH (publish_via_partition_root = true)");
+    let (code, out, err) = cfg.command(&["setup"]);
+    assert_eq!(code, 0, "{out}\n{err}");
+    assert!(out.contains("cannot decode past a gap"), "{out}\n{err}");
+    assert!(out.contains("'flush:all'"), "{out}");
+    probe.wait_gone("item:2", WAIT);
+    support::sync_worker(&pg, &redis, WAIT);
+    wait_readyz(port, 200, "ok");
+}
+
+#[test]
+fn a_dropped_template_column_runs_that_table_in_fallback_after_a_restart() {
+    let pg = PgCluster::start();
+    let redis = RedisServer::start();
+    pg.psql(
+        "CREATE TABLE items (id int PRIMARY KEY, v int); INSERT INTO items VALUES (1, 0), (2, 0);
+         CREATE TABLE codes (id int PRIMARY KEY, code text); INSERT INTO codes VALUES (1, 'a')",
+    );
+    let codes =
+        "[[table]]\nname = \"codes\"\nkeys = [\"code:{code}\"]\nassume_unchanged = [\"code\"]\n";
+    let (cfg, mut worker, port) =
+        start(&pg, &redis, &[("items.toml", ITEMS), ("codes.toml", codes)]);
+    let mut probe = RedisProbe::new(&redis);
+    pg.psql("ALTER TABLE codes DROP COLUMN code");
+    assert_eq!(
+        worker.stop(Duration::from_secs(10)),
+        Some(0),
+        "{}",
+        worker.log()
+    );
+
+    let (code, out, err) = cfg.command(&["check"]);
+    assert_eq!(code, 2, "{out}\n{err}");
+    assert!(
+        err.contains("table public.codes has no column `code`"),
+        "{err}"
+    );
+
+    let worker = cfg.spawn_worker();
+    let body = wait_readyz(port, 503, "broken mapping (fallback): public.codes");
+    assert!(body.contains("column(s) code no longer exist"), "{body}");
+    assert_eq!(metric(port, "cache_invalidator_broken_tables"), 1.0);
+    worker.wait_log("mapping broken by DDL", WAIT);
+    // Every other table precisely.
+    for k in ["item:1", "item:2", "code:a", "code:b"] {
+        probe.set(k, "x");
+    }
+    pg.psql("UPDATE items SET v = 1 WHERE id = 1");
+    probe.wait_gone("item:1", WAIT);
+    support::sync_worker(&pg, &redis, WAIT);
+    assert!(
+        probe.exists("item:2"),
+        "items was not invalidated precisely"
+    );
+    // The broken table by its truncate invalidations (code:*).
+    pg.psql("UPDATE codes SET id = 3 WHERE id = 1");
+    probe.wait_gone("code:a", WAIT);
+    probe.wait_gone("code:b", WAIT);
+    assert!(
+        probe.exists("item:2"),
+        "the fallback of codes reached items"
+    );
+}
