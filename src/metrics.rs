@@ -99,7 +99,8 @@ pub mod names {
     /// Counter `{replica}`: batches applied before the replica replayed them
     /// (`replica_max_wait_ms` elapsed, or it was still behind an earlier timeout).
     pub const REPLICA_TIMEOUTS_TOTAL: &str = "cache_invalidator_replica_timeouts_total";
-    /// Counter `{replica}`: those batches applied again once the replica caught up.
+    /// Counter `{replica}`: re-applications (of merged queued batches) once the
+    /// replica replayed what was applied ahead of it (timed out, or while down).
     pub const REPLICA_REAPPLIES_TOTAL: &str = "cache_invalidator_replica_reapplies_total";
     /// Gauge: mapped tables DDL broke (dropped, a column gone), invalidated by fallback.
     pub const BROKEN_TABLES: &str = "cache_invalidator_broken_tables";
@@ -541,7 +542,7 @@ impl Metrics {
         let replica_reapplies = Family::<ReplicaLabels, Counter>::default();
         r.register(
             counter_name(REPLICA_REAPPLIES_TOTAL),
-            "Batches applied again once the replica caught up",
+            "Re-applications once the replica replayed what was applied ahead of it (timed out or down)",
             replica_reapplies.clone(),
         );
         let broken_tables = Gauge::default();

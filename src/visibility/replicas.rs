@@ -12,12 +12,13 @@
 //! whose position every replica already covers costs no query.
 //!
 //! Bounded: past `replica_max_wait_ms` the batch is applied anyway, counted
-//! for that replica, and queued with [`Reapplier`] to be applied again once
-//! the replica replays past it (what it served meanwhile is cleaned). A
-//! replica that timed out is not waited for again until it caught up with
-//! the position it timed out on. An unreachable replica serves no reader:
-//! it is marked down (metric, `/readyz` detail without 503), reconnected in
-//! the background and not waited for. See ARCHITECTURE.md (guarantee 8)
+//! for that replica, and queued to be applied again once the replica
+//! replays past it (what it served meanwhile is cleaned). A replica that
+//! timed out is not waited for again until it caught up with the position
+//! it timed out on. An unreachable replica serves no reader: it is marked
+//! down (metric, `/readyz` detail without 503), reconnected in the
+//! background and not waited for; what is applied meanwhile is queued for
+//! it too (it serves readers while it catches up after coming back). See ARCHITECTURE.md (guarantee 8)
 //! and docs/operations.md (read replicas).
 
 use std::collections::VecDeque;
@@ -41,9 +42,13 @@ const POLL_FIRST: Duration = Duration::from_millis(1);
 const POLL_MAX: Duration = Duration::from_millis(50);
 /// A replica query that takes longer than this marks the replica down.
 const QUERY_TIMEOUT: Duration = Duration::from_secs(5);
-/// Batches queued for re-application per replica before they are collapsed
-/// into one flush of every mapped table.
-pub const MAX_PENDING_REAPPLY: usize = 1024;
+/// Queued batches for one replica are merged into segments of about this
+/// many operations (a segment is applied once the replica replayed its
+/// last batch).
+pub const REAPPLY_SEGMENT_OPS: usize = 10_000;
+/// Segments queued per replica before they are collapsed into one flush of
+/// every mapped table (about a million operations held at most).
+pub const MAX_PENDING_REAPPLY: usize = 100;
 
 /// What the worker knows about one replica.
 #[derive(Debug, Clone, PartialEq)]
@@ -118,12 +123,14 @@ pub fn decide(states: &[ReplicaState], target: Lsn, now: Instant, deadline: Inst
 }
 
 /// Replicas that did not replay a batch before it was applied: up ones
-/// behind (timed out, or still lagging from an earlier timeout).
+/// behind (timed out, or still lagging from an earlier timeout), and down
+/// ones (when one comes back behind and serves readers while it catches up,
+/// the batch must be applied again for it).
 pub fn applied_ahead(states: &[ReplicaState], target: Lsn) -> Vec<usize> {
     states
         .iter()
         .enumerate()
-        .filter(|(_, s)| s.up && !s.covers(target))
+        .filter(|(_, s)| !s.covers(target))
         .map(|(i, _)| i)
         .collect()
 }
@@ -277,21 +284,39 @@ impl Replicas {
                 }
             }
         }
-        let states = self.states.borrow();
         if let Some(m) = &self.metrics {
+            let states = self.states.borrow();
             for &i in &waited_for {
                 m.replica_wait(&states[i].name);
             }
         }
-        applied_ahead(&states, target)
+        let ahead = applied_ahead(&self.states.borrow(), target);
+        // A down replica that comes back behind is not waited for until it
+        // replayed what was applied while it was down (it is re-applied then).
+        self.states.send_if_modified(|states| {
+            let mut changed = false;
+            for &i in &ahead {
+                let s = &mut states[i];
+                if !s.up && s.lagging_until.is_none_or(|l| l < target) {
+                    s.lagging_until = Some(target);
+                    changed = true;
+                }
+            }
+            changed
+        });
+        ahead
     }
 
     /// Queues `plan` (applied at `target`) to be applied again for each of
-    /// `replicas` once it replayed `target`; counted as a timeout.
+    /// `replicas` once it replayed `target`; counted as a timeout for the
+    /// replicas that are up (a down one serves no reader meanwhile).
     pub fn reapply_later(&self, replicas: &[usize], target: Lsn, plan: &Plan) {
         for &i in replicas {
             if let Some(m) = &self.metrics {
-                m.replica_timeout(&self.states.borrow()[i].name);
+                let states = self.states.borrow();
+                if states[i].up {
+                    m.replica_timeout(&states[i].name);
+                }
             }
             self.pending[i].fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             let _ = self.reappliers[i].send((target, plan.clone()));
@@ -464,6 +489,19 @@ async fn poll_replica(
     }
 }
 
+/// Appends a batch to the queue, merged into the last segment while that
+/// one holds fewer than [`REAPPLY_SEGMENT_OPS`] operations (the segment is
+/// then applied once the replica replayed the later batch).
+fn push_merged(held: &mut VecDeque<(Lsn, Plan)>, (target, plan): (Lsn, Plan)) {
+    match held.back_mut() {
+        Some((at, last)) if last.ops() < REAPPLY_SEGMENT_OPS => {
+            *at = (*at).max(target);
+            last.merge(plan);
+        }
+        _ => held.push_back((target, plan)),
+    }
+}
+
 /// Applies the batches a replica was behind on, in order, once it replayed
 /// each one's position; retries a failed application with backoff.
 async fn reapply_task(
@@ -475,9 +513,10 @@ async fn reapply_task(
 ) {
     let mut held: VecDeque<(Lsn, Plan)> = VecDeque::new();
     loop {
-        // Take everything queued; collapse a queue that grew too long.
+        // Take everything queued, merged into segments; collapse a queue
+        // that grew too long.
         while let Ok(item) = queue.try_recv() {
-            held.push_back(item);
+            push_merged(&mut held, item);
         }
         if held.len() > MAX_PENDING_REAPPLY {
             let target = held.iter().map(|(l, _)| *l).max().unwrap_or(Lsn::ZERO);
@@ -491,7 +530,7 @@ async fn reapply_task(
         }
         let Some((target, _)) = held.front() else {
             match queue.recv().await {
-                Some(item) => held.push_back(item),
+                Some(item) => push_merged(&mut held, item),
                 None => return,
             }
             continue;
@@ -502,7 +541,7 @@ async fn reapply_task(
             tokio::select! {
                 changed = states.changed() => if changed.is_err() { return },
                 item = queue.recv() => match item {
-                    Some(item) => held.push_back(item),
+                    Some(item) => push_merged(&mut held, item),
                     None => return,
                 },
             }
@@ -573,10 +612,44 @@ mod tests {
             decide(&states, Lsn(10), now, now + Duration::from_secs(1)),
             Decision::Apply
         );
-        assert!(
-            applied_ahead(&states, Lsn(10)).is_empty(),
-            "down: nothing to re-apply for"
+        assert_eq!(
+            applied_ahead(&states, Lsn(10)),
+            vec![0, 1],
+            "down and behind: re-applied once it is back and replayed the batch"
         );
+        let back = [state(false, Some(12))];
+        assert!(
+            applied_ahead(&back, Lsn(10)).is_empty(),
+            "down but it had replayed it"
+        );
+    }
+
+    #[test]
+    fn queued_batches_merge_into_segments() {
+        let plan = |key: &str| {
+            let mut p = Plan::default();
+            p.keys.extend([key]);
+            p
+        };
+        let mut held = VecDeque::new();
+        push_merged(&mut held, (Lsn(10), plan("a")));
+        push_merged(&mut held, (Lsn(20), plan("b")));
+        assert_eq!(held.len(), 1, "small batches share a segment");
+        assert_eq!(
+            held[0].0,
+            Lsn(20),
+            "applied once the later batch is replayed"
+        );
+        assert_eq!(held[0].1.ops(), 2);
+        let mut big = Plan::default();
+        big.keys
+            .extend((0..REAPPLY_SEGMENT_OPS).map(|i| format!("k{i}")));
+        push_merged(&mut held, (Lsn(30), big));
+        push_merged(&mut held, (Lsn(40), plan("c")));
+        push_merged(&mut held, (Lsn(50), plan("d")));
+        assert_eq!(held.len(), 2, "a full segment starts the next one");
+        assert_eq!(held[1].0, Lsn(50));
+        assert_eq!(held[1].1.ops(), 2);
     }
 
     #[test]
