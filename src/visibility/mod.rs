@@ -36,7 +36,7 @@ pub struct VisibilityGate {
 #[must_use = "hand it to VisibilityGate::applied once the batch is applied"]
 pub struct Passed {
     /// Replicas the batch is applied ahead of (timed out, or still behind).
-    late_replicas: Vec<usize>,
+    late_replicas: Vec<replicas::Ahead>,
     /// The position those replicas must replay before it is applied again.
     target: Lsn,
 }

@@ -85,10 +85,18 @@ impl ReplicaState {
         self.replay.is_some_and(|r| r >= target)
     }
 
-    /// Whether a batch at `target` must wait for this replica: it is up,
-    /// not behind a timeout it has not recovered from, and not there yet.
+    /// Not polled yet (just started): neither up nor known to be down.
+    fn untried(&self) -> bool {
+        !self.up && self.down_reason.is_none()
+    }
+
+    /// Whether a batch at `target` must wait for this replica: it is up (or
+    /// its first poll has not answered yet), not behind a timeout it has not
+    /// recovered from, and not there yet.
     fn blocks(&self, target: Lsn) -> bool {
-        self.up && !self.covers(target) && self.lagging_until.is_none_or(|l| self.covers(l))
+        (self.up || self.untried())
+            && !self.covers(target)
+            && self.lagging_until.is_none_or(|l| self.covers(l))
     }
 }
 
@@ -133,6 +141,15 @@ pub fn applied_ahead(states: &[ReplicaState], target: Lsn) -> Vec<usize> {
         .filter(|(_, s)| !s.covers(target))
         .map(|(i, _)| i)
         .collect()
+}
+
+/// A replica a batch is applied ahead of.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Ahead {
+    /// Its index in `[postgres] replicas`.
+    pub replica: usize,
+    /// Whether it was up then (counted as a timeout) or down (not counted).
+    pub was_up: bool,
 }
 
 /// Applies a plan again (a clone of the sink, in the background).
@@ -234,7 +251,7 @@ impl Replicas {
     /// byte after the batch's last commit record), at most `max_wait`.
     /// Returns the replicas the batch will be applied ahead of; the caller
     /// applies it and then hands it to [`Replicas::reapply_later`].
-    pub async fn wait_replayed(&self, target: Lsn) -> Vec<usize> {
+    pub async fn wait_replayed(&self, target: Lsn) -> Vec<Ahead> {
         if target == Lsn::ZERO || self.reappliers.is_empty() {
             return Vec::new();
         }
@@ -290,14 +307,23 @@ impl Replicas {
                 m.replica_wait(&states[i].name);
             }
         }
-        let ahead = applied_ahead(&self.states.borrow(), target);
+        let ahead: Vec<Ahead> = {
+            let states = self.states.borrow();
+            applied_ahead(&states, target)
+                .into_iter()
+                .map(|i| Ahead {
+                    replica: i,
+                    was_up: states[i].up,
+                })
+                .collect()
+        };
         // A down replica that comes back behind is not waited for until it
         // replayed what was applied while it was down (it is re-applied then).
         self.states.send_if_modified(|states| {
             let mut changed = false;
-            for &i in &ahead {
-                let s = &mut states[i];
-                if !s.up && s.lagging_until.is_none_or(|l| l < target) {
+            for a in &ahead {
+                let s = &mut states[a.replica];
+                if !a.was_up && s.lagging_until.is_none_or(|l| l < target) {
                     s.lagging_until = Some(target);
                     changed = true;
                 }
@@ -310,12 +336,11 @@ impl Replicas {
     /// Queues `plan` (applied at `target`) to be applied again for each of
     /// `replicas` once it replayed `target`; counted as a timeout for the
     /// replicas that are up (a down one serves no reader meanwhile).
-    pub fn reapply_later(&self, replicas: &[usize], target: Lsn, plan: &Plan) {
-        for &i in replicas {
+    pub fn reapply_later(&self, replicas: &[Ahead], target: Lsn, plan: &Plan) {
+        for &Ahead { replica: i, was_up } in replicas {
             if let Some(m) = &self.metrics {
-                let states = self.states.borrow();
-                if states[i].up {
-                    m.replica_timeout(&states[i].name);
+                if was_up {
+                    m.replica_timeout(&self.states.borrow()[i].name);
                 }
             }
             self.pending[i].fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -577,7 +602,7 @@ mod tests {
         ReplicaState {
             name: "r".into(),
             up,
-            down_reason: None,
+            down_reason: (!up).then(|| "connection refused".into()),
             replay: replay.map(Lsn),
             lag_seconds: None,
             lagging_until: None,
@@ -601,6 +626,25 @@ mod tests {
         assert_eq!(
             decide(&states, Lsn(10), now, later),
             Decision::Wait(vec![0])
+        );
+    }
+
+    #[test]
+    fn a_replica_not_polled_yet_is_waited_for_until_its_first_answer() {
+        let now = Instant::now();
+        let fresh = ReplicaState::new("r".into());
+        assert_eq!(
+            decide(
+                std::slice::from_ref(&fresh),
+                Lsn(10),
+                now,
+                now + Duration::from_secs(1)
+            ),
+            Decision::Wait(vec![0])
+        );
+        assert_eq!(
+            decide(&[fresh], Lsn(10), now, now),
+            Decision::TimedOut(vec![0])
         );
     }
 
