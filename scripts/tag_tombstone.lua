@@ -8,7 +8,8 @@
 -- returns  { next cursor (string, "0" when done), members seen }
 --
 -- Every member gets a tombstone (same rules as TOMBSTONE_SET: a newer
--- tombstone is never replaced by an older one). Unlike TAG_POP, members stay
+-- tombstone, or a value refreshed at a higher commit LSN, is never replaced
+-- by an older tombstone). Unlike TAG_POP, members stay
 -- in the set: a reader that missed on a tombstoned member and fills it later
 -- must still be refused if the tag is invalidated again meanwhile, so the
 -- worker must still find the member then. The set shrinks by expiring (the
@@ -29,6 +30,22 @@ local function lsn_of(v)
   return hi, lo
 end
 
+-- The commit LSN (16 hex digits) of a value set by a `refresh` rule
+-- (REFRESH_SET, docs/pre-warm.md), or nil. `cur` is what GET returned.
+local function refreshed_lsn(key, cur)
+  if type(cur) == 'string' then
+    if string.sub(cur, 1, 9) == '{"_lsn":"' and string.sub(cur, 35, 35) == '"' then
+      return string.sub(cur, 10, 25)
+    end
+  elseif type(cur) == 'table' and redis.call('TYPE', key).ok == 'hash' then
+    local v = redis.call('HGET', key, '_lsn')
+    if v and #v == 25 then
+      return string.sub(v, 1, 16)
+    end
+  end
+  return nil
+end
+
 local marker = P .. ARGV[3]
 local nhi, nlo = lsn_of(marker)
 if nhi == nil then
@@ -39,7 +56,10 @@ local members = res[2]
 for _, key in ipairs(members) do
   local cur = redis.pcall('GET', key)
   local chi, clo = lsn_of(cur)
-  if chi == nil or chi < nhi or (chi == nhi and clo < nlo) then
+  local refreshed = refreshed_lsn(key, cur)
+  if refreshed ~= nil and refreshed > ARGV[3] then
+    -- a refreshed value of a later commit: newer than this tombstone, kept
+  elseif chi == nil or chi < nhi or (chi == nhi and clo < nlo) then
     redis.call('SET', key, marker, 'PX', ARGV[4])
   end
 end

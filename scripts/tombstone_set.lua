@@ -8,8 +8,10 @@
 -- A tombstone is the string "\0cache-invalidator:tombstone:" followed by the
 -- commit LSN as 16 hexadecimal digits (docs/race-proof-fills.md). Any value
 -- that is not a tombstone (application data, or a key of another type) is
--- replaced; a tombstone is replaced only by one with a higher LSN, so a
--- repeated or late older invalidation never shortens a newer one. Safe to repeat.
+-- replaced, except a value a `refresh` rule set at a higher commit LSN (it
+-- is newer than this invalidation; docs/pre-warm.md); a tombstone is
+-- replaced only by one with a higher LSN, so a repeated or late older
+-- invalidation never shortens a newer one. Safe to repeat.
 local P = '\0cache-invalidator:tombstone:'
 
 local function lsn_of(v)
@@ -24,6 +26,22 @@ local function lsn_of(v)
   return hi, lo
 end
 
+-- The commit LSN (16 hex digits) of a value set by a `refresh` rule
+-- (REFRESH_SET, docs/pre-warm.md), or nil. `cur` is what GET returned.
+local function refreshed_lsn(key, cur)
+  if type(cur) == 'string' then
+    if string.sub(cur, 1, 9) == '{"_lsn":"' and string.sub(cur, 35, 35) == '"' then
+      return string.sub(cur, 10, 25)
+    end
+  elseif type(cur) == 'table' and redis.call('TYPE', key).ok == 'hash' then
+    local v = redis.call('HGET', key, '_lsn')
+    if v and #v == 25 then
+      return string.sub(v, 1, 16)
+    end
+  end
+  return nil
+end
+
 local written = 0
 for i, key in ipairs(KEYS) do
   local marker = P .. ARGV[i + 1]
@@ -33,7 +51,10 @@ for i, key in ipairs(KEYS) do
   end
   local cur = redis.pcall('GET', key)
   local chi, clo = lsn_of(cur)
-  if chi == nil or chi < nhi or (chi == nhi and clo < nlo) then
+  local refreshed = refreshed_lsn(key, cur)
+  if refreshed ~= nil and refreshed > ARGV[i + 1] then
+    -- a refreshed value of a later commit: newer than this tombstone, kept
+  elseif chi == nil or chi < nhi or (chi == nhi and clo < nlo) then
     redis.call('SET', key, marker, 'PX', ARGV[1])
     written = written + 1
   end

@@ -127,6 +127,7 @@ struct RawWorker {
     redelete_after_ms: Option<u64>,
     tombstone_ms: Option<Spanned<u64>>,
     max_key_bytes: Option<Spanned<u64>>,
+    max_refresh_bytes: Option<Spanned<u64>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -265,6 +266,8 @@ pub struct WorkerConfig {
     pub tombstone_ms: u64,
     /// Longest placeholder value rendered into a key (bytes); longer fires the fallback.
     pub max_key_bytes: usize,
+    /// Largest value a `refresh` rule sets (bytes); a larger one unlinks its key instead.
+    pub max_refresh_bytes: usize,
 }
 
 /// `[metrics]`.
@@ -326,6 +329,7 @@ impl Config {
             epoch: epoch.into(),
             max_batch_ops: self.worker.max_batch_ops,
             max_key_bytes: self.worker.max_key_bytes,
+            max_refresh_bytes: self.worker.max_refresh_bytes,
         }
     }
 }
@@ -606,6 +610,24 @@ impl V<'_> {
             Some(n) => usize::try_from(*n.get_ref()).unwrap_or(usize::MAX),
             None => crate::plan::planner::DEFAULT_MAX_KEY_BYTES,
         };
+        let max_refresh_bytes = match &w.max_refresh_bytes {
+            Some(n) if *n.get_ref() == 0 => {
+                self.error(
+                    n.span().start,
+                    "max_refresh_bytes = 0: every refreshed key would be unlinked instead; at least 1 (default 524288)",
+                );
+                1
+            }
+            Some(n) if *n.get_ref() > 512 * 1024 * 1024 => {
+                self.error(
+                    n.span().start,
+                    "max_refresh_bytes over Redis's 512 MB value limit (default 524288)",
+                );
+                1
+            }
+            Some(n) => usize::try_from(*n.get_ref()).unwrap_or(usize::MAX),
+            None => crate::plan::planner::DEFAULT_MAX_REFRESH_BYTES,
+        };
         let listen = raw.metrics.listen.map(|l| {
             if l.get_ref().parse::<std::net::SocketAddr>().is_err() {
                 self.error(
@@ -645,6 +667,7 @@ impl V<'_> {
                 redelete_after_ms: w.redelete_after_ms.unwrap_or(0),
                 tombstone_ms,
                 max_key_bytes,
+                max_refresh_bytes,
             },
             metrics: MetricsConfig { listen },
         })
@@ -686,6 +709,7 @@ mod tests {
                 redelete_after_ms: 0,
                 tombstone_ms: 10_000,
                 max_key_bytes: 65_536,
+                max_refresh_bytes: 512 * 1024,
             }
         );
         assert_eq!(c.metrics.listen, None);
@@ -807,7 +831,7 @@ listen = "127.0.0.1:9464"
     fn unknown_fields_suggest() {
         assert_eq!(
             parse(&format!("{MIN}[worker]\nmax_batch_op = 5\n")).unwrap_err(),
-            "/etc/ci/c.toml:6:1: unknown field `max_batch_op`: did you mean `max_batch_ops`?; allowed fields: max_batch_delay_ms, max_batch_ops, redelete_after_ms, tombstone_ms, max_key_bytes"
+            "/etc/ci/c.toml:6:1: unknown field `max_batch_op`: did you mean `max_batch_ops`?; allowed fields: max_batch_delay_ms, max_batch_ops, redelete_after_ms, tombstone_ms, max_key_bytes, max_refresh_bytes"
         );
         assert_eq!(
             parse("[postgress]\n").unwrap_err(),

@@ -138,16 +138,22 @@ pub enum InvalidationKind {
     Patterns,
     /// Messages published (`channels = [...]`).
     Publish,
+    /// Keys set by `refresh` rules.
+    Refresh,
+    /// Refreshed keys left as they were: Redis held a newer version.
+    RefreshKept,
 }
 
 impl InvalidationKind {
     /// Every kind, in label order.
-    pub const ALL: [InvalidationKind; 5] = [
+    pub const ALL: [InvalidationKind; 7] = [
         InvalidationKind::Keys,
         InvalidationKind::Tags,
         InvalidationKind::Versions,
         InvalidationKind::Patterns,
         InvalidationKind::Publish,
+        InvalidationKind::Refresh,
+        InvalidationKind::RefreshKept,
     ];
 
     /// The label value.
@@ -158,6 +164,8 @@ impl InvalidationKind {
             InvalidationKind::Versions => "versions",
             InvalidationKind::Patterns => "patterns",
             InvalidationKind::Publish => "publish",
+            InvalidationKind::Refresh => "refresh",
+            InvalidationKind::RefreshKept => "refresh_kept",
         }
     }
 }

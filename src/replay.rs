@@ -94,6 +94,11 @@ pub struct RecordedChange {
     /// Message content (UTF-8).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub content: Option<String>,
+    /// Column types by name (`int4`, `numeric`, `bool`, `jsonb`, ...), for
+    /// `refresh` values: `record` writes them for tables with refresh rules;
+    /// a column without one renders as text.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub types: Option<BTreeMap<String, String>>,
 }
 
 /// A recorded value: text or null (numbers accepted as text).
@@ -219,8 +224,64 @@ pub struct TxnPlan {
     /// Tag set keys whose members get a tombstone at `lsn`; omitted when empty.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub tombstone_tags: Vec<String>,
+    /// Keys set to the new row (`refresh` rules), by key; omitted when empty.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub refresh: Vec<RefreshJson>,
     /// Messages, in first-seen order.
     pub publish: Vec<PublishJson>,
+}
+
+/// One refreshed key of a [`TxnPlan`]: the value exactly as it is set.
+#[derive(Debug, Clone, Serialize)]
+pub struct RefreshJson {
+    /// The key.
+    pub key: String,
+    /// `json` or `hash`.
+    pub format: &'static str,
+    /// The TTL in seconds, when the rule sets one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ttl_s: Option<u64>,
+    /// The JSON value (`_lsn` first), or the hash's fields as a JSON object
+    /// in field order.
+    pub value: Box<serde_json::value::RawValue>,
+}
+
+impl PartialEq for RefreshJson {
+    fn eq(&self, other: &Self) -> bool {
+        (&self.key, self.format, self.ttl_s, self.value.get())
+            == (&other.key, other.format, other.ttl_s, other.value.get())
+    }
+}
+
+impl RefreshJson {
+    fn new(key: String, set: crate::plan::RefreshSet) -> RefreshJson {
+        use crate::plan::RefreshValue;
+        let (format, text) = match set.value {
+            RefreshValue::Json(text) => (crate::map::RefreshFormat::Json, text),
+            RefreshValue::Hash(fields) => {
+                let mut text = String::from("{");
+                for (i, (field, value)) in fields.iter().enumerate() {
+                    if i > 0 {
+                        text.push(',');
+                    }
+                    crate::plan::refresh::push_json_str(&mut text, field);
+                    text.push(':');
+                    crate::plan::refresh::push_json_str(&mut text, value);
+                }
+                text.push('}');
+                (crate::map::RefreshFormat::Hash, text)
+            }
+        };
+        let value = serde_json::value::RawValue::from_string(text).unwrap_or_else(|e| {
+            serde_json::value::to_raw_value(&format!("unprintable value: {e}")).unwrap_or_default()
+        });
+        RefreshJson {
+            key,
+            format: format.as_str(),
+            ttl_s: set.ttl_s,
+            value,
+        }
+    }
 }
 
 fn sorted(set: crate::plan::KeySet) -> Vec<String> {
@@ -243,6 +304,15 @@ impl TxnPlan {
             version_patterns: sorted(plan.version_patterns),
             tombstones: sorted(plan.tombstones.into_keys().collect()),
             tombstone_tags: sorted(plan.tombstone_tags.into_keys().collect()),
+            refresh: {
+                let mut v: Vec<RefreshJson> = plan
+                    .refresh
+                    .into_iter()
+                    .map(|(k, set)| RefreshJson::new(k, set))
+                    .collect();
+                v.sort_unstable_by(|a, b| a.key.cmp(&b.key));
+                v
+            },
             publish: plan
                 .publish
                 .into_iter()
@@ -327,6 +397,26 @@ impl Replayer {
         }
         if grew {
             entry.0 = make_relation(entry.0.oid, table, &entry.1);
+        }
+        if let Some(types) = &c.types {
+            let typed = |name: &String| {
+                types
+                    .get(name)
+                    .and_then(|t| crate::plan::refresh::type_oid_by_name(t))
+                    .unwrap_or(25)
+            };
+            if entry
+                .0
+                .columns
+                .iter()
+                .any(|col| col.type_oid != typed(&col.name))
+            {
+                let mut rel = (*entry.0).clone();
+                for col in &mut rel.columns {
+                    col.type_oid = typed(&col.name);
+                }
+                entry.0 = Arc::new(rel);
+            }
         }
         let row = |m: &BTreeMap<String, RecordedValue>| Row {
             values: entry

@@ -263,6 +263,8 @@ impl SinkObserver for SinkReporter {
         m.invalidations(InvalidationKind::Versions, stats.versions);
         m.invalidations(InvalidationKind::Patterns, stats.pattern_matches);
         m.invalidations(InvalidationKind::Publish, stats.published);
+        m.invalidations(InvalidationKind::Refresh, stats.refreshed);
+        m.invalidations(InvalidationKind::RefreshKept, stats.refresh_kept);
         m.batch(batch.plan.ops() as u64);
         if let Some(commit) = batch.first_commit_time {
             let micros = Timestamp::now().0.saturating_sub(commit.0);
@@ -276,6 +278,8 @@ impl SinkObserver for SinkReporter {
             versions = stats.versions,
             published = stats.published,
             repaired = stats.repaired,
+            refreshed = stats.refreshed,
+            refresh_kept = stats.refresh_kept,
             elapsed_ms = u64::try_from(elapsed.as_millis()).unwrap_or(u64::MAX),
             "batch applied"
         );

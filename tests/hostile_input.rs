@@ -136,6 +136,7 @@ proptest! {
                     new: Some(row),
                     prefix: None,
                     content: None,
+                    types: None,
                 });
             }
             let txn = RecordedTxn { xid: 1, lsn: Lsn(1), commit_time: None, changes };

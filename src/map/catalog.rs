@@ -171,7 +171,8 @@ impl fmt::Display for Finding {
     }
 }
 
-/// The columns a rule reads: placeholders, `columns`, `assume_unchanged`.
+/// The columns a rule reads: placeholders, `columns`, `assume_unchanged`,
+/// the columns of `refresh` values.
 fn referenced_columns(rule: &Rule) -> Vec<&str> {
     let mut out: Vec<&str> = rule.columns.iter().map(String::as_str).collect();
     for c in rule
@@ -179,6 +180,7 @@ fn referenced_columns(rule: &Rule) -> Vec<&str> {
         .iter()
         .flatten()
         .chain(&rule.assume_unchanged)
+        .chain(rule.refresh.iter().flat_map(|r| r.columns.iter().flatten()))
     {
         if !out.contains(&c.as_str()) {
             out.push(c);
@@ -331,7 +333,12 @@ pub fn check_catalog(
                     )));
                 }
                 Some(ci)
-                    if ci.generated != Generated::No && rule.columns.iter().any(|p| p == c) =>
+                    if ci.generated != Generated::No
+                        && (rule.columns.iter().any(|p| p == c)
+                            || rule
+                                .refresh
+                                .iter()
+                                .any(|r| r.columns.iter().flatten().any(|v| v == c))) =>
                 {
                     if let Some(why) = unpublished_generated(snap, t, c, ci.generated) {
                         out.push(Finding::error(format!(
@@ -341,6 +348,14 @@ pub fn check_catalog(
                 }
                 Some(_) => {}
             }
+        }
+        if rule.refresh.iter().any(|r| r.columns.is_none())
+            && names.contains(&crate::map::REFRESH_LSN_FIELD)
+        {
+            out.push(Finding::error(format!(
+                "{loc}: table {t} has a column `{}`, the field refreshed values reserve for their commit LSN: list the value's columns in `refresh.columns` without it",
+                crate::map::REFRESH_LSN_FIELD
+            )));
         }
         if let Some(e) = identity::check_rule(rule, &info.replica_identity) {
             out.push(Finding::error(e.to_string()));
@@ -624,6 +639,36 @@ mod tests {
         assert!(f.iter().any(|x| x
             .message
             .contains("is a materialized view: it has no row events")));
+    }
+
+    #[test]
+    fn refresh_columns_are_checked() {
+        let m = mappings(
+            "[[table]]\nname = \"posts\"\nrefresh = [{ key = \"post:{id}\", columns = [\"id\", \"titel\"] }]\n",
+        );
+        let f = check_catalog(&m, &posts_snapshot(ReplicaIdentity::Full), "x");
+        assert_eq!(
+            errors(&f),
+            ["m.toml:2:8: table public.posts has no column `titel`: did you mean `title`?; its columns: id, author_id, title"]
+        );
+        // The refresh key needs old values like any key: a moved row unlinks the old key.
+        let m = mappings(
+            "[[table]]\nname = \"posts\"\nrefresh = [{ key = \"author:{author_id}:latest\" }]\n",
+        );
+        let f = check_catalog(
+            &m,
+            &posts_snapshot(ReplicaIdentity::Columns(vec!["id".into()])),
+            "x",
+        );
+        assert!(
+            errors(&f)[0].contains("old values of column(s) author_id"),
+            "{f:?}"
+        );
+        // Every column, one of them named like the reserved field.
+        let mut s = posts_snapshot(ReplicaIdentity::Full);
+        s.tables.values_mut().next().unwrap().columns[2].name = "_lsn".into();
+        let m = mappings("[[table]]\nname = \"posts\"\nrefresh = [{ key = \"post:{id}\" }]\n");
+        assert!(errors(&check_catalog(&m, &s, "x"))[0].contains("reserve"));
     }
 
     #[test]

@@ -23,7 +23,7 @@ use toml::Spanned;
 
 use crate::decode::Op;
 use crate::diag::{Diagnostic, LoadError};
-use raw::{RawChannel, RawFile, RawRule, RawShape, RawTruncate};
+use raw::{RawChannel, RawFile, RawRefresh, RawRule, RawShape, RawTruncate};
 pub use template::{Template, TemplateError};
 
 /// A table as mappings name it: `schema.table` (schema defaults to `public`).
@@ -201,6 +201,49 @@ pub enum Mode {
     Tombstone,
 }
 
+/// How a refreshed value is stored in Redis (`format` of a `refresh` entry).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum RefreshFormat {
+    /// A string holding a JSON object of the columns, typed by column type
+    /// (see `docs/pre-warm.md`), with the reserved member `_lsn` first.
+    #[default]
+    Json,
+    /// A hash: one field per column (PostgreSQL's text; a NULL column has no
+    /// field), plus the reserved field `_lsn`.
+    Hash,
+}
+
+impl RefreshFormat {
+    /// The name as mappings write it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RefreshFormat::Json => "json",
+            RefreshFormat::Hash => "hash",
+        }
+    }
+}
+
+/// The reserved JSON member and hash field that carries a refreshed value's
+/// commit position (see [`crate::plan::RefreshVersion`]).
+pub const REFRESH_LSN_FIELD: &str = "_lsn";
+
+/// A `refresh` entry: INSERT and UPDATE set `key` to the new row, DELETE
+/// unlinks it, an UPDATE that moves the row (its key changed) unlinks the
+/// old key and sets the new one.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Refresh {
+    /// The key; its placeholders index [`Rule::columns`] like the other templates.
+    pub key: Template,
+    /// The value's columns, in this order; `None`: every column of the
+    /// relation, in table order.
+    pub columns: Option<Vec<String>>,
+    /// JSON string or hash.
+    pub format: RefreshFormat,
+    /// Time to live in seconds; `None`: no TTL (the value lives until the
+    /// row's next change or delete).
+    pub ttl_s: Option<u64>,
+}
+
 /// One validated `[[table]]` entry.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Rule {
@@ -232,6 +275,8 @@ pub struct Rule {
     pub truncate: TruncateSpec,
     /// Where [`Rule::truncate`] comes from.
     pub truncate_source: TruncateSource,
+    /// `refresh`: keys pre-warmed with the new row.
+    pub refresh: Vec<Refresh>,
 }
 
 impl Rule {
@@ -241,7 +286,7 @@ impl Rule {
     }
 
     /// Which of [`Rule::columns`] the invalidation templates (keys, tags,
-    /// versions, patterns) use; the others are only used by shaped messages,
+    /// versions, patterns, refresh keys) use; the others are only used by shaped messages,
     /// which render from one image and need no old values.
     pub fn invalidation_columns(&self) -> Vec<bool> {
         let mut used = vec![false; self.columns.len()];
@@ -251,6 +296,7 @@ impl Rule {
             .chain(&self.tags)
             .chain(&self.versions)
             .chain(&self.patterns)
+            .chain(self.refresh.iter().map(|r| &r.key))
         {
             for seg in t.segments() {
                 if let template::Segment::Column(i) = seg {
@@ -532,16 +578,22 @@ impl Validator<'_> {
                 }
             }
         }
+        let refresh: Vec<Refresh> = r
+            .refresh
+            .iter()
+            .filter_map(|x| self.refresh(x, &mut columns))
+            .collect();
         if r.keys.is_empty()
             && r.tags.is_empty()
             && r.versions.is_empty()
             && r.patterns.is_empty()
             && r.channels.is_empty()
+            && r.refresh.is_empty()
         {
             self.error(
                 r.name.span().start,
                 format!(
-                    "rule for {} invalidates nothing: give it keys, tags, versions, patterns or channels",
+                    "rule for {} invalidates nothing: give it keys, tags, versions, patterns, channels or refresh",
                     r.name.get_ref()
                 ),
             );
@@ -626,7 +678,7 @@ impl Validator<'_> {
 
         let (truncate, truncate_source) = match &r.truncate {
             None => (
-                derive_truncate(&keys, &tags, &versions, &patterns, &channels),
+                derive_truncate(&keys, &tags, &versions, &patterns, &channels, &refresh),
                 TruncateSource::Derived,
             ),
             Some(t) => match t.get_ref() {
@@ -653,6 +705,86 @@ impl Validator<'_> {
             mode,
             truncate,
             truncate_source,
+            refresh,
+        })
+    }
+
+    fn refresh(&mut self, r: &Spanned<RawRefresh>, columns: &mut Vec<String>) -> Option<Refresh> {
+        let raw = r.get_ref();
+        let errors_before = self.diags.len();
+        let key = self.template("refresh.key", &raw.key, false, columns);
+        if let Some(k) = &key {
+            if k.literal().is_some() {
+                self.error(
+                    raw.key.span().start,
+                    "`refresh.key` has no placeholder: every row would overwrite the same key; write e.g. \"user:{id}:profile\"",
+                );
+            }
+        }
+        let value_columns = raw.columns.as_ref().map(|list| {
+            if list.get_ref().is_empty() {
+                self.error(
+                    list.span().start,
+                    "empty `refresh.columns`: list the columns of the value, or remove `columns` for every column",
+                );
+            }
+            self.column_names("refresh.columns", list.get_ref());
+            let mut names: Vec<String> = Vec::new();
+            for c in list.get_ref() {
+                if c.get_ref() == REFRESH_LSN_FIELD {
+                    self.error(
+                        c.span().start,
+                        format!("`{REFRESH_LSN_FIELD}` is reserved in refreshed values (it carries the commit LSN): leave it out of `refresh.columns`"),
+                    );
+                } else if names.contains(c.get_ref()) {
+                    self.error(c.span().start, format!("column {:?} twice in `refresh.columns`", c.get_ref()));
+                } else {
+                    names.push(c.get_ref().clone());
+                }
+            }
+            names
+        });
+        let format = match &raw.format {
+            None => RefreshFormat::Json,
+            Some(f) => {
+                match f.get_ref().as_str() {
+                    "json" => RefreshFormat::Json,
+                    "hash" => RefreshFormat::Hash,
+                    other => {
+                        let hint = crate::diag::suggest(other, ["json", "hash"])
+                            .map(|s| format!(": did you mean \"{s}\"?"))
+                            .unwrap_or_default();
+                        self.error(
+                        f.span().start,
+                        format!("unknown refresh format \"{other}\"{hint}; allowed: \"json\", \"hash\""),
+                    );
+                        RefreshFormat::Json
+                    }
+                }
+            }
+        };
+        let ttl_s = match &raw.ttl_s {
+            None => None,
+            Some(t) if *t.get_ref() <= 0 => {
+                self.error(
+                    t.span().start,
+                    format!(
+                        "ttl_s = {}: a TTL is at least 1 second (remove ttl_s for no TTL)",
+                        t.get_ref()
+                    ),
+                );
+                None
+            }
+            Some(t) => u64::try_from(*t.get_ref()).ok(),
+        };
+        if self.diags.len() > errors_before {
+            return None;
+        }
+        Some(Refresh {
+            key: key?,
+            columns: value_columns,
+            format,
+            ttl_s,
         })
     }
 
@@ -757,6 +889,7 @@ fn derive_truncate(
     versions: &[Template],
     patterns: &[Template],
     channels: &[Channel],
+    refresh: &[Refresh],
 ) -> TruncateSpec {
     let mut spec = TruncateSpec::default();
     let split = |list: &[Template], exact: &mut Vec<String>, wild: &mut Vec<String>| {
@@ -768,6 +901,9 @@ fn derive_truncate(
         }
     };
     split(keys, &mut spec.keys, &mut spec.patterns);
+    for r in refresh {
+        spec.patterns.push(r.key.to_wildcard_pattern());
+    }
     split(tags, &mut spec.tags, &mut spec.tag_patterns);
     split(versions, &mut spec.versions, &mut spec.version_patterns);
     for p in patterns {

@@ -37,6 +37,18 @@ pub(crate) struct RawRule {
     pub assume_unchanged: Vec<Spanned<String>>,
     pub mode: Option<Spanned<String>>,
     pub truncate: Option<Spanned<RawTruncate>>,
+    #[serde(default)]
+    pub refresh: Vec<Spanned<RawRefresh>>,
+}
+
+/// `refresh` entry: `{ key = "user:{id}:profile", columns = [...], format = "json", ttl_s = 300 }`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawRefresh {
+    pub key: Spanned<String>,
+    pub columns: Option<Spanned<Vec<Spanned<String>>>>,
+    pub format: Option<Spanned<String>>,
+    pub ttl_s: Option<Spanned<i64>>,
 }
 
 /// `channels` entry: `"name"` or `{ channel = "name", message = { ... } }`.

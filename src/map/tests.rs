@@ -20,7 +20,7 @@ const HEAD: &str = "[[table]]\nname = \"users\"\n";
 fn unknown_field_suggests_near_miss_and_lists_valid() {
     assert_eq!(
         err(&format!("{HEAD}kyes = [\"a\"]\n")),
-        "m.toml:3:1: unknown field `kyes`: did you mean `keys`?; allowed fields: name, keys, tags, versions, patterns, channels, on, columns, assume_unchanged, mode, truncate"
+        "m.toml:3:1: unknown field `kyes`: did you mean `keys`?; allowed fields: name, keys, tags, versions, patterns, channels, on, columns, assume_unchanged, mode, truncate, refresh"
     );
     assert_eq!(
         err(&format!("{HEAD}keys = [\"a\"]\n[table.truncate]\npaterns = [\"a\"]\n")),
@@ -89,7 +89,7 @@ fn placeholders_in_truncate_are_refused() {
 fn rule_level_errors() {
     assert_eq!(
         err(HEAD),
-        "m.toml:2:8: rule for users invalidates nothing: give it keys, tags, versions, patterns or channels"
+        "m.toml:2:8: rule for users invalidates nothing: give it keys, tags, versions, patterns, channels or refresh"
     );
     assert_eq!(
         err("[[table]]\nname = \"a.b.c\"\nkeys = [\"k\"]\n"),
@@ -265,4 +265,61 @@ fn identity_rule() {
     assert!(nothing
         .to_string()
         .contains("carries no columns (REPLICA IDENTITY NOTHING"));
+}
+
+#[test]
+fn refresh_entries() {
+    let r = rule(&format!(
+        "{HEAD}refresh = [{{ key = \"user:{{id}}:profile\", columns = [\"id\", \"name\"], ttl_s = 300 }}, {{ key = \"u:{{id}}\", format = \"hash\" }}]\n"
+    ));
+    assert_eq!(r.refresh.len(), 2);
+    assert_eq!(
+        r.refresh[0].columns.as_deref(),
+        Some(&["id".to_owned(), "name".to_owned()][..])
+    );
+    assert_eq!(r.refresh[0].format, RefreshFormat::Json);
+    assert_eq!(r.refresh[0].ttl_s, Some(300));
+    assert_eq!(
+        (
+            r.refresh[1].format,
+            r.refresh[1].columns.clone(),
+            r.refresh[1].ttl_s
+        ),
+        (RefreshFormat::Hash, None, None)
+    );
+    assert_eq!(r.columns, ["id"], "the key's placeholders are rule columns");
+    assert_eq!(
+        r.invalidation_columns(),
+        [true],
+        "a moved row needs the old key"
+    );
+    // The derived truncate unlinks every refreshed key.
+    assert_eq!(r.truncate.patterns, ["user:*:profile", "u:*"]);
+}
+
+#[test]
+fn refresh_errors_are_located() {
+    let e = err(&format!(
+        "{HEAD}refresh = [{{ key = \"user:{{id}}\", format = \"jsno\" }}]\n"
+    ));
+    assert_eq!(e, "m.toml:3:42: unknown refresh format \"jsno\": did you mean \"json\"?; allowed: \"json\", \"hash\"");
+    let e = err(&format!(
+        "{HEAD}refresh = [{{ key = \"user:{{id}}\", ttl_s = 0 }}]\n"
+    ));
+    assert!(
+        e.starts_with("m.toml:3:41: ttl_s = 0: a TTL is at least 1 second"),
+        "{e}"
+    );
+    let e = err(&format!("{HEAD}refresh = [{{ key = \"user\" }}]\n"));
+    assert!(e.contains("`refresh.key` has no placeholder"), "{e}");
+    let e = err(&format!(
+        "{HEAD}refresh = [{{ key = \"u:{{id}}\", columns = [\"id\", \"_lsn\"] }}]\n"
+    ));
+    assert!(e.contains("`_lsn` is reserved"), "{e}");
+    let e = err(&format!(
+        "{HEAD}refresh = [{{ key = \"u:{{id}}\", colums = [\"id\"] }}]\n"
+    ));
+    assert!(e.contains("unknown field `colums`"), "{e}");
+    let e = err(&format!("{HEAD}refresh = [{{ key = \"u:{{id\" }}]\n"));
+    assert!(e.contains("invalid template in `refresh.key`"), "{e}");
 }

@@ -21,6 +21,9 @@ pub type LsnMap = std::collections::HashMap<String, Lsn, FastHash>;
 pub mod batch;
 pub mod declared;
 pub mod planner;
+pub mod refresh;
+
+pub use refresh::{RefreshMap, RefreshSet, RefreshValue, RefreshVersion};
 
 pub use batch::Batch;
 
@@ -61,6 +64,10 @@ pub struct Plan {
     /// Tag set keys of `mode = "tombstone"` rules: every member gets a
     /// tombstone at that LSN.
     pub tombstone_tags: LsnMap,
+    /// Keys to pre-warm (`refresh` rules): the last image of each key in the
+    /// batch, set after every delete of the plan (patterns included) and
+    /// only if Redis holds no newer version (see [`refresh`]).
+    pub refresh: RefreshMap,
     /// Messages to PUBLISH after the deletes, deduplicated, in first-seen order.
     pub publish: Vec<Publish>,
     /// Dedup index for `publish`.
@@ -78,6 +85,7 @@ impl Plan {
             && self.version_patterns.is_empty()
             && self.tombstones.is_empty()
             && self.tombstone_tags.is_empty()
+            && self.refresh.is_empty()
             && self.publish.is_empty()
     }
 
@@ -91,6 +99,7 @@ impl Plan {
             + self.version_patterns.len()
             + self.tombstones.len()
             + self.tombstone_tags.len()
+            + self.refresh.len()
             + self.publish.len()
     }
 
@@ -101,8 +110,26 @@ impl Plan {
         }
     }
 
-    /// Folds another plan into this one.
+    /// Folds another plan, of later changes, into this one: a refresh of this
+    /// plan that the other unlinks, tombstones at a higher LSN or matches
+    /// with a pattern is dropped; the other's refreshes replace older ones.
     pub fn merge(&mut self, other: Plan) {
+        if !self.refresh.is_empty() {
+            self.refresh.retain(|key, set| {
+                !(other.keys.contains(key)
+                    || other
+                        .tombstones
+                        .get(key)
+                        .is_some_and(|lsn| *lsn > set.version.lsn)
+                    || other
+                        .patterns
+                        .iter()
+                        .any(|p| crate::map::glob::glob_match(p.as_bytes(), key.as_bytes())))
+            });
+        }
+        for (key, set) in other.refresh {
+            refresh::put(&mut self.refresh, key, set);
+        }
         self.keys.extend(&other.keys);
         self.tags.extend(&other.tags);
         self.versions.extend(&other.versions);

@@ -18,12 +18,15 @@ use std::sync::Arc;
 use serde::Serialize;
 
 use super::declared::{self, Declared, DeclaredError};
+use super::refresh::{self, RefreshSet, RefreshValue, RefreshVersion, ValueKind};
 use super::{Plan, Publish};
 use crate::decode::{Change, Event, Op, Relation, Row, Value};
 use crate::lsn::Lsn;
 use crate::map::glob;
 use crate::map::template::{Missing, Template};
-use crate::map::{Mappings, Mode, Rule, Shape, TableName};
+use crate::map::{
+    Mappings, Mode, Refresh, RefreshFormat, Rule, Shape, TableName, REFRESH_LSN_FIELD,
+};
 
 /// The prefix of logical decoding messages addressed to the worker.
 pub const MESSAGE_PREFIX: &str = "cache-invalidator";
@@ -103,10 +106,17 @@ pub struct PlannerContext {
     /// ([`FallbackReason::ValueTooLong`]). Redis allows 512 MB keys; anything
     /// near that is a bug or hostile input.
     pub max_key_bytes: usize,
+    /// `[worker] max_refresh_bytes`: a refreshed value larger than this
+    /// (bytes) is not set; its key is unlinked instead
+    /// ([`FallbackReason::RefreshTooLarge`]).
+    pub max_refresh_bytes: usize,
 }
 
 /// Default of [`PlannerContext::max_key_bytes`]: 64 KiB.
 pub const DEFAULT_MAX_KEY_BYTES: usize = 64 * 1024;
+
+/// Default of [`PlannerContext::max_refresh_bytes`]: 512 KiB.
+pub const DEFAULT_MAX_REFRESH_BYTES: usize = 512 * 1024;
 
 impl Default for PlannerContext {
     fn default() -> Self {
@@ -116,6 +126,7 @@ impl Default for PlannerContext {
             epoch: String::new(),
             max_batch_ops: 10_000,
             max_key_bytes: DEFAULT_MAX_KEY_BYTES,
+            max_refresh_bytes: DEFAULT_MAX_REFRESH_BYTES,
         }
     }
 }
@@ -133,6 +144,15 @@ pub enum FallbackReason {
     OldRowMissing,
     /// A value a template needs is longer than `max_key_bytes`.
     ValueTooLong,
+    /// A column of a `refresh` value was not sent (unchanged TOAST without
+    /// old row): only that key is unlinked, no truncate fires.
+    RefreshUnknownValue,
+    /// A column of a `refresh` value is not in the relation: only that key
+    /// is unlinked.
+    RefreshMissingColumn,
+    /// A `refresh` value is larger than `max_refresh_bytes`: only that key
+    /// is unlinked.
+    RefreshTooLarge,
 }
 
 impl FallbackReason {
@@ -143,7 +163,21 @@ impl FallbackReason {
             FallbackReason::MissingColumn => "missing_column",
             FallbackReason::OldRowMissing => "old_row_missing",
             FallbackReason::ValueTooLong => "value_too_long",
+            FallbackReason::RefreshUnknownValue => "refresh_unknown_value",
+            FallbackReason::RefreshMissingColumn => "refresh_missing_column",
+            FallbackReason::RefreshTooLarge => "refresh_value_too_large",
         }
+    }
+
+    /// True for the `refresh_*` reasons: only the refreshed key was
+    /// unlinked, no truncate fired.
+    pub fn is_refresh(self) -> bool {
+        matches!(
+            self,
+            FallbackReason::RefreshUnknownValue
+                | FallbackReason::RefreshMissingColumn
+                | FallbackReason::RefreshTooLarge
+        )
     }
 }
 
@@ -179,6 +213,8 @@ pub struct TableCounters {
     pub fallback_old_row_missing: u64,
     /// Fallbacks by reason: a value over `max_key_bytes`.
     pub fallback_value_too_long: u64,
+    /// Refreshed keys unlinked instead of set (any `refresh_*` reason).
+    pub refresh_fallbacks: u64,
 }
 
 impl TableCounters {
@@ -196,6 +232,9 @@ impl TableCounters {
             FallbackReason::MissingColumn => self.fallback_missing_column += 1,
             FallbackReason::OldRowMissing => self.fallback_old_row_missing += 1,
             FallbackReason::ValueTooLong => self.fallback_value_too_long += 1,
+            FallbackReason::RefreshUnknownValue
+            | FallbackReason::RefreshMissingColumn
+            | FallbackReason::RefreshTooLarge => self.refresh_fallbacks += 1,
         }
     }
     fn add(&mut self, o: &TableCounters) {
@@ -207,6 +246,7 @@ impl TableCounters {
         self.fallback_missing_column += o.fallback_missing_column;
         self.fallback_old_row_missing += o.fallback_old_row_missing;
         self.fallback_value_too_long += o.fallback_value_too_long;
+        self.refresh_fallbacks += o.refresh_fallbacks;
     }
 }
 
@@ -244,6 +284,23 @@ struct ResolvedRule {
     /// An UPDATE without old row still has every old value the rule needs
     /// (FULL identity, or the needed columns are identity or assumed unchanged).
     old_implied: bool,
+    /// The rule's `refresh` entries, value columns resolved.
+    refresh: Vec<ResolvedRefresh>,
+}
+
+/// A `refresh` entry's value columns resolved against one relation.
+struct ResolvedRefresh {
+    cols: Vec<ValueColumn>,
+}
+
+/// One column of a refreshed value.
+struct ValueColumn {
+    /// Relation column position (`None`: the relation lacks it).
+    idx: Option<usize>,
+    name: Arc<str>,
+    /// `,"name":`, escaped once.
+    json_prefix: String,
+    kind: ValueKind,
 }
 
 struct RelState {
@@ -308,6 +365,9 @@ struct Scratch {
 /// Aggregation key of pending fallbacks: table, reason, (rule index, rule column).
 type FallbackKey = (Arc<str>, FallbackReason, Option<(usize, usize)>);
 
+/// Aggregation key of refresh fallbacks: table, reason, column.
+type RefreshFallbackKey = (Arc<str>, FallbackReason, Option<Arc<str>>);
+
 /// Folds events into a [`Plan`]: feed events, [`Planner::take`] the plan.
 pub struct Planner {
     mappings: Arc<Mappings>,
@@ -327,6 +387,11 @@ pub struct Planner {
     malformed: Vec<Malformed>,
     /// [`PlannerStats::declared`] at the last [`Planner::take_declared`].
     declared_reported: DeclaredCounters,
+    /// Refresh fallbacks of the change being planned (counted after it).
+    pending_refresh_fallbacks: Vec<(FallbackReason, Option<Arc<str>>)>,
+    refresh_fallbacks: HashMap<RefreshFallbackKey, u64>,
+    /// Position of the current change in its transaction.
+    seq: u32,
     stats: PlannerStats,
 }
 
@@ -385,6 +450,9 @@ impl Planner {
             fallbacks: HashMap::new(),
             malformed: Vec::new(),
             declared_reported: DeclaredCounters::default(),
+            refresh_fallbacks: HashMap::new(),
+            pending_refresh_fallbacks: Vec::new(),
+            seq: 0,
             stats: PlannerStats::default(),
         }
     }
@@ -429,6 +497,7 @@ impl Planner {
     }
 
     fn reset_txn(&mut self) {
+        self.seq = 0;
         self.txn_messages = 0;
         self.txn_publish_start = self.plan.publish.len();
         self.txn_overflow = false;
@@ -631,9 +700,25 @@ impl Planner {
                         }
                     }
                 }
+                for (reason, column) in self.pending_refresh_fallbacks.drain(..) {
+                    st.counters.count_fallback(reason);
+                    *self
+                        .refresh_fallbacks
+                        .entry((Arc::clone(&st.table), reason, column))
+                        .or_insert(0) += 1;
+                }
             }
         }
+        self.seq = self.seq.saturating_add(1);
         self.relations.insert(rel.oid, st);
+    }
+
+    /// The version a refresh planned now carries.
+    fn now(&self) -> RefreshVersion {
+        RefreshVersion {
+            lsn: self.lsn,
+            seq: self.seq,
+        }
     }
 
     /// The plan accumulated since the last call; the planner starts a new one.
@@ -667,6 +752,16 @@ impl Planner {
                 count,
             })
             .collect();
+        out.extend(
+            self.refresh_fallbacks
+                .drain()
+                .map(|((table, reason, column), count)| Fallback {
+                    table: table.to_string(),
+                    reason,
+                    column: column.map(|c| c.to_string()),
+                    count,
+                }),
+        );
         out.sort_by(|a, b| (&a.table, a.reason, &a.column).cmp(&(&b.table, b.reason, &b.column)));
         out
     }
@@ -825,6 +920,10 @@ impl Planner {
         sc.keys.clear();
         sc.tags.clear();
         sc.versions.clear();
+        let now = RefreshVersion {
+            lsn: self.lsn,
+            seq: self.seq,
+        };
         for img in std::iter::once(primary).chain(secondary) {
             let ctx = &self.ctx;
             let plan = &mut self.plan;
@@ -836,7 +935,11 @@ impl Planner {
                     img,
                     "",
                     &mut sc.buf,
-                    &mut AtLsn(&mut plan.tombstones, lsn),
+                    &mut Unlinks {
+                        inner: AtLsn(&mut plan.tombstones, lsn),
+                        refresh: &mut plan.refresh,
+                        now,
+                    },
                     collect.then_some(&mut sc.keys),
                 );
                 render_set(
@@ -855,7 +958,11 @@ impl Planner {
                     img,
                     "",
                     &mut sc.buf,
-                    &mut plan.keys,
+                    &mut Unlinks {
+                        inner: &mut plan.keys,
+                        refresh: &mut plan.refresh,
+                        now,
+                    },
                     collect.then_some(&mut sc.keys),
                 );
                 render_set(
@@ -883,14 +990,24 @@ impl Planner {
                 img,
                 "",
                 &mut sc.buf,
-                &mut plan.patterns,
+                &mut Patterns {
+                    set: &mut plan.patterns,
+                    refresh: &mut plan.refresh,
+                    now,
+                },
                 None,
+            );
+        }
+        for (rf, resolved) in rule.refresh.iter().zip(&rr.refresh) {
+            self.plan_refresh(
+                rule.mode, rf, resolved, rr, change.op, primary, secondary, collect,
             );
         }
         if rule.channels.is_empty() {
             return Ok(());
         }
         if collect {
+            let sc = &mut self.scratch;
             for v in [&mut sc.keys, &mut sc.tags, &mut sc.versions] {
                 v.sort_unstable();
                 v.dedup();
@@ -919,11 +1036,116 @@ impl Planner {
         Ok(())
     }
 
+    /// One `refresh` entry for one change: DELETE unlinks the key of the old
+    /// row; INSERT and UPDATE set the key of the new row (a moved row's old
+    /// key is unlinked). A value that cannot be rendered unlinks its key
+    /// instead, recorded as a refresh fallback.
+    #[allow(clippy::too_many_arguments)]
+    fn plan_refresh(
+        &mut self,
+        mode: Mode,
+        rf: &Refresh,
+        resolved: &ResolvedRefresh,
+        rr: &ResolvedRule,
+        op: Op,
+        primary: Image<'_>,
+        secondary: Option<Image<'_>>,
+        collect: bool,
+    ) {
+        let now = self.now();
+        let mut key = String::new();
+        let new_key = rf
+            .key
+            .render_into(&mut key, |i| value_text(rr, primary, i))
+            .is_ok();
+        if op == Op::Delete {
+            if new_key {
+                self.unlink(mode, &key, now, collect);
+            }
+            return;
+        }
+        if let Some(old) = secondary {
+            let mut old_key = String::new();
+            if rf
+                .key
+                .render_into(&mut old_key, |i| value_text(rr, old, i))
+                .is_ok()
+                && (!new_key || old_key != key)
+            {
+                self.unlink(mode, &old_key, now, collect);
+            }
+        }
+        if !new_key {
+            return; // a NULL in the key: no key
+        }
+        if collect {
+            self.scratch.keys.push(key.clone());
+        }
+        match render_value(
+            rf.format,
+            resolved,
+            primary.row,
+            now,
+            self.ctx.max_refresh_bytes,
+        ) {
+            Ok(value) => refresh::put(
+                &mut self.plan.refresh,
+                key,
+                RefreshSet {
+                    value,
+                    version: now,
+                    ttl_s: rf.ttl_s,
+                },
+            ),
+            Err(fallback) => {
+                self.pending_refresh_fallbacks.push(fallback);
+                self.unlink(mode, &key, now, false);
+            }
+        }
+    }
+
+    /// Unlinks (or, under `mode = "tombstone"`, tombstones) `key`; a refresh
+    /// of it planned by an earlier change is dropped (the later one wins).
+    fn unlink(&mut self, mode: Mode, key: &str, now: RefreshVersion, collect: bool) {
+        let plan = &mut self.plan;
+        match mode {
+            Mode::Delete => Unlinks {
+                inner: &mut plan.keys,
+                refresh: &mut plan.refresh,
+                now,
+            }
+            .add(key),
+            Mode::Tombstone => Unlinks {
+                inner: AtLsn(&mut plan.tombstones, now.lsn),
+                refresh: &mut plan.refresh,
+                now,
+            }
+            .add(key),
+        }
+        if collect {
+            self.scratch.keys.push(key.to_owned());
+        }
+    }
+
     fn fire_truncate(&mut self, table: &TableName) {
         let Some(t) = self.truncates.get(table) else {
             return;
         };
         let plan = &mut self.plan;
+        if !plan.refresh.is_empty() {
+            // A truncate after a refresh of the same batch: the refresh goes.
+            let now = RefreshVersion {
+                lsn: self.lsn,
+                seq: self.seq,
+            };
+            plan.refresh.retain(|key, set| {
+                set.version >= now
+                    || !(t.keys.iter().any(|k| k == key)
+                        || t.patterns
+                            .iter()
+                            .any(|p| glob::glob_match(p.as_bytes(), key.as_bytes())))
+            });
+        }
         insert_all(&mut plan.keys, &t.keys);
         insert_all(&mut plan.tags, &t.tags);
         insert_all(&mut plan.versions, &t.versions);
@@ -1046,6 +1268,114 @@ fn resolve_rule(index: usize, rule: &Rule, rel: &Relation) -> ResolvedRule {
         assumed,
         in_keys,
         old_implied,
+        refresh: rule
+            .refresh
+            .iter()
+            .map(|r| resolve_refresh(r, rel))
+            .collect(),
+    }
+}
+
+fn resolve_refresh(r: &Refresh, rel: &Relation) -> ResolvedRefresh {
+    let column = |name: &str, idx: Option<usize>| {
+        let mut json_prefix = String::from(",");
+        refresh::push_json_str(&mut json_prefix, name);
+        json_prefix.push(':');
+        ValueColumn {
+            idx,
+            name: Arc::from(name),
+            json_prefix,
+            kind: idx
+                .and_then(|i| rel.columns.get(i))
+                .map_or(ValueKind::Text, |c| ValueKind::of(c.type_oid)),
+        }
+    };
+    let cols = match &r.columns {
+        Some(names) => names
+            .iter()
+            .map(|n| column(n, rel.column_index(n)))
+            .collect(),
+        // Every column; a column named like the reserved field is left out
+        // (`check` refuses it).
+        None => rel
+            .columns
+            .iter()
+            .enumerate()
+            .filter(|(_, c)| c.name != REFRESH_LSN_FIELD)
+            .map(|(i, c)| column(&c.name, Some(i)))
+            .collect(),
+    };
+    ResolvedRefresh { cols }
+}
+
+/// Renders a refreshed value from the new row; `Err` names why it cannot be
+/// set (its key is unlinked instead).
+fn render_value(
+    format: RefreshFormat,
+    rf: &ResolvedRefresh,
+    row: &Row,
+    version: RefreshVersion,
+    max_bytes: usize,
+) -> Result<RefreshValue, (FallbackReason, Option<Arc<str>>)> {
+    let value = |c: &ValueColumn| -> Result<&Value, (FallbackReason, Option<Arc<str>>)> {
+        let idx = c.idx.ok_or((
+            FallbackReason::RefreshMissingColumn,
+            Some(Arc::clone(&c.name)),
+        ))?;
+        match row.get(idx) {
+            None => Err((
+                FallbackReason::RefreshMissingColumn,
+                Some(Arc::clone(&c.name)),
+            )),
+            Some(Value::Unknown) => Err((
+                FallbackReason::RefreshUnknownValue,
+                Some(Arc::clone(&c.name)),
+            )),
+            Some(v) => Ok(v),
+        }
+    };
+    let too_large = || (FallbackReason::RefreshTooLarge, None);
+    match format {
+        RefreshFormat::Json => {
+            let mut out = String::with_capacity(64 + 24 * rf.cols.len());
+            out.push_str("{\"");
+            out.push_str(REFRESH_LSN_FIELD);
+            out.push_str("\":\"");
+            use std::fmt::Write;
+            let _ = write!(out, "{version}");
+            out.push('"');
+            for c in &rf.cols {
+                let v = value(c)?;
+                out.push_str(&c.json_prefix);
+                match v {
+                    Value::Text(t) => refresh::push_json_value(&mut out, c.kind, t),
+                    _ => out.push_str("null"),
+                }
+                if out.len() > max_bytes {
+                    return Err(too_large());
+                }
+            }
+            out.push('}');
+            if out.len() > max_bytes {
+                return Err(too_large());
+            }
+            Ok(RefreshValue::Json(out))
+        }
+        RefreshFormat::Hash => {
+            let mut fields = Vec::with_capacity(rf.cols.len() + 1);
+            let mut len = 0;
+            fields.push((REFRESH_LSN_FIELD.to_owned(), version.to_string()));
+            for c in &rf.cols {
+                if let Value::Text(t) = value(c)? {
+                    len += c.name.len() + t.len();
+                    if len > max_bytes {
+                        return Err(too_large());
+                    }
+                    fields.push((c.name.to_string(), t.to_string()));
+                }
+            }
+            Ok(RefreshValue::Hash(fields))
+        }
     }
 }
 
@@ -1132,6 +1462,49 @@ impl RenderTarget for AtLsn<'_> {
             None => {
                 self.0.insert(name.to_owned(), self.1);
             }
+        }
+    }
+}
+
+/// Keys to unlink or tombstone: a refresh of the same key planned by an
+/// earlier change is dropped (the later change wins; one of the same change
+/// stays, and the sink sets it after the deletes).
+struct Unlinks<'a, T> {
+    inner: T,
+    refresh: &'a mut super::RefreshMap,
+    now: RefreshVersion,
+}
+
+impl<T: RenderTarget> RenderTarget for Unlinks<'_, T> {
+    fn add(&mut self, name: &str) {
+        if !self.refresh.is_empty() && self.refresh.get(name).is_some_and(|r| r.version < self.now)
+        {
+            self.refresh.remove(name);
+        }
+        self.inner.add(name);
+    }
+}
+
+impl RenderTarget for &mut super::KeySet {
+    fn add(&mut self, name: &str) {
+        self.insert(name);
+    }
+}
+
+/// Row-level patterns: a new pattern drops the refreshes of earlier changes it matches.
+struct Patterns<'a> {
+    set: &'a mut super::KeySet,
+    refresh: &'a mut super::RefreshMap,
+    now: RefreshVersion,
+}
+
+impl RenderTarget for Patterns<'_> {
+    fn add(&mut self, name: &str) {
+        if self.set.insert(name) && !self.refresh.is_empty() {
+            let now = self.now;
+            self.refresh.retain(|key, set| {
+                set.version >= now || !glob::glob_match(name.as_bytes(), key.as_bytes())
+            });
         }
     }
 }
@@ -1802,5 +2175,282 @@ patterns = ["feed:*:author:{author_id}"]
         let plan = p.take();
         assert_eq!(sorted(&plan.keys), ["user:1"]);
         assert!(plan.publish[0].message.contains("\"lsn\":\"0/AB\""));
+    }
+
+    const PROFILES: &str = r#"
+[[table]]
+name = "users"
+keys = ["user:{id}:avatar"]
+refresh = [
+    { key = "user:{id}:profile", columns = ["id", "name", "score", "active", "meta"], ttl_s = 300 },
+    { key = "user:{id}:h", columns = ["name", "score"], format = "hash" },
+]
+"#;
+
+    fn typed_users() -> Arc<Relation> {
+        let col = |name: &str, type_oid: u32| RelationColumn {
+            name: name.into(),
+            is_key: name == "id",
+            type_oid,
+            type_modifier: -1,
+        };
+        Arc::new(Relation {
+            oid: 21,
+            schema: "public".into(),
+            name: "users".into(),
+            replica_identity: b'd',
+            columns: vec![
+                col("id", 23),
+                col("name", 25),
+                col("score", 1700),
+                col("active", 16),
+                col("meta", 3802),
+            ],
+        })
+    }
+
+    fn json_of(plan: &Plan, key: &str) -> String {
+        match &plan.refresh[key].value {
+            RefreshValue::Json(s) => s.clone(),
+            other => panic!("{key}: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn refresh_renders_typed_json_and_a_hash() {
+        let mut p = planner(PROFILES);
+        let r = typed_users();
+        p.change(&change(
+            &r,
+            Op::Insert,
+            None,
+            Some(&[
+                Some("1"),
+                Some("Ann \"A\""),
+                Some("1.50"),
+                Some("t"),
+                Some(r#"{"a":[1]}"#),
+            ]),
+        ));
+        let plan = p.take();
+        assert_eq!(
+            json_of(&plan, "user:1:profile"),
+            r#"{"_lsn":"0000000000000100.00000000","id":1,"name":"Ann \"A\"","score":1.50,"active":true,"meta":{"a":[1]}}"#
+        );
+        assert_eq!(plan.refresh["user:1:profile"].ttl_s, Some(300));
+        assert_eq!(
+            plan.refresh["user:1:h"].value,
+            RefreshValue::Hash(vec![
+                ("_lsn".into(), "0000000000000100.00000000".into()),
+                ("name".into(), "Ann \"A\"".into()),
+                ("score".into(), "1.50".into()),
+            ])
+        );
+        assert_eq!(plan.refresh["user:1:h"].ttl_s, None);
+        assert_eq!(
+            sorted(&plan.keys),
+            ["user:1:avatar"],
+            "refreshed keys are not unlinked"
+        );
+        // NULL: JSON null, and no hash field.
+        p.change(&change(
+            &r,
+            Op::Insert,
+            None,
+            Some(&[Some("2"), None, Some("NaN"), Some("f"), None]),
+        ));
+        let plan = p.take();
+        assert_eq!(
+            json_of(&plan, "user:2:profile"),
+            r#"{"_lsn":"0000000000000100.00000001","id":2,"name":null,"score":"NaN","active":false,"meta":null}"#
+        );
+        assert_eq!(
+            plan.refresh["user:2:h"].value,
+            RefreshValue::Hash(vec![
+                ("_lsn".into(), "0000000000000100.00000001".into()),
+                ("score".into(), "NaN".into()),
+            ])
+        );
+    }
+
+    #[test]
+    fn refresh_keeps_the_last_image_of_a_key_in_a_batch() {
+        let mut p = planner(PROFILES);
+        let r = typed_users();
+        for name in ["a", "b"] {
+            p.change(&change(
+                &r,
+                Op::Update,
+                None,
+                Some(&[Some("1"), Some(name), Some("1"), Some("t"), None]),
+            ));
+        }
+        let plan = p.take();
+        assert!(json_of(&plan, "user:1:profile").contains(r#""name":"b""#));
+        assert_eq!(plan.refresh["user:1:profile"].version.seq, 1);
+        assert_eq!(plan.refresh.len(), 2);
+    }
+
+    #[test]
+    fn refresh_delete_unlinks_and_a_later_unlink_wins() {
+        let mut p = planner(PROFILES);
+        let r = typed_users();
+        let row = [Some("1"), Some("a"), Some("1"), Some("t"), None];
+        p.change(&change(&r, Op::Insert, None, Some(&row)));
+        p.change(&change(
+            &r,
+            Op::Delete,
+            Some(&[Some("1"), Some("?"), Some("?"), Some("?"), Some("?")]),
+            None,
+        ));
+        let plan = p.take();
+        assert!(
+            plan.refresh.is_empty(),
+            "the delete came later: {:?}",
+            plan.refresh
+        );
+        assert_eq!(
+            sorted(&plan.keys),
+            ["user:1:avatar", "user:1:h", "user:1:profile"]
+        );
+        // Delete, then insert again: the key is unlinked first and set after.
+        p.change(&change(
+            &r,
+            Op::Delete,
+            Some(&[Some("1"), Some("?"), Some("?"), Some("?"), Some("?")]),
+            None,
+        ));
+        p.change(&change(&r, Op::Insert, None, Some(&row)));
+        let plan = p.take();
+        assert!(plan.keys.contains("user:1:profile"));
+        assert!(plan.refresh.contains_key("user:1:profile"));
+        assert!(p.take_fallbacks().is_empty());
+    }
+
+    #[test]
+    fn refresh_of_a_moved_row_unlinks_the_old_key() {
+        let mut p = planner(PROFILES);
+        let r = typed_users();
+        p.change(&change(
+            &r,
+            Op::Update,
+            Some(&[Some("1"), Some("?"), Some("?"), Some("?"), Some("?")]),
+            Some(&[Some("2"), Some("a"), Some("1"), Some("t"), None]),
+        ));
+        let plan = p.take();
+        assert_eq!(
+            sorted(&plan.keys),
+            [
+                "user:1:avatar",
+                "user:1:h",
+                "user:1:profile",
+                "user:2:avatar"
+            ]
+        );
+        let mut refreshed: Vec<&String> = plan.refresh.keys().collect();
+        refreshed.sort();
+        assert_eq!(refreshed, ["user:2:h", "user:2:profile"]);
+    }
+
+    #[test]
+    fn refresh_with_an_unknown_or_oversized_value_unlinks_its_key() {
+        let mut p = planner(PROFILES);
+        let r = typed_users();
+        // Unchanged TOAST in `name`, no old row: unknown.
+        p.change(&change(
+            &r,
+            Op::Update,
+            None,
+            Some(&[Some("1"), Some("?"), Some("1"), Some("t"), None]),
+        ));
+        let plan = p.take();
+        assert!(plan.refresh.is_empty(), "{:?}", plan.refresh);
+        assert_eq!(
+            sorted(&plan.keys),
+            ["user:1:avatar", "user:1:h", "user:1:profile"]
+        );
+        assert!(plan.patterns.is_empty(), "no truncate fired");
+        let f = p.take_fallbacks();
+        assert_eq!(
+            f,
+            [Fallback {
+                table: "public.users".into(),
+                reason: FallbackReason::RefreshUnknownValue,
+                column: Some("name".into()),
+                count: 2
+            }]
+        );
+        assert!(f[0].reason.is_refresh());
+        assert_eq!(p.stats().tables["public.users"].refresh_fallbacks, 2);
+
+        let m = Mappings::parse("m.toml", PROFILES).unwrap();
+        let mut p = Planner::new(
+            Arc::new(m),
+            PlannerContext {
+                max_refresh_bytes: 60,
+                ..Default::default()
+            },
+        );
+        p.begin(1, Lsn(1));
+        let long = "x".repeat(61);
+        p.change(&change(
+            &r,
+            Op::Insert,
+            None,
+            Some(&[Some("1"), Some(&long), Some("1"), Some("t"), None]),
+        ));
+        let plan = p.take();
+        assert!(plan.refresh.is_empty());
+        assert!(plan.keys.contains("user:1:profile") && plan.keys.contains("user:1:h"));
+        assert_eq!(
+            p.take_fallbacks()[0].reason,
+            FallbackReason::RefreshTooLarge
+        );
+    }
+
+    #[test]
+    fn refresh_is_dropped_by_a_later_truncate_or_tombstone() {
+        let src = format!("{PROFILES}\n[[table]]\nname = \"audit\"\nkeys = [\"user:{{user_id}}:profile\"]\nmode = \"tombstone\"\n");
+        let mut p = planner(&src);
+        let r = typed_users();
+        let audit = rel(30, "audit", &["user_id"], b'f', &[]);
+        let row = [Some("1"), Some("a"), Some("1"), Some("t"), None];
+        p.change(&change(&r, Op::Insert, None, Some(&row)));
+        p.change(&change(&r, Op::Truncate, None, None));
+        let plan = p.take();
+        assert!(plan.refresh.is_empty(), "{:?}", plan.refresh);
+        assert!(plan.patterns.contains("user:*:profile"));
+        // A tombstone of a later transaction wins; one of the same transaction
+        // at the same LSN leaves the sink to order them (the value is set last).
+        p.change(&change(&r, Op::Insert, None, Some(&row)));
+        p.commit();
+        p.begin(2, Lsn(0x200));
+        p.change(&change(&audit, Op::Insert, None, Some(&[Some("1")])));
+        let plan = p.take();
+        assert!(!plan.refresh.contains_key("user:1:profile"));
+        assert_eq!(plan.tombstones["user:1:profile"], Lsn(0x200));
+        assert!(plan.refresh.contains_key("user:1:h"));
+    }
+
+    #[test]
+    fn merge_drops_refreshes_the_later_plan_unlinks() {
+        let mut p = planner(PROFILES);
+        let r = typed_users();
+        p.change(&change(
+            &r,
+            Op::Insert,
+            None,
+            Some(&[Some("1"), Some("a"), Some("1"), Some("t"), None]),
+        ));
+        let mut first = p.take();
+        p.change(&change(
+            &r,
+            Op::Delete,
+            Some(&[Some("1"), Some("?"), Some("?"), Some("?"), Some("?")]),
+            None,
+        ));
+        first.merge(p.take());
+        assert!(first.refresh.is_empty());
+        assert_eq!(first.ops(), 3);
     }
 }

@@ -14,6 +14,7 @@
 //!   slot) runs the multi-slot path: `SSCAN` a chunk, `UNLINK` the members
 //!   (grouped by slot), `SREM` exactly those members, `UNLINK` them again;
 //! - versions: the VERSION_BUMP script per key;
+//! - refreshed keys: the REFRESH_SET script per key, after the pattern pass;
 //! - patterns: one `SCAN` pass over every master (from `CLUSTER NODES`),
 //!   matched client-side;
 //! - PUBLISH: sent to one node, Redis Cluster broadcasts it;
@@ -119,6 +120,7 @@ pub struct ClusterSink {
     tag_pop: Script,
     version_bump: Script,
     tombstone_set: Script,
+    refresh_set: Script,
     tombstone_ms: u64,
     wait_replicas: u32,
     redelete_after: Option<Duration>,
@@ -244,6 +246,7 @@ impl ClusterSink {
             tag_pop: Script::new(TAG_POP_LOCAL),
             version_bump: Script::new(scripts::VERSION_BUMP),
             tombstone_set: Script::new(scripts::TOMBSTONE_SET),
+            refresh_set: Script::new(scripts::REFRESH_SET),
             tombstone_ms: DEFAULT_TOMBSTONE_MS,
             wait_replicas: options.wait_replicas,
             redelete_after: options.redelete_after,
@@ -431,6 +434,14 @@ impl ClusterSink {
         }
         if has_patterns(plan) {
             self.scan_patterns(plan, &mut stats).await?;
+        }
+        if !plan.refresh.is_empty() {
+            let outcome =
+                super::refresh::apply_cluster(&self.conn(), &self.refresh_set, &plan.refresh)
+                    .await
+                    .map_err(self.err("EVALSHA refresh-set"))?;
+            stats.refreshed += outcome.set;
+            stats.refresh_kept += outcome.kept;
         }
         // In order, one at a time: subscribers see the messages of a batch in
         // commit order.

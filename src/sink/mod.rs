@@ -14,6 +14,10 @@
 //! TOMBSTONE_SET script for keys, the TAG_TOMBSTONE SSCAN loop for tag sets;
 //! their hold time is [`RedisSink::set_tombstone_hold`] (default 10 s).
 //!
+//! Refreshed keys (`refresh` rules) are set last, after the pattern pass and
+//! before PUBLISH, by the REFRESH_SET script ([`refresh`]), which never
+//! replaces a newer version.
+//!
 //! Permanent errors on one key (WRONGTYPE on a tag set, "not an integer" on a
 //! version key) unlink that key and redo the step, counted in
 //! [`ApplyStats::repaired`]. NOPERM, OOM and READONLY are returned as
@@ -26,6 +30,7 @@ pub mod error;
 pub mod identity;
 pub mod memory;
 pub mod patterns;
+pub mod refresh;
 pub mod scripts;
 
 use std::path::PathBuf;
@@ -194,6 +199,10 @@ pub struct ApplyStats {
     pub tombstone_members: u64,
     /// Keys of the wrong type under the tag or version prefix, unlinked and redone.
     pub repaired: u64,
+    /// Keys set by `refresh` rules.
+    pub refreshed: u64,
+    /// Refreshed keys left as they were: Redis held a newer version.
+    pub refresh_kept: u64,
 }
 
 /// Executes plans against one Redis server.
@@ -204,6 +213,7 @@ pub struct RedisSink {
     tag_pop: Script,
     tombstone_set: Script,
     tag_tombstone: Script,
+    refresh_set: Script,
     tombstone_ms: u64,
     wait_replicas: u32,
     redelete_after: Option<Duration>,
@@ -317,6 +327,7 @@ impl RedisSink {
             tag_pop: Script::new(scripts::TAG_POP),
             tombstone_set: Script::new(scripts::TOMBSTONE_SET),
             tag_tombstone: Script::new(scripts::TAG_TOMBSTONE),
+            refresh_set: Script::new(scripts::REFRESH_SET),
             tombstone_ms: DEFAULT_TOMBSTONE_MS,
             wait_replicas: options.wait_replicas,
             redelete_after: options.redelete_after,
@@ -374,6 +385,13 @@ impl RedisSink {
         self.run_rounds(round, &mut stats).await?;
         if has_patterns(plan) {
             self.scan_patterns(plan, &mut stats).await?;
+        }
+        if !plan.refresh.is_empty() {
+            let outcome = refresh::apply_single(&mut self.conn, &self.refresh_set, &plan.refresh)
+                .await
+                .map_err(self.err("EVALSHA refresh-set"))?;
+            stats.refreshed += outcome.set;
+            stats.refresh_kept += outcome.kept;
         }
         if !plan.publish.is_empty() {
             let mut pipe = redis::pipe();

@@ -71,5 +71,11 @@ pub const TOMBSTONE_SET: &str = include_str!("../../scripts/tombstone_set.lua");
 /// ms; returns `{next cursor, members seen}`. Members stay in the set.
 pub const TAG_TOMBSTONE: &str = include_str!("../../scripts/tag_tombstone.lua");
 
+/// Sets pre-warmed values (`refresh` rules), each only if Redis holds no
+/// newer version of its key: `KEYS` are the keys, `ARGV` per key the version
+/// ([`crate::plan::RefreshVersion`]), TTL seconds (0: none), format, number
+/// of value arguments and the values. Returns how many keys were set.
+pub const REFRESH_SET: &str = include_str!("../../scripts/refresh_set.lua");
+
 /// Keys per TOMBSTONE_SET call.
 pub const TOMBSTONE_CHUNK: usize = 500;

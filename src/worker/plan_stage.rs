@@ -291,6 +291,16 @@ fn close_batch(
     }
     for fallback in planner.take_fallbacks() {
         telemetry.fallback(&fallback.table, fallback.reason.as_str(), fallback.count);
+        if fallback.reason.is_refresh() {
+            tracing::warn!(
+                { TABLE } = %fallback.table,
+                { REASON } = fallback.reason.as_str(),
+                { COLUMN } = fallback.column.as_deref().unwrap_or(""),
+                { COUNT } = fallback.count,
+                "a refreshed value could not be rendered (unknown or too large): unlinked its key instead"
+            );
+            continue;
+        }
         tracing::warn!(
             { TABLE } = %fallback.table,
             { REASON } = fallback.reason.as_str(),

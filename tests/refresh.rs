@@ -1,0 +1,432 @@
+//! Pre-warm (`refresh` rules) against real servers: the worker sets keys to
+//! the new row in commit order, unlinks them on delete, moves them with the
+//! row, never puts an older image over a newer one (replays after a crash
+//! included), unlinks a key whose value it cannot know, and meets tombstones
+//! and guarded fills as `docs/race-proof-fills.md` says.
+
+mod support;
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use cache_invalidator::cache::{self, tombstone};
+use cache_invalidator::Lsn;
+use support::{PgCluster, RedisProbe, RedisServer, WorkerConfig, WorkerProcess};
+
+/// Generous: the machine is shared and has two cores.
+const WAIT: Duration = Duration::from_secs(60);
+
+const SCHEMA: &str = "CREATE TABLE profiles (id int PRIMARY KEY, name text, score numeric, active bool, meta jsonb, bio text)";
+
+const MAPPING: &str = r#"
+[[table]]
+name = "profiles"
+refresh = [
+    { key = "user:{id}:profile", columns = ["id", "name", "score", "active", "meta", "bio"], ttl_s = 300 },
+    { key = "user:{id}:h", columns = ["name", "score"], format = "hash" },
+]
+"#;
+
+/// A worker on a fresh `profiles` table, setup's flush marker applied.
+fn start(pg: &PgCluster, redis: &RedisServer, mapping: &str) -> (WorkerConfig, WorkerProcess) {
+    pg.psql(support::SYNC_PROBE_TABLE);
+    pg.psql(SCHEMA);
+    let cfg = WorkerConfig::new(
+        pg,
+        redis,
+        &[
+            ("profiles.toml", mapping),
+            ("zz_sync.toml", support::SYNC_PROBE_MAPPING),
+        ],
+        "",
+    );
+    let (code, out, err) = cfg.command(&["setup"]);
+    assert_eq!(code, 0, "setup failed:\n{out}\n{err}");
+    let w = cfg.spawn_worker();
+    w.wait_log("flush marker: firing", WAIT);
+    support::sync_worker(pg, redis, WAIT);
+    (cfg, w)
+}
+
+fn get(redis: &RedisServer, key: &str) -> Option<String> {
+    RedisProbe::new(redis).get(key)
+}
+
+fn hgetall(redis: &RedisServer, key: &str) -> HashMap<String, String> {
+    let mut c = redis.client().get_connection().expect("redis");
+    redis::cmd("HGETALL")
+        .arg(key)
+        .query(&mut c)
+        .expect("HGETALL")
+}
+
+fn ttl(redis: &RedisServer, key: &str) -> i64 {
+    let mut c = redis.client().get_connection().expect("redis");
+    redis::cmd("TTL").arg(key).query(&mut c).expect("TTL")
+}
+
+/// Splits a refreshed JSON value into its version and the rest of the object
+/// (after `_lsn`), asserting the documented layout.
+fn split_json(value: &str) -> (String, String) {
+    let rest = value
+        .strip_prefix("{\"_lsn\":\"")
+        .unwrap_or_else(|| panic!("not a refreshed value: {value}"));
+    let (version, rest) = rest.split_at(25);
+    assert!(
+        version.len() == 25
+            && version.as_bytes()[16] == b'.'
+            && version
+                .chars()
+                .all(|c| c == '.' || c.is_ascii_digit() || c.is_ascii_uppercase()),
+        "{version}"
+    );
+    let rest = rest
+        .strip_prefix('"')
+        .unwrap_or_else(|| panic!("no closing quote after _lsn: {value}"));
+    (version.to_owned(), rest.to_owned())
+}
+
+/// Waits until `key` holds a refreshed JSON value whose fields after `_lsn`
+/// are `fields`; returns the version.
+fn wait_json(redis: &RedisServer, key: &str, fields: &str) -> String {
+    let deadline = std::time::Instant::now() + WAIT;
+    loop {
+        let v = get(redis, key);
+        if let Some(v) = v.as_deref().filter(|v| v.starts_with("{\"_lsn\":\"")) {
+            let (version, rest) = split_json(v);
+            if rest == fields {
+                return version;
+            }
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "timed out waiting for {key} = {fields}; it holds {v:?}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// A worker log without its terminal colours, so `field=value` reads as such.
+fn plain(log: &str) -> String {
+    let mut out = String::with_capacity(log.len());
+    let mut chars = log.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            // CSI: ESC [ parameters final-byte
+            for d in chars.by_ref() {
+                if d.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+fn hash(pairs: &[(&str, &str)]) -> HashMap<String, String> {
+    pairs
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+}
+
+/// The hash without its `_lsn` field, asserting the field is the version.
+fn hash_fields(redis: &RedisServer, key: &str, version: &str) -> HashMap<String, String> {
+    let mut h = hgetall(redis, key);
+    assert_eq!(h.remove("_lsn").as_deref(), Some(version), "{key}: {h:?}");
+    h
+}
+
+#[test]
+fn insert_update_move_delete_leave_exactly_the_new_row() {
+    let pg = PgCluster::start();
+    let redis = RedisServer::start();
+    let (_cfg, mut w) = start(&pg, &redis, MAPPING);
+
+    pg.psql("INSERT INTO profiles VALUES (1, 'Ann', 1.50, true, '{\"a\":1}', 'hi')");
+    let v1 = wait_json(
+        &redis,
+        "user:1:profile",
+        r#","id":1,"name":"Ann","score":1.50,"active":true,"meta":{"a": 1},"bio":"hi"}"#,
+    );
+    let t = ttl(&redis, "user:1:profile");
+    assert!((1..=300).contains(&t), "ttl {t}");
+    support::sync_worker(&pg, &redis, WAIT);
+    assert_eq!(
+        hash_fields(&redis, "user:1:h", &v1),
+        hash(&[("name", "Ann"), ("score", "1.50")])
+    );
+    assert_eq!(ttl(&redis, "user:1:h"), -1, "no ttl_s: no TTL");
+
+    // An update; then NULLs (JSON null, no hash field).
+    pg.psql("UPDATE profiles SET name = 'Bob', score = -2, active = false WHERE id = 1");
+    let v2 = wait_json(
+        &redis,
+        "user:1:profile",
+        r#","id":1,"name":"Bob","score":-2,"active":false,"meta":{"a": 1},"bio":"hi"}"#,
+    );
+    assert!(v2 > v1, "{v2} after {v1}");
+    pg.psql("UPDATE profiles SET name = NULL, meta = NULL WHERE id = 1");
+    let v3 = wait_json(
+        &redis,
+        "user:1:profile",
+        r#","id":1,"name":null,"score":-2,"active":false,"meta":null,"bio":"hi"}"#,
+    );
+    support::sync_worker(&pg, &redis, WAIT);
+    assert_eq!(
+        hash_fields(&redis, "user:1:h", &v3),
+        hash(&[("score", "-2")])
+    );
+
+    // Two updates of the row in one transaction: the second image.
+    pg.psql("BEGIN; UPDATE profiles SET name = 'x1' WHERE id = 1; UPDATE profiles SET name = 'x2' WHERE id = 1; COMMIT");
+    let v4 = wait_json(
+        &redis,
+        "user:1:profile",
+        r#","id":1,"name":"x2","score":-2,"active":false,"meta":null,"bio":"hi"}"#,
+    );
+    support::sync_worker(&pg, &redis, WAIT);
+    assert_eq!(
+        hash_fields(&redis, "user:1:h", &v4),
+        hash(&[("name", "x2"), ("score", "-2")])
+    );
+
+    // The row moves (its key column changed): the old keys go, the new ones are set.
+    pg.psql("UPDATE profiles SET id = 2 WHERE id = 1");
+    let v5 = wait_json(
+        &redis,
+        "user:2:profile",
+        r#","id":2,"name":"x2","score":-2,"active":false,"meta":null,"bio":"hi"}"#,
+    );
+    support::sync_worker(&pg, &redis, WAIT);
+    let mut probe = RedisProbe::new(&redis);
+    assert!(!probe.exists("user:1:profile") && !probe.exists("user:1:h"));
+    assert_eq!(
+        hash_fields(&redis, "user:2:h", &v5),
+        hash(&[("name", "x2"), ("score", "-2")])
+    );
+
+    // Delete: both keys unlinked.
+    pg.psql("DELETE FROM profiles WHERE id = 2");
+    probe.wait_gone("user:2:profile", WAIT);
+    probe.wait_gone("user:2:h", WAIT);
+
+    // Deleted and inserted again in one transaction: set, not unlinked.
+    pg.psql("BEGIN; INSERT INTO profiles (id, name) VALUES (3, 'a'); DELETE FROM profiles WHERE id = 3; INSERT INTO profiles (id, name) VALUES (3, 'b'); COMMIT");
+    wait_json(
+        &redis,
+        "user:3:profile",
+        r#","id":3,"name":"b","score":null,"active":null,"meta":null,"bio":null}"#,
+    );
+    assert_eq!(w.stop(WAIT), Some(0), "{}", w.log());
+    assert!(!w.log().contains("could not be rendered"), "{}", w.log());
+}
+
+#[test]
+fn an_unchanged_toasted_column_unlinks_the_key_and_is_counted() {
+    let pg = PgCluster::start();
+    let redis = RedisServer::start();
+    let (_cfg, mut w) = start(&pg, &redis, MAPPING);
+
+    // A bio stored out of line (TOAST): md5 text barely compresses.
+    pg.psql("INSERT INTO profiles (id, name, bio) SELECT 1, 'Ann', string_agg(md5(g::text), '') FROM generate_series(1, 400) g");
+    support::wait_for("user:1:profile", WAIT, || get(&redis, "user:1:profile"));
+    support::sync_worker(&pg, &redis, WAIT);
+    // Update another column: pgoutput sends the bio as 'u' (unchanged TOAST).
+    pg.psql("UPDATE profiles SET name = 'Bob' WHERE id = 1");
+    RedisProbe::new(&redis).wait_gone("user:1:profile", WAIT);
+    // The hash does not read the bio: it is refreshed.
+    support::wait_for("user:1:h refreshed", WAIT, || {
+        (hgetall(&redis, "user:1:h").get("name").map(String::as_str) == Some("Bob")).then_some(())
+    });
+    support::wait_for("the refresh fallback's log line", WAIT, || {
+        plain(&w.log())
+            .contains("reason=\"refresh_unknown_value\"")
+            .then_some(())
+    });
+    let log = plain(&w.log());
+    assert!(
+        log.contains("a refreshed value could not be rendered") && log.contains("column=\"bio\""),
+        "{log}"
+    );
+    assert!(!log.contains("fired the table's truncate"), "{log}");
+    assert_eq!(w.stop(WAIT), Some(0));
+}
+
+#[test]
+fn a_replay_after_a_crash_never_leaves_an_older_image() {
+    let pg = PgCluster::start();
+    let redis = RedisServer::start();
+    let (cfg, mut w) = start(&pg, &redis, MAPPING);
+    pg.psql("INSERT INTO profiles (id, name) VALUES (1, 'v1')");
+    wait_json(
+        &redis,
+        "user:1:profile",
+        r#","id":1,"name":"v1","score":null,"active":null,"meta":null,"bio":null}"#,
+    );
+    support::sync_worker(&pg, &redis, WAIT);
+    assert_eq!(w.stop(WAIT), Some(0));
+
+    // Two transactions, applied by a worker that dies before acknowledging.
+    pg.psql("UPDATE profiles SET name = 'v2' WHERE id = 1");
+    pg.psql("UPDATE profiles SET name = 'v3' WHERE id = 1");
+    let newest = r#","id":1,"name":"v3","score":null,"active":null,"meta":null,"bio":null}"#;
+    let env = [("CACHE_INVALIDATOR_FAILPOINT", "after_apply_before_ack")];
+    for attempt in 0.. {
+        assert!(
+            attempt < 20,
+            "the failpoint never applied the second update"
+        );
+        let mut crashed = cfg.spawn_worker_with_env(&env);
+        support::wait_for("the failpoint abort", WAIT, || crashed.try_exit_code());
+        assert!(crashed
+            .log()
+            .contains("failpoint after_apply_before_ack: aborting"));
+        if get(&redis, "user:1:profile").is_some_and(|v| split_json(&v).1 == newest) {
+            break;
+        }
+    }
+    let applied = get(&redis, "user:1:profile").expect("applied");
+
+    // The restarted worker receives both again: while it replays them, no
+    // reader ever sees v2 (or v1) again.
+    let stop = Arc::new(AtomicBool::new(false));
+    let watcher = {
+        let stop = Arc::clone(&stop);
+        let url = redis.url();
+        std::thread::spawn(move || {
+            let mut c = redis::Client::open(url)
+                .expect("client")
+                .get_connection()
+                .expect("redis");
+            let mut seen = Vec::new();
+            while !stop.load(Ordering::Relaxed) {
+                let v: Option<String> = redis::cmd("GET")
+                    .arg("user:1:profile")
+                    .query(&mut c)
+                    .expect("GET");
+                if let Some(v) = v {
+                    if !seen.contains(&v) {
+                        seen.push(v);
+                    }
+                }
+            }
+            seen
+        })
+    };
+    let mut w = cfg.spawn_worker();
+    support::sync_worker(&pg, &redis, WAIT);
+    stop.store(true, Ordering::Relaxed);
+    let seen = watcher.join().expect("watcher");
+    assert_eq!(
+        seen,
+        std::slice::from_ref(&applied),
+        "values seen during the replay"
+    );
+    assert_eq!(get(&redis, "user:1:profile"), Some(applied));
+    // The script refused the replayed images (kept what was there).
+    let log = plain(&w.log());
+    assert!(
+        log.lines().any(|l| l.contains("batch applied")
+            && !l.contains("refresh_kept=0")
+            && l.contains("refresh_kept=")),
+        "{log}"
+    );
+    assert_eq!(w.stop(WAIT), Some(0));
+}
+
+#[test]
+fn tombstones_and_guarded_fills_meet_refreshed_values() {
+    let pg = PgCluster::start();
+    let redis = RedisServer::start();
+    let (_cfg, mut w) = start(&pg, &redis, MAPPING);
+    let mut probe = RedisProbe::new(&redis);
+
+    // A tombstone older than the change is replaced; a newer one is kept.
+    probe.set("user:1:profile", &tombstone::marker(Lsn(1)));
+    let future = tombstone::marker(Lsn(u64::MAX >> 1));
+    probe.set("user:2:profile", &future);
+    pg.psql("INSERT INTO profiles (id, name) VALUES (1, 'a'), (2, 'b')");
+    wait_json(
+        &redis,
+        "user:1:profile",
+        r#","id":1,"name":"a","score":null,"active":null,"meta":null,"bio":null}"#,
+    );
+    support::sync_worker(&pg, &redis, WAIT);
+    assert_eq!(get(&redis, "user:2:profile"), Some(future));
+    assert_eq!(
+        hgetall(&redis, "user:2:h").get("name").map(String::as_str),
+        Some("b")
+    );
+
+    // get_or_fill sees a refreshed key as a hit: no database read.
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let refreshed = get(&redis, "user:1:profile").expect("refreshed");
+    let got = rt.block_on(async {
+        let mut conn = redis
+            .client()
+            .get_multiplexed_async_connection()
+            .await
+            .expect("redis");
+        cache::get_or_fill(&mut conn, "user:1:profile", 300, "tag:", || async {
+            Err::<(String, Vec<String>), std::io::Error>(std::io::Error::other(
+                "the loader must not run",
+            ))
+        })
+        .await
+    });
+    assert_eq!(got.expect("a hit"), refreshed);
+
+    // A fill that missed before the refresh is refused after it: the
+    // refreshed (newer) value stays.
+    let missed = rt.block_on(async {
+        let mut conn = redis
+            .client()
+            .get_multiplexed_async_connection()
+            .await
+            .expect("redis");
+        cache::lookup(&mut conn, "user:4:profile")
+            .await
+            .expect("lookup")
+    });
+    let cache::Lookup::Miss(seen) = missed else {
+        panic!("user:4:profile is cached: {missed:?}")
+    };
+    pg.psql("INSERT INTO profiles (id, name) VALUES (4, 'new')");
+    let v = wait_json(
+        &redis,
+        "user:4:profile",
+        r#","id":4,"name":"new","score":null,"active":null,"meta":null,"bio":null}"#,
+    );
+    let filled = rt.block_on(async {
+        let mut conn = redis
+            .client()
+            .get_multiplexed_async_connection()
+            .await
+            .expect("redis");
+        cache::guarded_fill(
+            &mut conn,
+            "user:4:profile",
+            &seen,
+            "{\"name\":\"old\"}",
+            300,
+            &[],
+            "tag:",
+        )
+        .await
+        .expect("fill")
+    });
+    assert!(!filled, "the stale fill was accepted");
+    assert_eq!(
+        split_json(&get(&redis, "user:4:profile").expect("value")).0,
+        v
+    );
+    assert_eq!(w.stop(WAIT), Some(0));
+}
