@@ -72,6 +72,7 @@ pub mod plan;
 pub mod preflight;
 pub mod replay;
 pub mod security;
+pub mod shutdown;
 pub mod sink;
 pub mod source;
 pub mod telemetry;

@@ -1041,13 +1041,13 @@ pub async fn bind(listen: SocketAddr) -> Result<TcpListener, ServeError> {
         })
 }
 
-/// Serves `/metrics`, `/livez` and `/readyz` on `listen` until `stop` turns
-/// true (or its sender drops). See [`serve_on`] for a pre-bound listener.
+/// Serves `/metrics`, `/livez` and `/readyz` on `listen` until shutdown is
+/// requested. See [`serve_on`] for a pre-bound listener.
 pub async fn serve(
     listen: SocketAddr,
     metrics: Arc<Metrics>,
     health: Arc<Health>,
-    stop: tokio::sync::watch::Receiver<bool>,
+    stop: crate::shutdown::Shutdown,
 ) -> Result<(), ServeError> {
     let listener = bind(listen).await?;
     serve_on(listener, metrics, health, stop).await;
@@ -1055,26 +1055,19 @@ pub async fn serve(
 }
 
 /// Serves on an already bound listener (tests bind `127.0.0.1:0`). Returns
-/// when `stop` turns true; open connections are dropped then.
+/// when shutdown is requested; open connections are dropped then.
 pub async fn serve_on(
     listener: TcpListener,
     metrics: Arc<Metrics>,
     health: Arc<Health>,
-    mut stop: tokio::sync::watch::Receiver<bool>,
+    mut stop: crate::shutdown::Shutdown,
 ) {
     let mut conns = tokio::task::JoinSet::new();
     loop {
-        if *stop.borrow_and_update() {
-            break;
-        }
         tokio::select! {
             biased;
-            // Shutdown first: a closed sender counts as stop.
-            changed = stop.changed() => {
-                if changed.is_err() {
-                    break;
-                }
-            }
+            // Shutdown first.
+            () = stop.requested() => break,
             // Reap finished connections so the set does not grow.
             Some(_) = conns.join_next(), if !conns.is_empty() => {}
             accepted = listener.accept() => match accepted {

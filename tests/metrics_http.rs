@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use cache_invalidator::decode::Op;
 use cache_invalidator::metrics::{self, Health, InvalidationKind, Metrics, Role};
+use cache_invalidator::shutdown::ShutdownTrigger;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -32,14 +33,14 @@ async fn request(addr: SocketAddr, method: &str, path: &str) -> (u16, String, St
 
 struct Server {
     addr: SocketAddr,
-    stop: tokio::sync::watch::Sender<bool>,
+    stop: ShutdownTrigger,
     task: tokio::task::JoinHandle<()>,
 }
 
 async fn start(m: Arc<Metrics>, h: Arc<Health>) -> Server {
     let listener = metrics::bind("127.0.0.1:0".parse().unwrap()).await.unwrap();
     let addr = listener.local_addr().unwrap();
-    let (stop, rx) = tokio::sync::watch::channel(false);
+    let (stop, rx) = ShutdownTrigger::new();
     let task = tokio::spawn(metrics::serve_on(listener, m, h, rx));
     Server { addr, stop, task }
 }
@@ -122,7 +123,7 @@ async fn routes_status_codes_and_bodies() {
     let (code, _, body) = request(srv.addr, "HEAD", "/livez").await;
     assert_eq!((code, body.as_str()), (200, ""));
 
-    srv.stop.send(true).unwrap();
+    srv.stop.trigger();
     tokio::time::timeout(Duration::from_secs(5), srv.task)
         .await
         .expect("serve returns after stop")
@@ -151,7 +152,7 @@ async fn keep_alive_connection_serves_several_requests() {
         assert!(text.ends_with("\r\n\r\nok"), "{text}");
     }
     // Stopping does not wait for the idle keep-alive connection.
-    srv.stop.send(true).unwrap();
+    srv.stop.trigger();
     tokio::time::timeout(Duration::from_secs(5), srv.task)
         .await
         .unwrap()
@@ -172,7 +173,7 @@ async fn dropped_stop_sender_stops_the_server() {
 async fn bind_error_names_the_address_and_the_setting() {
     let taken = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = taken.local_addr().unwrap();
-    let (_stop, rx) = tokio::sync::watch::channel(false);
+    let (_stop, rx) = ShutdownTrigger::new();
     let err = metrics::serve(addr, Metrics::new(), Health::new(), rx)
         .await
         .unwrap_err();

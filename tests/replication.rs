@@ -7,6 +7,9 @@ mod support;
 
 use std::time::{Duration, Instant};
 
+use cache_invalidator::ack::AckRule;
+use cache_invalidator::decode::relations::RelationCache;
+use cache_invalidator::shutdown::ShutdownTrigger;
 use cache_invalidator::source::{
     self, connect, connect_sql, create_slot, start_replication, ConnectionSettings, RetryClass,
     SourceError, SourceItem, StreamControl,
@@ -23,7 +26,7 @@ fn settings(url: &str) -> ConnectionSettings {
 struct Streaming {
     rx: mpsc::Receiver<SourceItem>,
     ack: watch::Sender<Lsn>,
-    stop: watch::Sender<bool>,
+    stop: ShutdownTrigger,
     task: tokio::task::JoinHandle<Result<(), SourceError>>,
     backend_pid: i32,
     interval: Duration,
@@ -36,7 +39,7 @@ async fn start_stream(url: &str, slot: &str, publication: &str, capacity: usize)
         .expect("START_REPLICATION");
     let (tx, rx) = mpsc::channel(capacity);
     let (ack, ack_rx) = watch::channel(Lsn::ZERO);
-    let (stop, stop_rx) = watch::channel(false);
+    let (stop, stop_rx) = ShutdownTrigger::new();
     let backend_pid = conn.backend_pid();
     let interval = conn.status_interval();
     let task = source::spawn_stream(
@@ -329,7 +332,7 @@ async fn status_updates_confirm_only_what_was_acknowledged() {
     tokio::time::sleep(2 * s.interval).await;
     assert_eq!(confirmed(&pg, "s"), ends[2]);
     // Graceful stop: stop reading, final update once the acknowledger is gone.
-    s.stop.send(true).unwrap();
+    s.stop.trigger();
     drop(s.ack);
     s.task.await.unwrap().expect("clean end");
     wait_until("slot released", Duration::from_secs(5), || {
@@ -346,26 +349,30 @@ async fn idle_advance_follows_keepalives_while_unpublished_tables_write() {
     pg.psql("CREATE TABLE unpublished (id int, pad text)");
     let mut s = start_stream(&pg.url(), "s", "p", 64).await;
     let ack = s.ack.clone();
-    // The acknowledger's idle rule: with no transaction open, a keepalive's
-    // wal_end is acknowledged; a Commit's end LSN once "applied".
+    // The worker's own acknowledgement rule (ack::AckRule), each item
+    // "applied" as soon as it is read: with no transaction open, a
+    // keepalive's wal_end is acknowledged; a Commit's end LSN once applied.
     let acker = tokio::spawn(async move {
-        let mut open = false;
+        let mut rule = AckRule::new();
+        let mut relations = RelationCache::new();
+        let mut events = Vec::new();
         while let Some(item) = s.rx.recv().await {
             match item {
-                SourceItem::XLogData { data, .. } => match data.first() {
-                    Some(b'B') => open = true,
-                    Some(b'C') => {
-                        open = false;
-                        if let Some(end) = commit_end(&data) {
-                            ack.send_modify(|a| *a = (*a).max(end));
-                        }
+                SourceItem::XLogData {
+                    wal_start, data, ..
+                } => {
+                    events.clear();
+                    relations
+                        .decode_shared(&data, wal_start, &mut events)
+                        .expect("pgoutput decodes");
+                    for event in events.drain(..) {
+                        rule.event(&event);
                     }
-                    _ => {}
-                },
-                SourceItem::Keepalive { wal_end } if !open => {
-                    ack.send_modify(|a| *a = (*a).max(wal_end))
                 }
-                SourceItem::Keepalive { .. } => {}
+                SourceItem::Keepalive { wal_end } => rule.keepalive(wal_end),
+            }
+            if let Some(lsn) = rule.take() {
+                ack.send_modify(|a| *a = (*a).max(lsn));
             }
         }
     });

@@ -229,7 +229,7 @@ where
         .map_err(|e| CliError::Invalid(format!("cannot open --out {}: {e}", args.out.display())))?;
     let (tx, mut rx) = mpsc::channel(CHANNEL_CAPACITY);
     let (ack, ack_rx) = watch::channel(Lsn::ZERO);
-    let (stop, stop_rx) = watch::channel(false);
+    let (stop, stop_rx) = crate::shutdown::ShutdownTrigger::new();
     let task = source::spawn_stream(
         conn,
         tx,
@@ -297,7 +297,7 @@ where
             file.set_len(offset).map_err(write_err)?;
         }
     }
-    let _ = stop.send(true);
+    stop.trigger();
     drop(ack);
     drop(rx);
     match tokio::time::timeout(Duration::from_secs(10), task).await {

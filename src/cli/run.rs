@@ -11,11 +11,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::future::BoxFuture;
-use tokio::sync::watch;
 
 use crate::config::{Config, EnvOverrides};
 use crate::error::CliError;
 use crate::map::Mappings;
+use crate::shutdown::ShutdownTrigger;
 use crate::sink::SinkOptions;
 use crate::source::ConnectionSettings;
 use crate::telemetry::Telemetry;
@@ -64,8 +64,8 @@ pub async fn run(config_path: &Path) -> Result<(), CliError> {
         tls: config.redis.tls.clone(),
     };
 
-    let (stop_tx, stop_rx) = watch::channel(false);
-    spawn_signal_handler(stop_tx);
+    let (trigger, stop_rx) = ShutdownTrigger::new();
+    spawn_signal_handler(trigger);
 
     let telemetry = Telemetry::new();
     if let Some(listen) = &config.metrics.listen {
@@ -110,22 +110,36 @@ pub async fn run(config_path: &Path) -> Result<(), CliError> {
     worker.run(checks.run()).await
 }
 
-fn spawn_signal_handler(stop: watch::Sender<bool>) {
+/// Fires `trigger` on SIGINT or SIGTERM. The task keeps the trigger for the
+/// life of the process (a dropped trigger is a shutdown): when one signal
+/// cannot be listened for, it logs that and waits for the other.
+fn spawn_signal_handler(trigger: ShutdownTrigger) {
     tokio::spawn(async move {
-        let mut term =
+        let term = async {
             match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-                Ok(s) => s,
-                Err(err) => {
-                    tracing::error!({ ERROR } = %err, "cannot listen for SIGTERM");
-                    return;
+                Ok(mut term) => {
+                    term.recv().await;
                 }
-            };
+                Err(err) => {
+                    tracing::error!({ ERROR } = %err, "cannot listen for SIGTERM; SIGINT still stops the worker");
+                    std::future::pending::<()>().await;
+                }
+            }
+        };
+        let int = async {
+            if let Err(err) = tokio::signal::ctrl_c().await {
+                tracing::error!({ ERROR } = %err, "cannot listen for SIGINT; SIGTERM still stops the worker");
+                std::future::pending::<()>().await;
+            }
+        };
         tokio::select! {
-            _ = tokio::signal::ctrl_c() => {}
-            _ = term.recv() => {}
+            () = int => {}
+            () = term => {}
         }
         tracing::info!("stopping: finishing and acknowledging the batch in flight");
-        let _ = stop.send(true);
+        trigger.trigger();
+        // Keep the trigger: the listeners already see the shutdown.
+        std::future::pending::<()>().await;
     });
 }
 

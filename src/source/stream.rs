@@ -87,8 +87,8 @@ pub struct StreamControl {
     /// A `watch` keeps only its latest value, so the acknowledger must publish
     /// monotonically; the task's `max` is a guard against regressions, not a merge.
     pub acked: watch::Receiver<Lsn>,
-    /// `true` = stop reading (shutdown). A dropped sender is ignored.
-    pub stop: watch::Receiver<bool>,
+    /// Shutdown: stop reading, keep reporting until the pipeline drained.
+    pub stop: crate::shutdown::Shutdown,
 }
 
 /// Spawns the stream task on a connection in CopyBoth mode (after
@@ -119,8 +119,7 @@ pub async fn run_stream(
     let mut last_heard = tokio::time::Instant::now();
     let mut was_reading = false;
     let mut acked = *ack_rx.borrow_and_update();
-    let mut stopping = *stop.borrow_and_update();
-    let mut stop_open = true;
+    let mut stopping = stop.is_requested();
     let mut permit: Option<mpsc::Permit<'_, SourceItem>> = None;
     let mut timer = tokio::time::interval(interval);
     // Acknowledgements are reported promptly (so the slot releases WAL and lag
@@ -185,17 +184,10 @@ pub async fn run_stream(
         tokio::select! {
             biased;
             // 1. Shutdown: stop reading; keep reporting until the pipeline drained.
-            r = stop.changed(), if stop_open && !stopping => {
-                match r {
-                    Ok(()) => {
-                        if *stop.borrow_and_update() {
-                            tracing::debug!(acked = %acked, "stream: stop reading");
-                            stopping = true;
-                            permit = None;
-                        }
-                    }
-                    Err(_) => stop_open = false,
-                }
+            () = stop.requested(), if !stopping => {
+                tracing::debug!(acked = %acked, "stream: stop reading");
+                stopping = true;
+                permit = None;
             }
             // 2. Acknowledgements: the reported LSN only moves forward.
             r = ack_rx.changed() => {

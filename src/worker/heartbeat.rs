@@ -5,9 +5,8 @@
 
 use std::sync::Arc;
 
-use tokio::sync::watch;
-
 use crate::log_fields::ERROR;
+use crate::shutdown::Shutdown;
 use crate::source::{self, ConnectionSettings, RetryClass};
 use crate::telemetry::{Telemetry, HEARTBEAT_INTERVAL};
 
@@ -18,14 +17,14 @@ use crate::telemetry::{Telemetry, HEARTBEAT_INTERVAL};
 pub(super) async fn heartbeat(
     settings: ConnectionSettings,
     telemetry: Arc<Telemetry>,
-    mut stop: watch::Receiver<bool>,
+    mut stop: Shutdown,
 ) {
     let mut tick = tokio::time::interval(HEARTBEAT_INTERVAL);
     let mut sql = None;
     loop {
         tokio::select! {
             _ = tick.tick() => {}
-            _ = stop.wait_for(|s| *s) => return,
+            () = stop.requested() => return,
         }
         if sql.is_none() {
             match source::connect_sql(&settings).await {

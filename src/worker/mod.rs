@@ -45,3 +45,6 @@ pub use sink_stage::{sink_stage, IdentityGuard};
 
 pub use crate::plan::Batch;
 pub use crate::sink::SinkObserver;
+
+#[cfg(test)]
+mod tests;

@@ -9,14 +9,16 @@
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
-use tokio::sync::{mpsc, watch};
+use tokio::sync::mpsc;
 
+use crate::ack::AckRule;
 use crate::decode::relations::RelationCache;
 use crate::decode::Event;
 use crate::log_fields::{COLUMN, COUNT, LSN, REASON, TABLE};
 use crate::lsn::Lsn;
 use crate::plan::planner::Planner;
 use crate::plan::Batch;
+use crate::shutdown::Shutdown;
 use crate::source::SourceItem;
 use crate::telemetry::Telemetry;
 
@@ -52,7 +54,7 @@ pub async fn plan_stage(
     batches: mpsc::Sender<Batch>,
     planner: &mut Planner,
     limits: BatchLimits,
-    mut stop: watch::Receiver<bool>,
+    mut stop: Shutdown,
     telemetry: &Telemetry,
 ) -> Result<(), PlanStageError> {
     let mut relations = RelationCache::new();
@@ -61,7 +63,8 @@ pub async fn plan_stage(
     let mut events = Vec::with_capacity(4);
     let mut batch = Batch::default();
     let mut opened: Option<Instant> = None;
-    let mut in_transaction = false;
+    let mut rule = AckRule::new();
+    let mut stopping = false;
     // The open transaction's xid and commit LSN: a batch closed in its middle
     // hands them to the next one (guarantee 8 waits for them per batch).
     let mut open: Option<(u32, Lsn)> = None;
@@ -72,7 +75,7 @@ pub async fn plan_stage(
     let delay = tokio::time::sleep(limits.max_delay);
     tokio::pin!(delay);
     loop {
-        let has_work = !batch.is_idle() || planner.plan().ops() > 0;
+        let has_work = batch_has_work(&batch, &rule, planner);
         if !has_work {
             ready = false;
             opened = None;
@@ -81,10 +84,9 @@ pub async fn plan_stage(
         let item = tokio::select! {
             biased;
             // 0. Shutdown: take nothing new, drain what the channel holds.
-            _ = stop.changed(), if !*stop.borrow() => {
-                if *stop.borrow() {
-                    source.close();
-                }
+            () = stop.requested(), if !stopping => {
+                stopping = true;
+                source.close();
                 continue;
             }
             // 1. Liveness and the heartbeat watchdog, even while idle.
@@ -96,7 +98,7 @@ pub async fn plan_stage(
             // 2. A ready batch and room in the sink stage: hand it over.
             permit = batches.reserve(), if ready && has_work => {
                 match permit {
-                    Ok(permit) => permit.send(close_batch(&mut batch, planner, open, telemetry)),
+                    Ok(permit) => permit.send(close_batch(&mut batch, &mut rule, planner, open, telemetry)),
                     // The sink stage ended (fatal error or shutdown): nothing
                     // more is acknowledged; PostgreSQL resends the rest.
                     Err(_) => return Ok(()),
@@ -114,7 +116,7 @@ pub async fn plan_stage(
             item = source.recv(), if !full => match item {
                 Some(item) => item,
                 None => {
-                    flush(&mut batch, planner, open, &batches, telemetry).await;
+                    flush(&mut batch, &mut rule, planner, open, &batches, telemetry).await;
                     return Ok(());
                 }
             },
@@ -134,13 +136,12 @@ pub async fn plan_stage(
                     telemetry.wal_end(wal_end);
                     events.clear();
                     if let Err(err) = relations.decode_shared(&data, wal_start, &mut events) {
-                        flush(&mut batch, planner, open, &batches, telemetry).await;
+                        flush(&mut batch, &mut rule, planner, open, &batches, telemetry).await;
                         return Err(err.into());
                     }
                     for event in events.drain(..) {
                         match &event {
                             Event::Begin { xid, final_lsn, .. } => {
-                                in_transaction = true;
                                 open = Some((*xid, *final_lsn));
                                 batch.xids.push(*xid);
                                 batch.last_commit_lsn = Some(
@@ -164,26 +165,14 @@ pub async fn plan_stage(
                             Event::Relation(rel) => {
                                 table_names.insert(rel.oid, rel.qualified_name());
                             }
-                            Event::Commit {
-                                end_lsn,
-                                commit_time,
-                                ..
-                            } => {
-                                in_transaction = false;
+                            Event::Commit { commit_time, .. } => {
                                 open = None;
-                                batch.ack = Some(*end_lsn);
                                 batch.transactions += 1;
                                 batch.first_commit_time.get_or_insert(*commit_time);
                             }
-                            Event::Message {
-                                transactional: false,
-                                lsn,
-                                ..
-                            } if !in_transaction => {
-                                batch.ack = Some(batch.ack.map_or(*lsn, |a| a.max(*lsn)))
-                            }
                             _ => {}
                         }
+                        rule.event(&event);
                         if let Event::Message {
                             prefix,
                             content,
@@ -203,11 +192,7 @@ pub async fn plan_stage(
                 }
                 SourceItem::Keepalive { wal_end } => {
                     telemetry.wal_end(wal_end);
-                    // In stream order: with no transaction open, everything
-                    // before `wal_end` is in this batch or an earlier one.
-                    if !in_transaction {
-                        batch.ack = Some(batch.ack.map_or(wal_end, |a| a.max(wal_end)));
-                    }
+                    rule.keepalive(wal_end);
                 }
             }
             drained += 1;
@@ -219,7 +204,7 @@ pub async fn plan_stage(
                 Err(_) => break,
             }
         }
-        if opened.is_none() && (!batch.is_idle() || planner.plan().ops() > 0) {
+        if opened.is_none() && batch_has_work(&batch, &rule, planner) {
             opened = Some(Instant::now());
             delay
                 .as_mut()
@@ -249,15 +234,21 @@ fn observe_message(prefix: &str, content: &[u8], lsn: Lsn, telemetry: &Telemetry
     }
 }
 
+/// Whether the batch being built has anything to apply or acknowledge.
+fn batch_has_work(batch: &Batch, rule: &AckRule, planner: &Planner) -> bool {
+    !batch.is_idle() || rule.pending().is_some() || planner.plan().ops() > 0
+}
+
 /// Sends what is left at the end of the stream (or before a decode error).
 async fn flush(
     batch: &mut Batch,
+    rule: &mut AckRule,
     planner: &mut Planner,
     open: Option<(u32, Lsn)>,
     batches: &mpsc::Sender<Batch>,
     telemetry: &Telemetry,
 ) {
-    let out = close_batch(batch, planner, open, telemetry);
+    let out = close_batch(batch, rule, planner, open, telemetry);
     if out.is_idle() {
         return;
     }
@@ -271,11 +262,13 @@ async fn flush(
 /// the next batch, which must wait for it too.
 fn close_batch(
     batch: &mut Batch,
+    rule: &mut AckRule,
     planner: &mut Planner,
     open: Option<(u32, Lsn)>,
     telemetry: &Telemetry,
 ) -> Batch {
     let mut out = std::mem::take(batch);
+    out.ack = rule.take();
     if let Some((xid, commit_lsn)) = open {
         batch.xids.push(xid);
         batch.last_commit_lsn = Some(commit_lsn);
@@ -380,7 +373,7 @@ mod tests {
         let telemetry = Telemetry::new();
         let (src_tx, src_rx) = mpsc::channel(64);
         let (batch_tx, mut batch_rx) = mpsc::channel(64);
-        let (_stop_tx, stop_rx) = watch::channel(false);
+        let (_stop_tx, stop_rx) = crate::shutdown::ShutdownTrigger::new();
         let messages = [
             (10, relation()),
             (10, begin(700, 0x500)),

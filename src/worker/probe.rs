@@ -6,8 +6,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::watch;
-
+use crate::shutdown::Shutdown;
 use crate::sink::ApplySink;
 use crate::telemetry::Telemetry;
 
@@ -21,13 +20,13 @@ pub(super) async fn redis_probe<S: ApplySink + Sync + 'static>(
     sink: S,
     telemetry: Arc<Telemetry>,
     interrupted: Arc<AtomicBool>,
-    mut stop: watch::Receiver<bool>,
+    mut stop: Shutdown,
 ) {
     let mut tick = tokio::time::interval(REDIS_PROBE_INTERVAL);
     loop {
         tokio::select! {
             _ = tick.tick() => {}
-            _ = stop.wait_for(|s| *s) => return,
+            () = stop.requested() => return,
         }
         let ping = tokio::time::timeout(REDIS_PROBE_INTERVAL * 2, sink.ping()).await;
         match ping {

@@ -14,7 +14,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::future::BoxFuture;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::mpsc;
 
 use super::{Backoff, BatchLimits, IdentityGuard};
 use crate::ack::Acknowledger;
@@ -23,6 +23,7 @@ use crate::error::CliError;
 use crate::lsn::Lsn;
 use crate::map::Mappings;
 use crate::plan::planner::Planner;
+use crate::shutdown::Shutdown;
 use crate::sink::{ApplySink, Sink, SinkOptions};
 use crate::source::{
     self, ConnectionSettings, ReplicationConnection, RetryClass, SourceError, StreamControl,
@@ -61,7 +62,7 @@ pub struct Worker {
     mappings: Arc<Mappings>,
     settings: ConnectionSettings,
     sink_options: SinkOptions,
-    stop: watch::Receiver<bool>,
+    stop: Shutdown,
     telemetry: Arc<Telemetry>,
     /// `Some` with `auto_setup = true`.
     auto_setup: Option<AutoSetup>,
@@ -74,7 +75,7 @@ pub struct Worker {
 }
 
 impl Worker {
-    /// A worker for `config`, stopping when `stop` turns true; `auto_setup`
+    /// A worker for `config`, stopping when shutdown is requested; `auto_setup`
     /// is called when the slot is missing or lost under a running session
     /// (without it, that is an error telling the operator to run `setup`).
     pub fn new(
@@ -82,7 +83,7 @@ impl Worker {
         mappings: Arc<Mappings>,
         settings: ConnectionSettings,
         sink_options: SinkOptions,
-        stop: watch::Receiver<bool>,
+        stop: Shutdown,
         telemetry: Arc<Telemetry>,
         auto_setup: Option<AutoSetup>,
     ) -> Self {
@@ -101,7 +102,7 @@ impl Worker {
     }
 
     fn stopping(&self) -> bool {
-        *self.stop.borrow()
+        self.stop.is_requested()
     }
 
     /// Sleeps `delay`, or less when a stop is requested.
@@ -109,7 +110,7 @@ impl Worker {
         let mut stop = self.stop.clone();
         tokio::select! {
             _ = tokio::time::sleep(delay) => {}
-            _ = stop.wait_for(|s| *s) => {}
+            () = stop.requested() => {}
         }
     }
 
@@ -434,7 +435,7 @@ impl Worker {
         let mut stop = self.stop.clone();
         tokio::select! {
             out = &mut fut => return Some(out),
-            _ = stop.wait_for(|s| *s) => {}
+            () = stop.requested() => {}
         }
         tokio::time::timeout(SHUTDOWN_GRACE, fut).await.ok()
     }

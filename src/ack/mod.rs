@@ -6,8 +6,15 @@
 //! position of an idle keepalive that reached it in stream order); the sink
 //! hands it here after Redis confirmed the batch. The replication stream reads
 //! the value for its standby status updates. It only ever moves forward.
+//!
+//! [`rule`] decides which position each batch acknowledges; [`Acknowledger`]
+//! holds what the sink confirmed.
 
 use tokio::sync::watch;
+
+pub mod rule;
+
+pub use rule::AckRule;
 
 use crate::lsn::Lsn;
 
