@@ -361,6 +361,8 @@ pub struct Metrics {
     broken_tables: Gauge,
     publication_drift: Gauge,
     publication_drifts: Counter,
+    /// The pattern lane's metrics.
+    pub patterns: patterns::PatternMetrics,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -572,7 +574,10 @@ impl Metrics {
             publication_drifts.clone(),
         );
 
+        let patterns = patterns::PatternMetrics::register(&mut r);
+
         Arc::new(Metrics {
+            patterns,
             registry: r,
             replication_lag_bytes,
             confirmed_lsn,
@@ -1139,5 +1144,6 @@ fn reply(code: u16, content_type: &'static str, body: String) -> Response<Full<B
     resp
 }
 
+pub mod patterns;
 #[cfg(test)]
 mod tests;

@@ -308,6 +308,24 @@ impl SinkObserver for SinkReporter {
         self.telemetry.confirmed(lsn);
     }
 
+    fn pattern_pass_started(&mut self, _patterns: u64) {
+        self.telemetry.metrics.patterns.started();
+    }
+
+    fn pattern_pass_finished(&mut self, report: &crate::sink::PassReport) {
+        self.telemetry.metrics.patterns.finished(report);
+        self.telemetry
+            .metrics
+            .invalidations(InvalidationKind::Patterns, report.matched);
+        tracing::debug!(
+            patterns = report.patterns,
+            scanned = report.scanned,
+            matched = report.matched,
+            elapsed_ms = u64::try_from(report.elapsed.as_millis()).unwrap_or(u64::MAX),
+            "pattern pass finished"
+        );
+    }
+
     fn failed(&mut self, err: &SinkError, retry_in: Duration) {
         let t = &self.telemetry;
         t.metrics.redis_error(err.kind());

@@ -9,7 +9,7 @@ use std::future::Future;
 use std::time::Duration;
 
 use super::identity::{Identity, IdentityCheck};
-use super::{ApplyStats, SinkError};
+use super::{ApplyStats, PassReport, SinkError};
 use crate::lsn::Lsn;
 use crate::plan::{Batch, Plan};
 
@@ -58,4 +58,12 @@ pub trait SinkObserver: Send {
     fn failed(&mut self, err: &SinkError, retry_in: Duration);
     /// Every mapped table was flushed, for `reason` (e.g. `identity_missing`).
     fn flushed(&mut self, reason: &'static str);
+    /// A pattern pass over `patterns` patterns started (the pattern lane).
+    fn pattern_pass_started(&mut self, patterns: u64) {
+        let _ = patterns;
+    }
+    /// A pattern pass finished.
+    fn pattern_pass_finished(&mut self, report: &PassReport) {
+        let _ = report;
+    }
 }

@@ -2,7 +2,7 @@
 //! worker's sink stage can be unit-tested without a server. It is our own test
 //! double of the sink *interface*, not an imitation of Redis: it records the
 //! plans it was given, and a test can make the next attempts fail with a chosen
-//! [`RetryClass`] or hold an apply until it releases it.
+//! [`RetryClass`] or hold an apply (or only pattern passes) until it releases it.
 //!
 //! Clones share their state: the test keeps one handle, the stage owns another.
 
@@ -14,6 +14,7 @@ use tokio::sync::watch;
 use super::apply::ApplySink;
 use super::error::{RetryClass, SinkError};
 use super::identity::{Identity, IdentityCheck};
+use super::patterns::has_patterns;
 use super::ApplyStats;
 use crate::plan::Plan;
 
@@ -23,6 +24,8 @@ pub struct MemorySink {
     state: Arc<Mutex<State>>,
     /// `true` while applies are held.
     held: watch::Sender<bool>,
+    /// `true` while applies of plans with patterns (pattern passes) are held.
+    passes_held: watch::Sender<bool>,
     target: String,
 }
 
@@ -52,7 +55,9 @@ impl MemorySink {
     /// An empty sink with Redis `run_id` `memory-1`; nothing held, nothing failing.
     pub fn new() -> Self {
         let (held, _) = watch::channel(false);
+        let (passes_held, _) = watch::channel(false);
         MemorySink {
+            passes_held,
             state: Arc::new(Mutex::new(State {
                 run_id: "memory-1".into(),
                 ..State::default()
@@ -87,6 +92,18 @@ impl MemorySink {
     /// Lets held and later applies through.
     pub fn release(&self) {
         self.held.send_replace(false);
+    }
+
+    /// From now on, applies of plans with patterns (the pattern lane's
+    /// passes) wait until [`release_passes`](Self::release_passes); other
+    /// plans go through.
+    pub fn hold_passes(&self) {
+        self.passes_held.send_replace(true);
+    }
+
+    /// Lets held and later pattern passes through.
+    pub fn release_passes(&self) {
+        self.passes_held.send_replace(false);
     }
 
     /// The plans applied successfully, in order.
@@ -126,12 +143,14 @@ impl MemorySink {
 impl ApplySink for MemorySink {
     async fn apply(&mut self, plan: &Plan) -> Result<ApplyStats, SinkError> {
         self.state().attempts += 1;
-        let mut held = self.held.subscribe();
-        if *held.borrow_and_update() {
-            self.state().waiting += 1;
-            // The sender lives in `self`: `wait_for` cannot see it closed.
-            let _ = held.wait_for(|h| !*h).await;
-            self.state().waiting -= 1;
+        let passes = has_patterns(plan).then(|| self.passes_held.subscribe());
+        for mut held in std::iter::once(self.held.subscribe()).chain(passes) {
+            if *held.borrow_and_update() {
+                self.state().waiting += 1;
+                // The sender lives in `self`: `wait_for` cannot see it closed.
+                let _ = held.wait_for(|h| !*h).await;
+                self.state().waiting -= 1;
+            }
         }
         self.injected()?;
         let stats = ApplyStats {

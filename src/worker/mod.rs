@@ -22,6 +22,7 @@
 //! | --- | --- |
 //! | `plan_stage.rs` | decode, fold into batches, decide what a batch acknowledges |
 //! | `sink_stage.rs` | apply batches in order through an [`ApplySink`](crate::sink::ApplySink), retry, acknowledge |
+//! | `pattern_lane.rs` | pattern passes beside the sink stage, coalesced; acknowledgements in commit order |
 //! | `session.rs` | one process's loop of replication sessions: connect, stream, reconnect, standby |
 //! | `heartbeat.rs` | the heartbeat message that measures end-to-end lag |
 //! | `probe.rs` | the Redis probe behind `/readyz` while no batch is in flight |
@@ -31,6 +32,7 @@
 mod backoff;
 pub mod failpoint;
 mod heartbeat;
+pub mod pattern_lane;
 pub mod plan_stage;
 mod probe;
 mod publication;

@@ -3,7 +3,8 @@
 //!
 //! The one place a batch waits before it is applied is marked in
 //! [`sink_stage`] ("before applying this batch"): checks that must hold before
-//! Redis sees a batch go there.
+//! Redis sees a batch go there. Pattern passes run in their own lane
+//! ([`super::pattern_lane`]), after that wait like the rest of the batch.
 
 use std::time::Instant;
 
@@ -11,9 +12,13 @@ use tokio::sync::mpsc;
 
 use super::backoff::Backoff;
 use super::failpoint::{failpoint, AFTER_APPLY_BEFORE_ACK};
+use super::pattern_lane::{AckQueue, LaneEvent, PatternLane, MAX_WAITING_PATTERNS};
 use crate::ack::Acknowledger;
 use crate::plan::{Batch, Plan};
-use crate::sink::{identity, ApplySink, ApplyStats, RetryClass, SinkError, SinkObserver};
+use crate::sink::{
+    has_patterns, identity, take_patterns, ApplySink, ApplyStats, RetryClass, SinkError,
+    SinkObserver,
+};
 use crate::visibility::VisibilityGate;
 
 /// Guarantee 6 (ARCHITECTURE.md): what the sink stage checks before applying, at start and
@@ -78,14 +83,57 @@ async fn ensure_identity<S: ApplySink>(
     Ok(())
 }
 
+/// Runs `plan` (or, with `None`, only the identity check when one is due)
+/// until the sink confirms it: before it, when `verify_identity` is set, the
+/// Redis identity is verified (guarantee 6); any error sets it again and is
+/// retried after a backoff, a fatal one is returned.
+async fn apply_retrying<S: ApplySink>(
+    sink: &mut S,
+    plan: Option<&Plan>,
+    guard: &IdentityGuard,
+    verify_identity: &mut bool,
+    observer: &mut dyn SinkObserver,
+) -> Result<ApplyStats, SinkError> {
+    let mut backoff = Backoff::new();
+    loop {
+        let attempt = async {
+            if *verify_identity {
+                ensure_identity(sink, guard, observer).await?;
+            }
+            match plan {
+                Some(plan) if !plan.is_empty() => sink.apply(plan).await,
+                _ => Ok(ApplyStats::default()),
+            }
+        };
+        match attempt.await {
+            Ok(stats) => {
+                *verify_identity = false;
+                return Ok(stats);
+            }
+            Err(err) if err.retry_class() == RetryClass::Fatal => return Err(err),
+            Err(err) => {
+                *verify_identity = true;
+                let delay = backoff.next_delay();
+                observer.failed(&err, delay);
+                tokio::time::sleep(delay).await;
+            }
+        }
+    }
+}
+
 /// Applies batches in order, retrying each until Redis confirms it, then
-/// acknowledges. Returns when the batch channel closes, or with the error when
-/// it is fatal. Before the first batch and after any Redis error, the Redis
-/// identity is verified (guarantee 6). Before a batch is applied, `gate`
-/// waits until its transactions are visible on the primary and replayed by
-/// the listed replicas (guarantee 8); nothing later is applied or
-/// acknowledged meanwhile, and the stream keeps its status updates.
-pub async fn sink_stage<S: ApplySink>(
+/// acknowledges. Returns when the batch channel closed and every pattern pass
+/// finished, or with the error when it is fatal. Before the first batch and
+/// after any Redis error, the Redis identity is verified (guarantee 6). Before
+/// a batch is applied, `gate` waits until its transactions are visible on the
+/// primary and replayed by the listed replicas (guarantee 8); nothing later is
+/// applied or acknowledged meanwhile, and the stream keeps its status updates.
+///
+/// A batch's pattern part (and, when it has one, its messages) goes to the
+/// pattern lane ([`super::pattern_lane`]) once the gate passed and its
+/// immediate part was applied; later batches keep flowing while the pass
+/// runs. Acknowledgements stay in commit order through an [`AckQueue`].
+pub async fn sink_stage<S: ApplySink + Clone + 'static>(
     mut batches: mpsc::Receiver<Batch>,
     sink: &mut S,
     ack: &mut Acknowledger,
@@ -94,56 +142,109 @@ pub async fn sink_stage<S: ApplySink>(
     observer: &mut dyn SinkObserver,
 ) -> Result<(), SinkError> {
     let mut verify_identity = true;
-    while let Some(batch) = batches.recv().await {
-        if guard
-            .recheck
-            .swap(false, std::sync::atomic::Ordering::Relaxed)
-        {
-            verify_identity = true;
-        }
-        // Before applying this batch: the one place a batch may wait for a
-        // condition outside the pipeline. Nothing of it has reached Redis yet.
-        let passed = gate.before_apply(&batch).await;
-        let started = Instant::now();
-        let mut backoff = Backoff::new();
-        let stats = loop {
-            let attempt = async {
-                if verify_identity {
-                    ensure_identity(sink, guard, observer).await?;
+    let mut lane = PatternLane::spawn(sink.clone());
+    let mut queue = AckQueue::new();
+    let mut taking = true;
+    loop {
+        tokio::select! {
+            biased;
+            // A pattern pass reported: a finished one releases acknowledgements.
+            event = lane.events.recv() => {
+                let Some(event) = event else {
+                    // Closed after `close` and the last pass: drained.
+                    break;
+                };
+                let release = match event {
+                    LaneEvent::Started { patterns } => {
+                        observer.pattern_pass_started(patterns);
+                        None
+                    }
+                    LaneEvent::Failed { error, retry_in } => {
+                        verify_identity = true;
+                        observer.failed(&error, retry_in);
+                        None
+                    }
+                    LaneEvent::Done { through, report } => {
+                        observer.pattern_pass_finished(&report);
+                        queue.done(through)
+                    }
+                    LaneEvent::Fatal(error) => return Err(error),
+                };
+                if let Some(lsn) = release {
+                    // After a Redis error, nothing is acknowledged before the
+                    // identity was verified again.
+                    if verify_identity {
+                        apply_retrying(sink, None, guard, &mut verify_identity, observer).await?;
+                    }
+                    if ack.confirm(lsn) {
+                        observer.acknowledged(lsn);
+                    }
                 }
-                if batch.plan.is_empty() {
-                    Ok(ApplyStats::default())
-                } else {
-                    sink.apply(&batch.plan).await
-                }
-            };
-            match attempt.await {
-                Ok(stats) => {
-                    verify_identity = false;
-                    break stats;
-                }
-                Err(err) if err.retry_class() == RetryClass::Fatal => return Err(err),
-                Err(err) => {
+            }
+            // The next batch, unless too many patterns wait for a pass.
+            batch = batches.recv(), if taking && queue.waiting_patterns() <= MAX_WAITING_PATTERNS => {
+                let Some(mut batch) = batch else {
+                    // Drain: the lane finishes its passes, then closes.
+                    taking = false;
+                    lane.close();
+                    continue;
+                };
+                if guard
+                    .recheck
+                    .swap(false, std::sync::atomic::Ordering::Relaxed)
+                {
                     verify_identity = true;
-                    let delay = backoff.next_delay();
-                    observer.failed(&err, delay);
-                    tokio::time::sleep(delay).await;
+                }
+                // Before applying this batch: the one place a batch may wait for a
+                // condition outside the pipeline. Nothing of it has reached Redis yet.
+                let passed = gate.before_apply(&batch).await;
+                let started = Instant::now();
+                let pattern_part = take_pattern_part(&mut batch.plan);
+                let stats = apply_retrying(
+                    sink,
+                    Some(&batch.plan),
+                    guard,
+                    &mut verify_identity,
+                    observer,
+                )
+                .await?;
+                observer.applied(&batch, &stats, started.elapsed());
+                if let Some(part) = pattern_part {
+                    let seq = queue.submit(part.ops());
+                    lane.submit(seq, part.clone());
+                    // The whole plan again, for the gate's re-application.
+                    batch.plan.merge(part);
+                }
+                gate.applied(passed, &batch);
+                if batch.transactions > 0 {
+                    // A transaction applied in Redis (its pattern part perhaps
+                    // still running) and not yet acknowledged.
+                    failpoint(AFTER_APPLY_BEFORE_ACK);
+                }
+                if let Some(lsn) = batch.ack.and_then(|lsn| queue.push(lsn)) {
+                    if ack.confirm(lsn) {
+                        observer.acknowledged(lsn);
+                    }
                 }
             }
-        };
-        observer.applied(&batch, &stats, started.elapsed());
-        gate.applied(passed, &batch);
-        if batch.transactions > 0 {
-            // A transaction applied in Redis and not yet acknowledged.
-            failpoint(AFTER_APPLY_BEFORE_ACK);
-        }
-        if let Some(lsn) = batch.ack {
-            if ack.confirm(lsn) {
-                observer.acknowledged(lsn);
-            }
+            else => break,
         }
     }
     Ok(())
+}
+
+/// Moves the pattern part out of `plan`: its patterns and, when it has any,
+/// its messages (published after the pass: a subscriber re-reading on a
+/// message must not find a key a pending pattern still has to delete).
+/// `None` when the plan has no pattern.
+fn take_pattern_part(plan: &mut Plan) -> Option<Plan> {
+    if !has_patterns(plan) {
+        return None;
+    }
+    let mut part = take_patterns(plan);
+    part.publish = std::mem::take(&mut plan.publish);
+    part.publish_seen = std::mem::take(&mut plan.publish_seen);
+    Some(part)
 }
 
 #[cfg(test)]
@@ -227,5 +328,171 @@ mod tests {
         sink.set_run_id("memory-2");
         assert_eq!(one_batch(&mut sink, &guard).await, vec!["identity_changed"]);
         assert_eq!(sink.applied(), vec![guard.flush_plan.clone()]);
+    }
+
+    // The pattern lane, through the stage: a held pass does not hold up later
+    // batches, acknowledgements stay in commit order, passes coalesce, and a
+    // stop drains the lane.
+
+    fn batch(key: &str, pattern: Option<&str>, publish: bool, ack: u64) -> Batch {
+        let mut plan = Plan::default();
+        plan.keys.insert(key);
+        if let Some(p) = pattern {
+            plan.patterns.insert(p);
+        }
+        if publish {
+            plan.add_publish(crate::plan::Publish {
+                channel: "c".into(),
+                message: key.into(),
+            });
+        }
+        Batch {
+            plan,
+            ack: Some(Lsn(ack)),
+            transactions: 1,
+            changes: 1,
+            ..Batch::default()
+        }
+    }
+
+    /// Starts the stage on a sink whose identity is stored (no flush), with
+    /// pattern passes held. Returns the batch sender, the acknowledged LSN and
+    /// the stage's task.
+    async fn lane_stage(
+        sink: &MemorySink,
+    ) -> (
+        mpsc::Sender<Batch>,
+        tokio::sync::watch::Receiver<Lsn>,
+        tokio::task::JoinHandle<Result<(), SinkError>>,
+    ) {
+        let guard = guard(1, false);
+        let stored = identity::Identity {
+            redis_run_id: "memory-1".into(),
+            pg_system_id: "7412".into(),
+            pg_timeline: 1,
+        };
+        sink.store_identity(&guard.key, &stored).await.unwrap();
+        sink.hold_passes();
+        let (tx, rx) = mpsc::channel(1);
+        let (mut ack, acked) = Acknowledger::new(Lsn::ZERO);
+        let mut stage_sink = sink.clone();
+        let task = tokio::spawn(async move {
+            let mut observer = Flushes::default();
+            let mut gate = VisibilityGate::disabled();
+            sink_stage(
+                rx,
+                &mut stage_sink,
+                &mut ack,
+                &guard,
+                &mut gate,
+                &mut observer,
+            )
+            .await
+        });
+        (tx, acked, task)
+    }
+
+    /// Waits (up to 10 s) until `cond` holds for the sink.
+    async fn until(sink: &MemorySink, what: &str, cond: impl Fn(&[Plan]) -> bool) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while !cond(&sink.applied()) {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "timed out waiting for {what}: {:?}",
+                sink.applied()
+            );
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+    }
+
+    fn has_key(plans: &[Plan], key: &str) -> bool {
+        plans.iter().any(|p| p.keys.contains(key))
+    }
+
+    fn passes(plans: &[Plan]) -> Vec<Vec<String>> {
+        plans
+            .iter()
+            .filter(|p| !p.patterns.is_empty())
+            .map(|p| {
+                let mut v: Vec<String> = p.patterns.iter().map(str::to_owned).collect();
+                v.sort();
+                v
+            })
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn a_pass_in_flight_does_not_hold_up_later_batches_and_acks_wait_for_it() {
+        let sink = MemorySink::new();
+        let (tx, acked, task) = lane_stage(&sink).await;
+        tx.send(batch("a", Some("post:1:*"), true, 10))
+            .await
+            .unwrap();
+        tx.send(batch("b", None, true, 20)).await.unwrap();
+        // b's keys and its message go out while a's pass is held...
+        until(&sink, "b applied", |p| has_key(p, "b")).await;
+        let applied = sink.applied();
+        let b = applied.iter().find(|p| p.keys.contains("b")).unwrap();
+        assert_eq!(b.publish.len(), 1, "a plain batch publishes at once");
+        let a = applied.iter().find(|p| p.keys.contains("a")).unwrap();
+        assert!(
+            a.patterns.is_empty() && a.publish.is_empty(),
+            "a's patterns and message wait for its pass: {a:?}"
+        );
+        assert!(passes(&applied).is_empty());
+        // ...and nothing is acknowledged: a's pass is not done, b comes after a.
+        assert_eq!(*acked.borrow(), Lsn::ZERO);
+        assert_eq!(sink.waiting(), 1, "a's pass waits");
+
+        sink.release_passes();
+        until(&sink, "a's pass", |p| !passes(p).is_empty()).await;
+        let mut acked = acked;
+        tokio::time::timeout(Duration::from_secs(10), acked.wait_for(|l| *l == Lsn(20)))
+            .await
+            .expect("acknowledged through b after a's pass")
+            .unwrap();
+        let pass = sink
+            .applied()
+            .into_iter()
+            .find(|p| !p.patterns.is_empty())
+            .unwrap();
+        assert_eq!(
+            pass.publish.len(),
+            1,
+            "a's message is published with its pass"
+        );
+        assert!(pass.keys.is_empty());
+        drop(tx);
+        task.await.unwrap().unwrap();
+    }
+
+    #[tokio::test]
+    async fn patterns_arriving_during_a_pass_are_coalesced_into_the_next() {
+        let sink = MemorySink::new();
+        let (tx, acked, task) = lane_stage(&sink).await;
+        tx.send(batch("a", Some("a:*"), false, 10)).await.unwrap();
+        until(&sink, "a applied", |p| has_key(p, "a")).await;
+        tx.send(batch("b", Some("b:*"), false, 20)).await.unwrap();
+        tx.send(batch("c", None, false, 30)).await.unwrap();
+        tx.send(batch("d", Some("d:*"), false, 40)).await.unwrap();
+        until(&sink, "d applied", |p| has_key(p, "d")).await;
+        assert_eq!(*acked.borrow(), Lsn::ZERO);
+        sink.release_passes();
+        drop(tx);
+        // The stop drains the lane: the stage returns once every pass is done.
+        tokio::time::timeout(Duration::from_secs(10), task)
+            .await
+            .expect("the stage drained")
+            .unwrap()
+            .unwrap();
+        assert_eq!(*acked.borrow(), Lsn(40));
+        assert_eq!(
+            passes(&sink.applied()),
+            vec![
+                vec!["a:*".to_owned()],
+                vec!["b:*".to_owned(), "d:*".to_owned()]
+            ],
+            "b's and d's patterns arrived during a's pass: one pass for both"
+        );
     }
 }
