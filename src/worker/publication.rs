@@ -11,11 +11,12 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::{watch, Notify};
+use tokio::sync::Notify;
 
 use crate::log_fields::{ERROR, REASON};
 use crate::map::catalog::publication_drift;
 use crate::map::{Mappings, TableName};
+use crate::shutdown::Shutdown;
 use crate::source::{self, ConnectionSettings, SqlClient};
 use crate::telemetry::Telemetry;
 
@@ -30,7 +31,7 @@ pub(super) async fn watch_publication(
     publication: String,
     telemetry: Arc<Telemetry>,
     kick: Arc<Notify>,
-    mut stop: watch::Receiver<bool>,
+    mut stop: Shutdown,
 ) {
     let tables: Vec<TableName> = mappings.tables().into_iter().cloned().collect();
     let mut tick = tokio::time::interval(INTERVAL);
@@ -38,7 +39,7 @@ pub(super) async fn watch_publication(
     let mut last: Vec<String> = Vec::new();
     loop {
         tokio::select! {
-            _ = stop.wait_for(|s| *s) => return,
+            () = stop.requested() => return,
             _ = tick.tick() => {}
             _ = kick.notified() => {}
         }
