@@ -369,6 +369,15 @@ impl PgCluster {
         }
     }
 
+    /// Immediate shutdown (SIGQUIT, `pg_ctl stop -m immediate`): no
+    /// checkpoint, backends end at once; what a failover drill does to a primary.
+    pub fn stop_immediate(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            signal(child.id(), libc::SIGQUIT);
+            wait_or_kill(&mut child, Duration::from_secs(10));
+        }
+    }
+
     /// SIGKILL the postmaster and every backend: a crash.
     pub fn kill(&mut self) {
         if let Some(mut child) = self.child.take() {

@@ -4,6 +4,10 @@
 //! physical replication slot on the primary so WAL is kept while it is
 //! stopped. `Drop` stops it (SIGQUIT) and removes its directory.
 //!
+//! It can be promoted ([`Standby::promote`]) for failover drills; with
+//! `sync_replication_slots = on` (PostgreSQL 17+) it keeps copies of the
+//! primary's failover slots (`primary_conninfo` carries a dbname for that).
+//!
 //! Replay can be paused and resumed (`pg_wal_replay_pause()` /
 //! `pg_wal_replay_resume()`), which is how tests hold a read replica behind
 //! the primary on purpose.
@@ -49,6 +53,9 @@ impl Standby {
                 .arg("-p")
                 .arg(primary.port().to_string())
                 .args(["-U", "postgres", "-R", "-X", "stream", "--no-sync", "-C"])
+                // -R then writes dbname into primary_conninfo (17+), which
+                // slot synchronization (sync_replication_slots) needs.
+                .args(["-d", "dbname=postgres"])
                 .arg("-S")
                 .arg(&slot)
                 .arg("-D")
@@ -235,6 +242,15 @@ impl Standby {
     /// Resumes WAL replay.
     pub fn resume_replay(&self) {
         self.psql("SELECT pg_wal_replay_resume()");
+    }
+
+    /// Promotes it to a primary (`pg_promote()`) and waits until it leaves
+    /// recovery: the failover half of a drill.
+    pub fn promote(&self) {
+        self.psql("SELECT pg_promote(true, 60)");
+        wait_for("the standby to leave recovery", START_TIMEOUT, || {
+            (self.psql("SELECT pg_is_in_recovery()") == "f").then_some(())
+        });
     }
 
     /// Fast shutdown (SIGINT), waiting for it.

@@ -90,6 +90,27 @@ impl WorkerConfig {
         Self::write(pg_url, publication, &redis_toml, &[], "")
     }
 
+    /// A config with any PostgreSQL URL (several hosts, say), extra
+    /// `[postgres]` lines (e.g. `auto_setup = true`), and `tail_toml` after
+    /// `[worker]` (its lines, then any further sections such as `[metrics]`).
+    pub fn with_postgres(
+        pg_url: &str,
+        postgres_toml: &str,
+        redis: &RedisServer,
+        mappings: &[(&str, &str)],
+        tail_toml: &str,
+    ) -> Self {
+        let redis_toml = format!("url = \"{}\"", redis.url());
+        Self::write_full(
+            pg_url,
+            "cache_invalidator",
+            postgres_toml,
+            &redis_toml,
+            mappings,
+            tail_toml,
+        )
+    }
+
     fn write(
         pg_url: &str,
         publication: &str,
@@ -97,10 +118,21 @@ impl WorkerConfig {
         mappings: &[(&str, &str)],
         worker_toml: &str,
     ) -> Self {
+        Self::write_full(pg_url, publication, "", redis_toml, mappings, worker_toml)
+    }
+
+    fn write_full(
+        pg_url: &str,
+        publication: &str,
+        postgres_toml: &str,
+        redis_toml: &str,
+        mappings: &[(&str, &str)],
+        worker_toml: &str,
+    ) -> Self {
         let dir = ScratchDir::new("cfg");
         fs::create_dir_all(dir.path().join("mappings")).expect("mappings dir");
         let config = format!(
-            "mappings = \"mappings\"\n\n[postgres]\nurl = \"{pg_url}\"\nslot = \"cache_invalidator\"\npublication = \"{publication}\"\n\n[redis]\n{redis_toml}\n\n[worker]\n{worker_toml}\n",
+            "mappings = \"mappings\"\n\n[postgres]\nurl = \"{pg_url}\"\nslot = \"cache_invalidator\"\npublication = \"{publication}\"\n{postgres_toml}\n\n[redis]\n{redis_toml}\n\n[worker]\n{worker_toml}\n",
         );
         fs::write(dir.path().join("cache-invalidator.toml"), config).expect("write config");
         let config = WorkerConfig { dir };
@@ -204,6 +236,43 @@ impl WorkerConfig {
             log,
         }
     }
+}
+
+/// GET `path` from `127.0.0.1:port` (HTTP/1.1, connection closed): the
+/// status and the body, `None` while nothing answers.
+pub fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    )
+    .ok()?;
+    let mut text = String::new();
+    s.read_to_string(&mut text).ok()?;
+    let status = text.split_whitespace().nth(1)?.parse().ok()?;
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    Some((status, body))
+}
+
+/// The value of one Prometheus sample in `metrics`: `name` with every
+/// `labels` pair, summed over the other labels; 0 when absent.
+pub fn metric_sample(metrics: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
+    metrics
+        .lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter(|l| l.starts_with(name) && l[name.len()..].starts_with(['{', ' ']))
+        .filter(|l| {
+            labels
+                .iter()
+                .all(|(k, v)| l.contains(&format!("{k}=\"{v}\"")))
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
 }
 
 /// The repository's demo mappings (`mappings/*.toml`): (file name, text).
