@@ -296,6 +296,46 @@ fn declared_invalidation_is_applied_again_after_a_crash_before_acknowledging() {
     r.wait_gone("report:monthly", WAIT);
 }
 
+/// SIGKILL while Redis holds the worker's writes (`CLIENT PAUSE WRITE`): the
+/// declared invalidation was planned (counted) but neither applied nor
+/// acknowledged; the restarted worker gets the transaction again and applies it.
+#[test]
+fn declared_invalidation_survives_a_sigkill_before_acknowledging() {
+    let pg = PgCluster::start();
+    let redis = RedisServer::start();
+    let port = support::free_port();
+    let cfg = prepare(
+        &pg,
+        &redis,
+        &format!("\n[metrics]\nlisten = \"127.0.0.1:{port}\"\n"),
+    );
+    let mut w = cfg.spawn_worker();
+    support::sync_worker(&pg, &redis, WAIT);
+    let mut r = RedisProbe::new(&redis);
+    r.set("report:yearly", "cached");
+    redis
+        .cli(&["CLIENT", "PAUSE", "600000", "WRITE"])
+        .expect("CLIENT PAUSE");
+    let before = pg.psql("SELECT pg_current_wal_insert_lsn()");
+    pg.psql("SELECT cache_invalidator.invalidate(keys => ARRAY['report:yearly'])");
+    support::wait_for("the worker to plan the declaration", WAIT, || {
+        http_get(port, "/metrics").filter(|m| {
+            m.contains(r#"cache_invalidator_requested_invalidations_total{source="declared",kind="keys"} 1"#)
+        })
+    });
+    w.kill();
+    redis.cli(&["CLIENT", "UNPAUSE"]).expect("CLIENT UNPAUSE");
+    let confirmed = pg.psql(&format!(
+        "SELECT confirmed_flush_lsn <= '{}'::pg_lsn FROM pg_replication_slots WHERE slot_name = 'cache_invalidator'",
+        before.trim()
+    ));
+    assert_eq!(confirmed, "t", "acknowledged although Redis never ran it");
+    // Whatever the killed worker's connection had sent is gone with it.
+    r.set("report:yearly", "cached again");
+    let _w = cfg.spawn_worker();
+    r.wait_gone("report:yearly", WAIT);
+}
+
 /// Over the limits, NULLs and wrong shapes: the SQL function raises inside
 /// the caller's transaction, which aborts (its row change is not committed);
 /// a role without the grant cannot call it.
