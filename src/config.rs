@@ -295,6 +295,33 @@ pub struct Config {
 }
 
 impl Config {
+    /// The sink options of `[redis]`, the one constructor every command uses
+    /// (validation already guaranteed `url` or `cluster`; with `cluster`, `url`
+    /// is empty and the seed URLs go to `Sink::connect`). Commands run without
+    /// the worker's delayed second pass; [`Config::worker_sink_options`] adds it.
+    pub fn sink_options(&self) -> crate::sink::SinkOptions {
+        crate::sink::SinkOptions {
+            url: if self.redis.cluster.is_empty() {
+                self.redis.url.clone().unwrap_or_default()
+            } else {
+                String::new()
+            },
+            password: self.redis.password.as_ref().map(|p| p.expose().to_owned()),
+            wait_replicas: self.redis.wait_replicas,
+            redelete_after: None,
+            tls: self.redis.tls.clone(),
+        }
+    }
+
+    /// [`Config::sink_options`] with `[worker] redelete_after_ms`, for `run`.
+    pub fn worker_sink_options(&self) -> crate::sink::SinkOptions {
+        crate::sink::SinkOptions {
+            redelete_after: (self.worker.redelete_after_ms > 0)
+                .then(|| std::time::Duration::from_millis(self.worker.redelete_after_ms)),
+            ..self.sink_options()
+        }
+    }
+
     /// Reads and validates `path`, applying `env` over it.
     pub fn load(path: &Path, env: &EnvOverrides) -> Result<Config, LoadError> {
         let text = std::fs::read_to_string(path).map_err(|source| LoadError::Io {

@@ -52,6 +52,9 @@
 //! `metrics` holds the Prometheus metrics, the `/livez` and `/readyz` state and
 //! the HTTP endpoint serving them; `log_fields` names the `tracing` fields.
 //!
+//! ARCHITECTURE.md in the repository describes the modules, what each may
+//! not import, the acknowledgement rule and the guarantees with their tests.
+//!
 //! What this crate is not: a cache. It never fills Redis with data; it only
 //! removes (or bumps, or announces) what a committed change made stale.
 #![warn(missing_docs)]
@@ -63,6 +66,7 @@ pub mod config;
 pub mod decode;
 pub mod diag;
 pub mod error;
+pub mod failpoint;
 pub mod log_fields;
 pub mod lsn;
 pub mod map;
@@ -70,7 +74,9 @@ pub mod metrics;
 pub mod pg;
 pub mod plan;
 pub mod preflight;
+pub mod quote;
 pub mod replay;
+pub mod retry;
 pub mod security;
 pub mod shutdown;
 pub mod sink;

@@ -312,14 +312,7 @@ pub async fn server_prerequisites(
 /// The Redis half (the first seed of a cluster).
 async fn redis(config: &Config) -> Part {
     let mut part = Part::new();
-    let mut options = match crate::cli::flush::sink_options(config) {
-        Ok(o) => o,
-        Err(e) => {
-            part.error(e.to_string());
-            part.reach = Reach::Failed;
-            return part;
-        }
-    };
+    let mut options = config.sink_options();
     if let Some(seed) = config.redis.cluster.first() {
         options.url = seed.clone();
     }

@@ -18,8 +18,7 @@ use crate::plan::Batch;
 use crate::sink::SinkObserver;
 use crate::sink::{ApplyStats, RetryClass, SinkError};
 
-/// Content of the heartbeat message (`pg_logical_emit_message(false, 'cache-invalidator', 'heartbeat')`).
-pub const HEARTBEAT: &[u8] = b"heartbeat";
+pub use crate::plan::planner::HEARTBEAT;
 /// How often the heartbeat is emitted.
 pub const HEARTBEAT_INTERVAL: Duration = Duration::from_secs(10);
 

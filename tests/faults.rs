@@ -1,5 +1,5 @@
 //! Fault injection against real servers: every delivery guarantee of
-//! DESIGN.md, proven by killing, pausing, restarting and corrupting things
+//! ARCHITECTURE.md, proven by killing, pausing, restarting and corrupting things
 //! while transactions commit.
 //!
 //! Every test asserts the final Redis state key by key, that control keys no

@@ -1,4 +1,4 @@
-//! Visible before invalidated (guarantee 8) against real servers: a batch is
+//! Visible before invalidated (guarantee 9) against real servers: a batch is
 //! applied only once its transactions are visible on the primary (a commit
 //! waiting for a synchronous standby is not) and on every listed read
 //! replica (a streaming standby with its replay paused is behind). Each

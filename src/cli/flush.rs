@@ -10,6 +10,7 @@ use crate::config::{Config, EnvOverrides};
 use crate::error::CliError;
 use crate::map::TableName;
 use crate::plan::{Plan, Planner};
+use crate::retry::Backoff;
 use crate::sink::{ApplySink, ApplyStats, RetryClass, Sink, SinkOptions};
 
 /// Attempts to apply a plan on a transient error.
@@ -17,40 +18,17 @@ const ATTEMPTS: u32 = 4;
 /// Attempts to connect (each one already retries inside the connection manager).
 const CONNECT_ATTEMPTS: u32 = 2;
 
-/// The sink options of the config's `[redis]` section (the CLI runs without
-/// the worker's delayed second pass). With `[redis] cluster`, `url` is empty
-/// and the seed URLs go to [`connect_sink`].
-pub fn sink_options(config: &Config) -> Result<SinkOptions, CliError> {
-    let cluster_url = (!config.redis.cluster.is_empty()).then(String::new);
-    let url = config.redis.url.clone().or(cluster_url).ok_or_else(|| {
-        CliError::Invalid(format!(
-            "{}: [redis] has neither url nor cluster (set [redis] url, [redis] cluster or CACHE_INVALIDATOR_REDIS_URL)",
-            config.path.display()
-        ))
-    })?;
-    Ok(SinkOptions {
-        url,
-        password: config
-            .redis
-            .password
-            .as_ref()
-            .map(|p| p.expose().to_owned()),
-        wait_replicas: config.redis.wait_replicas,
-        redelete_after: None,
-        tls: config.redis.tls.clone(),
-    })
-}
-
 /// Connects to Redis (the cluster of `cluster` when it lists seed URLs),
 /// retrying transient failures with a short backoff.
 pub async fn connect_sink(options: &SinkOptions, cluster: &[String]) -> Result<Sink, CliError> {
     let mut attempt = 1;
+    let mut backoff = flush_backoff();
     loop {
         match Sink::connect(options, cluster).await {
             Ok(s) => return Ok(s),
             Err(e) if e.retry_class() == RetryClass::BackOff && attempt < CONNECT_ATTEMPTS => {
                 tracing::warn!(error = %e, attempt, "cannot reach Redis; retrying");
-                tokio::time::sleep(backoff(attempt)).await;
+                tokio::time::sleep(backoff.next_delay()).await;
                 attempt += 1;
             }
             Err(e) => return Err(CliError::runtime(e)),
@@ -61,12 +39,13 @@ pub async fn connect_sink(options: &SinkOptions, cluster: &[String]) -> Result<S
 /// Applies one plan, retrying it whole on transient errors (it is idempotent).
 pub async fn apply_with_retry(sink: &mut Sink, plan: &Plan) -> Result<ApplyStats, CliError> {
     let mut attempt = 1;
+    let mut backoff = flush_backoff();
     loop {
         match sink.apply(plan).await {
             Ok(s) => return Ok(s),
             Err(e) if e.retry_class() == RetryClass::BackOff && attempt < ATTEMPTS => {
                 tracing::warn!(error = %e, attempt, "applying the plan failed; retrying");
-                tokio::time::sleep(backoff(attempt)).await;
+                tokio::time::sleep(backoff.next_delay()).await;
                 attempt += 1;
             }
             Err(e) => return Err(CliError::runtime(e)),
@@ -74,8 +53,10 @@ pub async fn apply_with_retry(sink: &mut Sink, plan: &Plan) -> Result<ApplyStats
     }
 }
 
-fn backoff(attempt: u32) -> Duration {
-    Duration::from_millis(250u64.saturating_mul(1 << attempt.min(5)))
+/// `flush`'s retries: 0.5 s doubling up to 8 s, like the worker's but longer
+/// (a one-shot command that should not give up on a failover).
+fn flush_backoff() -> Backoff {
+    Backoff::between(Duration::from_millis(500), Duration::from_secs(8))
 }
 
 /// Runs `flush`.
@@ -105,7 +86,7 @@ pub async fn run(config_path: &Path, table: Option<&str>) -> Result<(), CliError
         }
     };
     let plan = planner.take();
-    let options = sink_options(&config)?;
+    let options = config.sink_options();
     let mut sink = connect_sink(&options, &config.redis.cluster).await?;
     let stats = apply_with_retry(&mut sink, &plan).await?;
     println!(

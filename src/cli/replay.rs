@@ -42,7 +42,7 @@ pub async fn run(
         tracing::warn!(file = %file.display(), line = b.line, error = %b.message, "skipped a malformed line");
     }
     let mut sink = if apply {
-        let options = super::flush::sink_options(&config)?;
+        let options = config.sink_options();
         let mut sink = super::flush::connect_sink(&options, &config.redis.cluster).await?;
         sink.set_tombstone_hold(std::time::Duration::from_millis(config.worker.tombstone_ms));
         Some(sink)

@@ -8,7 +8,6 @@
 use crate::log_fields::ERROR;
 use std::path::Path;
 use std::sync::Arc;
-use std::time::Duration;
 
 use futures_util::future::BoxFuture;
 
@@ -16,7 +15,6 @@ use crate::config::{Config, EnvOverrides};
 use crate::error::CliError;
 use crate::map::Mappings;
 use crate::shutdown::ShutdownTrigger;
-use crate::sink::SinkOptions;
 use crate::source::ConnectionSettings;
 use crate::telemetry::Telemetry;
 use crate::worker::{AutoSetup, Worker};
@@ -40,29 +38,7 @@ pub async fn run(config_path: &Path) -> Result<(), CliError> {
             .map(|s| s.expose().to_string()),
     )
     .map_err(|e| CliError::Invalid(e.to_string()))?;
-    // With `[redis] cluster`, the seed URLs are used and `url` is not.
-    let redis_url = match (&config.redis.url, config.redis.cluster.is_empty()) {
-        (_, false) => String::new(),
-        (Some(url), true) => url.clone(),
-        (None, true) => {
-            return Err(CliError::Invalid(
-                "[redis] needs `url` (one server) or `cluster` (seed URLs of a Redis Cluster)"
-                    .into(),
-            ))
-        }
-    };
-    let sink_options = SinkOptions {
-        url: redis_url,
-        password: config
-            .redis
-            .password
-            .as_ref()
-            .map(|s| s.expose().to_string()),
-        wait_replicas: config.redis.wait_replicas,
-        redelete_after: (config.worker.redelete_after_ms > 0)
-            .then(|| Duration::from_millis(config.worker.redelete_after_ms)),
-        tls: config.redis.tls.clone(),
-    };
+    let sink_options = config.worker_sink_options();
 
     let (trigger, stop_rx) = ShutdownTrigger::new();
     spawn_signal_handler(trigger);

@@ -845,7 +845,7 @@ async fn store_identity(client: &Client, config: &crate::config::Config) -> Resu
         .map_err(|e| e.to_string())?;
     let pg_system_id: String = row.get(0);
     let timeline: i64 = row.get(1);
-    let options = super::flush::sink_options(config).map_err(|e| e.to_string())?;
+    let options = config.sink_options();
     let sink = crate::sink::Sink::connect(&options, &config.redis.cluster)
         .await
         .map_err(|e| e.to_string())?;

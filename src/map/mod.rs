@@ -1,7 +1,7 @@
 //! Mapping files: the declarative table -> invalidation language.
 //!
-//! [`Mappings::load`] reads `mappings/*.toml` (see `DESIGN.md`, "Mapping
-//! files"), validates every `[[table]]` entry into a [`Rule`] whose templates
+//! [`Mappings::load`] reads `mappings/*.toml` (see README, "Mapping
+//! format"), validates every `[[table]]` entry into a [`Rule`] whose templates
 //! are compiled once, and reports every problem with file:line:column.
 //! Rendering rows into invalidations lives in [`crate::plan::planner`];
 //! [`identity`] holds the replica-identity rule and [`catalog`] the checks

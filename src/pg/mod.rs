@@ -170,15 +170,7 @@ pub async fn connect_sql(
     Ok(sql.into_client())
 }
 
-/// Quotes an SQL identifier: `"name"`, with embedded `"` doubled.
-pub fn quote_ident(name: &str) -> String {
-    format!("\"{}\"", name.replace('"', "\"\""))
-}
-
-/// Quotes an SQL string literal: `'text'`, with embedded `'` doubled.
-pub fn quote_literal(text: &str) -> String {
-    format!("'{}'", text.replace('\'', "''"))
-}
+pub use crate::quote::{quote_ident, quote_literal};
 
 #[cfg(test)]
 mod tests {

@@ -23,7 +23,7 @@ pub struct Batch {
     /// Transaction ids (as the Begin messages carry them) of every
     /// transaction with changes in this batch, including one cut into
     /// chunks: its chunks are applied before its Commit arrives. The sink
-    /// stage waits until they are visible on the primary (guarantee 8).
+    /// stage waits until they are visible on the primary (guarantee 9).
     pub xids: Vec<u32>,
     /// The highest commit LSN (Begin's final LSN) of those transactions:
     /// listed read replicas must replay past it before the batch is applied.

@@ -6,7 +6,7 @@
 //! allocated. Memory is bounded by the plan: a row changed a million times
 //! yields one entry per distinct key.
 //!
-//! Rendering (DESIGN.md, "Mapping files"): INSERT renders the new row, DELETE
+//! Rendering (README, "Mapping format"): INSERT renders the new row, DELETE
 //! the old row, UPDATE both (union). NULL renders nothing. A value still
 //! unknown (not sent, or a column the relation lacks) fires the table's
 //! truncate invalidations instead, recorded as a [`Fallback`] for a warning and
@@ -30,6 +30,9 @@ use crate::map::{
 
 /// The prefix of logical decoding messages addressed to the worker.
 pub const MESSAGE_PREFIX: &str = "cache-invalidator";
+
+/// Content of the heartbeat message (`pg_logical_emit_message(false, 'cache-invalidator', 'heartbeat')`).
+pub const HEARTBEAT: &[u8] = b"heartbeat";
 
 /// The name declared invalidations go by where a table name is expected
 /// (the `table` of a truncate message replacing overflowing messages).
@@ -526,7 +529,7 @@ impl Planner {
         if self.xid.is_none() {
             self.lsn = lsn;
         }
-        if content == crate::telemetry::HEARTBEAT {
+        if content == HEARTBEAT {
             return;
         }
         if content == b"flush:all" {

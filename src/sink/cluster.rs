@@ -730,7 +730,7 @@ impl ClusterSink {
                 }
             }
             // A pass under way, matches found but not all invalidated.
-            crate::worker::failpoint(crate::worker::failpoint::IN_PATTERN_PASS);
+            crate::failpoint::failpoint(crate::failpoint::IN_PATTERN_PASS);
             if found.len() >= UNLINK_CHUNK {
                 self.run(std::mem::take(&mut found), &mut stats).await?;
             }

@@ -13,6 +13,15 @@ pub enum RetryClass {
     Fatal,
 }
 
+impl From<RetryClass> for crate::retry::Retry {
+    fn from(class: RetryClass) -> Self {
+        match class {
+            RetryClass::BackOff | RetryClass::Blocked => crate::retry::Retry::BackOff,
+            RetryClass::Fatal => crate::retry::Retry::Fatal,
+        }
+    }
+}
+
 /// A failure executing a plan against Redis.
 #[derive(Debug, thiserror::Error)]
 pub enum SinkError {

@@ -1,4 +1,4 @@
-//! Guarantee 6: detect a Redis that lost acknowledged deletes.
+//! Guarantee 6 (ARCHITECTURE.md): detect a Redis that lost acknowledged deletes.
 //!
 //! The worker keeps `cache-invalidator:<slot>:identity` in Redis: the Redis
 //! `run_id` and PostgreSQL's system id and timeline. A Redis restored from an

@@ -536,7 +536,8 @@ impl RedisSink {
             // missing key as 0 or as 1 both see a new version) and is all a
             // missing key needs; a key that exists gets `INCR` in the next
             // round. Should it expire in between, INCR makes it 1: harmless,
-            // as a version key outlives the data cached under it (DESIGN.md)
+            // as a version key outlives the data cached under it (README,
+            // "Redis conventions")
             // and this runs after the commit.
             for &version in &round.versions {
                 pipe.cmd("SET").arg(version).arg(2).arg("NX");
@@ -685,7 +686,7 @@ impl RedisSink {
                 }
             }
             // A pass under way, matches found but not all invalidated.
-            crate::worker::failpoint(crate::worker::failpoint::IN_PATTERN_PASS);
+            crate::failpoint::failpoint(crate::failpoint::IN_PATTERN_PASS);
             if found.len() >= UNLINK_CHUNK {
                 let batch = std::mem::take(&mut found);
                 self.run_rounds(batch.round(), stats).await?;

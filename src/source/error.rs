@@ -21,6 +21,16 @@ pub enum RetryClass {
     Fatal,
 }
 
+impl From<RetryClass> for crate::retry::Retry {
+    fn from(class: RetryClass) -> Self {
+        match class {
+            RetryClass::Reconnect => crate::retry::Retry::Reconnect,
+            RetryClass::BackOffAndRetry => crate::retry::Retry::BackOff,
+            RetryClass::Fatal => crate::retry::Retry::Fatal,
+        }
+    }
+}
+
 /// The fields of a server ErrorResponse / NoticeResponse.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ServerError {
@@ -428,7 +438,7 @@ pub(crate) fn classify(
         {
             SourceError::NotReplicationRole {
                 user: user.to_string(),
-                user_ident: super::slot::quote_ident(user),
+                user_ident: crate::quote::quote_ident(user),
                 url,
                 server,
             }

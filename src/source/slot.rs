@@ -23,16 +23,7 @@ pub struct CreatedSlot {
     pub consistent_point: Lsn,
 }
 
-/// Quotes an SQL identifier: `a"b` -> `"a""b"`.
-pub fn quote_ident(name: &str) -> String {
-    format!("\"{}\"", name.replace('"', "\"\""))
-}
-
-/// Quotes an SQL string literal: `it's` -> `'it''s'` (standard-conforming:
-/// backslashes are not special).
-pub fn quote_literal(value: &str) -> String {
-    format!("'{}'", value.replace('\'', "''"))
-}
+pub use crate::quote::{quote_ident, quote_literal};
 
 /// Checks a slot name as PostgreSQL does: 1 to 63 of `[a-z0-9_]`.
 pub fn validate_slot_name(slot: &str) -> Result<(), SourceError> {

@@ -1,4 +1,4 @@
-//! Visible before invalidated (guarantee 8): a batch is applied only once
+//! Visible before invalidated (guarantee 9): a batch is applied only once
 //! the rows it invalidates can be read, on the primary and on every listed
 //! read replica, so a reader that misses after the invalidation reads the
 //! new row and never refills the cache with the old one.

@@ -11,7 +11,7 @@
 //! transaction is visible to a snapshot when its xid is below `xmin`, or below
 //! `xmax` and not in `xip`. Once visible to one snapshot it is visible to every
 //! later one, so the last snapshot is kept and a batch whose xids it already
-//! covers needs no query at all. See ARCHITECTURE.md (guarantee 8) and
+//! covers needs no query at all. See ARCHITECTURE.md (guarantee 9) and
 //! docs/operations.md (synchronous replication).
 
 use std::sync::Arc;
@@ -171,7 +171,7 @@ impl PrimaryVisibility {
         let started = Instant::now();
         let mut checked = Checked::default();
         let mut delay = POLL_FIRST;
-        let mut reconnect = crate::worker::Backoff::new();
+        let mut reconnect = crate::retry::Backoff::new();
         let mut logged_slow = false;
         let mut last_error = String::new();
         if let Some(m) = &self.metrics {

@@ -18,7 +18,7 @@
 //! it timed out on. An unreachable replica serves no reader: it is marked
 //! down (metric, `/readyz` detail without 503), reconnected in the
 //! background and not waited for; what is applied meanwhile is queued for
-//! it too (it serves readers while it catches up after coming back). See ARCHITECTURE.md (guarantee 8)
+//! it too (it serves readers while it catches up after coming back). See ARCHITECTURE.md (guarantee 9)
 //! and docs/operations.md (read replicas).
 
 use std::collections::VecDeque;
@@ -436,7 +436,7 @@ async fn poll_replica(
     ctx: ReplicaContext,
 ) {
     let name = settings.target();
-    let mut reconnect = crate::worker::Backoff::new();
+    let mut reconnect = crate::retry::Backoff::new();
     loop {
         let client = match source::connect_sql(&settings).await {
             Ok(c) => c,
@@ -467,7 +467,7 @@ async fn poll_replica(
                 );
                 break;
             }
-            reconnect = crate::worker::Backoff::new();
+            reconnect = crate::retry::Backoff::new();
             let mut came_up = false;
             states.send_if_modified(|s| {
                 let s = &mut s[i];
@@ -576,7 +576,7 @@ async fn reapply_task(
             continue;
         };
         let name = states.borrow()[i].name.clone();
-        let mut backoff = crate::worker::Backoff::new();
+        let mut backoff = crate::retry::Backoff::new();
         loop {
             match (ctx.reapply)(plan.clone()).await {
                 Ok(()) => break,

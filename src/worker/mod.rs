@@ -27,10 +27,7 @@
 //! | `heartbeat.rs` | the heartbeat message that measures end-to-end lag |
 //! | `probe.rs` | the Redis probe behind `/readyz` while no batch is in flight |
 //! | `publication.rs` | the publication watch: drift on `/readyz` (re-read per session and every 10 s) |
-//! | `backoff.rs`, `failpoint.rs` | retry delays; crash points of the fault tests |
 
-mod backoff;
-pub mod failpoint;
 mod heartbeat;
 pub mod pattern_lane;
 pub mod plan_stage;
@@ -39,8 +36,8 @@ mod publication;
 pub mod session;
 pub mod sink_stage;
 
-pub use backoff::Backoff;
-pub use failpoint::failpoint;
+pub use crate::failpoint::{self, failpoint};
+pub use crate::retry::Backoff;
 pub use plan_stage::{plan_stage, BatchLimits, PlanStageError};
 pub use session::{AutoSetup, Worker};
 pub use sink_stage::{sink_stage, IdentityGuard};

@@ -29,9 +29,9 @@ use std::time::Instant;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
-use super::backoff::Backoff;
 use crate::lsn::Lsn;
 use crate::plan::Plan;
+use crate::retry::Backoff;
 use crate::sink::{ApplySink, PassReport, RetryClass, SinkError};
 
 /// The sink stage stops taking batches while more patterns than this wait

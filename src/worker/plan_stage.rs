@@ -66,7 +66,7 @@ pub async fn plan_stage(
     let mut rule = AckRule::new();
     let mut stopping = false;
     // The open transaction's xid and commit LSN: a batch closed in its middle
-    // hands them to the next one (guarantee 8 waits for them per batch).
+    // hands them to the next one (guarantee 9 waits for them per batch).
     let mut open: Option<(u32, Lsn)> = None;
     // The batch should go as soon as the sink stage can take it. While the
     // sink is busy, changes keep folding into the batch (bigger batches, more
@@ -356,7 +356,7 @@ mod tests {
         b.freeze()
     }
 
-    /// Guarantee 8 needs every batch to name the transactions it has work
+    /// Guarantee 9 needs every batch to name the transactions it has work
     /// for: a large transaction cut into several batches is applied chunk by
     /// chunk before its Commit arrives, so each chunk carries its xid and its
     /// commit LSN (known from the Begin).

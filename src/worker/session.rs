@@ -16,13 +16,14 @@ use std::time::Duration;
 use futures_util::future::BoxFuture;
 use tokio::sync::mpsc;
 
-use super::{Backoff, BatchLimits, IdentityGuard};
+use super::{BatchLimits, IdentityGuard};
 use crate::ack::Acknowledger;
 use crate::config::Config;
 use crate::error::CliError;
 use crate::lsn::Lsn;
 use crate::map::Mappings;
 use crate::plan::planner::Planner;
+use crate::retry::Backoff;
 use crate::shutdown::Shutdown;
 use crate::sink::{ApplySink, Sink, SinkOptions};
 use crate::source::{
@@ -168,10 +169,8 @@ impl Worker {
                 SessionEnd::Standby => self.pause(STANDBY_RETRY).await,
                 SessionEnd::Retry(why, class) => {
                     self.telemetry.disconnected(&why);
-                    let delay = match class {
-                        RetryClass::Reconnect => Duration::from_millis(200),
-                        _ => backoff.next_delay(),
-                    };
+                    // Fatal errors ended the loop already (session returns them).
+                    let delay = backoff.delay_for(class).unwrap_or(STANDBY_RETRY);
                     if why != last_error {
                         tracing::warn!({ ERROR } = %why, retry_in_ms = delay.as_millis() as u64, "replication stopped; resuming from the slot");
                         last_error = why;
@@ -182,7 +181,7 @@ impl Worker {
         }
     }
 
-    /// Guarantee 8: the primary's snapshot check (unless `visibility_check =
+    /// Guarantee 9: the primary's snapshot check (unless `visibility_check =
     /// false`) and the listed read replicas, whose pollers and re-appliers
     /// run for the whole process (a re-application queued in one session is
     /// not lost when the replication connection drops).

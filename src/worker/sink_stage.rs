@@ -10,11 +10,11 @@ use std::time::Instant;
 
 use tokio::sync::mpsc;
 
-use super::backoff::Backoff;
-use super::failpoint::{failpoint, AFTER_APPLY_BEFORE_ACK};
 use super::pattern_lane::{AckQueue, LaneEvent, PatternLane, MAX_WAITING_PATTERNS};
 use crate::ack::Acknowledger;
+use crate::failpoint::{failpoint, AFTER_APPLY_BEFORE_ACK};
 use crate::plan::{Batch, Plan};
+use crate::retry::Backoff;
 use crate::sink::{
     has_patterns, identity, take_patterns, ApplySink, ApplyStats, RetryClass, SinkError,
     SinkObserver,
@@ -126,7 +126,7 @@ async fn apply_retrying<S: ApplySink>(
 /// finished, or with the error when it is fatal. Before the first batch and
 /// after any Redis error, the Redis identity is verified (guarantee 6). Before
 /// a batch is applied, `gate` waits until its transactions are visible on the
-/// primary and replayed by the listed replicas (guarantee 8); nothing later is
+/// primary and replayed by the listed replicas (guarantee 9); nothing later is
 /// applied or acknowledged meanwhile, and the stream keeps its status updates.
 ///
 /// A batch's pattern part (and, when it has one, its messages) goes to the

@@ -1,4 +1,5 @@
-//! Crash points for the fault-injection tests, every name in one place.
+//! Crash points for the fault-injection tests, every name in one place. A
+//! leaf: the sink and the worker both reach it without importing each other.
 
 /// In the sink stage, after a batch completing a transaction was applied in
 /// Redis and before its end LSN is acknowledged.
