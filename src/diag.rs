@@ -56,14 +56,21 @@ impl fmt::Display for Diagnostic {
 /// Why a config or mapping file could not be loaded.
 #[derive(Debug, thiserror::Error)]
 pub enum LoadError {
-    /// The file could not be read.
-    #[error("cannot read {}", path.display())]
+    /// The file could not be read (the OS error is part of the message:
+    /// callers often keep only the text).
+    #[error("cannot read {}: {source}", path.display())]
     Io {
         /// The file.
         path: PathBuf,
         /// The cause.
         #[source]
         source: std::io::Error,
+    },
+    /// The mappings directory holds no `*.toml` file.
+    #[error("the mappings directory {} holds no *.toml file: add a mapping file with [[table]] rules there, or point `mappings` at the right directory", dir.display())]
+    NoMappingFiles {
+        /// The directory.
+        dir: PathBuf,
     },
     /// The file was read but is invalid; every problem found is listed.
     #[error("{}", DisplayAll(.0))]
@@ -75,7 +82,7 @@ impl LoadError {
     pub fn diagnostics(&self) -> &[Diagnostic] {
         match self {
             LoadError::Invalid(d) => d,
-            LoadError::Io { .. } => &[],
+            LoadError::Io { .. } | LoadError::NoMappingFiles { .. } => &[],
         }
     }
 }
@@ -139,6 +146,14 @@ pub fn edit_distance(a: &str, b: &str) -> usize {
 /// a third of the longer name, and at least 1 edit allowed).
 pub fn suggest<'a>(name: &str, candidates: impl IntoIterator<Item = &'a str>) -> Option<&'a str> {
     let limit = (name.chars().count().max(3)) / 3;
+    let candidates: Vec<&'a str> = candidates.into_iter().collect();
+    // A difference of case alone (`{ID}` for `id`) is the likeliest mistake.
+    if let Some(c) = candidates
+        .iter()
+        .find(|c| **c != name && c.to_lowercase() == name.to_lowercase())
+    {
+        return Some(c);
+    }
     candidates
         .into_iter()
         .map(|c| (edit_distance(name, c), c))
@@ -176,6 +191,13 @@ pub fn improve_message(message: &str) -> String {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn a_difference_of_case_is_suggested_first() {
+        assert_eq!(suggest("ID", ["id", "uid"]), Some("id"));
+        assert_eq!(suggest("Users", ["users", "user"]), Some("users"));
+    }
+
     use super::*;
 
     #[test]

@@ -22,6 +22,39 @@ pub use crate::plan::planner::HEARTBEAT;
 /// How often the heartbeat is emitted.
 pub const HEARTBEAT_INTERVAL: Duration = Duration::from_secs(10);
 
+/// "Logged once" for a failure that repeats: [`Repeats::tick`] says when to
+/// log (the first time, then once per `every`) and how many times it
+/// happened since the last line.
+#[derive(Debug)]
+pub struct Repeats {
+    every: Duration,
+    last: Option<Instant>,
+    count: u64,
+}
+
+impl Repeats {
+    /// A limiter that lets one line through per `every`.
+    pub fn new(every: Duration) -> Repeats {
+        Repeats {
+            every,
+            last: None,
+            count: 0,
+        }
+    }
+
+    /// One more occurrence: `Some(occurrences since the last line)` when a
+    /// line is due, `None` when it is not.
+    pub fn tick(&mut self) -> Option<u64> {
+        self.count += 1;
+        let due = self.last.is_none_or(|t| t.elapsed() >= self.every);
+        if !due {
+            return None;
+        }
+        self.last = Some(Instant::now());
+        Some(std::mem::take(&mut self.count))
+    }
+}
+
 /// Shared reporting state of one worker process.
 pub struct Telemetry {
     /// The Prometheus registry.
@@ -252,8 +285,8 @@ impl SinkObserver for SinkReporter {
         }
         if self.blocked_since.take().is_some() {
             t.metrics.set_blocked(None);
-            t.health.set_blocked(None);
         }
+        t.health.set_blocked(None);
         t.health.set_redis_reachable();
         let m = &t.metrics;
         m.transaction(batch.transactions);
@@ -330,6 +363,12 @@ impl SinkObserver for SinkReporter {
         t.metrics.redis_error(err.kind());
         let text = err.to_string();
         match err.retry_class() {
+            // Redis answers; its replicas do not confirm: say so, not "unreachable".
+            _ if matches!(err, SinkError::Replicas { .. }) => {
+                t.health.set_blocked(Some(format!(
+                    "waiting for Redis replicas ([redis] wait_replicas): {text}"
+                )));
+            }
             RetryClass::Blocked => {
                 let since = *self.blocked_since.get_or_insert_with(Instant::now);
                 t.metrics.set_blocked(Some(since));
@@ -351,5 +390,21 @@ impl SinkObserver for SinkReporter {
     fn flushed(&mut self, reason: &'static str) {
         self.telemetry.metrics.flush(FlushReason::IdentityChanged);
         tracing::warn!(reason, "flushed every mapped table");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn repeats_logs_once_then_with_a_count() {
+        let mut r = Repeats::new(Duration::from_millis(50));
+        assert_eq!(r.tick(), Some(1));
+        assert_eq!(r.tick(), None);
+        assert_eq!(r.tick(), None);
+        std::thread::sleep(Duration::from_millis(60));
+        assert_eq!(r.tick(), Some(3), "the two held back plus this one");
+        assert_eq!(r.tick(), None);
     }
 }

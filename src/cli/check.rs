@@ -33,7 +33,12 @@ pub fn check_offline(config_path: &Path, env: &EnvOverrides) -> Result<Checked, 
         .mappings
         .load()
         .map_err(|e| CliError::Invalid(e.to_string()))?;
-    let warnings = offline_warnings(&mappings);
+    let mut warnings = offline_warnings(&mappings);
+    warnings.extend(prefix_warnings(
+        &mappings,
+        &config.redis.tag_prefix,
+        &config.redis.version_prefix,
+    ));
     Ok(Checked {
         config,
         mappings,
@@ -63,6 +68,52 @@ pub fn offline_warnings(mappings: &Mappings) -> Vec<Finding> {
                     r.location, r.table
                 ),
             });
+        }
+    }
+    out
+}
+
+/// Warnings about templates that are probably mistakes: a tag or version
+/// template that already starts with its prefix (`tags = ["tag:user:{id}"]`
+/// invalidates the set `tag:tag:user:<id>`), and a pattern that matches every
+/// key (`patterns = ["*"]` deletes the whole database on each change).
+pub fn prefix_warnings(
+    mappings: &Mappings,
+    tag_prefix: &str,
+    version_prefix: &str,
+) -> Vec<Finding> {
+    let mut out = Vec::new();
+    for r in mappings.rules() {
+        for (templates, prefix, what) in [
+            (&r.tags, tag_prefix, "tag"),
+            (&r.versions, version_prefix, "version"),
+        ] {
+            for t in templates {
+                if !prefix.is_empty() && t.source().starts_with(prefix) && t.source() != prefix {
+                    out.push(Finding::warning(format!(
+                        "{}: {} {what} template {:?} already starts with the {what} prefix {prefix:?}: the worker invalidates {prefix}{}; write it without the prefix",
+                        r.location,
+                        r.table,
+                        t.source(),
+                        t.source()
+                    )));
+                }
+            }
+        }
+        // The default truncate derives from the row patterns: once each.
+        let patterns: std::collections::BTreeSet<&str> = r
+            .patterns
+            .iter()
+            .map(|p| p.source())
+            .chain(r.truncate.patterns.iter().map(String::as_str))
+            .collect();
+        for p in patterns {
+            if !p.is_empty() && p.chars().all(|c| c == '*') {
+                out.push(Finding::warning(format!(
+                    "{}: {} has the pattern {p:?}: it matches every key of the database, so each invalidation deletes the whole cache; narrow it (e.g. \"user:*\")",
+                    r.location, r.table
+                )));
+            }
         }
     }
     out
@@ -229,4 +280,32 @@ async fn ddl_tracking(client: &tokio_postgres::Client, tables: &[TableName]) -> 
 
 fn warning(message: String) -> Finding {
     Finding::warning(message)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_prefixed_tag_and_a_match_everything_pattern_are_warned() {
+        let m = Mappings::parse(
+            "m.toml",
+            "[[table]]\nname = \"users\"\ntags = [\"tag:user:{id}\", \"user:{id}\"]\nversions = [\"version:u:{id}\"]\npatterns = [\"*\"]\n",
+        )
+        .unwrap();
+        let w = prefix_warnings(&m, "tag:", "version:");
+        assert_eq!(w.len(), 3, "{w:?}");
+        assert!(
+            w[0].message
+                .contains("\"tag:user:{id}\" already starts with the tag prefix"),
+            "{w:?}"
+        );
+        assert!(
+            w[1].message
+                .contains("\"version:u:{id}\" already starts with the version prefix"),
+            "{w:?}"
+        );
+        assert!(w[2].message.contains("matches every key"), "{w:?}");
+        assert!(w.iter().all(|f| f.severity == Severity::Warning));
+    }
 }

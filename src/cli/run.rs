@@ -90,6 +90,16 @@ pub async fn run(config_path: &Path) -> Result<(), CliError> {
 /// life of the process (a dropped trigger is a shutdown): when one signal
 /// cannot be listened for, it logs that and waits for the other.
 fn spawn_signal_handler(trigger: ShutdownTrigger) {
+    // SIGHUP (a terminal closing, `systemctl reload`) must not kill the
+    // worker: listening replaces the default action. Reloading is not
+    // supported; the signal is logged and otherwise ignored.
+    if let Ok(mut hup) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
+        tokio::spawn(async move {
+            while hup.recv().await.is_some() {
+                tracing::info!("SIGHUP ignored: the worker does not reload its config; restart it to apply changes");
+            }
+        });
+    }
     tokio::spawn(async move {
         let term = async {
             match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {

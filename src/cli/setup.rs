@@ -858,7 +858,7 @@ async fn store_identity(client: &Client, config: &crate::config::Config) -> Resu
     sink.store_identity(&key, &current)
         .await
         .map_err(|e| e.to_string())?;
-    println!("SET {key} (the Redis this slot's flush marker is meant for);");
+    println!("-- Redis: SET {key} (the Redis this slot's flush marker is meant for; written by setup, not SQL)");
     Ok(())
 }
 

@@ -313,7 +313,7 @@ pub fn check_catalog(
         }
         match info.persistence {
             'u' => out.push(Finding::error(format!(
-                "{loc}: {t} is UNLOGGED: its changes are not in the WAL; `ALTER TABLE {t} SET LOGGED` or remove the rule"
+                "{loc}: {t} is UNLOGGED: its changes are not in the WAL; `ALTER TABLE {} SET LOGGED;` or remove the rule", t.quoted()
             ))),
             't' => out.push(Finding::error(format!(
                 "{loc}: {t} is a temporary table: its changes are not in the WAL"
@@ -363,7 +363,8 @@ pub fn check_catalog(
         if info.replica_identity == ReplicaIdentity::Columns(Vec::new()) {
             out.push(Finding::error(format!(
                 "{loc}: {t} has no usable replica identity (no primary key, or REPLICA IDENTITY NOTHING): once published, PostgreSQL rejects every UPDATE and DELETE on it; \
-                 add a primary key, `ALTER TABLE {t} REPLICA IDENTITY USING INDEX <unique index>`, or run `cache-invalidator setup --replica-identity-full`"
+                 add a primary key, `ALTER TABLE {} REPLICA IDENTITY USING INDEX <unique index>;`, or run `cache-invalidator setup --replica-identity-full`",
+                t.quoted()
             )));
         }
         if let Some(parent) = &info.partition_of {
@@ -424,7 +425,7 @@ fn check_publication(rule: &Rule, info: &TableInfo, p: &PublicationInfo, out: &m
     }
     if info.relkind == 'p' && !p.via_partition_root {
         out.push(Finding::error(format!(
-            "{loc}: {t} is partitioned but the publication is not `publish_via_partition_root = true`: changes would arrive under the partitions' names; `ALTER PUBLICATION ... SET (publish_via_partition_root = true)`"
+            "{loc}: {t} is partitioned but the publication is not `publish_via_partition_root = true`: changes would arrive under the partitions' names; `cache-invalidator setup` repairs it (and flushes the table)"
         )));
     }
     match p.tables.get(t) {

@@ -74,10 +74,11 @@ impl fmt::Display for IdentityError {
             "{loc}: table {t}: the rule renders old values of column(s) {cols} on update/delete, \
              but the table's replica identity carries {identity}, so old keys would be missed. \
              Fix one of: (1) run `cache-invalidator setup --replica-identity-full` \
-             (or `ALTER TABLE {t} REPLICA IDENTITY USING INDEX <a unique index covering {cols}>`); \
+             (or `ALTER TABLE {tq} REPLICA IDENTITY USING INDEX <a unique index covering {cols}>;`); \
              (2) add {cols} to `assume_unchanged` if the values never change; \
              (3) narrow `on` to [\"insert\"] so the rule needs no old values",
             loc = self.location,
+            tq = self.table.quoted(),
             t = self.table,
         )
     }

@@ -53,6 +53,15 @@ impl TableName {
         })
     }
 
+    /// `"schema"."table"`, quoted for SQL (paste-able into psql).
+    pub fn quoted(&self) -> String {
+        format!(
+            "\"{}\".\"{}\"",
+            self.schema.replace('"', "\"\""),
+            self.name.replace('"', "\"\"")
+        )
+    }
+
     /// True when this names the given schema and table.
     pub fn is(&self, schema: &str, name: &str) -> bool {
         self.schema == schema && self.name == name
@@ -430,6 +439,11 @@ pub fn toml_files_in(dir: &Path) -> Result<Vec<PathBuf>, LoadError> {
         if path.is_file() && path.extension().is_some_and(|e| e == "toml") {
             files.push(path);
         }
+    }
+    if files.is_empty() {
+        return Err(LoadError::NoMappingFiles {
+            dir: dir.to_path_buf(),
+        });
     }
     files.sort();
     Ok(files)

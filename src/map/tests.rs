@@ -250,7 +250,7 @@ fn identity_rule() {
     let msg = e.to_string();
     assert!(msg.starts_with("m.toml:2:8: table public.posts: the rule renders old values of column(s) author_id on update/delete, but the table's replica identity carries only (id)"), "{msg}");
     assert!(msg.contains("`cache-invalidator setup --replica-identity-full`"));
-    assert!(msg.contains("`ALTER TABLE public.posts REPLICA IDENTITY USING INDEX <a unique index covering author_id>`"));
+    assert!(msg.contains("`ALTER TABLE \"public\".\"posts\" REPLICA IDENTITY USING INDEX <a unique index covering author_id>;`"));
     assert!(msg.contains("add author_id to `assume_unchanged`"));
     assert!(msg.contains("narrow `on` to [\"insert\"]"));
     assert!(check_rule(&rule(posts), &ReplicaIdentity::Full).is_none());

@@ -241,6 +241,7 @@ impl Worker {
     /// Connects to Redis, retrying every second while it is unreachable;
     /// `None` when a stop is requested meanwhile.
     async fn connect_sink(&self) -> Result<Option<Sink>, CliError> {
+        let mut repeats = crate::telemetry::Repeats::new(Duration::from_secs(30));
         loop {
             match Sink::connect(&self.sink_options, &self.config.redis.cluster).await {
                 Ok(sink) => return Ok(Some(sink)),
@@ -248,7 +249,10 @@ impl Worker {
                     return Err(CliError::Invalid(err.to_string()))
                 }
                 Err(err) => {
-                    tracing::warn!({ ERROR } = %err, "Redis unreachable; retrying");
+                    // Once, then a line with a count every 30 s.
+                    if let Some(count) = repeats.tick() {
+                        tracing::warn!({ ERROR } = %err, attempts = count, "Redis unreachable; retrying every second");
+                    }
                     self.pause(Duration::from_secs(1)).await;
                     if self.stopping() {
                         return Ok(None);
