@@ -14,6 +14,8 @@
 #   BENCH_ROUNDS=6 BENCH_WORKLOAD=w3 BENCH_TRANSPORT=tcp benches/ab.sh /tmp/ci-a /tmp/ci-b
 #   # one build, two configs: BIN+LINE adds LINE to the contender's [postgres]
 #   benches/ab.sh /tmp/ci-b '/tmp/ci-b+visibility_check = false'
+#   # one build, two mapping directories: BIN%DIR runs the contender on DIR
+#   benches/ab.sh /tmp/ci-b '/tmp/ci-b%benches/mappings-refresh'
 #
 # Environment: BENCH_ROUNDS (8), BENCH_WORKLOAD (w2 or w3), BENCH_TRANSPORT
 # (unix or tcp), BENCH_KEEP (keep the temp dir), BENCH_NO_BUILD (do not build
@@ -24,7 +26,7 @@ set -euo pipefail
 source "$(dirname "$0")/common.sh"
 
 (($# >= 1)) || die "usage: benches/ab.sh BIN [BIN...] (worker binaries to compare)"
-for b in "$@"; do [[ -x ${b%%+*} ]] || die "${b%%+*} is not an executable"; done
+for b in "$@"; do [[ -x ${b%%[+%]*} ]] || die "${b%%[+%]*} is not an executable"; done
 ROUNDS=${BENCH_ROUNDS:-8}
 WL=${BENCH_WORKLOAD:-w2}
 TRANSPORT=${BENCH_TRANSPORT:-unix}
@@ -43,7 +45,7 @@ POLL_URL="host=127.0.0.1 port=$PGPORT user=postgres dbname=bench"
 TCK=$(clk_tck)
 # The publication, by the first binary's `setup` (its slot is not used).
 WORKER_SLOT=ab_setup write_config "$TRANSPORT" "$BENCH_TMP/worker.toml"
-"${1%%+*}" --config "$BENCH_TMP/worker.toml" setup >"$BENCH_TMP/setup.log" 2>&1 || { cat "$BENCH_TMP/setup.log" >&2; die setup; }
+"${1%%[+%]*}" --config "$BENCH_TMP/worker.toml" setup >"$BENCH_TMP/setup.log" 2>&1 || { cat "$BENCH_TMP/setup.log" >&2; die setup; }
 drop_slot ab_setup
 
 # The application's cache before each worker contender (as e2e.sh: a sample of ids).
@@ -96,12 +98,15 @@ for round in $(seq "$ROUNDS"); do
         else
             rcli FLUSHALL >/dev/null
             rcli <"$CACHE" >/dev/null
+            spec=${who%%\%*}
+            mapdir=""
+            [[ $who == *%* ]] && mapdir=$(cd "$BENCH_ROOT" && realpath "${who#*%}")
             extra=""
-            [[ $who == *+* ]] && extra=${who#*+}
-            WORKER_SLOT=$slot write_config "$TRANSPORT" "$BENCH_TMP/worker.toml" "$extra"
+            [[ $spec == *+* ]] && extra=${spec#*+}
+            WORKER_SLOT=$slot WORKER_MAPPINGS=$mapdir write_config "$TRANSPORT" "$BENCH_TMP/worker.toml" "$extra"
             c0=$(proc_cpu_ticks "$REDIS_PID")
             out=$("$TOOL" drain --pg "$POLL_URL" --slot "$slot" --end "$end" \
-                -- "${who%%+*}" --config "$BENCH_TMP/worker.toml" run 2>"$BENCH_TMP/worker.log") \
+                -- "${spec%%+*}" --config "$BENCH_TMP/worker.toml" run 2>"$BENCH_TMP/worker.log") \
                 || { tail -20 "$BENCH_TMP/worker.log" >&2; die "$who: drain failed"; }
             c1=$(proc_cpu_ticks "$REDIS_PID")
             secs=$(sed -n 's/.*seconds=\([^ ]*\).*/\1/p' <<<"$out")

@@ -117,7 +117,7 @@ pg_url() {
 # "visibility_check = false" to measure the visibility check's cost.
 write_config() {
     cat >"$2" <<CONF
-mappings = "$BENCH_ROOT/benches/mappings"
+mappings = "${WORKER_MAPPINGS:-$BENCH_ROOT/benches/mappings}"
 
 [postgres]
 url = "$(pg_url "$1")"

@@ -216,6 +216,10 @@ pub enum FillError<E> {
 /// value and its tags, which are cached only if the key still holds what the
 /// miss saw. The loaded value is returned either way (it is what the database
 /// held when read; a refused fill only means it is not cached).
+///
+/// A key set by a `refresh` rule (JSON format) is a hit: its value, with the
+/// worker's `_lsn` member, is returned without calling `loader`; a fill that
+/// missed before the refresh landed is refused (`docs/pre-warm.md`).
 pub async fn get_or_fill<C, F, Fut, E>(
     conn: &mut C,
     key: &str,

@@ -430,3 +430,178 @@ fn tombstones_and_guarded_fills_meet_refreshed_values() {
     );
     assert_eq!(w.stop(WAIT), Some(0));
 }
+
+fn sink_options(url: String) -> cache_invalidator::sink::SinkOptions {
+    cache_invalidator::sink::SinkOptions {
+        url,
+        password: None,
+        wait_replicas: 0,
+        redelete_after: None,
+        tls: Default::default(),
+    }
+}
+
+/// A plan that refreshes `key` (JSON, or a hash when `hash`) at `lsn`.`seq`.
+fn refresh_plan(key: &str, lsn: u64, seq: u32, hash: bool) -> cache_invalidator::plan::Plan {
+    use cache_invalidator::plan::{Plan, RefreshSet, RefreshValue, RefreshVersion};
+    let version = RefreshVersion { lsn: Lsn(lsn), seq };
+    let value = if hash {
+        RefreshValue::Hash(vec![
+            ("_lsn".into(), version.to_string()),
+            ("n".into(), format!("{lsn}.{seq}")),
+        ])
+    } else {
+        RefreshValue::Json(format!("{{\"_lsn\":\"{version}\",\"n\":\"{lsn}.{seq}\"}}"))
+    };
+    let mut plan = Plan::default();
+    plan.refresh.insert(
+        key.to_owned(),
+        RefreshSet {
+            value,
+            version,
+            ttl_s: Some(100),
+        },
+    );
+    plan
+}
+
+fn tombstone_plan(key: &str, lsn: u64) -> cache_invalidator::plan::Plan {
+    let mut plan = cache_invalidator::plan::Plan::default();
+    plan.tombstones.insert(key.to_owned(), Lsn(lsn));
+    plan
+}
+
+/// What `key` holds, as the scripts see it: the refreshed `n`, a tombstone's
+/// LSN, or nothing.
+fn state(c: &mut redis::Connection, key: &str) -> String {
+    let kind: String = redis::cmd("TYPE").arg(key).query(c).expect("TYPE");
+    match kind.as_str() {
+        "hash" => {
+            let n: String = redis::cmd("HGET").arg(key).arg("n").query(c).expect("HGET");
+            format!("value {n}")
+        }
+        "string" => {
+            let v: Vec<u8> = redis::cmd("GET").arg(key).query(c).expect("GET");
+            match tombstone::parse(&v) {
+                Some(lsn) => format!("tombstone {:X}", lsn.0),
+                None => {
+                    let v = String::from_utf8_lossy(&v).into_owned();
+                    let n = v
+                        .split("\"n\":\"")
+                        .nth(1)
+                        .unwrap_or("?")
+                        .trim_end_matches("\"}");
+                    format!("value {n}")
+                }
+            }
+        }
+        other => other.to_owned(),
+    }
+}
+
+/// The order rules of REFRESH_SET and the tombstone script on one server,
+/// JSON and hash: a newer version or tombstone is kept, an older one replaced,
+/// a tie between a tombstone and a value goes to the later command.
+#[tokio::test]
+async fn refresh_and_tombstone_scripts_order_by_version() {
+    let redis = RedisServer::start();
+    let mut c = redis.client().get_connection().expect("redis");
+    let mut sink = cache_invalidator::sink::RedisSink::connect(&sink_options(redis.url()))
+        .await
+        .expect("sink");
+    for (key, hash) in [("j", false), ("h", true)] {
+        // Another type at the key, then application data: replaced.
+        let _: () = redis::cmd("RPUSH").arg(key).arg("x").query(&mut c).unwrap();
+        let s = sink
+            .apply(&refresh_plan(key, 0x100, 1, hash))
+            .await
+            .unwrap();
+        assert_eq!((s.refreshed, s.refresh_kept), (1, 0));
+        assert_eq!(state(&mut c, key), "value 256.1");
+        let ttl: i64 = redis::cmd("TTL").arg(key).query(&mut c).unwrap();
+        assert!((1..=100).contains(&ttl), "{key}: ttl {ttl}");
+        // Older versions (a replay) and the same version: kept.
+        for (lsn, seq) in [(0x100, 0), (0xFF, 9), (0x100, 1)] {
+            let s = sink
+                .apply(&refresh_plan(key, lsn, seq, hash))
+                .await
+                .unwrap();
+            assert_eq!((s.refreshed, s.refresh_kept), (0, 1), "{key} {lsn:X}.{seq}");
+            assert_eq!(state(&mut c, key), "value 256.1");
+        }
+        // A tombstone of an older commit is not written over the value.
+        sink.apply(&tombstone_plan(key, 0xFF)).await.unwrap();
+        assert_eq!(state(&mut c, key), "value 256.1");
+        // One of the same commit is (the later command wins a tie) ...
+        sink.apply(&tombstone_plan(key, 0x100)).await.unwrap();
+        assert_eq!(state(&mut c, key), "tombstone 100");
+        // ... and a refresh of that commit replaces the tombstone again.
+        sink.apply(&refresh_plan(key, 0x100, 2, hash))
+            .await
+            .unwrap();
+        assert_eq!(state(&mut c, key), "value 256.2");
+        // A newer tombstone is kept by an older refresh, replaced by a newer one.
+        sink.apply(&tombstone_plan(key, 0x200)).await.unwrap();
+        assert_eq!(state(&mut c, key), "tombstone 200");
+        sink.apply(&refresh_plan(key, 0x1FF, 0, hash))
+            .await
+            .unwrap();
+        assert_eq!(state(&mut c, key), "tombstone 200");
+        sink.apply(&refresh_plan(key, 0x201, 0, hash))
+            .await
+            .unwrap();
+        assert_eq!(state(&mut c, key), "value 513.0");
+    }
+    // The script is reloaded after SCRIPT FLUSH (NOSCRIPT).
+    let _: () = redis::cmd("SCRIPT").arg("FLUSH").query(&mut c).unwrap();
+    let s = sink
+        .apply(&refresh_plan("j", 0x300, 0, false))
+        .await
+        .unwrap();
+    assert_eq!(s.refreshed, 1);
+    assert_eq!(state(&mut c, "j"), "value 768.0");
+}
+
+/// The same on a Redis Cluster: one script call per key, any slot.
+#[tokio::test]
+async fn refresh_works_per_slot_on_a_cluster() {
+    let cluster = support::RedisCluster::start();
+    let mut sink = cache_invalidator::sink::ClusterSink::connect(
+        &cluster.urls(),
+        &sink_options(cluster.urls()[0].clone()),
+    )
+    .await
+    .expect("cluster sink");
+    let mut plan = cache_invalidator::plan::Plan::default();
+    for i in 0..50 {
+        plan.merge(refresh_plan(
+            &format!("user:{i}:profile"),
+            0x100,
+            0,
+            i % 2 == 0,
+        ));
+    }
+    let s = sink.apply(&plan).await.expect("apply");
+    assert_eq!((s.refreshed, s.refresh_kept), (50, 0));
+    let again = sink.apply(&plan).await.expect("apply again");
+    assert_eq!((again.refreshed, again.refresh_kept), (0, 50));
+    let mut c = cluster.connection();
+    for i in 0..50 {
+        let key = format!("user:{i}:profile");
+        let v: String = if i % 2 == 0 {
+            redis::cmd("HGET")
+                .arg(&key)
+                .arg("n")
+                .query(&mut c)
+                .expect("HGET")
+        } else {
+            let v: String = redis::cmd("GET").arg(&key).query(&mut c).expect("GET");
+            v.split("\"n\":\"")
+                .nth(1)
+                .expect("n")
+                .trim_end_matches("\"}")
+                .to_owned()
+        };
+        assert_eq!(v, "256.0", "{key}");
+    }
+}

@@ -170,3 +170,46 @@ fn check_refuses_a_typo_with_exit_2() {
         "{err}"
     );
 }
+
+/// `refresh` rules: the golden plan shows each refreshed key's value exactly
+/// as it is set (typed JSON with `_lsn` first, a hash's fields), the last
+/// image of a row changed twice in one transaction, a moved row's old keys
+/// unlinked, an unknown column unlinking that key only, and a delete.
+#[test]
+fn golden_refresh_plans() {
+    let dir = root().join("tests/fixtures/refresh");
+    let f = dir.join("profile.jsonl");
+    let expected = std::fs::read_to_string(dir.join("profile.expected.jsonl")).unwrap();
+    let out = bin(&[
+        "--config",
+        dir.join("cache-invalidator.toml").to_str().unwrap(),
+        "replay",
+        f.to_str().unwrap(),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(String::from_utf8(out.stdout).unwrap(), expected);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("unlinked its key instead"), "{err}");
+    assert!(!err.contains("fired the table's truncate"), "{err}");
+
+    let config = Config::load(
+        &dir.join("cache-invalidator.toml"),
+        &EnvOverrides::default(),
+    )
+    .unwrap();
+    let plans = replay_str(
+        Arc::new(config.mappings.load().unwrap()),
+        config.planner_context("replay"),
+        &std::fs::read_to_string(&f).unwrap(),
+    )
+    .unwrap();
+    let got: String = plans
+        .iter()
+        .map(|p| serde_json::to_string(p).unwrap() + "\n")
+        .collect();
+    assert_eq!(got, expected);
+}

@@ -60,7 +60,11 @@ pub async fn run(
         }
         let plan = TxnPlan::from_plan(t.xid, t.lsn, raw);
         for f in replayer.planner().take_fallbacks() {
-            tracing::warn!(table = %f.table, reason = f.reason.as_str(), column = f.column.as_deref().unwrap_or(""), count = f.count, xid = t.xid, "value unknown: fired the table's truncate invalidations");
+            if f.reason.is_refresh() {
+                tracing::warn!(table = %f.table, reason = f.reason.as_str(), column = f.column.as_deref().unwrap_or(""), count = f.count, xid = t.xid, "refreshed value unknown or too large: unlinked its key instead");
+            } else {
+                tracing::warn!(table = %f.table, reason = f.reason.as_str(), column = f.column.as_deref().unwrap_or(""), count = f.count, xid = t.xid, "value unknown: fired the table's truncate invalidations");
+            }
         }
         for m in replayer.planner().take_malformed() {
             tracing::warn!(error = %m.error, xid = t.xid, lsn = %t.lsn, "a cache-invalidator message could not be understood: flushed every mapped table");
