@@ -630,6 +630,35 @@ impl Metrics {
             .inc();
     }
 
+    /// Creates, at 0, the labelled series whose label values are known before
+    /// the first event: every op of every mapped table, every fallback reason
+    /// of every mapped table, every Redis error kind. Dashboards and alerts
+    /// (`increase(...)`, `absent(...)`) then see them from the first scrape.
+    pub fn start_at_zero(
+        &self,
+        tables: &[String],
+        fallback_reasons: &[&'static str],
+        error_kinds: &[&'static str],
+    ) {
+        for table in tables {
+            for op in [Op::Insert, Op::Update, Op::Delete, Op::Truncate] {
+                let _ = self.changes.get_or_create(&TableOpLabels {
+                    table: table.clone(),
+                    op: op.as_str(),
+                });
+            }
+            for &reason in fallback_reasons {
+                let _ = self.fallbacks.get_or_create(&TableReasonLabels {
+                    table: table.clone(),
+                    reason,
+                });
+            }
+        }
+        for &kind in error_kinds {
+            let _ = self.redis_errors.get_or_create(&KindLabels { kind });
+        }
+    }
+
     /// `n` invalidations of one kind sent to Redis.
     pub fn invalidations(&self, kind: InvalidationKind, n: u64) {
         self.invalidations[kind as usize].inc_by(n);

@@ -44,6 +44,11 @@ pub async fn run(config_path: &Path) -> Result<(), CliError> {
     spawn_signal_handler(trigger);
 
     let telemetry = Telemetry::new();
+    let tables: Vec<String> = mappings.tables().iter().map(|t| t.to_string()).collect();
+    let reasons = crate::plan::FallbackReason::ALL.map(crate::plan::FallbackReason::as_str);
+    telemetry
+        .metrics
+        .start_at_zero(&tables, &reasons, &crate::sink::SinkError::KINDS);
     if let Some(listen) = &config.metrics.listen {
         let addr: std::net::SocketAddr = listen.parse().map_err(|e| {
             CliError::Invalid(format!(

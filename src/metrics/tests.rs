@@ -373,3 +373,31 @@ fn counter_registration_names_drop_total() {
     );
     assert_eq!(counter_name(names::ROLE), names::ROLE);
 }
+
+#[test]
+fn known_label_values_start_at_zero() {
+    let m = Metrics::new();
+    m.start_at_zero(
+        &["public.users".to_string()],
+        &["unknown_value", "missing_column"],
+        &["connection", "noperm"],
+    );
+    let t = m.render();
+    for line in [
+        r#"cache_invalidator_changes_total{table="public.users",op="insert"} 0"#,
+        r#"cache_invalidator_changes_total{table="public.users",op="truncate"} 0"#,
+        r#"cache_invalidator_fallbacks_total{table="public.users",reason="missing_column"} 0"#,
+        r#"cache_invalidator_redis_errors_total{kind="noperm"} 0"#,
+    ] {
+        assert!(t.lines().any(|l| l == line), "missing {line:?} in:\n{t}");
+    }
+    assert_eq!(lines_with(&t, "cache_invalidator_changes_total{").len(), 4);
+    // The first event counts on the series created at 0.
+    m.change("public.users", Op::Insert);
+    let t = m.render();
+    assert!(
+        t.contains(r#"cache_invalidator_changes_total{table="public.users",op="insert"} 1"#),
+        "{t}"
+    );
+    assert_eq!(lines_with(&t, "cache_invalidator_changes_total{").len(), 4);
+}

@@ -159,6 +159,17 @@ pub enum FallbackReason {
 }
 
 impl FallbackReason {
+    /// Every reason, for metrics that start at 0.
+    pub const ALL: [FallbackReason; 7] = [
+        FallbackReason::UnknownValue,
+        FallbackReason::MissingColumn,
+        FallbackReason::OldRowMissing,
+        FallbackReason::ValueTooLong,
+        FallbackReason::RefreshUnknownValue,
+        FallbackReason::RefreshMissingColumn,
+        FallbackReason::RefreshTooLarge,
+    ];
+
     /// Stable name for logs and metric labels.
     pub fn as_str(self) -> &'static str {
         match self {

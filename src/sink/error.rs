@@ -72,6 +72,21 @@ impl SinkError {
         }
     }
 
+    /// Every value [`SinkError::kind`] returns for a real sink (not the
+    /// in-memory one's `simulated`), for metrics that start at 0.
+    pub const KINDS: [&'static str; 10] = [
+        "config",
+        "replicas",
+        "noperm",
+        "oom",
+        "readonly",
+        "loading",
+        "busy",
+        "timeout",
+        "connection",
+        "other",
+    ];
+
     /// A short stable name for metrics and dedup of log lines (`connection`, `noperm`, ...).
     pub fn kind(&self) -> &'static str {
         match self {
