@@ -15,6 +15,17 @@
 //!   worker's own `cache_invalidator_apply_latency_seconds` histogram when
 //!   `/metrics` serves it.
 //!
+//! * `patterns --pg URL --redis URL --slot S --pid PID --rows N [--reps 3]`
+//!   (`benches/patterns.sh`): per repetition, (a) the time of one pattern pass
+//!   (commit an UPDATE of a post, wait until its comment keys are gone) and of
+//!   a bare `SCAN 0 MATCH post:*:comments:* COUNT 1000` pass from this client;
+//!   then N update transactions on `posts` (a pattern each) interleaved with N
+//!   on `items` (a plain key each), (b) each item key's commit-to-deleted
+//!   latency polled every 0.2 ms, (c) the drain time until the slot confirmed
+//!   the last commit, (d) the worker's CPU seconds over it; checks every
+//!   comment key is gone and the control keys and the filler are not. Prints
+//!   one line per repetition and the medians.
+//!
 //! Polling a process' state from one long-lived connection keeps the
 //! observer's own cost (one small query per 10 ms) out of the measurement.
 
@@ -42,7 +53,8 @@ async fn main() -> ExitCode {
     let result = match args.first().map(String::as_str) {
         Some("drain") => drain(&args).await,
         Some("latency") => latency(&args).await,
-        _ => Err("usage: bench_tool drain|latency ... (see the file's doc)".into()),
+        Some("patterns") => patterns(&args).await,
+        _ => Err("usage: bench_tool drain|latency|patterns ... (see the file's doc)".into()),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -337,5 +349,223 @@ async fn latency(args: &[String]) -> Result<(), Error> {
             }
         }
     }
+    Ok(())
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
+}
+
+/// Waits until every key of `keys` is gone, polling every `every`.
+async fn wait_gone(
+    redis: &mut redis::aio::MultiplexedConnection,
+    keys: &[String],
+    every: Duration,
+    timeout: Duration,
+) -> Result<(), Error> {
+    let started = Instant::now();
+    loop {
+        let n: i64 = redis::cmd("EXISTS").arg(keys).query_async(redis).await?;
+        if n == 0 {
+            return Ok(());
+        }
+        if started.elapsed() > timeout {
+            return Err(format!("{n} of {} keys still there after {timeout:?}", keys.len()).into());
+        }
+        tokio::time::sleep(every).await;
+    }
+}
+
+async fn patterns(args: &[String]) -> Result<(), Error> {
+    let url = need(args, "--pg")?;
+    let redis_url = need(args, "--redis")?;
+    let slot = need(args, "--slot")?;
+    let pid: u32 = need(args, "--pid")?.parse()?;
+    let rows: i32 = need(args, "--rows")?.parse()?;
+    let reps: u32 = arg(args, "--reps")
+        .map(|s| s.parse())
+        .transpose()?
+        .unwrap_or(3);
+    let client = pg(&url).await?;
+    let mut redis = redis::Client::open(redis_url.as_str())?
+        .get_multiplexed_async_connection()
+        .await?;
+    let post = client
+        .prepare("UPDATE posts SET title = now()::text WHERE id = $1")
+        .await?;
+    let item = client
+        .prepare("UPDATE items SET v = v + 1 WHERE id = $1")
+        .await?;
+    let confirmed = client
+        .prepare(
+            "SELECT coalesce(confirmed_flush_lsn >= pg_current_wal_insert_lsn(), false) \
+             FROM pg_replication_slots WHERE slot_name = $1",
+        )
+        .await?;
+    let end_lsn = client
+        .prepare("SELECT pg_current_wal_insert_lsn()::text")
+        .await?;
+    let confirmed_at = client
+        .prepare(
+            "SELECT coalesce(confirmed_flush_lsn >= $2::text::pg_lsn, false) \
+             FROM pg_replication_slots WHERE slot_name = $1",
+        )
+        .await?;
+    // Everything committed so far acknowledged (the worker is idle).
+    let caught_up = |deadline: Duration| {
+        let client = &client;
+        let confirmed = &confirmed;
+        let slot = slot.clone();
+        async move {
+            let started = Instant::now();
+            while !client
+                .query_one(confirmed, &[&slot])
+                .await?
+                .get::<_, bool>(0)
+            {
+                if started.elapsed() > deadline {
+                    return Err::<(), Error>("the worker did not catch up".into());
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            Ok(())
+        }
+    };
+    let dbsize: i64 = redis::cmd("DBSIZE").query_async(&mut redis).await?;
+    println!("keyspace before the workload: {dbsize} keys");
+    let controls: Vec<String> = vec!["post:0:comments:1".into(), "item:0".into()];
+    let (mut pass_l, mut bare_l, mut p50_l, mut p99_l, mut drain_l, mut cpu_l) =
+        (vec![], vec![], vec![], vec![], vec![], vec![]);
+    for rep in 1..=reps {
+        caught_up(Duration::from_secs(600)).await?;
+        // (a) one pass: a post beyond the workload's rows.
+        let id = rows + i32::try_from(rep)?;
+        let comments: Vec<String> = (1..=3).map(|c| format!("post:{id}:comments:{c}")).collect();
+        let mut pipe = redis::pipe();
+        for k in comments.iter().chain(&controls) {
+            pipe.cmd("SET").arg(k).arg("cached").ignore();
+        }
+        let _: () = pipe.query_async(&mut redis).await?;
+        client.execute(&post, &[&id]).await?;
+        let t = Instant::now();
+        wait_gone(
+            &mut redis,
+            &comments,
+            Duration::from_millis(5),
+            Duration::from_secs(600),
+        )
+        .await?;
+        let pass = t.elapsed().as_secs_f64();
+        caught_up(Duration::from_secs(600)).await?;
+        let t = Instant::now();
+        let mut cursor: u64 = 0;
+        loop {
+            let (next, _keys): (u64, Vec<String>) = redis::cmd("SCAN")
+                .arg(cursor)
+                .arg("MATCH")
+                .arg("post:*:comments:*")
+                .arg("COUNT")
+                .arg(1000)
+                .query_async(&mut redis)
+                .await?;
+            cursor = next;
+            if cursor == 0 {
+                break;
+            }
+        }
+        let bare = t.elapsed().as_secs_f64();
+
+        // (b)-(d): the interleaved workload.
+        let mut pipe = redis::pipe();
+        for i in 1..=rows {
+            for c in 1..=3 {
+                pipe.cmd("SET")
+                    .arg(format!("post:{i}:comments:{c}"))
+                    .arg("cached")
+                    .ignore();
+            }
+            pipe.cmd("SET")
+                .arg(format!("item:{i}"))
+                .arg("cached")
+                .ignore();
+        }
+        let _: () = pipe.query_async(&mut redis).await?;
+        let cpu0 = cpu_seconds(pid).unwrap_or(f64::NAN);
+        let started = Instant::now();
+        let mut lat = Vec::with_capacity(usize::try_from(rows)?);
+        for i in 1..=rows {
+            client.execute(&post, &[&i]).await?;
+            client.execute(&item, &[&i]).await?;
+            let committed = Instant::now();
+            let key = format!("item:{i}");
+            loop {
+                let e: bool = redis::cmd("EXISTS")
+                    .arg(&key)
+                    .query_async(&mut redis)
+                    .await?;
+                if !e {
+                    lat.push(committed.elapsed().as_secs_f64());
+                    break;
+                }
+                if committed.elapsed() > Duration::from_secs(30) {
+                    return Err(format!("{key} not invalidated within 30 s").into());
+                }
+                tokio::time::sleep(Duration::from_micros(200)).await;
+            }
+        }
+        let end: String = client.query_one(&end_lsn, &[]).await?.get(0);
+        while !client
+            .query_one(&confirmed_at, &[&slot, &end])
+            .await?
+            .get::<_, bool>(0)
+        {
+            if started.elapsed() > Duration::from_secs(1800) {
+                return Err("the workload did not drain within 30 min".into());
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let drain = started.elapsed().as_secs_f64();
+        let cpu = cpu_seconds(pid).unwrap_or(f64::NAN) - cpu0;
+        // Every comment key of the workload gone; the controls and the filler kept.
+        let all: Vec<String> = (1..=rows)
+            .flat_map(|i| (1..=3).map(move |c| format!("post:{i}:comments:{c}")))
+            .collect();
+        let left: i64 = redis::cmd("EXISTS")
+            .arg(&all)
+            .query_async(&mut redis)
+            .await?;
+        let kept: i64 = redis::cmd("EXISTS")
+            .arg(&controls)
+            .query_async(&mut redis)
+            .await?;
+        let size: i64 = redis::cmd("DBSIZE").query_async(&mut redis).await?;
+        let ok = left == 0 && kept == 2 && size >= dbsize;
+        lat.sort_by(f64::total_cmp);
+        let (p50, p99) = (percentile(&lat, 50.0) * 1e3, percentile(&lat, 99.0) * 1e3);
+        println!(
+            "rep {rep}: pass={pass:.3}s bare={bare:.3}s ratio={:.2} plain_p50={p50:.2}ms plain_p99={p99:.2}ms max={:.2}ms drain={drain:.2}s worker_cpu={cpu:.2}s correct={ok} (left={left} controls={kept}/2 dbsize={size})",
+            pass / bare,
+            lat.last().copied().unwrap_or(f64::NAN) * 1e3,
+        );
+        if !ok {
+            return Err("wrong keys deleted or kept".into());
+        }
+        pass_l.push(pass);
+        bare_l.push(bare);
+        p50_l.push(p50);
+        p99_l.push(p99);
+        drain_l.push(drain);
+        cpu_l.push(cpu);
+    }
+    let (pass, bare) = (median(pass_l), median(bare_l));
+    println!(
+        "median of {reps}: pass={pass:.3}s bare={bare:.3}s ratio={:.2} plain_p50={:.2}ms plain_p99={:.2}ms drain={:.2}s worker_cpu={:.2}s",
+        pass / bare,
+        median(p50_l),
+        median(p99_l),
+        median(drain_l),
+        median(cpu_l)
+    );
     Ok(())
 }

@@ -75,7 +75,8 @@ CONF
 }
 
 start_redis() {
-    redis-server --port "$REDIS_PORT" --bind 127.0.0.1 --save '' --appendonly no \
+    # shellcheck disable=SC2086 # BENCH_REDIS_ARGS: extra arguments, word-split on purpose
+    redis-server --port "$REDIS_PORT" --bind 127.0.0.1 --save '' --appendonly no ${BENCH_REDIS_ARGS:-} \
         --dir "$BENCH_TMP" --logfile "$BENCH_TMP/redis.log" --daemonize no &
     REDIS_PID=$!
     for _ in $(seq 100); do

@@ -129,6 +129,14 @@ pub async fn run(config_path: &Path) -> Result<(), CliError> {
     let mut findings = checked.warnings.clone();
     let report = crate::preflight::preflight(&checked.config, &checked.mappings).await;
     findings.extend(report.findings.iter().cloned());
+    if matches!(report.redis, Reach::Checked)
+        && checked.mappings.rules().iter().any(has_row_patterns)
+    {
+        match redis_dbsize(&checked.config).await {
+            Ok(keys) => findings.extend(pattern_cost_warning(&checked.mappings, keys)),
+            Err(why) => findings.push(warning(format!("pattern cost not estimated: {why}"))),
+        }
+    }
     if let Reach::Unreachable(why) = &report.postgres {
         findings.push(warning(format!(
             "catalog checks skipped: {why} (run `check` where the database is reachable)"
@@ -278,6 +286,64 @@ async fn ddl_tracking(client: &tokio_postgres::Client, tables: &[TableName]) -> 
     ))]
 }
 
+/// A keyspace at least this large makes `check` warn about row-level patterns.
+pub const LARGE_KEYSPACE: u64 = 1_000_000;
+
+/// Keys a pattern pass visits per second, for `check`'s estimate: a bare
+/// `SCAN ... MATCH` pass over 1,000,000 keys took 0.75 s on the idle 2-core
+/// reference machine (issue 17's measurement; docs/operations.md).
+pub const SCAN_KEYS_PER_SECOND: f64 = 1_300_000.0;
+
+fn has_row_patterns(rule: &crate::map::Rule) -> bool {
+    rule.patterns.iter().any(|p| p.has_placeholders())
+}
+
+/// The warning for rules with row-level patterns when Redis holds `keys`
+/// keys (at least [`LARGE_KEYSPACE`]): each batch touching them runs a pass
+/// over every key; the estimate, and tags as the cheaper alternative.
+pub fn pattern_cost_warning(mappings: &Mappings, keys: u64) -> Option<Finding> {
+    if keys < LARGE_KEYSPACE {
+        return None;
+    }
+    let rules: Vec<String> = mappings
+        .rules()
+        .iter()
+        .filter(|r| has_row_patterns(r))
+        .map(|r| format!("{} ({})", r.table, r.location))
+        .collect();
+    if rules.is_empty() {
+        return None;
+    }
+    let seconds = keys as f64 / SCAN_KEYS_PER_SECOND;
+    Some(warning(format!(
+        "Redis holds {keys} keys and {} have row-level patterns: every pattern pass scans the whole keyspace, about {seconds:.1} s per pass (estimated at {:.1} million keys/s; passes run in their own lane and coalesce, but a transaction with a pattern is acknowledged only after its pass). On hot paths prefer tags: a tag costs O(its members), a pattern O(keyspace) (docs/operations.md, \"Patterns and what they cost\")",
+        rules.join(", "),
+        SCAN_KEYS_PER_SECOND / 1e6
+    )))
+}
+
+/// `DBSIZE` of the configured Redis (on a cluster, of the first seed node).
+async fn redis_dbsize(config: &Config) -> Result<u64, String> {
+    let url = match (&config.redis.url, config.redis.cluster.first()) {
+        (Some(u), _) => u.clone(),
+        (None, Some(u)) => u.clone(),
+        (None, None) => return Err("no Redis URL configured".into()),
+    };
+    let target = crate::sink::mask_url(&url);
+    let mut options = config.sink_options();
+    options.url = url;
+    let client = crate::sink::client(&options).map_err(|e| format!("{target}: {e}"))?;
+    let query = async {
+        let mut conn = client.get_multiplexed_async_connection().await?;
+        redis::cmd("DBSIZE").query_async::<u64>(&mut conn).await
+    };
+    match tokio::time::timeout(std::time::Duration::from_secs(5), query).await {
+        Err(_) => Err(format!("{target}: no answer within 5 s")),
+        Ok(Err(e)) => Err(format!("cannot query DBSIZE on {target}: {e}")),
+        Ok(Ok(n)) => Ok(n),
+    }
+}
+
 fn warning(message: String) -> Finding {
     Finding::warning(message)
 }
@@ -307,5 +373,27 @@ mod tests {
         );
         assert!(w[2].message.contains("matches every key"), "{w:?}");
         assert!(w.iter().all(|f| f.severity == Severity::Warning));
+    }
+
+    #[test]
+    fn large_keyspaces_warn_about_row_level_patterns_only() {
+        let with = Mappings::parse(
+            "m.toml",
+            "[[table]]\nname = \"posts\"\nkeys = [\"post:{id}\"]\npatterns = [\"post:{id}:comments:*\"]\n",
+        )
+        .unwrap();
+        let without = Mappings::parse(
+            "m.toml",
+            "[[table]]\nname = \"users\"\nkeys = [\"user:{id}\"]\n",
+        )
+        .unwrap();
+        assert!(pattern_cost_warning(&with, LARGE_KEYSPACE - 1).is_none());
+        assert!(pattern_cost_warning(&without, 50_000_000).is_none());
+        let w = pattern_cost_warning(&with, 13_000_000).unwrap();
+        assert_eq!(w.severity, Severity::Warning);
+        assert!(w.message.contains("13000000 keys"), "{}", w.message);
+        assert!(w.message.contains("about 10.0 s per pass"), "{}", w.message);
+        assert!(w.message.contains("public.posts"), "{}", w.message);
+        assert!(w.message.contains("prefer tags"), "{}", w.message);
     }
 }
