@@ -72,6 +72,13 @@ for keys in $KEYSPACES; do
     fi
     "$BIN" --config "$cfg" run 2>"$BENCH_TMP/worker-$keys.log" &
     WORKER_PID=$!
+    # FLUSHALL removed the worker's identity record: let its identity flush
+    # (guarantee 6) happen now, not in the middle of the first repetition.
+    sql "UPDATE items SET v = v WHERE id = 0" >/dev/null
+    for _ in $(seq 1200); do
+        [[ $(rcli EXISTS "cache-invalidator:$WORKER_SLOT:identity") == 1 ]] && break
+        sleep 0.1
+    done
     echo "== keyspace $keys, $ROWS + $ROWS transactions, $REPS repetitions (load average $(cut -d' ' -f1-3 /proc/loadavg))"
     "$TOOL" patterns --pg "host=127.0.0.1 port=$PGPORT user=postgres dbname=bench" \
         --redis "redis://127.0.0.1:$REDIS_PORT/0" --slot "$WORKER_SLOT" --pid "$WORKER_PID" \
