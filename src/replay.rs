@@ -4,7 +4,9 @@
 //! One JSON object per line and committed transaction:
 //! `{"xid":735,"lsn":"0/1A2B3C4","commit_time":"...","changes":[{"table":"public.users","op":"update","old":{"id":"1"},"new":{"id":"1","name":"Ann"}}]}`.
 //! Values are text or `null` (numbers are accepted as their text); a column
-//! absent from `old`/`new` is unknown (not NULL). A truncate is
+//! absent from `old`/`new` is unknown (not NULL). `"types":{"id":"int8"}` on a
+//! change types its columns for `refresh` values (JSON numbers, booleans,
+//! embedded json); `record` writes it. A truncate is
 //! `{"table":"public.users","op":"truncate"}`; a logical decoding message is
 //! `{"op":"message","prefix":"cache-invalidator","content":"flush:all"}`.
 //! Field order is not significant; unknown fields are ignored.
@@ -95,8 +97,9 @@ pub struct RecordedChange {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub content: Option<String>,
     /// Column types by name (`int4`, `numeric`, `bool`, `jsonb`, ...), for
-    /// `refresh` values: `record` writes them for tables with refresh rules;
-    /// a column without one renders as text.
+    /// `refresh` values: `record` writes one for every column it writes whose
+    /// type renders other than as text. A column the change carries without
+    /// a type is text; a change without `types` keeps the types known so far.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub types: Option<BTreeMap<String, String>>,
 }
@@ -329,7 +332,8 @@ impl TxnPlan {
 /// Runs recorded transactions through a [`Planner`], building name-based relations.
 pub struct Replayer {
     planner: Planner,
-    relations: HashMap<TableName, (Arc<Relation>, Vec<String>)>,
+    /// Per table: the relation built so far and its columns.
+    relations: HashMap<TableName, (Arc<Relation>, Vec<NamedColumn>)>,
     next_oid: u32,
 }
 
@@ -371,7 +375,7 @@ impl Replayer {
     fn change(&mut self, table: &TableName, c: &RecordedChange) -> Change {
         let mappings = self.planner.mappings();
         let entry = self.relations.entry(table.clone()).or_insert_with(|| {
-            let mut cols: Vec<String> = Vec::new();
+            let mut columns: Vec<NamedColumn> = Vec::new();
             for r in mappings.rules_for(table) {
                 for col in r
                     .columns
@@ -379,50 +383,47 @@ impl Replayer {
                     .chain(r.changed_columns.iter().flatten())
                     .chain(&r.assume_unchanged)
                 {
-                    if !cols.contains(col) {
-                        cols.push(col.clone());
+                    if !columns.iter().any(|(c, _)| c == col) {
+                        columns.push((col.clone(), TEXT_OID));
                     }
                 }
             }
             let oid = self.next_oid;
             self.next_oid += 1;
-            (make_relation(oid, table, &cols), cols)
+            (make_relation(oid, table, &columns), columns)
         });
-        let mut grew = false;
+        // Every column seen joins the relation; a change with `types` types
+        // the columns it carries (one it carries without a type is text), a
+        // change without keeps the types known so far.
+        let mut changed = false;
         for name in c.old.iter().chain(&c.new).flat_map(|m| m.keys()) {
-            if !entry.1.contains(name) {
-                entry.1.push(name.clone());
-                grew = true;
-            }
-        }
-        if grew {
-            entry.0 = make_relation(entry.0.oid, table, &entry.1);
-        }
-        if let Some(types) = &c.types {
-            let typed = |name: &String| {
-                types
+            let oid = match &c.types {
+                Some(types) => types
                     .get(name)
                     .and_then(|t| crate::plan::refresh::type_oid_by_name(t))
-                    .unwrap_or(25)
+                    .unwrap_or(TEXT_OID),
+                None => TEXT_OID,
             };
-            if entry
-                .0
-                .columns
-                .iter()
-                .any(|col| col.type_oid != typed(&col.name))
-            {
-                let mut rel = (*entry.0).clone();
-                for col in &mut rel.columns {
-                    col.type_oid = typed(&col.name);
+            match entry.1.iter_mut().find(|(col, _)| col == name) {
+                Some((_, known)) if c.types.is_some() && *known != oid => {
+                    *known = oid;
+                    changed = true;
                 }
-                entry.0 = Arc::new(rel);
+                Some(_) => {}
+                None => {
+                    entry.1.push((name.clone(), oid));
+                    changed = true;
+                }
             }
+        }
+        if changed {
+            entry.0 = make_relation(entry.0.oid, table, &entry.1);
         }
         let row = |m: &BTreeMap<String, RecordedValue>| Row {
             values: entry
                 .1
                 .iter()
-                .map(|col| match m.get(col) {
+                .map(|(col, _)| match m.get(col) {
                     None => Value::Unknown,
                     Some(RecordedValue(None)) => Value::Null,
                     Some(RecordedValue(Some(s))) => Value::Text(s.as_str().into()),
@@ -443,9 +444,15 @@ impl Replayer {
     }
 }
 
+/// `text`: a column's type until a recorded `types` says otherwise.
+const TEXT_OID: u32 = 25;
+
+/// A recorded column: its name and type OID.
+type NamedColumn = (String, u32);
+
 /// A relation by column names, REPLICA IDENTITY FULL (a recorded old row is
 /// whatever was recorded; an absent one means the values did not change).
-fn make_relation(oid: u32, table: &TableName, cols: &[String]) -> Arc<Relation> {
+fn make_relation(oid: u32, table: &TableName, cols: &[NamedColumn]) -> Arc<Relation> {
     Arc::new(Relation {
         oid,
         schema: table.schema.clone(),
@@ -453,10 +460,10 @@ fn make_relation(oid: u32, table: &TableName, cols: &[String]) -> Arc<Relation> 
         replica_identity: b'f',
         columns: cols
             .iter()
-            .map(|c| RelationColumn {
-                name: c.clone(),
+            .map(|(name, type_oid)| RelationColumn {
+                name: name.clone(),
                 is_key: true,
-                type_oid: 25,
+                type_oid: *type_oid,
                 type_modifier: -1,
             })
             .collect(),
@@ -514,5 +521,39 @@ mod tests {
         // post 7: author NULL renders nothing; post 8's delete lacks author_id: fallback.
         assert_eq!(plans[0].keys, ["post:7"]);
         assert_eq!(plans[0].patterns, ["author:*", "post:*"]);
+    }
+
+    #[test]
+    fn recorded_types_render_refreshed_values_typed_and_carry_over() {
+        let m = Arc::new(
+            Mappings::parse(
+                "m.toml",
+                "[[table]]\nname = \"p\"\nrefresh = [{ key = \"p:{id}\", columns = [\"id\", \"n\", \"ok\"] }]\n",
+            )
+            .unwrap(),
+        );
+        let value = |text: &str| {
+            let plans = replay_str(Arc::clone(&m), PlannerContext::default(), text).unwrap();
+            plans
+                .iter()
+                .map(|p| {
+                    let v: serde_json::Value =
+                        serde_json::from_str(p.refresh[0].value.get()).unwrap();
+                    serde_json::json!([v["id"], v["n"], v["ok"]])
+                })
+                .collect::<Vec<_>>()
+        };
+        // Typed, then a change without `types` keeps them, then a typed change
+        // that carries `n` without a type makes it text.
+        let typed = r#"{"xid":1,"lsn":"0/1","changes":[{"table":"p","op":"insert","types":{"id":"int4","n":"numeric","ok":"bool"},"new":{"id":"1","n":"1.50","ok":"t"}}]}
+{"xid":2,"lsn":"0/2","changes":[{"table":"p","op":"update","new":{"id":"1","n":"2","ok":"f"}}]}
+{"xid":3,"lsn":"0/3","changes":[{"table":"p","op":"update","types":{"id":"int4","ok":"bool"},"new":{"id":"1","n":"x","ok":"f"}}]}"#;
+        let got = value(typed);
+        assert_eq!(got[0], serde_json::json!([1, 1.5, true]));
+        assert_eq!(got[1], serde_json::json!([1, 2, false]));
+        assert_eq!(got[2], serde_json::json!([1, "x", false]));
+        // Without `types`, every value is text.
+        let untyped = typed.lines().nth(1).unwrap();
+        assert_eq!(value(untyped)[0], serde_json::json!(["1", "2", "f"]));
     }
 }

@@ -6,33 +6,14 @@
 mod support;
 
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 use support::{binary, wait_for, PgCluster, ScratchDir};
 
 fn spawn_record(pg: &PgCluster, out: &Path, extra: &[&str]) -> Child {
-    let child = Command::new(binary())
-        .arg("record")
-        .arg("--out")
-        .arg(out)
-        .args(["--publication", "p"])
-        .args(extra)
-        .env("CACHE_INVALIDATOR_POSTGRES_URL", pg.socket_url())
-        .env("RUST_LOG", "warn")
-        .stdin(Stdio::null())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .expect("spawn record");
-    // Changes are recorded from the temporary slot's creation on.
-    wait_for("record's temporary slot", Duration::from_secs(20), || {
-        (pg.psql(
-            "SELECT count(*) FROM pg_replication_slots WHERE slot_name LIKE 'cache_invalidator_record_%' AND active",
-        ) == "1")
-            .then_some(())
-    });
-    child
+    support::spawn_record(pg, out, "p", extra)
 }
 
 /// The complete lines written so far (a line being written is skipped).
@@ -114,14 +95,17 @@ fn records_committed_transactions_in_the_documented_format() {
         .collect();
     let changes: Vec<&Value> = txns.iter().map(|t| &t["changes"]).collect();
     let expected = [
-        json!([{"table":"public.types","op":"insert","new":{
+        // `types`: the columns a refresh value renders other than as text.
+        json!([{"table":"public.types","op":"insert",
+                "types":{"id":"int8","n":"numeric","b":"bool","j":"jsonb"},"new":{
             "id":"9007199254740993","u":"a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11","t":"it's \"q\"\n☃",
             "n":"1.500","b":"t","ts":"2026-11-25 20:00:00.123456+00","j":"{\"a\": [1, 2]}",
             "a":"{1,2,3}","by":"\\xdeadbeef","m":"happy","nul":null}}]),
-        json!([{"table":"public.users","op":"update","new":{"id":"1","team_id":"6","name":"Ann"}}]),
-        json!([{"table":"public.fulls","op":"update","old":{"id":"1","team_id":"5","name":"Ann"},
+        json!([{"table":"public.users","op":"update","types":{"id":"int8","team_id":"int4"},
                 "new":{"id":"1","team_id":"6","name":"Ann"}}]),
-        json!([{"table":"public.users","op":"delete","old":{"id":"2"}}]),
+        json!([{"table":"public.fulls","op":"update","types":{"id":"int8","team_id":"int4"},
+                "old":{"id":"1","team_id":"5","name":"Ann"},"new":{"id":"1","team_id":"6","name":"Ann"}}]),
+        json!([{"table":"public.users","op":"delete","types":{"id":"int8"},"old":{"id":"2"}}]),
     ];
     for (i, e) in expected.iter().enumerate() {
         assert_eq!(changes[i], e, "transaction {i}");
@@ -133,25 +117,26 @@ fn records_committed_transactions_in_the_documented_format() {
     );
     assert_eq!(
         changes[5],
-        &json!([{"table":"public.docs","op":"update","new":{"id":"1","other":"7"}}])
+        &json!([{"table":"public.docs","op":"update","types":{"id":"int4","other":"int4"},
+                 "new":{"id":"1","other":"7"}}])
     );
     // Rollback yields nothing; a rolled-back savepoint drops only its rows.
     assert_eq!(
         changes[6],
-        &json!([{"table":"public.alt","op":"insert","new":{"id":"10"}},
-                {"table":"public.alt","op":"insert","new":{"id":"12"}}])
+        &json!([{"table":"public.alt","op":"insert","types":{"id":"int4"},"new":{"id":"10"}},
+                {"table":"public.alt","op":"insert","types":{"id":"int4"},"new":{"id":"12"}}])
     );
     assert_eq!(
         changes[7],
-        &json!([{"table":"public.alt","op":"insert","new":{"id":"13","extra":"x"}}])
+        &json!([{"table":"public.alt","op":"insert","types":{"id":"int4"},"new":{"id":"13","extra":"x"}}])
     );
     assert_eq!(
         changes[8],
-        &json!([{"table":"public.alt","op":"insert","new":{"id":"14"}}])
+        &json!([{"table":"public.alt","op":"insert","types":{"id":"int4"},"new":{"id":"14"}}])
     );
     assert_eq!(
         changes[9],
-        &json!([{"table":"public.parted","op":"insert","new":{"id":"5","k":"k"}}])
+        &json!([{"table":"public.parted","op":"insert","types":{"id":"int4"},"new":{"id":"5","k":"k"}}])
     );
     assert_eq!(
         changes[10],

@@ -8,7 +8,11 @@
 //!
 //! `lsn` is the commit's end LSN; values are PostgreSQL text (under the pinned
 //! session settings) or null; a column absent from `old`/`new` is unknown (not
-//! sent); a truncate is `{"table":"public.users","op":"truncate"}`. `changes`
+//! sent); `types` names the type of each written column that a `refresh`
+//! value does not render as text (`{"id":"int8","active":"bool"}`, see
+//! [`crate::plan::refresh::type_name_of_oid`]; omitted when there is none), so
+//! `replay` renders refreshed values typed as the worker does; a truncate is
+//! `{"table":"public.users","op":"truncate"}`. `changes`
 //! is written while the transaction streams and `lsn`/`commit_time` last, so a
 //! huge transaction needs no buffering. Transactional logical decoding
 //! messages (flush markers, declared invalidations) are recorded in place as
@@ -100,6 +104,7 @@ impl<W: Write> JsonLinesWriter<W> {
                 self.put_json_str(&change.relation.qualified_name())?;
                 self.put(&format!(",\"op\":\"{}\"", change.op.as_str()))?;
                 if change.op != Op::Truncate {
+                    self.types(&change.relation, [&change.old, &change.new])?;
                     if let Some(old) = &change.old {
                         self.put(",\"old\":")?;
                         self.row(&change.relation, old)?;
@@ -142,6 +147,33 @@ impl<W: Write> JsonLinesWriter<W> {
             _ => {}
         }
         Ok(None)
+    }
+
+    /// `"types":{...}`: the columns written in either row whose type renders
+    /// other than as text; nothing when there is none.
+    fn types(&mut self, relation: &Relation, rows: [&Option<Row>; 2]) -> io::Result<()> {
+        let mut first = true;
+        for (i, column) in relation.columns.iter().enumerate() {
+            let Some(name) = crate::plan::refresh::type_name_of_oid(column.type_oid) else {
+                continue;
+            };
+            let written = rows
+                .iter()
+                .filter_map(|r| r.as_ref()?.values.get(i))
+                .any(|v| !matches!(v, Value::Unknown));
+            if !written {
+                continue;
+            }
+            self.put(if first { ",\"types\":{" } else { "," })?;
+            first = false;
+            self.put_json_str(&column.name)?;
+            self.put(":")?;
+            self.put_json_str(name)?;
+        }
+        if !first {
+            self.put("}")?;
+        }
+        Ok(())
     }
 
     fn row(&mut self, relation: &Relation, row: &Row) -> io::Result<()> {
@@ -352,10 +384,10 @@ mod tests {
     use crate::decode::{Change, RelationColumn, Timestamp};
 
     fn users() -> Arc<Relation> {
-        let col = |name: &str, is_key| RelationColumn {
+        let col = |name: &str, is_key, type_oid| RelationColumn {
             name: name.into(),
             is_key,
-            type_oid: 25,
+            type_oid,
             type_modifier: -1,
         };
         Arc::new(Relation {
@@ -363,7 +395,12 @@ mod tests {
             schema: "public".into(),
             name: "users".into(),
             replica_identity: b'd',
-            columns: vec![col("id", true), col("team_id", false), col("name", false)],
+            columns: vec![
+                col("id", true, 20),
+                col("team_id", false, 23),
+                col("name", false, 25),
+                col("active", false, 16),
+            ],
         })
     }
 
@@ -382,10 +419,10 @@ mod tests {
                 relation: rel.clone(),
                 op: Op::Update,
                 old: Some(Row {
-                    values: vec![t("1"), t("5"), Value::Unknown],
+                    values: vec![t("1"), t("5"), Value::Unknown, Value::Unknown],
                 }),
                 new: Some(Row {
-                    values: vec![t("1"), t("6"), t("Ann \"q\"\n")],
+                    values: vec![t("1"), t("6"), t("Ann \"q\"\n"), t("t")],
                 }),
             }),
             Event::Change(Change {
@@ -393,7 +430,7 @@ mod tests {
                 op: Op::Insert,
                 old: None,
                 new: Some(Row {
-                    values: vec![t("2"), Value::Null, Value::Unknown],
+                    values: vec![t("2"), Value::Null, Value::Unknown, Value::Unknown],
                 }),
             }),
             Event::Change(Change {
@@ -435,8 +472,10 @@ mod tests {
         assert_eq!(
             v,
             serde_json::json!({"xid":735,"lsn":"0/1A2B3C4","commit_time":"2026-11-25T20:00:00.123456Z","changes":[
-                {"table":"public.users","op":"update","old":{"id":"1","team_id":"5"},"new":{"id":"1","team_id":"6","name":"Ann \"q\"\n"}},
-                {"table":"public.users","op":"insert","new":{"id":"2","team_id":null}},
+                {"table":"public.users","op":"update","types":{"id":"int8","team_id":"int4","active":"bool"},
+                 "old":{"id":"1","team_id":"5"},"new":{"id":"1","team_id":"6","name":"Ann \"q\"\n","active":"t"}},
+                // A column neither row carries is not typed.
+                {"table":"public.users","op":"insert","types":{"id":"int8","team_id":"int4"},"new":{"id":"2","team_id":null}},
                 {"table":"public.users","op":"truncate"},
                 {"op":"message","prefix":"cache-invalidator","content":"invalidate:v1:{\"keys\":[\"k\"]}"}
             ]})

@@ -46,6 +46,31 @@ pub fn sync_worker(pg: &PgCluster, redis: &RedisServer, timeout: Duration) {
     pg.wait_confirmed(&lsn, timeout);
 }
 
+/// Starts `record --out <out> --publication <publication> <extra...>` over
+/// the Unix socket and waits until its temporary slot is active (changes are
+/// recorded from the slot's creation on).
+pub fn spawn_record(pg: &PgCluster, out: &Path, publication: &str, extra: &[&str]) -> Child {
+    let child = Command::new(binary())
+        .arg("record")
+        .arg("--out")
+        .arg(out)
+        .args(["--publication", publication])
+        .args(extra)
+        .env("CACHE_INVALIDATOR_POSTGRES_URL", pg.socket_url())
+        .env("RUST_LOG", "warn")
+        .stdin(Stdio::null())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("spawn record");
+    super::common::wait_for("record's temporary slot", Duration::from_secs(30), || {
+        (pg.psql(
+            "SELECT count(*) FROM pg_replication_slots WHERE slot_name LIKE 'cache_invalidator_record_%' AND active",
+        ) == "1")
+            .then_some(())
+    });
+    child
+}
+
 /// A config directory for the worker: `cache-invalidator.toml` plus a
 /// `mappings/` directory, pointing at throwaway servers.
 pub struct WorkerConfig {
