@@ -3,6 +3,7 @@
 #
 #   benches/patterns.sh                          # keyspaces of 0, 1,000,000, 5,000,000 keys
 #   BENCH_KEYSPACES="0 1000000" BENCH_ROWS=500 benches/patterns.sh
+#   BENCH_SCAN_COUNTS="1000 250" benches/patterns.sh   # contenders for [worker] pattern_scan_count
 #
 # Throwaway PostgreSQL and Redis. Per keyspace size: Redis is emptied and
 # filled with unrelated keys (DEBUG POPULATE), the worker started, and
@@ -21,6 +22,7 @@ source "$(dirname "$0")/common.sh"
 KEYSPACES=${BENCH_KEYSPACES:-"0 1000000 5000000"}
 ROWS=${BENCH_ROWS:-2000}
 REPS=${BENCH_REPS:-3}
+SCAN_COUNTS=${BENCH_SCAN_COUNTS:-1000}
 export BENCH_REDIS_ARGS="--enable-debug-command local"
 
 bench_setup_dirs
@@ -57,6 +59,7 @@ url = "redis://127.0.0.1:$REDIS_PORT/0"
 
 [worker]
 max_batch_delay_ms = ${BENCH_MAX_BATCH_DELAY_MS:-5}
+pattern_scan_count = SCAN_COUNT
 
 [metrics]
 listen = "127.0.0.1:$METRICS_PORT"
@@ -70,21 +73,24 @@ for keys in $KEYSPACES; do
         log "filling Redis with $keys unrelated keys"
         rcli DEBUG POPULATE "$keys" key 10 >/dev/null
     fi
-    "$BIN" --config "$cfg" run 2>"$BENCH_TMP/worker-$keys.log" &
-    WORKER_PID=$!
-    # FLUSHALL removed the worker's identity record: let its identity flush
-    # (guarantee 6) happen now, not in the middle of the first repetition.
-    sql "UPDATE items SET v = v WHERE id = 0" >/dev/null
-    for _ in $(seq 1200); do
-        [[ $(rcli EXISTS "cache-invalidator:$WORKER_SLOT:identity") == 1 ]] && break
-        sleep 0.1
+    for count in $SCAN_COUNTS; do
+        sed "s/^pattern_scan_count = .*/pattern_scan_count = $count/" "$cfg" >"$cfg.$count"
+        "$BIN" --config "$cfg.$count" run 2>"$BENCH_TMP/worker-$keys-$count.log" &
+        WORKER_PID=$!
+        # FLUSHALL removed the worker's identity record: let its identity flush
+        # (guarantee 6) happen now, not in the middle of the first repetition.
+        sql "UPDATE items SET v = v WHERE id = 0" >/dev/null
+        for _ in $(seq 1200); do
+            [[ $(rcli EXISTS "cache-invalidator:$WORKER_SLOT:identity") == 1 ]] && break
+            sleep 0.1
+        done
+        echo "== keyspace $keys, pattern_scan_count $count, $ROWS + $ROWS transactions, $REPS repetitions (load average $(cut -d' ' -f1-3 /proc/loadavg))"
+        "$TOOL" patterns --pg "host=127.0.0.1 port=$PGPORT user=postgres dbname=bench" \
+            --redis "redis://127.0.0.1:$REDIS_PORT/0" --slot "$WORKER_SLOT" --pid "$WORKER_PID" \
+            --rows "$ROWS" --reps "$REPS"
+        echo "worker: passes $(metric_sum cache_invalidator_pattern_pass_seconds_count), pass seconds total $(metric_sum cache_invalidator_pattern_pass_seconds_sum), peak RSS $(awk '/VmHWM/ {print $2 / 1024 " MB"}' "/proc/$WORKER_PID/status")"
+        kill "$WORKER_PID"
+        wait "$WORKER_PID" || true
+        WORKER_PID=
     done
-    echo "== keyspace $keys, $ROWS + $ROWS transactions, $REPS repetitions (load average $(cut -d' ' -f1-3 /proc/loadavg))"
-    "$TOOL" patterns --pg "host=127.0.0.1 port=$PGPORT user=postgres dbname=bench" \
-        --redis "redis://127.0.0.1:$REDIS_PORT/0" --slot "$WORKER_SLOT" --pid "$WORKER_PID" \
-        --rows "$ROWS" --reps "$REPS"
-    echo "worker: passes $(metric_sum cache_invalidator_pattern_pass_seconds_count), pass seconds total $(metric_sum cache_invalidator_pattern_pass_seconds_sum), peak RSS $(awk '/VmHWM/ {print $2 / 1024 " MB"}' "/proc/$WORKER_PID/status")"
-    kill "$WORKER_PID"
-    wait "$WORKER_PID" || true
-    WORKER_PID=
 done

@@ -128,6 +128,7 @@ struct RawWorker {
     tombstone_ms: Option<Spanned<u64>>,
     max_key_bytes: Option<Spanned<u64>>,
     max_refresh_bytes: Option<Spanned<u64>>,
+    pattern_scan_count: Option<Spanned<u64>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -268,6 +269,8 @@ pub struct WorkerConfig {
     pub max_key_bytes: usize,
     /// Largest value a `refresh` rule sets (bytes); a larger one unlinks its key instead.
     pub max_refresh_bytes: usize,
+    /// Keys a pattern pass asks SCAN for per call (docs/operations.md, "Patterns and what they cost").
+    pub pattern_scan_count: usize,
 }
 
 /// `[metrics]`.
@@ -655,6 +658,26 @@ impl V<'_> {
             Some(n) => usize::try_from(*n.get_ref()).unwrap_or(usize::MAX),
             None => crate::plan::planner::DEFAULT_MAX_REFRESH_BYTES,
         };
+        let scan_range = crate::sink::patterns::SCAN_COUNT_RANGE;
+        let pattern_scan_count = match &w.pattern_scan_count {
+            Some(n) => match usize::try_from(*n.get_ref()) {
+                Ok(n) if scan_range.contains(&n) => n,
+                _ => {
+                    self.error(
+                        n.span().start,
+                        format!(
+                            "pattern_scan_count = {} is outside {}..={}: SCAN COUNT is keys per call; smaller calls hold Redis shorter, larger ones finish a pass in fewer round trips (default {})",
+                            n.get_ref(),
+                            scan_range.start(),
+                            scan_range.end(),
+                            crate::sink::patterns::DEFAULT_SCAN_COUNT
+                        ),
+                    );
+                    crate::sink::patterns::DEFAULT_SCAN_COUNT
+                }
+            },
+            None => crate::sink::patterns::DEFAULT_SCAN_COUNT,
+        };
         let listen = raw.metrics.listen.map(|l| {
             if l.get_ref().parse::<std::net::SocketAddr>().is_err() {
                 self.error(
@@ -695,6 +718,7 @@ impl V<'_> {
                 tombstone_ms,
                 max_key_bytes,
                 max_refresh_bytes,
+                pattern_scan_count,
             },
             metrics: MetricsConfig { listen },
         })
@@ -737,6 +761,7 @@ mod tests {
                 tombstone_ms: 10_000,
                 max_key_bytes: 65_536,
                 max_refresh_bytes: 512 * 1024,
+                pattern_scan_count: 1000,
             }
         );
         assert_eq!(c.metrics.listen, None);
@@ -774,6 +799,22 @@ mod tests {
             e.contains("c.toml:4:") && e.contains("replica_max_wait_ms = 0"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn pattern_scan_count_is_read_and_bounded() {
+        let c = parse(&format!("{MIN}[worker]\npattern_scan_count = 250\n")).unwrap();
+        assert_eq!(c.worker.pattern_scan_count, 250);
+        for bad in ["0", "9", "100001"] {
+            let e = parse(&format!("{MIN}[worker]\npattern_scan_count = {bad}\n")).unwrap_err();
+            assert!(
+                e.contains("c.toml:6:")
+                    && e.contains(&format!(
+                        "pattern_scan_count = {bad} is outside 10..=100000"
+                    )),
+                "{e}"
+            );
+        }
     }
 
     #[test]
@@ -858,7 +899,7 @@ listen = "127.0.0.1:9464"
     fn unknown_fields_suggest() {
         assert_eq!(
             parse(&format!("{MIN}[worker]\nmax_batch_op = 5\n")).unwrap_err(),
-            "/etc/ci/c.toml:6:1: unknown field `max_batch_op`: did you mean `max_batch_ops`?; allowed fields: max_batch_delay_ms, max_batch_ops, redelete_after_ms, tombstone_ms, max_key_bytes, max_refresh_bytes"
+            "/etc/ci/c.toml:6:1: unknown field `max_batch_op`: did you mean `max_batch_ops`?; allowed fields: max_batch_delay_ms, max_batch_ops, redelete_after_ms, tombstone_ms, max_key_bytes, max_refresh_bytes, pattern_scan_count"
         );
         assert_eq!(
             parse("[postgress]\n").unwrap_err(),

@@ -45,6 +45,11 @@ fn confirmed(pg: &PgCluster) -> u64 {
 /// Starts PostgreSQL and Redis, creates `posts` and `items` (rows 1..=3),
 /// runs setup, and fills Redis with [`FILLER_KEYS`] unrelated keys.
 fn prepare() -> (PgCluster, RedisServer, WorkerConfig) {
+    prepare_with(FILLER_KEYS, "")
+}
+
+/// [`prepare`] with `filler` unrelated keys and extra `[worker]` lines.
+fn prepare_with(filler: u32, worker_lines: &str) -> (PgCluster, RedisServer, WorkerConfig) {
     let pg = PgCluster::start();
     let redis = RedisServer::start();
     pg.psql(support::SYNC_PROBE_TABLE);
@@ -62,11 +67,11 @@ fn prepare() -> (PgCluster, RedisServer, WorkerConfig) {
             ("items.toml", ITEMS_MAPPING),
             ("zz_sync.toml", support::SYNC_PROBE_MAPPING),
         ],
-        "",
+        worker_lines,
     );
     let (code, out, err) = cfg.command(&["setup"]);
     assert_eq!(code, 0, "setup failed:\n{out}\n{err}");
-    fill(&redis, FILLER_KEYS);
+    fill(&redis, filler);
     (pg, redis, cfg)
 }
 
@@ -146,6 +151,46 @@ fn a_pass_in_flight_does_not_delay_a_later_plain_key() {
         "another post's comments were deleted"
     );
     assert!(r.exists("filler:1") && r.exists(&format!("filler:{FILLER_KEYS}")));
+}
+
+/// `[worker] pattern_scan_count` is what the pass asks SCAN for: over
+/// 20,000 keys, COUNT 100 takes about 200 calls where the default (1,000)
+/// takes about 20 (Redis's `INFO commandstats` counts them).
+#[test]
+fn pattern_scan_count_sets_the_keys_per_scan_call() {
+    const KEYS: u32 = 20_000;
+    let (pg, redis, cfg) = prepare_with(KEYS, "pattern_scan_count = 100");
+    let _worker = cfg.spawn_worker();
+    support::sync_worker(&pg, &redis, WAIT);
+    let mut r = RedisProbe::new(&redis);
+    let comments = comment_keys(1);
+    for k in &comments {
+        r.set(k, "cached");
+    }
+    let _: () = redis::cmd("CONFIG")
+        .arg("RESETSTAT")
+        .query(&mut r.0)
+        .expect("CONFIG RESETSTAT");
+    pg.psql("UPDATE posts SET title = 'new' WHERE id = 1");
+    for k in &comments {
+        r.wait_gone(k, WAIT);
+    }
+    support::sync_worker(&pg, &redis, WAIT);
+    let stats: String = redis::cmd("INFO")
+        .arg("commandstats")
+        .query(&mut r.0)
+        .expect("INFO commandstats");
+    let calls: u32 = stats
+        .lines()
+        .find_map(|l| l.strip_prefix("cmdstat_scan:calls="))
+        .and_then(|rest| rest.split(',').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no SCAN in INFO commandstats:\n{stats}"));
+    assert!(
+        calls >= KEYS / 100 * 3 / 4,
+        "{calls} SCAN calls over {KEYS} keys: COUNT 100 was not used"
+    );
+    assert!(r.exists("filler:1") && r.exists(&format!("filler:{KEYS}")));
 }
 
 /// A worker killed in the middle of a pass (the `in_pattern_pass` failpoint,

@@ -42,6 +42,14 @@ impl Sink {
         }
     }
 
+    /// Sets the keys a pattern pass asks SCAN for per call (`[worker] pattern_scan_count`).
+    pub fn set_pattern_scan_count(&mut self, count: usize) {
+        match self {
+            Sink::Single(s) => s.set_pattern_scan_count(count),
+            Sink::Cluster(s) => s.set_pattern_scan_count(count),
+        }
+    }
+
     /// The Redis URL (or the cluster's seed URLs), passwords masked.
     pub fn target(&self) -> &str {
         match self {

@@ -27,7 +27,7 @@
 //! between the first `UNLINK` and the `SREM` is deleted by the second `UNLINK`:
 //! it is never left alive and untracked.
 
-use super::patterns::{has_patterns, PatternMatch, PatternPass};
+use super::patterns::{self, has_patterns, PatternMatch, PatternPass};
 use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
@@ -48,7 +48,7 @@ use crate::plan::Plan;
 /// Keys per UNLINK command (within one slot).
 const UNLINK_CHUNK: usize = 1000;
 /// Keys SSCAN returns per call (a hint).
-const SCAN_COUNT: usize = 1000;
+const SSCAN_COUNT: usize = 1000;
 /// Commands in flight at once.
 const CONCURRENCY: usize = 64;
 /// How long WAIT waits for replicas before the plan is retried.
@@ -122,6 +122,8 @@ pub struct ClusterSink {
     tombstone_set: Script,
     refresh_set: Script,
     tombstone_ms: u64,
+    /// Keys per SCAN call of a pattern pass (`[worker] pattern_scan_count`).
+    scan_count: usize,
     wait_replicas: u32,
     redelete_after: Option<Duration>,
 }
@@ -248,6 +250,7 @@ impl ClusterSink {
             tombstone_set: Script::new(scripts::TOMBSTONE_SET),
             refresh_set: Script::new(scripts::REFRESH_SET),
             tombstone_ms: DEFAULT_TOMBSTONE_MS,
+            scan_count: patterns::DEFAULT_SCAN_COUNT,
             wait_replicas: options.wait_replicas,
             redelete_after: options.redelete_after,
         })
@@ -256,6 +259,12 @@ impl ClusterSink {
     /// Sets the hold time of tombstones (`[worker] tombstone_ms`; at least 1 ms).
     pub fn set_tombstone_hold(&mut self, hold: Duration) {
         self.tombstone_ms = u64::try_from(hold.as_millis()).unwrap_or(u64::MAX).max(1);
+    }
+
+    /// Sets the keys a pattern pass asks SCAN for per call
+    /// (`[worker] pattern_scan_count`; at least 1).
+    pub fn set_pattern_scan_count(&mut self, count: usize) {
+        self.scan_count = count.max(1);
     }
 
     /// The seed URLs, passwords masked, comma-separated.
@@ -587,7 +596,7 @@ impl ClusterSink {
                 .arg(tag)
                 .arg(cursor)
                 .arg("COUNT")
-                .arg(SCAN_COUNT)
+                .arg(SSCAN_COUNT)
                 .query_async(&mut conn)
                 .await;
             let (next, chunk) = match reply {
@@ -668,7 +677,7 @@ impl ClusterSink {
                 .arg(tag)
                 .arg(cursor)
                 .arg("COUNT")
-                .arg(SCAN_COUNT)
+                .arg(SSCAN_COUNT)
                 .query_async(&mut conn)
                 .await;
             let (next, chunk) = match reply {
@@ -693,7 +702,7 @@ impl ClusterSink {
     /// ([`super::patterns`]), the masters scanned concurrently; matches are
     /// processed as they accumulate.
     async fn scan_patterns(&self, plan: &Plan, stats: &mut ApplyStats) -> Result<(), SinkError> {
-        let pass = PatternPass::new(plan);
+        let pass = PatternPass::new(plan, self.scan_count);
         let masters = self.masters().await?;
         let per_master = masters
             .iter()

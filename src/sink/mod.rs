@@ -215,6 +215,8 @@ pub struct RedisSink {
     tag_tombstone: Script,
     refresh_set: Script,
     tombstone_ms: u64,
+    /// Keys per SCAN call of a pattern pass (`[worker] pattern_scan_count`).
+    scan_count: usize,
     wait_replicas: u32,
     redelete_after: Option<Duration>,
 }
@@ -329,6 +331,7 @@ impl RedisSink {
             tag_tombstone: Script::new(scripts::TAG_TOMBSTONE),
             refresh_set: Script::new(scripts::REFRESH_SET),
             tombstone_ms: DEFAULT_TOMBSTONE_MS,
+            scan_count: patterns::DEFAULT_SCAN_COUNT,
             wait_replicas: options.wait_replicas,
             redelete_after: options.redelete_after,
         })
@@ -337,6 +340,12 @@ impl RedisSink {
     /// Sets the hold time of tombstones (`[worker] tombstone_ms`; at least 1 ms).
     pub fn set_tombstone_hold(&mut self, hold: Duration) {
         self.tombstone_ms = u64::try_from(hold.as_millis()).unwrap_or(u64::MAX).max(1);
+    }
+
+    /// Sets the keys a pattern pass asks SCAN for per call
+    /// (`[worker] pattern_scan_count`; at least 1).
+    pub fn set_pattern_scan_count(&mut self, count: usize) {
+        self.scan_count = count.max(1);
     }
 
     /// The Redis URL with its password masked.
@@ -668,7 +677,7 @@ impl RedisSink {
         plan: &Plan,
         stats: &mut ApplyStats,
     ) -> Result<(), SinkError> {
-        let pass = PatternPass::new(plan);
+        let pass = PatternPass::new(plan, self.scan_count);
         let mut cursor: u64 = 0;
         let mut found = Found::default();
         loop {

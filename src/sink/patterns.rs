@@ -16,12 +16,17 @@ use super::ApplyStats;
 use crate::map::glob_set::GlobSet;
 use crate::plan::Plan;
 
-/// Keys SCAN visits per call (a hint). Measured by hand (issue 17, SCAN
-/// MATCH from a client, COUNT 100 to 50000): on 1,000,000 keys a larger COUNT saves at most ~15% of a pass,
-/// within the noise of a busy 2-core machine, while each call holds Redis
-/// proportionally longer (COUNT 5000: up to 14 ms per call under load),
-/// which is latency every other client, this worker's key lane included, waits.
-pub const SCAN_COUNT: usize = 1000;
+/// Keys SCAN visits per call (a hint), unless `[worker] pattern_scan_count`
+/// says otherwise. Measured by hand (SCAN MATCH from a client, COUNT 100 to
+/// 50000): on 1,000,000 keys a larger COUNT saves at most ~15% of a pass,
+/// while each call holds Redis proportionally longer (COUNT 5000: up to
+/// 14 ms per call under load), which is latency every other client, this
+/// worker's key lane included, waits. BENCHMARKS.md ("What `patterns.sh`
+/// does") compares counts.
+pub const DEFAULT_SCAN_COUNT: usize = 1000;
+
+/// The range `[worker] pattern_scan_count` accepts.
+pub const SCAN_COUNT_RANGE: std::ops::RangeInclusive<usize> = 10..=100_000;
 
 /// Which pattern set of a plan a scanned key matched (first match wins:
 /// delete patterns, then tag-set patterns, then version patterns).
@@ -55,11 +60,13 @@ pub fn take_patterns(plan: &mut Plan) -> Plan {
 pub(crate) struct PatternPass {
     set: GlobSet<PatternMatch>,
     filter: Option<Vec<u8>>,
+    scan_count: usize,
 }
 
 impl PatternPass {
-    /// Compiles the plan's patterns (delete, tag-set and version patterns).
-    pub(crate) fn new(plan: &Plan) -> Self {
+    /// Compiles the plan's patterns (delete, tag-set and version patterns)
+    /// for a pass that asks SCAN for `scan_count` keys per call.
+    pub(crate) fn new(plan: &Plan, scan_count: usize) -> Self {
         let set = GlobSet::new(
             plan.patterns
                 .iter()
@@ -72,7 +79,11 @@ impl PatternPass {
                 ),
         );
         let filter = set.server_filter();
-        PatternPass { set, filter }
+        PatternPass {
+            set,
+            filter,
+            scan_count,
+        }
     }
 
     /// `SCAN cursor [MATCH filter] COUNT n`.
@@ -82,7 +93,7 @@ impl PatternPass {
         if let Some(filter) = &self.filter {
             cmd.arg("MATCH").arg(filter.as_slice());
         }
-        cmd.arg("COUNT").arg(SCAN_COUNT);
+        cmd.arg("COUNT").arg(self.scan_count);
         cmd
     }
 
@@ -154,7 +165,7 @@ mod tests {
         plan.patterns.insert("a:*");
         plan.tag_patterns.insert("*");
         plan.version_patterns.insert("v:*");
-        let pass = PatternPass::new(&plan);
+        let pass = PatternPass::new(&plan, DEFAULT_SCAN_COUNT);
         let mut stats = ApplyStats::default();
         assert_eq!(pass.classify("a:1", &mut stats), Some(PatternMatch::Key));
         assert_eq!(pass.classify("v:1", &mut stats), Some(PatternMatch::Tag));

@@ -139,6 +139,7 @@ impl Worker {
             return Ok(());
         };
         sink.set_tombstone_hold(Duration::from_millis(self.config.worker.tombstone_ms));
+        sink.set_pattern_scan_count(self.config.worker.pattern_scan_count);
         tokio::spawn(super::probe::redis_probe(
             sink.clone(),
             Arc::clone(&self.telemetry),
