@@ -1,0 +1,125 @@
+//! The closed label sets: every value of a `kind`, `reason`, `target` or
+//! `role` label is a variant here, so [`super::Metrics`] creates its series up
+//! front and indexes them by enum.
+
+/// The kinds of Redis invalidation, the `kind` label of [`super::names::INVALIDATIONS_TOTAL`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum InvalidationKind {
+    /// Keys unlinked (`keys = [...]`).
+    Keys,
+    /// Tag sets emptied (`tags = [...]`).
+    Tags,
+    /// Version keys bumped (`versions = [...]`).
+    Versions,
+    /// Patterns matched by a SCAN pass (`patterns = [...]`).
+    Patterns,
+    /// Messages published (`channels = [...]`).
+    Publish,
+    /// Keys set by `refresh` rules.
+    Refresh,
+    /// Refreshed keys left as they were: Redis held a newer version.
+    RefreshKept,
+}
+
+impl InvalidationKind {
+    /// Every kind, in label order.
+    pub const ALL: [InvalidationKind; 7] = [
+        InvalidationKind::Keys,
+        InvalidationKind::Tags,
+        InvalidationKind::Versions,
+        InvalidationKind::Patterns,
+        InvalidationKind::Publish,
+        InvalidationKind::Refresh,
+        InvalidationKind::RefreshKept,
+    ];
+
+    /// The label value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            InvalidationKind::Keys => "keys",
+            InvalidationKind::Tags => "tags",
+            InvalidationKind::Versions => "versions",
+            InvalidationKind::Patterns => "patterns",
+            InvalidationKind::Publish => "publish",
+            InvalidationKind::Refresh => "refresh",
+            InvalidationKind::RefreshKept => "refresh_kept",
+        }
+    }
+}
+
+/// Why the worker fired truncate invalidations wholesale, the `reason` label of
+/// [`super::names::FLUSHES_TOTAL`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum FlushReason {
+    /// A `flush:all` marker came through the stream (slot created or recreated).
+    MarkerAll,
+    /// A `flush:table:<t>` marker came through the stream (table added to the publication).
+    MarkerTable,
+    /// Redis's or PostgreSQL's identity changed (Redis restored, replica promoted).
+    IdentityChanged,
+    /// A TRUNCATE of a mapped table.
+    Truncate,
+    /// A message under our prefix the worker could not understand (a malformed
+    /// declared invalidation, an unknown payload version).
+    MalformedMessage,
+}
+
+impl FlushReason {
+    /// Every reason, in label order.
+    pub const ALL: [FlushReason; 5] = [
+        FlushReason::MarkerAll,
+        FlushReason::MarkerTable,
+        FlushReason::IdentityChanged,
+        FlushReason::Truncate,
+        FlushReason::MalformedMessage,
+    ];
+
+    /// The label value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FlushReason::MarkerAll => "marker_all",
+            FlushReason::MarkerTable => "marker_table",
+            FlushReason::IdentityChanged => "identity_changed",
+            FlushReason::Truncate => "truncate",
+            FlushReason::MalformedMessage => "malformed_message",
+        }
+    }
+}
+
+/// A connection the worker re-establishes, the `target` label of [`super::names::RECONNECTS_TOTAL`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Target {
+    /// The replication (or SQL) connection to PostgreSQL.
+    Postgres,
+    /// The Redis connection.
+    Redis,
+}
+
+impl Target {
+    /// The label value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Target::Postgres => "postgres",
+            Target::Redis => "redis",
+        }
+    }
+}
+
+/// Whether this process streams the slot (`active`) or waits for it (`standby`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Role {
+    /// Streams the slot.
+    Active,
+    /// Another worker holds the slot; this one retries until it can take over.
+    Standby,
+}
+
+impl Role {
+    /// The label value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Active => "active",
+            Role::Standby => "standby",
+        }
+    }
+}
