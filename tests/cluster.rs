@@ -14,57 +14,15 @@ const WAIT: Duration = Duration::from_secs(30);
 /// When set, the reshard test writes each node's MONITOR output there.
 const MONITOR_DIR: &str = "CACHE_INVALIDATOR_TEST_MONITOR_DIR";
 
-/// The `[redis]` body for `cluster`.
-fn redis_toml(cluster: &RedisCluster) -> String {
-    let urls: Vec<String> = cluster.urls().iter().map(|u| format!("{u:?}")).collect();
-    format!("cluster = [{}]", urls.join(", "))
-}
-
 /// Servers with the demo schema, the demo mappings on the cluster, setup done.
 fn demo() -> (PgCluster, RedisCluster, WorkerConfig) {
     let pg = PgCluster::start();
     let cluster = RedisCluster::start();
     pg.migrate();
-    let cfg = WorkerConfig::demo_with_redis(&pg, &redis_toml(&cluster));
+    let cfg = WorkerConfig::demo_with_redis(&pg, &cluster.redis_toml());
     let (code, out, err) = cfg.command(&["setup", "--replica-identity-full"]);
     assert_eq!(code, 0, "setup failed:\n{out}\n{err}");
     (pg, cluster, cfg)
-}
-
-fn exists(conn: &mut redis::cluster::ClusterConnection, key: &str) -> bool {
-    conn.exists(key).expect("EXISTS")
-}
-
-fn wait_gone(conn: &mut redis::cluster::ClusterConnection, key: &str, log: impl Fn() -> String) {
-    let deadline = std::time::Instant::now() + WAIT;
-    while exists(conn, key) {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "{key} still exists after {WAIT:?}\n{}",
-            log()
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
-/// Waits until the worker applied everything committed so far (see
-/// `support::sync_worker`: the probe key's deletion, then its acknowledgement).
-fn sync(pg: &PgCluster, conn: &mut redis::cluster::ClusterConnection, log: impl Fn() -> String) {
-    static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(1);
-    let id = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    let key = format!("sync:{id}");
-    let _: () = conn.set(&key, "x").expect("SET");
-    let lsn = support::touch_sync_probe(pg, id);
-    wait_gone(conn, &key, log);
-    pg.wait_confirmed(&lsn, WAIT);
-}
-
-/// The node (index) holding `key` (the others answer MOVED), if any.
-fn node_of(cluster: &RedisCluster, key: &str) -> Option<usize> {
-    cluster
-        .nodes()
-        .iter()
-        .position(|n| n.cli(&["EXISTS", key]).map(|s| s == "1").unwrap_or(false))
 }
 
 #[test]
@@ -73,7 +31,7 @@ fn every_strategy_across_slots_and_masters() {
     let mut r = cluster.connection();
     let worker = cfg.spawn_worker();
     let log = || worker.log();
-    sync(&pg, &mut r, log);
+    support::sync_worker_on_cluster(&pg, &mut r, WAIT, log);
 
     // Keys of user 123 and tag members spread over every master.
     let members: Vec<String> = (0..30).map(|i| format!("list:{i}:members")).collect();
@@ -86,7 +44,7 @@ fn every_strategy_across_slots_and_masters() {
         "user:124:profile",
     ]) {
         let _: () = r.set(key, "cached").unwrap();
-        on_nodes.insert(node_of(&cluster, key));
+        on_nodes.insert(cluster.node_of(key));
     }
     assert_eq!(on_nodes.len(), 3, "the keys span every master");
     for m in &members {
@@ -100,18 +58,26 @@ fn every_strategy_across_slots_and_masters() {
 
     pg.psql("UPDATE users SET avatar_url = 'https://img.example.com/ada-2.png' WHERE id = 123");
     for key in ["user:123:profile", "user:123:avatar", "user:123:settings"] {
-        wait_gone(&mut r, key, log);
+        support::wait_gone_on_cluster(&mut r, key, WAIT, log);
     }
     for key in &members {
-        wait_gone(&mut r, key, log);
+        support::wait_gone_on_cluster(&mut r, key, WAIT, log);
     }
-    wait_gone(&mut r, "tag:user:123", log);
+    support::wait_gone_on_cluster(&mut r, "tag:user:123", WAIT, log);
     let version = support::wait_for("version:user:123", WAIT, || {
         r.get::<_, Option<String>>("version:user:123").unwrap()
     });
     assert_eq!(version, "2", "a missing version becomes 2:\n{}", log());
-    assert!(exists(&mut r, "control:1"), "{}", log());
-    assert!(exists(&mut r, "user:124:profile"), "{}", log());
+    assert!(
+        support::key_exists_on_cluster(&mut r, "control:1"),
+        "{}",
+        log()
+    );
+    assert!(
+        support::key_exists_on_cluster(&mut r, "user:124:profile"),
+        "{}",
+        log()
+    );
     let msg = loop {
         let m = pubsub.get_message().expect("a pub/sub message");
         let payload: String = m.get_payload().unwrap();
@@ -129,17 +95,17 @@ fn every_strategy_across_slots_and_masters() {
     let mut on_nodes = std::collections::BTreeSet::new();
     for key in &rooms {
         let _: () = r.set(key, "cached").unwrap();
-        on_nodes.insert(node_of(&cluster, key));
+        on_nodes.insert(cluster.node_of(key));
     }
     assert_eq!(on_nodes.len(), 3, "pattern keys on every master");
     let _: () = r.set("chat:room:1:title", "kept").unwrap();
     pg.psql("TRUNCATE chat_participants");
     for key in &rooms {
-        wait_gone(&mut r, key, log);
+        support::wait_gone_on_cluster(&mut r, key, WAIT, log);
     }
-    sync(&pg, &mut r, log);
+    support::sync_worker_on_cluster(&pg, &mut r, WAIT, log);
     assert!(
-        exists(&mut r, "chat:room:1:title"),
+        support::key_exists_on_cluster(&mut r, "chat:room:1:title"),
         "a non-matching neighbour was deleted\n{}",
         log()
     );
@@ -153,7 +119,10 @@ fn every_strategy_across_slots_and_masters() {
     let _: () = r.set("user:9:profile", "cached").unwrap();
     let (code, out, err) = cfg.command(&["flush", "--table", "users"]);
     assert_eq!(code, 0, "flush failed:\n{out}\n{err}");
-    assert!(!exists(&mut r, "user:9:profile"), "{out}");
+    assert!(
+        !support::key_exists_on_cluster(&mut r, "user:9:profile"),
+        "{out}"
+    );
 }
 
 /// Tag sets with a hash tag (`tag:{user:7}`) take the atomic single-slot
@@ -168,7 +137,7 @@ fn hash_tagged_tags_use_the_single_slot_script() {
     let mapping = "[[table]]\nname = \"accounts\"\ntags = [\"{{user:{id}}}\"]\n";
     let cfg = WorkerConfig::with_redis(
         &pg,
-        &redis_toml(&cluster),
+        &cluster.redis_toml(),
         &[
             ("accounts.toml", mapping),
             ("zz_sync.toml", support::SYNC_PROBE_MAPPING),
@@ -180,7 +149,7 @@ fn hash_tagged_tags_use_the_single_slot_script() {
     let mut r = cluster.connection();
     let worker = cfg.spawn_worker();
     let log = || worker.log();
-    sync(&pg, &mut r, log);
+    support::sync_worker_on_cluster(&pg, &mut r, WAIT, log);
 
     // Same slot as the set: the script path.
     let local: Vec<String> = (0..2500).map(|i| format!("{{user:7}}:item:{i}")).collect();
@@ -195,12 +164,20 @@ fn hash_tagged_tags_use_the_single_slot_script() {
         let _: () = r.sadd("tag:{user:8}", m).unwrap();
     }
     pg.psql("UPDATE accounts SET n = n + 1 WHERE id IN (7, 8)");
-    wait_gone(&mut r, "tag:{user:7}", log);
-    wait_gone(&mut r, "tag:{user:8}", log);
+    support::wait_gone_on_cluster(&mut r, "tag:{user:7}", WAIT, log);
+    support::wait_gone_on_cluster(&mut r, "tag:{user:8}", WAIT, log);
     for m in local.iter().chain(&spread) {
-        assert!(!exists(&mut r, m), "{m} survived\n{}", log());
+        assert!(
+            !support::key_exists_on_cluster(&mut r, m),
+            "{m} survived\n{}",
+            log()
+        );
     }
-    assert!(!exists(&mut r, "{user:8}:x"), "{}", log());
+    assert!(
+        !support::key_exists_on_cluster(&mut r, "{user:8}:x"),
+        "{}",
+        log()
+    );
     assert_eq!(
         worker.log().matches("members on other slots").count(),
         1,
@@ -217,7 +194,7 @@ fn hash_tagged_tags_use_the_single_slot_script() {
 /// Where each surviving key is now: node, slot and idle time, or gone since.
 fn describe_survivors(cluster: &RedisCluster, keys: &[String]) -> Vec<String> {
     keys.iter()
-        .map(|k| match node_of(cluster, k) {
+        .map(|k| match cluster.node_of(k) {
             Some(node) => {
                 let cli = |args: &[&str]| cluster.nodes()[node].cli(args).unwrap_or_default();
                 format!(
@@ -246,7 +223,7 @@ fn reshard_during_a_workload_loses_nothing() {
     let _monitors = std::env::var_os(MONITOR_DIR).map(|dir| cluster.monitor(dir.as_ref()));
     let worker = cfg.spawn_worker();
     let log = || worker.log();
-    sync(&pg, &mut r, log);
+    support::sync_worker_on_cluster(&pg, &mut r, WAIT, log);
     let resharding = std::sync::atomic::AtomicBool::new(true);
     let (passes, survivors) = std::thread::scope(|s| {
         let writer = s.spawn(|| {
@@ -264,10 +241,10 @@ fn reshard_during_a_workload_loses_nothing() {
                     ));
                 }
                 passes += 1;
-                sync(&pg, &mut w, log);
+                support::sync_worker_on_cluster(&pg, &mut w, WAIT, log);
                 let left: Vec<String> = (10000..11000)
                     .map(|i| format!("user:{i}:profile"))
-                    .filter(|k| exists(&mut w, k))
+                    .filter(|k| support::key_exists_on_cluster(&mut w, k))
                     .collect();
                 for line in describe_survivors(&cluster, &left) {
                     survivors.push(format!("pass {passes}: {line}"));

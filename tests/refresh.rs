@@ -31,11 +31,19 @@ refresh = [
 
 /// A worker on a fresh `profiles` table, setup's flush marker applied.
 fn start(pg: &PgCluster, redis: &RedisServer, mapping: &str) -> (WorkerConfig, WorkerProcess) {
+    let started = start_on(pg, &format!("url = \"{}\"", redis.url()), mapping);
+    support::sync_worker(pg, redis, WAIT);
+    started
+}
+
+/// [`start`] with the body of `[redis]` given, up to setup's flush marker
+/// (the caller syncs: on one server or on a cluster).
+fn start_on(pg: &PgCluster, redis_toml: &str, mapping: &str) -> (WorkerConfig, WorkerProcess) {
     pg.psql(support::SYNC_PROBE_TABLE);
     pg.psql(SCHEMA);
-    let cfg = WorkerConfig::new(
+    let cfg = WorkerConfig::with_redis(
         pg,
-        redis,
+        redis_toml,
         &[
             ("profiles.toml", mapping),
             ("zz_sync.toml", support::SYNC_PROBE_MAPPING),
@@ -46,7 +54,6 @@ fn start(pg: &PgCluster, redis: &RedisServer, mapping: &str) -> (WorkerConfig, W
     assert_eq!(code, 0, "setup failed:\n{out}\n{err}");
     let w = cfg.spawn_worker();
     w.wait_log("flush marker: firing", WAIT);
-    support::sync_worker(pg, redis, WAIT);
     (cfg, w)
 }
 
@@ -91,9 +98,14 @@ fn split_json(value: &str) -> (String, String) {
 /// Waits until `key` holds a refreshed JSON value whose fields after `_lsn`
 /// are `fields`; returns the version.
 fn wait_json(redis: &RedisServer, key: &str, fields: &str) -> String {
+    wait_json_with(|| get(redis, key), key, fields)
+}
+
+/// [`wait_json`] reading the key with `get`.
+fn wait_json_with(mut get: impl FnMut() -> Option<String>, key: &str, fields: &str) -> String {
     let deadline = std::time::Instant::now() + WAIT;
     loop {
-        let v = get(redis, key);
+        let v = get();
         if let Some(v) = v.as_deref().filter(|v| v.starts_with("{\"_lsn\":\"")) {
             let (version, rest) = split_json(v);
             if rest == fields {
@@ -604,4 +616,103 @@ async fn refresh_works_per_slot_on_a_cluster() {
         };
         assert_eq!(v, "256.0", "{key}");
     }
+}
+
+/// A running worker streaming into a Redis Cluster: every refreshed key
+/// lands with its value on the master that owns its slot (the keys span all
+/// three), and update, move and delete leave exactly the new row, as on one
+/// server.
+#[test]
+fn a_worker_refreshes_keys_on_every_master_of_a_cluster() {
+    let pg = PgCluster::start();
+    let cluster = support::RedisCluster::start();
+    let (_cfg, mut w) = start_on(&pg, &cluster.redis_toml(), MAPPING);
+    let mut c = cluster.connection();
+    let log = || w.log();
+    support::sync_worker_on_cluster(&pg, &mut c, WAIT, log);
+    let get = |c: &mut redis::cluster::ClusterConnection, key: &str| -> Option<String> {
+        redis::cmd("GET").arg(key).query(c).expect("GET")
+    };
+    let hgetall = |c: &mut redis::cluster::ClusterConnection, key: &str| {
+        redis::cmd("HGETALL")
+            .arg(key)
+            .query::<HashMap<String, String>>(c)
+            .expect("HGETALL")
+    };
+    let fields = |id: u32, name: &str, row: u32| {
+        format!(
+            r#","id":{id},"name":"{name}","score":{row}.5,"active":{},"meta":null,"bio":null}}"#,
+            row.is_multiple_of(2)
+        )
+    };
+
+    // Twelve rows in one transaction: 24 keys over the three masters.
+    pg.psql(
+        "INSERT INTO profiles (id, name, score, active)
+         SELECT g, 'n' || g, g + 0.5, g % 2 = 0 FROM generate_series(1, 12) g",
+    );
+    let mut versions = Vec::new();
+    let mut masters = std::collections::BTreeSet::new();
+    for i in 1..=12u32 {
+        let key = format!("user:{i}:profile");
+        let version = wait_json_with(|| get(&mut c, &key), &key, &fields(i, &format!("n{i}"), i));
+        support::sync_worker_on_cluster(&pg, &mut c, WAIT, log);
+        let mut h = hgetall(&mut c, &format!("user:{i}:h"));
+        assert_eq!(h.remove("_lsn").as_deref(), Some(version.as_str()));
+        assert_eq!(
+            h,
+            hash(&[("name", &format!("n{i}")), ("score", &format!("{i}.5"))])
+        );
+        for key in [key, format!("user:{i}:h")] {
+            // Only the slot's owner holds it (the others answer MOVED).
+            let node = cluster.node_of(&key);
+            assert!(node.is_some(), "{key} on no master\n{}", log());
+            masters.insert(node);
+        }
+        versions.push(version);
+    }
+    assert_eq!(masters.len(), 3, "the refreshed keys span every master");
+    assert!(versions.windows(2).all(|v| v[0] < v[1]), "{versions:?}");
+
+    // An update, a moved row, a delete.
+    pg.psql("UPDATE profiles SET name = 'Ann' WHERE id = 1");
+    let v1 = wait_json_with(
+        || get(&mut c, "user:1:profile"),
+        "user:1:profile",
+        &fields(1, "Ann", 1),
+    );
+    assert!(v1 > versions[11], "{v1} after {}", versions[11]);
+    pg.psql("UPDATE profiles SET id = 100 WHERE id = 2");
+    wait_json_with(
+        || get(&mut c, "user:100:profile"),
+        "user:100:profile",
+        &fields(100, "n2", 2),
+    );
+    pg.psql("DELETE FROM profiles WHERE id = 3");
+    for key in ["user:2:profile", "user:2:h", "user:3:profile", "user:3:h"] {
+        support::wait_gone_on_cluster(&mut c, key, WAIT, log);
+    }
+    support::sync_worker_on_cluster(&pg, &mut c, WAIT, log);
+    assert_eq!(
+        hgetall(&mut c, "user:100:h")
+            .get("name")
+            .map(String::as_str),
+        Some("n2")
+    );
+    assert_eq!(
+        hgetall(&mut c, "user:1:h").get("name").map(String::as_str),
+        Some("Ann")
+    );
+    // The rows nothing touched keep their first image.
+    for i in 4..=12u32 {
+        let v = get(&mut c, &format!("user:{i}:profile")).expect("kept");
+        assert_eq!(
+            split_json(&v),
+            (
+                versions[i as usize - 1].clone(),
+                fields(i, &format!("n{i}"), i)
+            )
+        );
+    }
+    assert_eq!(w.stop(WAIT), Some(0), "{}", w.log());
 }

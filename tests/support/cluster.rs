@@ -3,8 +3,12 @@
 use std::net::TcpListener;
 use std::path::Path;
 use std::process::{Child, Command};
+use std::time::Duration;
+
+use redis::cluster::ClusterConnection;
 
 use super::common::{free_port, wait_for, START_TIMEOUT};
+use super::pg::PgCluster;
 use super::redis::RedisServer;
 
 /// A free port whose cluster bus port (port + 10000) is free too.
@@ -88,6 +92,19 @@ impl RedisCluster {
             .collect()
     }
 
+    /// The body of a worker config's `[redis]` section for this cluster.
+    pub fn redis_toml(&self) -> String {
+        let urls: Vec<String> = self.urls().iter().map(|u| format!("{u:?}")).collect();
+        format!("cluster = [{}]", urls.join(", "))
+    }
+
+    /// The node (index) holding `key` (the others answer MOVED), if any.
+    pub fn node_of(&self, key: &str) -> Option<usize> {
+        self.nodes
+            .iter()
+            .position(|n| n.cli(&["EXISTS", key]).map(|s| s == "1").unwrap_or(false))
+    }
+
     /// The node id of node `i` (`CLUSTER MYID`).
     pub fn node_id(&self, i: usize) -> String {
         self.nodes[i]
@@ -134,6 +151,53 @@ impl RedisCluster {
             .output()
             .expect("redis-cli --cluster reshard")
     }
+}
+
+/// Whether `key` exists, on whichever node holds its slot.
+pub fn key_exists_on_cluster(conn: &mut ClusterConnection, key: &str) -> bool {
+    redis::cmd("EXISTS")
+        .arg(key)
+        .query::<bool>(conn)
+        .expect("EXISTS")
+}
+
+/// Waits until `key` is gone; on a timeout the failure shows `log()` (the worker's).
+pub fn wait_gone_on_cluster(
+    conn: &mut ClusterConnection,
+    key: &str,
+    timeout: Duration,
+    log: impl Fn() -> String,
+) {
+    let deadline = std::time::Instant::now() + timeout;
+    while key_exists_on_cluster(conn, key) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{key} still exists after {timeout:?}\n{}",
+            log()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// [`super::sync_worker`] for a worker on a cluster: waits until it applied
+/// everything committed so far (the probe key's deletion, then its
+/// acknowledgement).
+pub fn sync_worker_on_cluster(
+    pg: &PgCluster,
+    conn: &mut ClusterConnection,
+    timeout: Duration,
+    log: impl Fn() -> String,
+) {
+    let id = super::worker::next_sync_probe_id();
+    let key = format!("sync:{id}");
+    let _: () = redis::cmd("SET")
+        .arg(&key)
+        .arg("x")
+        .query(conn)
+        .expect("SET");
+    let lsn = super::worker::touch_sync_probe(pg, id);
+    wait_gone_on_cluster(conn, &key, timeout, log);
+    pg.wait_confirmed(&lsn, timeout);
 }
 
 /// `redis-cli monitor` processes, killed on drop.

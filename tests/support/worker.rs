@@ -30,14 +30,19 @@ pub fn touch_sync_probe(pg: &PgCluster, id: u32) -> String {
     .to_owned()
 }
 
+/// A `sync_probe` row id no earlier probe of this test binary used.
+pub fn next_sync_probe_id() -> u32 {
+    static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(1);
+    NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+}
+
 /// Waits until the worker applied everything committed before this call: a
 /// change to `sync_probe` (committed after) must delete its key, and then be
 /// acknowledged. The key alone is not enough: batches are applied in commit
 /// order, but the keys of one batch (several transactions) in no particular
 /// order, so the probe's key can go before an earlier transaction's key.
 pub fn sync_worker(pg: &PgCluster, redis: &RedisServer, timeout: Duration) {
-    static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(1);
-    let id = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let id = next_sync_probe_id();
     let mut probe = RedisProbe::new(redis);
     let key = format!("sync:{id}");
     probe.set(&key, "x");
