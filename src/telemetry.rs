@@ -135,6 +135,16 @@ impl Telemetry {
         });
     }
 
+    /// PostgreSQL skipped changes because the publication did not exist at
+    /// their point in the WAL: every mapped table is flushed in stream order.
+    pub fn publication_skipped(&self, publication: &str) {
+        self.metrics.flush(FlushReason::PublicationGap);
+        tracing::error!(
+            publication,
+            "the publication did not exist while changes were decoded (dropped, then recreated?): PostgreSQL skipped those changes without sending them, so every mapped table is flushed here, in stream order"
+        );
+    }
+
     /// Declared invalidations planned since the last call, by kind, and the
     /// full flushes of messages that could not be understood.
     pub fn declared(&self, d: &crate::plan::DeclaredCounters) {

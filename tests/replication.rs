@@ -370,6 +370,9 @@ async fn idle_advance_follows_keepalives_while_unpublished_tables_write() {
                     }
                 }
                 SourceItem::Keepalive { wal_end } => rule.keepalive(wal_end),
+                SourceItem::PublicationSkipped { publication } => {
+                    panic!("publication {publication} was skipped")
+                }
             }
             if let Some(lsn) = rule.take() {
                 ack.send_modify(|a| *a = (*a).max(lsn));

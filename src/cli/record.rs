@@ -307,6 +307,12 @@ where
                     }
                 }
             }
+            Some(SourceItem::PublicationSkipped { publication }) => {
+                tracing::warn!(
+                    publication,
+                    "the publication did not exist while changes were decoded: PostgreSQL skipped them, so this recording lacks them"
+                );
+            }
             Some(SourceItem::Keepalive { wal_end }) => {
                 if !writer.in_transaction() {
                     ack.send_modify(|a| *a = (*a).max(wal_end));

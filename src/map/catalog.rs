@@ -2,7 +2,7 @@
 //! publication. Pure: `check` fills a [`CatalogSnapshot`] with SQL and calls
 //! [`check_catalog`]; tests build snapshots by hand.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 
 use super::identity::{self, ReplicaIdentity};
@@ -73,6 +73,8 @@ pub struct PublishedTable {
 /// The publication named in the config.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PublicationInfo {
+    /// The publication's OID: a new one means it was dropped and recreated.
+    pub oid: u32,
     /// `puballtables`.
     pub all_tables: bool,
     /// `pubinsert`.
@@ -258,6 +260,25 @@ pub fn publication_drift(
         }
     }
     out
+}
+
+/// The mapped tables whose changes the publication hides now (every one
+/// when it does not exist): what [`publication_drift`] reports, by table.
+pub fn hidden_tables(mappings: &Mappings, snap: &CatalogSnapshot) -> BTreeSet<TableName> {
+    let rules = mappings.rules().iter();
+    let Some(p) = &snap.publication else {
+        return rules.map(|rule| rule.table.clone()).collect();
+    };
+    rules
+        .filter(|rule| {
+            snap.tables.get(&rule.table).is_some_and(|info| {
+                let mut found = Vec::new();
+                check_publication(rule, info, p, &mut found);
+                found.iter().any(|f| f.severity == Severity::Error)
+            })
+        })
+        .map(|rule| rule.table.clone())
+        .collect()
 }
 
 /// Checks the mappings against the catalog and the publication, per the design:
@@ -549,6 +570,7 @@ mod tests {
             PublishedTable::default(),
         );
         s.publication = Some(PublicationInfo {
+            oid: 1,
             all_tables: false,
             insert: true,
             update: true,
@@ -730,18 +752,23 @@ mod tests {
     #[test]
     fn drift_names_what_the_publication_hides() {
         let m = mappings(POSTS);
+        let posts = BTreeSet::from([TableName::parse("posts").unwrap()]);
         let mut s = posts_snapshot(ReplicaIdentity::Full);
         assert!(publication_drift(&m, &s, "p").is_empty());
+        assert!(hidden_tables(&m, &s).is_empty());
         s.publication.as_mut().unwrap().update = false;
         let d = publication_drift(&m, &s, "p");
         assert_eq!(d.len(), 1, "{d:?}");
+        assert_eq!(hidden_tables(&m, &s), posts);
         assert!(d[0].starts_with("the publication does not publish updates, which the rule for public.posts fires on"), "{d:?}");
         s.publication.as_mut().unwrap().tables.clear();
         assert!(publication_drift(&m, &s, "p")
             .iter()
             .any(|l| l.contains("public.posts is not in the publication")));
+        assert_eq!(hidden_tables(&m, &s), posts);
         s.publication = None;
         assert!(publication_drift(&m, &s, "p")[0].starts_with("publication \"p\" does not exist"));
+        assert_eq!(hidden_tables(&m, &s), posts);
     }
 
     #[test]

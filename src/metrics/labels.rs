@@ -62,16 +62,20 @@ pub enum FlushReason {
     /// A message under our prefix the worker could not understand (a malformed
     /// declared invalidation, an unknown payload version).
     MalformedMessage,
+    /// PostgreSQL 18+ skipped changes because the publication did not exist
+    /// at their point in the WAL (dropped, then recreated).
+    PublicationGap,
 }
 
 impl FlushReason {
     /// Every reason, in label order.
-    pub const ALL: [FlushReason; 5] = [
+    pub const ALL: [FlushReason; 6] = [
         FlushReason::MarkerAll,
         FlushReason::MarkerTable,
         FlushReason::IdentityChanged,
         FlushReason::Truncate,
         FlushReason::MalformedMessage,
+        FlushReason::PublicationGap,
     ];
 
     /// The label value.
@@ -82,6 +86,7 @@ impl FlushReason {
             FlushReason::IdentityChanged => "identity_changed",
             FlushReason::Truncate => "truncate",
             FlushReason::MalformedMessage => "malformed_message",
+            FlushReason::PublicationGap => "publication_gap",
         }
     }
 }

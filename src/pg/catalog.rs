@@ -220,6 +220,7 @@ pub async fn publication(
         );
     }
     Ok(Some(PublicationInfo {
+        oid,
         all_tables: row.get(1),
         insert: row.get(2),
         update: row.get(3),

@@ -116,6 +116,9 @@ pub struct ReplicationConnection {
     backend_pid: i32,
     wal_sender_timeout: Duration,
     pub(crate) poisoned: bool,
+    /// The publication streamed, once `START_REPLICATION` succeeded: the
+    /// stream recognises PostgreSQL 18's "skipped loading publication" by it.
+    pub(crate) publication: Option<String>,
 }
 
 impl std::fmt::Debug for ReplicationConnection {
@@ -209,6 +212,7 @@ async fn connect_inner(
         backend_pid: 0,
         wal_sender_timeout: Duration::from_secs(60),
         poisoned: false,
+        publication: None,
     };
     conn.startup().await?;
     // Before the server checks: a standby's settings (wal_level) are not the

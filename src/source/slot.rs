@@ -204,6 +204,7 @@ pub async fn start_replication(
         match f.tag {
             frame::COPY_BOTH_RESPONSE => {
                 tracing::info!(slot, publication, url = %conn.url(), backend_pid = conn.backend_pid(), "replication started");
+                conn.publication = Some(publication.to_string());
                 return Ok(());
             }
             frame::ERROR_RESPONSE => {

@@ -77,6 +77,18 @@ pub enum SourceItem {
         /// The server's current end of WAL.
         wal_end: Lsn,
     },
+    /// PostgreSQL 18+ decoded a change while the publication did not exist
+    /// (dropped, not yet recreated) and skipped it: the walsender's WARNING
+    /// "skipped loading publication", in stream order after everything
+    /// decoded before that change. The changes of that window are never
+    /// sent, so every mapped table must be flushed here. Durable without us:
+    /// until a later position is acknowledged, a restart decodes the window
+    /// again and the walsender warns again. (Before 18 the walsender fails
+    /// with "publication does not exist" instead.)
+    PublicationSkipped {
+        /// The publication the walsender skipped.
+        publication: String,
+    },
 }
 
 /// The task's inputs besides the connection.
@@ -156,11 +168,11 @@ pub async fn run_stream(
             };
             if let Some(item) = handle_frame(&mut conn, f, acked).await? {
                 let (is_reply, item) = item;
-                server_end = match &item {
-                    SourceItem::XLogData { wal_end, .. } | SourceItem::Keepalive { wal_end } => {
-                        server_end.max(*wal_end)
-                    }
-                };
+                if let SourceItem::XLogData { wal_end, .. } | SourceItem::Keepalive { wal_end } =
+                    &item
+                {
+                    server_end = server_end.max(*wal_end);
+                }
                 if let Some(p) = permit.take() {
                     p.send(item);
                 }
@@ -333,9 +345,22 @@ async fn handle_frame(
             })
         }
         frame::NOTICE_RESPONSE => {
-            if let Some(n) = ServerError::parse(f.body()) {
-                tracing::info!(notice = %n, "server notice during replication");
+            let Some(n) = ServerError::parse(f.body()) else {
+                return Ok(None);
+            };
+            if let Some(publication) = conn
+                .publication
+                .as_deref()
+                .filter(|p| skipped_publication(&n, p))
+            {
+                return Ok(Some((
+                    false,
+                    SourceItem::PublicationSkipped {
+                        publication: publication.to_string(),
+                    },
+                )));
             }
+            tracing::info!(notice = %n, "server notice during replication");
             Ok(None)
         }
         frame::COPY_DONE => Err(SourceError::ConnectionLost {
@@ -349,6 +374,16 @@ async fn handle_frame(
             format!("unexpected message {:?} in CopyBoth", char::from(other)),
         )),
     }
+}
+
+/// Whether a notice is pgoutput's (PostgreSQL 18+) WARNING that it skipped
+/// `publication` because it did not exist at that point in the WAL. Told by
+/// the severity (never localized in the 'V' field), the SQLSTATE
+/// (`object_not_in_prerequisite_state`) and the publication's name; the text
+/// and its quotes may be in the server's language. A false match costs one
+/// needless flush, a missed one a silent gap, so the test is loose.
+fn skipped_publication(notice: &ServerError, publication: &str) -> bool {
+    notice.severity == "WARNING" && notice.code == "55000" && notice.message.contains(publication)
 }
 
 /// The last standby status update sent: what it reported, and when.
@@ -407,6 +442,31 @@ async fn finish(mut conn: ReplicationConnection, acked: Lsn) -> Result<(), Sourc
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_the_skipped_publication_warning_about_ours_is_a_gap() {
+        let notice = |severity: &str, code: &str, message: &str| ServerError {
+            severity: severity.into(),
+            code: code.into(),
+            message: message.into(),
+            ..ServerError::default()
+        };
+        // PostgreSQL 18's pgoutput, in English and in another language.
+        let ours = notice("WARNING", "55000", "skipped loading publication \"p 1\"");
+        assert!(skipped_publication(&ours, "p 1"));
+        let translated = notice("WARNING", "55000", "Publikation »p 1« übersprungen");
+        assert!(skipped_publication(&translated, "p 1"));
+        // Another publication, another code, or not a warning.
+        assert!(!skipped_publication(&ours, "q"));
+        assert!(!skipped_publication(
+            &notice("WARNING", "01000", "skipped loading publication \"p 1\""),
+            "p 1"
+        ));
+        assert!(!skipped_publication(
+            &notice("NOTICE", "55000", "skipped loading publication \"p 1\""),
+            "p 1"
+        ));
+    }
 
     #[test]
     fn acknowledgements_are_reported_sooner_once_caught_up() {

@@ -194,6 +194,13 @@ pub async fn plan_stage(
                     telemetry.wal_end(wal_end);
                     rule.keepalive(wal_end);
                 }
+                // Changes were skipped right here: flushing every mapped table
+                // in this batch covers them before anything after them is
+                // acknowledged (the rule moves nothing for it).
+                SourceItem::PublicationSkipped { publication } => {
+                    telemetry.publication_skipped(&publication);
+                    planner.flush_all();
+                }
             }
             drained += 1;
             if drained >= DRAIN_MAX || planner.plan().ops() >= limits.max_ops {

@@ -601,3 +601,25 @@ async fn the_memory_sink_reports_identity_like_redis_would() {
         IdentityCheck::Changed { .. }
     ));
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_skipped_publication_flushes_every_mapped_table_before_anything_after_it_is_acknowledged()
+{
+    let mut stage = start_plan(
+        LIMITS,
+        64,
+        vec![
+            SourceItem::PublicationSkipped {
+                publication: "p".into(),
+            },
+            SourceItem::Keepalive {
+                wal_end: Lsn(0x500),
+            },
+        ],
+    )
+    .await;
+    let batch = next(&mut stage.batches).await;
+    assert_eq!(batch.ack, Some(Lsn(0x500)));
+    let patterns: Vec<&str> = batch.plan.patterns.iter().collect();
+    assert_eq!(patterns, ["item:*"], "items' truncate invalidations");
+}
