@@ -155,7 +155,7 @@ async fn postgres(config: &Config, mappings: &Mappings) -> Part {
             return part;
         }
     };
-    let sql = match tokio::time::timeout(TIMEOUT, crate::source::connect_sql(&settings)).await {
+    let sql = match tokio::time::timeout(TIMEOUT, crate::pg::connect(&settings)).await {
         Err(_) => {
             part.reach = Reach::Unreachable(format!(
                 "PostgreSQL at {} did not answer within {TIMEOUT:?}",
@@ -301,7 +301,7 @@ pub async fn server_prerequisites(
         out.push((
             Finding::error(format!(
                 "role {user:?} may not start replication ({url}): run `ALTER ROLE {} REPLICATION;` as a superuser",
-                crate::pg::quote_ident(&user)
+                crate::quote::quote_ident(&user)
             )),
             true,
         ));

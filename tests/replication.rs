@@ -9,10 +9,11 @@ use std::time::{Duration, Instant};
 
 use cache_invalidator::ack::AckRule;
 use cache_invalidator::decode::relations::RelationCache;
+use cache_invalidator::pg::{self, catalog};
 use cache_invalidator::shutdown::ShutdownTrigger;
 use cache_invalidator::source::{
-    self, connect, connect_sql, create_slot, start_replication, ConnectionSettings, RetryClass,
-    SourceError, SourceItem, StreamControl,
+    self, connect, create_slot, start_replication, ConnectionSettings, RetryClass, SourceError,
+    SourceItem, StreamControl,
 };
 use cache_invalidator::Lsn;
 use support::{PgCluster, PgOptions};
@@ -132,8 +133,8 @@ async fn connects_over_tcp_and_unix_socket_and_identifies_the_system() {
         assert_eq!(conn.show("bytea_output").await.unwrap(), "hex");
         conn.close().await;
     }
-    let sql = connect_sql(&settings(&pg.socket_url())).await.expect("sql");
-    assert!(sql.server_version_num().await.unwrap() >= 140_000);
+    let sql = pg::connect(&settings(&pg.socket_url())).await.expect("sql");
+    assert!(catalog::server_version_num(sql.client()).await.unwrap() >= 140_000);
     assert_eq!(sql.wal_level().await.unwrap(), "logical");
     assert!(!sql.publication_exists("nope").await.unwrap());
     let err = sql.check_publication("nope").await.unwrap_err();
@@ -187,7 +188,7 @@ async fn authenticates_with_md5_scram_and_cleartext_and_rejects_a_wrong_password
         let s = ConnectionSettings::parse(&url, Some(pw.to_string())).unwrap();
         let mut conn = connect(&s).await.unwrap_or_else(|e| panic!("{user}: {e}"));
         conn.identify_system().await.expect("IDENTIFY_SYSTEM");
-        connect_sql(&s)
+        pg::connect(&s)
             .await
             .unwrap_or_else(|e| panic!("sql {user}: {e}"));
     }
@@ -255,7 +256,7 @@ async fn slot_errors_missing_in_use_and_no_free_slots() {
     );
     assert_eq!(err.retry_class(), RetryClass::BackOffAndRetry);
     // No free slots.
-    let sql = connect_sql(&settings(&pg.url())).await.unwrap();
+    let sql = pg::connect(&settings(&pg.url())).await.unwrap();
     let mut conn = connect(&settings(&pg.url())).await.unwrap();
     create_slot(&mut conn, Some(&sql), "s2", Duration::from_secs(10))
         .await
@@ -265,16 +266,19 @@ async fn slot_errors_missing_in_use_and_no_free_slots() {
         .unwrap_err();
     assert!(matches!(err, SourceError::NoFreeSlots { .. }), "{err:?}");
     assert!(err.to_string().contains("max_replication_slots"), "{err}");
-    let info = sql.slot_info("s2").await.unwrap().expect("s2");
-    assert!(info.confirmed_flush_lsn.is_some() && !info.is_lost());
-    assert_eq!(sql.slot_info("s3").await.unwrap(), None);
+    let info = catalog::slot(sql.client(), "s2")
+        .await
+        .unwrap()
+        .expect("s2");
+    assert!(info.confirmed_flush_lsn.is_some() && info.wal_status.as_deref() != Some("lost"));
+    assert_eq!(catalog::slot(sql.client(), "s3").await.unwrap(), None);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn slot_creation_times_out_naming_the_blocking_pid() {
     let pg = PgCluster::start();
-    let sql = connect_sql(&settings(&pg.url())).await.unwrap();
-    let blocker = connect_sql(&settings(&pg.url())).await.unwrap();
+    let sql = pg::connect(&settings(&pg.url())).await.unwrap();
+    let blocker = pg::connect(&settings(&pg.url())).await.unwrap();
     blocker
         .client()
         .batch_execute("CREATE TABLE b (x int); BEGIN; INSERT INTO b VALUES (1)")

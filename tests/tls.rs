@@ -9,11 +9,11 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+use cache_invalidator::pg;
 use cache_invalidator::plan::Plan;
 use cache_invalidator::sink::{RedisSink, RedisTls, SinkOptions};
 use cache_invalidator::source::connection;
 use cache_invalidator::source::conninfo::ConnectionSettings;
-use cache_invalidator::source::sql::connect_sql;
 use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair};
 use redis::Commands;
 use support::{free_port, PgCluster, PgOptions, RedisServer};
@@ -133,7 +133,7 @@ async fn assert_both_connect_over_tls(pg: &PgCluster, url: &str) {
     ));
     assert_eq!(ssl, "t", "replication connection without TLS ({url})");
     conn.close().await;
-    let sql = connect_sql(&s)
+    let sql = pg::connect(&s)
         .await
         .unwrap_or_else(|e| panic!("SQL connection {url}: {e}"));
     let row = sql
@@ -154,7 +154,7 @@ async fn both_fail(url: &str) -> (String, String) {
         .map(|_| ())
         .expect_err("replication connection should fail")
         .to_string();
-    let sql = connect_sql(&s)
+    let sql = pg::connect(&s)
         .await
         .map(|_| ())
         .expect_err("SQL connection should fail")
@@ -265,7 +265,7 @@ async fn postgres_without_tls_is_refused_by_require_and_used_by_prefer() {
     }
     let s = settings(&url(&pg, "127.0.0.1", "postgres", "sslmode=prefer"));
     connection::connect(&s).await.unwrap().close().await;
-    connect_sql(&s).await.unwrap();
+    pg::connect(&s).await.unwrap();
 }
 
 fn redis_tls(pki: &TestPki, auth_clients: &str) -> (RedisServer, u16) {

@@ -144,10 +144,17 @@ pub async fn run(config_path: &Path) -> Result<(), CliError> {
     }
 
     let pg = &checked.config.postgres;
-    if !matches!(report.postgres, Reach::Unreachable(_)) {
+    let reachable = !matches!(report.postgres, Reach::Unreachable(_));
+    // One SQL connection for the checks below, when one of them runs.
+    let sql = if reachable || !pg.replicas.is_empty() {
+        Some(crate::pg::connect_url(&pg.url, pg.password.as_ref().map(|p| p.expose())).await)
+    } else {
+        None
+    };
+    if reachable {
         // Failover slots (17+): warnings only, `run` does not need them.
-        match crate::pg::connect_sql(&pg.url, pg.password.as_ref().map(|p| p.expose())).await {
-            Ok(client) => match crate::pg::failover::read(&client, &pg.slot).await {
+        match &sql {
+            Some(Ok(sql)) => match crate::pg::failover::read(sql.client(), &pg.slot).await {
                 Ok(facts) => findings.extend(crate::pg::failover::findings(
                     &facts,
                     &pg.slot,
@@ -155,18 +162,19 @@ pub async fn run(config_path: &Path) -> Result<(), CliError> {
                 )),
                 Err(e) => findings.push(warning(format!("failover checks skipped: {e}"))),
             },
-            Err(e) => findings.push(warning(format!("failover checks skipped: {e}"))),
+            Some(Err(e)) => findings.push(warning(format!("failover checks skipped: {e}"))),
+            None => {}
         }
     }
     let mut replica_lines = Vec::new();
     if !pg.replicas.is_empty() {
-        match crate::pg::connect_sql(&pg.url, pg.password.as_ref().map(|p| p.expose())).await {
-            Err(e) => findings.push(warning(format!(
+        match &sql {
+            Some(Err(e)) => findings.push(warning(format!(
                 "replica checks skipped: the primary is unreachable: {e}"
             ))),
-            Ok(primary) => {
+            Some(Ok(primary)) => {
                 let reports = crate::visibility::report::inspect_all(
-                    &primary,
+                    primary.client(),
                     &pg.replicas,
                     pg.password.as_ref().map(|p| p.expose()),
                 )
@@ -184,15 +192,12 @@ pub async fn run(config_path: &Path) -> Result<(), CliError> {
                     }
                 }
             }
+            None => {}
         }
     }
-    if !matches!(report.postgres, Reach::Unreachable(_)) {
-        if let Ok(client) =
-            crate::pg::connect_sql(&pg.url, pg.password.as_ref().map(|p| p.expose())).await
-        {
-            let tables: Vec<TableName> = checked.mappings.tables().into_iter().cloned().collect();
-            findings.extend(ddl_tracking(&client, &tables).await);
-        }
+    if let (true, Some(Ok(sql))) = (reachable, &sql) {
+        let tables: Vec<TableName> = checked.mappings.tables().into_iter().cloned().collect();
+        findings.extend(ddl_tracking(sql.client(), &tables).await);
     }
 
     if let Reach::Unreachable(why) = &report.redis {

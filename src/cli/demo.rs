@@ -17,6 +17,7 @@ use futures_util::StreamExt;
 
 use crate::error::CliError;
 use crate::lsn::Lsn;
+use crate::source::conninfo::mask_connection_string;
 
 /// The demo schema and mappings, built into the binary.
 const MIGRATIONS: &[(&str, &str)] = &[
@@ -82,10 +83,9 @@ impl Servers {
             let _ = wait_child(&mut worker, Duration::from_secs(10));
         }
         if let Some(admin) = self.pg_shared_admin.take() {
-            if let Ok((client, conn)) = tokio_postgres::connect(&admin, tokio_postgres::NoTls).await
-            {
-                tokio::spawn(conn);
-                let _ = client
+            if let Ok(sql) = crate::pg::connect_url(&admin, None).await {
+                let _ = sql
+                    .client()
                     .batch_execute(&format!(
                         "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE database = '{DEMO_DB}';
                          DROP DATABASE IF EXISTS {DEMO_DB} WITH (FORCE);"
@@ -114,10 +114,10 @@ async fn demo(scratch: &Path, servers: &mut Servers) -> Result<(), CliError> {
     let redis_url = redis(scratch, servers)?;
 
     // Schema, mappings, config.
-    let (client, conn) = tokio_postgres::connect(&pg_url, tokio_postgres::NoTls)
+    let sql = crate::pg::connect_url(&pg_url, None)
         .await
         .map_err(|e| fail("connect to PostgreSQL", e))?;
-    tokio::spawn(conn);
+    let client = sql.client();
     for (name, sql) in MIGRATIONS {
         client.batch_execute(sql).await.map_err(|e| fail(name, e))?;
     }
@@ -326,9 +326,7 @@ async fn demo(scratch: &Path, servers: &mut Servers) -> Result<(), CliError> {
 /// Waits until `slot`'s confirmed position reaches the current WAL position:
 /// every transaction committed so far has been applied to Redis.
 async fn wait_acknowledged(pg_url: &str, slot: &str) -> Result<(), CliError> {
-    let settings = crate::source::ConnectionSettings::parse(pg_url, None)
-        .map_err(|e| fail("PostgreSQL URL", e))?;
-    let sql = crate::source::connect_sql(&settings)
+    let sql = crate::pg::connect_url(pg_url, None)
         .await
         .map_err(|e| fail("connect to PostgreSQL", e))?;
     // `catalog::slot` reads the server's WAL position beside the slot's.
@@ -388,13 +386,10 @@ async fn wait_gone(
 async fn postgres(scratch: &Path, servers: &mut Servers) -> Result<String, CliError> {
     let admin = std::env::var("CACHE_INVALIDATOR_POSTGRES_URL")
         .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into());
-    if let Ok(Ok((client, conn))) = tokio::time::timeout(
-        Duration::from_secs(3),
-        tokio_postgres::connect(&admin, tokio_postgres::NoTls),
-    )
-    .await
+    if let Ok(Ok(sql)) =
+        tokio::time::timeout(Duration::from_secs(3), crate::pg::connect_url(&admin, None)).await
     {
-        tokio::spawn(conn);
+        let client = sql.client();
         let level = client
             .query_one("SHOW wal_level", &[])
             .await
@@ -414,19 +409,19 @@ async fn postgres(scratch: &Path, servers: &mut Servers) -> Result<String, CliEr
             };
             println!(
                 "PostgreSQL: {} (wal_level = logical), database {DEMO_DB}",
-                crate::pg::mask_conninfo(&admin)
+                mask_connection_string(&admin)
             );
             return Ok(url);
         }
         println!(
             "PostgreSQL at {} has wal_level = {}: starting a throwaway cluster instead",
-            crate::pg::mask_conninfo(&admin),
+            mask_connection_string(&admin),
             level
         );
     } else {
         println!(
             "no PostgreSQL reachable at {}: starting a throwaway cluster",
-            crate::pg::mask_conninfo(&admin)
+            mask_connection_string(&admin)
         );
     }
     let dir = scratch.join("pg");

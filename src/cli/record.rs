@@ -239,7 +239,7 @@ where
     D: FnMut(&[u8], Lsn, &mut Vec<Event>) -> Result<(), E>,
     E: std::error::Error + Send + Sync + 'static,
 {
-    let sql = source::connect_sql(&args.postgres)
+    let sql = crate::pg::connect(&args.postgres)
         .await
         .map_err(CliError::runtime)?;
     sql.check_publication(&args.publication)

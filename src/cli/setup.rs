@@ -38,8 +38,10 @@ use crate::map::identity;
 use crate::map::{Mappings, TableName};
 use crate::pg::catalog::{self, TableFacts};
 use crate::pg::failover;
-use crate::pg::{connect_sql, quote_ident, quote_literal, PgError};
+use crate::pg::PgError;
 use crate::plan::planner::MESSAGE_PREFIX;
+use crate::quote::{quote_ident, quote_literal};
+use crate::source::ConnectionSettings;
 
 /// `lock_timeout` for `ALTER TABLE ... REPLICA IDENTITY FULL`.
 const LOCK_TIMEOUT: &str = "5s";
@@ -100,14 +102,16 @@ pub async fn run_with_env(
     let replica_identity_full = options.replica_identity_full;
     let checked = super::check::check_offline(config_path, env)?;
     let pg = &checked.config.postgres;
-    let password = pg.password.as_ref().map(|p| p.expose());
-    let client = connect_sql(&pg.url, password)
+    let settings =
+        ConnectionSettings::parse(&pg.url, pg.password.as_ref().map(|p| p.expose().to_owned()))
+            .map_err(CliError::runtime)?;
+    let sql = crate::pg::connect(&settings)
         .await
         .map_err(CliError::runtime)?;
     let mut setup = Setup {
-        client,
-        url: pg.url.clone(),
-        password: password.map(str::to_owned),
+        url: sql.url().to_owned(),
+        client: sql.into_client(),
+        settings,
         failover_slot: pg.failover_slot,
         ran: 0,
     };
@@ -142,8 +146,11 @@ pub async fn run_with_env(
 
 struct Setup {
     client: Client,
+    /// The server, masked, for messages.
     url: String,
-    password: Option<String>,
+    /// Where `client` connected: for the second connections (a replication
+    /// one, one watching what the slot creation waits for).
+    settings: ConnectionSettings,
     /// `[postgres] failover_slot`: create (or make) the slot failover-enabled on 17+.
     failover_slot: bool,
     /// Statements run that changed something (0: a no-op run).
@@ -170,14 +177,11 @@ impl Setup {
         replica_identity_full: bool,
     ) -> Result<bool, CliError> {
         // What no statement of setup can fix: refuse before changing anything.
-        let blockers: Vec<String> = crate::preflight::server_prerequisites(
-            &self.client,
-            &crate::pg::mask_conninfo(&self.url),
-        )
-        .await
-        .into_iter()
-        .map(|(f, _)| f.to_string())
-        .collect();
+        let blockers: Vec<String> = crate::preflight::server_prerequisites(&self.client, &self.url)
+            .await
+            .into_iter()
+            .map(|(f, _)| f.to_string())
+            .collect();
         if !blockers.is_empty() {
             return Err(CliError::Invalid(format!(
                 "cannot set up:\n{}\nNothing was changed.",
@@ -716,10 +720,8 @@ impl Setup {
             quote_ident(slot)
         );
         println!("-- on a replication connection:\n{cmd};");
-        let settings = crate::source::ConnectionSettings::parse(&self.url, self.password.clone())
-            .map_err(CliError::runtime)?;
         let result = async {
-            let mut conn = crate::source::connect(&settings).await?;
+            let mut conn = crate::source::connect(&self.settings).await?;
             let r = conn.simple_query(&cmd, Some(slot), None).await;
             conn.close().await;
             r
@@ -752,8 +754,7 @@ impl Setup {
         .map_err(CliError::runtime)?;
         let seen = Arc::new(Mutex::new(Vec::new()));
         let watcher = tokio::spawn(watch_blockers(
-            self.url.clone(),
-            self.password.clone(),
+            self.settings.clone(),
             own_pid,
             Arc::clone(&seen),
         ));
@@ -865,50 +866,30 @@ async fn store_identity(client: &Client, config: &crate::config::Config) -> Resu
 /// Polls `pg_stat_activity` from a second connection while the slot creation
 /// waits, logging the backends whose transactions it waits for and
 /// recording their PIDs in `seen`. Runs until aborted.
-async fn watch_blockers(
-    url: String,
-    password: Option<String>,
-    own_pid: i32,
-    seen: Arc<Mutex<Vec<i32>>>,
-) {
+async fn watch_blockers(settings: ConnectionSettings, own_pid: i32, seen: Arc<Mutex<Vec<i32>>>) {
     tokio::time::sleep(BLOCKER_POLL).await;
-    let client = match connect_sql(&url, password.as_deref()).await {
-        Ok(c) => c,
+    let sql = match crate::pg::connect(&settings).await {
+        Ok(sql) => sql,
         Err(e) => {
             tracing::warn!(error = %e, "cannot open a second connection to show what the slot creation waits for");
             return;
         }
     };
     loop {
-        let rows = client
-            .query(
-                "SELECT pid, coalesce(application_name, ''), coalesce(state, ''), \
-                        coalesce(extract(epoch FROM now() - xact_start)::int8, 0) \
-                 FROM pg_stat_activity \
-                 WHERE pid <> $1 AND pid <> pg_backend_pid() \
-                   AND (backend_xid IS NOT NULL OR backend_xmin IS NOT NULL) ORDER BY xact_start",
-                &[&own_pid],
-            )
-            .await;
-        match rows {
-            Ok(rows) if !rows.is_empty() => {
-                for r in rows {
-                    let pid: i32 = r.get(0);
-                    let app: String = r.get(1);
-                    let state: String = r.get(2);
-                    let secs: i64 = r.get(3);
-                    tracing::warn!(pid, application_name = %app, state = %state, xact_seconds = secs,
+        match sql.blocking_transactions(own_pid).await {
+            Ok(blocking) => {
+                for b in blocking {
+                    tracing::warn!(pid = b.pid, application_name = %b.application_name, state = %b.state, xact_seconds = b.xact_seconds,
                         "slot creation waits for this transaction to end");
                     if let Ok(mut seen) = seen.lock() {
-                        if !seen.contains(&pid) {
-                            seen.push(pid);
+                        if !seen.contains(&b.pid) {
+                            seen.push(b.pid);
                         }
                     }
                 }
             }
-            Ok(_) => {}
             Err(e) => {
-                tracing::debug!(error = %crate::pg::describe(&e), "pg_stat_activity poll failed");
+                tracing::debug!(error = %e, "pg_stat_activity poll failed");
             }
         }
         tokio::time::sleep(BLOCKER_POLL).await;

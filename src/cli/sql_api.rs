@@ -21,11 +21,11 @@
 //! `docs/security.md` and `docs/operations.md`.
 
 use crate::map::TableName;
-use crate::pg::{quote_ident, quote_literal};
 use crate::plan::declared::{
     INVALIDATE_PREFIX, MAX_ENTRIES, MAX_ENTRY_BYTES, MAX_PAYLOAD_BYTES, VERSION,
 };
 use crate::plan::planner::MESSAGE_PREFIX;
+use crate::quote::{quote_ident, quote_literal};
 
 /// The schema of the API.
 pub const SCHEMA: &str = "cache_invalidator";

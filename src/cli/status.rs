@@ -14,7 +14,6 @@ use serde::Serialize;
 use crate::config::{Config, EnvOverrides};
 use crate::error::CliError;
 use crate::pg::catalog::{self, SlotFacts};
-use crate::pg::connect_sql;
 use crate::pg::failover::{self, StandbySlot};
 
 /// What `status --json` prints. Field names are stable.
@@ -93,7 +92,7 @@ async fn standbys(config: &Config) -> Vec<StandbySlot> {
         candidate.target_session_attrs = crate::source::TargetSessionAttrs::Any;
         candidate.connect_timeout = candidate.connect_timeout.min(STANDBY_TIMEOUT);
         let target = candidate.target();
-        match crate::source::connect_sql(&candidate).await {
+        match crate::pg::connect(&candidate).await {
             Ok(sql) => {
                 let standby = failover::read_standby(sql.client(), &target, &pg.slot).await;
                 // The primary is not a standby: reported above, not here.
@@ -136,19 +135,20 @@ pub async fn run(config_path: &Path, json: bool) -> Result<(), CliError> {
 /// Reads the slot and the publication.
 pub async fn probe(config: &Config) -> Result<Status, CliError> {
     let pg = &config.postgres;
-    let client = connect_sql(&pg.url, pg.password.as_ref().map(|p| p.expose()))
+    let sql = crate::pg::connect_url(&pg.url, pg.password.as_ref().map(|p| p.expose()))
         .await
         .map_err(CliError::runtime)?;
-    let version = catalog::server_version_num(&client)
+    let client = sql.client();
+    let version = catalog::server_version_num(client)
         .await
         .map_err(CliError::runtime)?;
-    let slot = catalog::slot(&client, &pg.slot)
+    let slot = catalog::slot(client, &pg.slot)
         .await
         .map_err(CliError::runtime)?;
-    let publication = catalog::publication(&client, &pg.publication, version)
+    let publication = catalog::publication(client, &pg.publication, version)
         .await
         .map_err(CliError::runtime)?;
-    let facts = failover::read(&client, &pg.slot)
+    let facts = failover::read(client, &pg.slot)
         .await
         .map_err(CliError::runtime)?;
     let warnings = failover::findings(&facts, &pg.slot, pg.failover_slot)
@@ -211,7 +211,7 @@ pub async fn probe(config: &Config) -> Result<Status, CliError> {
         streaming: false,
     });
     let replicas = crate::visibility::report::inspect_all(
-        &client,
+        client,
         &pg.replicas,
         pg.password.as_ref().map(|p| p.expose()),
     )

@@ -137,24 +137,9 @@ impl std::fmt::Debug for ReplicationConnection {
 /// `target_session_attrs=read-write` a read-only server (a standby) is
 /// skipped. The error is the last host's.
 pub async fn connect(settings: &ConnectionSettings) -> Result<ReplicationConnection, SourceError> {
-    let mut last = None;
-    for candidate in settings.candidates() {
-        match connect_one(&candidate).await {
-            Ok(conn) => return Ok(conn),
-            Err(err) => {
-                if settings.hosts.len() > 1 {
-                    tracing::debug!(target = %candidate.target(), error = %err, "trying the next PostgreSQL host");
-                }
-                last = Some(err);
-            }
-        }
-    }
-    Err(
-        last.unwrap_or_else(|| SourceError::InvalidConnectionString {
-            masked: settings.to_string(),
-            reason: "no host".into(),
-        }),
-    )
+    settings
+        .connect_first(|candidate| async move { connect_one(&candidate).await })
+        .await
 }
 
 async fn connect_one(settings: &ConnectionSettings) -> Result<ReplicationConnection, SourceError> {

@@ -348,6 +348,35 @@ impl ConnectionSettings {
             .collect()
     }
 
+    /// Runs `connect` on each of [`Self::candidates`] in order until one
+    /// succeeds; the error is the last host's. The one multi-host loop of the
+    /// replication connection and the SQL one (`pg::connect`).
+    pub async fn connect_first<T, F, Fut>(&self, mut connect: F) -> Result<T, SourceError>
+    where
+        F: FnMut(ConnectionSettings) -> Fut,
+        Fut: std::future::Future<Output = Result<T, SourceError>>,
+    {
+        let mut last = None;
+        for candidate in self.candidates() {
+            let target = candidate.target();
+            match connect(candidate).await {
+                Ok(conn) => return Ok(conn),
+                Err(err) => {
+                    if self.hosts.len() > 1 {
+                        tracing::debug!(target = %target, error = %err, "trying the next PostgreSQL host");
+                    }
+                    last = Some(err);
+                }
+            }
+        }
+        Err(
+            last.unwrap_or_else(|| SourceError::InvalidConnectionString {
+                masked: self.to_string(),
+                reason: "no host".into(),
+            }),
+        )
+    }
+
     /// The unix socket file, for a [`Host::Unix`].
     pub fn socket_path(&self) -> Option<PathBuf> {
         match &self.host {
@@ -735,6 +764,29 @@ mod tests {
             "{shown}"
         );
         assert_eq!(s.to_string(), "postgres://u:***@h:5432/d?sslmode=prefer");
+    }
+
+    #[test]
+    fn masks_passwords_everywhere() {
+        assert_eq!(
+            mask_connection_string("postgres://u:secret@h:5432/db"),
+            "postgres://u:***@h:5432/db"
+        );
+        let m = mask_connection_string("postgres://u@h/db?password=secret&sslmode=disable");
+        assert!(
+            !m.contains("secret") && m.contains("sslmode=disable"),
+            "{m}"
+        );
+        assert_eq!(
+            mask_connection_string("host=/tmp password=secret user=u"),
+            "host=/tmp password=*** user=u"
+        );
+        assert_eq!(
+            mask_connection_string("host=h password = 'se cr\\'et' dbname=d"),
+            "host=h password=*** dbname=d"
+        );
+        assert_eq!(mask_connection_string("host=h user=u"), "host=h user=u");
+        assert!(!mask_connection_string("postgres://u:secret@[bad").contains("secret"));
     }
 
     #[test]

@@ -8,11 +8,11 @@
 //!   standby status update bytes.
 //! * [`slot`]: slot creation (permanent, temporary), `START_REPLICATION`, quoting.
 //! * [`stream`]: the task that forwards [`SourceItem`]s and sends status updates.
-//! * [`sql`]: the tokio-postgres connection for catalog and slot queries.
 //! * [`error`]: [`SourceError`] and its [`RetryClass`].
 //!
 //! Not here: pgoutput decoding (`decode/`), acknowledgement bookkeeping
-//! (`ack`): this module reports whatever LSN the acknowledger publishes.
+//! (`ack`): this module reports whatever LSN the acknowledger publishes; the
+//! SQL connection (`pg`, built on these settings, TLS setup and errors).
 
 pub mod connection;
 pub mod conninfo;
@@ -20,7 +20,6 @@ pub mod copyboth;
 pub mod error;
 pub mod frame;
 pub mod slot;
-pub mod sql;
 pub mod stream;
 pub mod tls;
 
@@ -28,7 +27,7 @@ pub use connection::{connect, ReplicationConnection, SystemIdentity};
 pub use conninfo::{ConnectionSettings, Host, SslMode, TargetSessionAttrs};
 pub use error::{RetryClass, ServerError, SourceError};
 pub use slot::{
-    create_slot, create_temporary_slot, drop_slot, slot_synced, start_replication, CreatedSlot,
+    create_slot, create_temporary_slot, drop_slot, slot_synced, start_replication, BlockingPids,
+    CreatedSlot,
 };
-pub use sql::{connect_sql, SlotInfo, SqlClient};
 pub use stream::{spawn_stream, SourceItem, StreamControl};

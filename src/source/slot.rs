@@ -6,13 +6,14 @@
 //! We never request `streaming` or `two_phase`: pgoutput then sends a
 //! transaction only after its commit.
 
+use std::future::Future;
 use std::time::Duration;
 
 use super::connection::ReplicationConnection;
 use super::error::SourceError;
 use super::frame;
-use super::sql::SqlClient;
 use crate::lsn::Lsn;
+use crate::quote::{quote_ident, quote_literal};
 
 /// A slot just created.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -22,8 +23,6 @@ pub struct CreatedSlot {
     /// The LSN from which it streams: changes committed after it.
     pub consistent_point: Lsn,
 }
-
-pub use crate::quote::{quote_ident, quote_literal};
 
 /// Checks a slot name as PostgreSQL does: 1 to 63 of `[a-z0-9_]`.
 pub fn validate_slot_name(slot: &str) -> Result<(), SourceError> {
@@ -81,6 +80,18 @@ fn created(
     })
 }
 
+/// Lists the backends a slot creation waits for, over a second connection:
+/// `pg::SqlClient` implements it. A trait so that `source` need not import
+/// the SQL module, which is built on `source` (ARCHITECTURE.md, "Modules").
+pub trait BlockingPids {
+    /// PIDs of the backends other than `exclude_pid` (the walsender creating
+    /// the slot) that hold a transaction id or snapshot.
+    fn blocking_pids(
+        &self,
+        exclude_pid: i32,
+    ) -> impl Future<Output = Result<Vec<i32>, SourceError>> + Send;
+}
+
 /// Creates a permanent logical slot with pgoutput. Creation waits for the
 /// transactions running when it starts; while it waits, the backends holding
 /// a transaction id or snapshot are logged every second (read over `sql`). On
@@ -89,7 +100,7 @@ fn created(
 /// [`SourceError::SlotCreationTimeout`] names the blocking PIDs.
 pub async fn create_slot(
     conn: &mut ReplicationConnection,
-    sql: Option<&SqlClient>,
+    sql: Option<&impl BlockingPids>,
     slot: &str,
     timeout: Duration,
 ) -> Result<CreatedSlot, SourceError> {
@@ -117,7 +128,7 @@ pub async fn create_slot(
                 }
                 _ = tick.tick() => {
                     if let Some(sql) = sql {
-                        match sql.transactions_blocking_slot_creation(own_pid).await {
+                        match sql.blocking_pids(own_pid).await {
                             Ok(pids) => {
                                 tracing::info!(slot, waited_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX), blocking_pids = ?pids, "creating the replication slot waits for these transactions to end");
                                 blocking = pids;

@@ -19,7 +19,8 @@ use std::time::{Duration, Instant};
 
 use crate::log_fields::{ELAPSED_MS, ERROR, XID};
 use crate::metrics::{Health, Metrics};
-use crate::source::{self, ConnectionSettings, RetryClass, SqlClient};
+use crate::pg::{self, SqlClient};
+use crate::source::{self, ConnectionSettings, RetryClass};
 
 /// First re-poll delay while a transaction is not visible yet.
 const POLL_FIRST: Duration = Duration::from_millis(1);
@@ -247,7 +248,7 @@ impl PrimaryVisibility {
     async fn snapshot(&mut self) -> Result<Snapshot, (source::SourceError, RetryClass)> {
         let client = match self.client.take() {
             Some(client) => client,
-            None => source::connect_sql(&self.settings).await.map_err(|e| {
+            None => pg::connect(&self.settings).await.map_err(|e| {
                 let class = e.retry_class();
                 (e, class)
             })?,

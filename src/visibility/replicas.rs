@@ -31,8 +31,9 @@ use tokio::sync::watch;
 use crate::log_fields::{ERROR, LSN};
 use crate::lsn::Lsn;
 use crate::metrics::{Health, Metrics};
+use crate::pg::{self, SqlClient};
 use crate::plan::Plan;
-use crate::source::{self, ConnectionSettings, SqlClient};
+use crate::source::ConnectionSettings;
 
 /// How often a replica is polled when nothing waits for it (lag metrics).
 pub const IDLE_POLL: Duration = Duration::from_secs(1);
@@ -438,7 +439,7 @@ async fn poll_replica(
     let name = settings.target();
     let mut reconnect = crate::retry::Backoff::new();
     loop {
-        let client = match source::connect_sql(&settings).await {
+        let client = match pg::connect(&settings).await {
             Ok(c) => c,
             Err(err) => {
                 mark_down(i, err.to_string(), &states, &ctx);

@@ -101,14 +101,15 @@ async fn inspect(
         problem: None,
     };
     let password = if own_password { None } else { password };
-    let client = match crate::pg::connect_sql(url, password).await {
-        Ok(c) => c,
+    let sql = match crate::pg::connect_url(url, password).await {
+        Ok(sql) => sql,
         Err(e) => {
             report.problem = Some(format!("unreachable ({e}): not waited for while down"));
             return report;
         }
     };
-    let row = client
+    let row = sql
+        .client()
         .query_one(
             "SELECT (SELECT system_identifier::text FROM pg_control_system()), pg_is_in_recovery(), \
              pg_last_wal_replay_lsn()::text, \

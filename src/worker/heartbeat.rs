@@ -6,8 +6,9 @@
 use std::sync::Arc;
 
 use crate::log_fields::ERROR;
+use crate::pg;
 use crate::shutdown::Shutdown;
-use crate::source::{self, ConnectionSettings, RetryClass};
+use crate::source::{ConnectionSettings, RetryClass};
 use crate::telemetry::{Telemetry, HEARTBEAT_INTERVAL};
 
 /// Emits `pg_logical_emit_message(false, 'cache-invalidator', 'heartbeat')`
@@ -27,7 +28,7 @@ pub(super) async fn heartbeat(
             () = stop.requested() => return,
         }
         if sql.is_none() {
-            match source::connect_sql(&settings).await {
+            match pg::connect(&settings).await {
                 Ok(c) => sql = Some(c),
                 Err(err) => {
                     tracing::debug!({ ERROR } = %err, "heartbeat: no SQL connection; retrying");

@@ -25,8 +25,9 @@ use tokio::sync::Notify;
 use crate::log_fields::{ERROR, REASON};
 use crate::map::catalog::{hidden_tables, publication_drift};
 use crate::map::{Mappings, TableName};
+use crate::pg::{self, SqlClient};
 use crate::shutdown::Shutdown;
-use crate::source::{self, ConnectionSettings, SqlClient};
+use crate::source::ConnectionSettings;
 use crate::telemetry::Telemetry;
 
 /// How often the publication is re-read between (re)connects.
@@ -54,7 +55,7 @@ pub(super) async fn watch_publication(
             _ = kick.notified() => {}
         }
         if sql.is_none() {
-            match source::connect_sql(&settings).await {
+            match pg::connect(&settings).await {
                 Ok(c) => sql = Some(c),
                 Err(err) => {
                     tracing::debug!({ ERROR } = %err, "publication watch: no SQL connection; retrying");

@@ -1,17 +1,25 @@
-//! The ordinary SQL connection next to the replication one (tokio-postgres):
-//! catalog checks, slot state, publication existence, logical messages. Opened
-//! from the same [`ConnectionSettings`] with the same pinned session settings
-//! and the same TLS setup ([`super::tls`]) as the replication connection.
+//! The one way to open a SQL connection (tokio-postgres) to PostgreSQL: from
+//! the replication connection's [`ConnectionSettings`], with the same pinned
+//! session settings ([`PINNED_OPTIONS`]) and the same TLS setup
+//! ([`crate::source::tls`]). Every caller uses [`connect`] (settings already
+//! parsed) or [`connect_url`] (a config's URL and password): the worker's side
+//! tasks, the visibility checks, `check`, `setup`, `status`, `record`, `demo`.
+//!
+//! Connection failures are [`SourceError`]s, classified like the replication
+//! connection's (a retry class, the fix in the message). [`SqlClient`]'s own
+//! statements fail with [`SourceError::Sql`]; the catalog reads in
+//! [`super::catalog`] and [`super::failover`] with [`PgError`].
 
 use tokio::task::JoinHandle;
 use tokio_postgres::config::SslMode as PgSslMode;
 use tokio_postgres::NoTls;
 use tokio_postgres_rustls::MakeRustlsConnect;
 
-use super::connection::PINNED_OPTIONS;
-use super::conninfo::{ConnectionSettings, Host, TargetSessionAttrs};
-use super::error::SourceError;
+use super::PgError;
 use crate::lsn::Lsn;
+use crate::source::connection::PINNED_OPTIONS;
+use crate::source::conninfo::{ConnectionSettings, Host, TargetSessionAttrs};
+use crate::source::error::{ServerError, SourceError};
 
 /// A connected SQL client; the connection task ends when it is dropped.
 pub struct SqlClient {
@@ -26,38 +34,13 @@ impl std::fmt::Debug for SqlClient {
     }
 }
 
-/// A slot's row of `pg_replication_slots`.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct SlotInfo {
-    /// The PID streaming it, if any.
-    pub active_pid: Option<i32>,
-    /// Up to where the consumer confirmed.
-    pub confirmed_flush_lsn: Option<Lsn>,
-    /// The oldest WAL the slot still needs.
-    pub restart_lsn: Option<Lsn>,
-    /// `reserved`, `extended`, `unreserved` or `lost`.
-    pub wal_status: Option<String>,
-    /// Bytes of WAL that can still be written before the slot is in danger of being lost.
-    pub safe_wal_size: Option<i64>,
-    /// Whether the slot is temporary.
-    pub temporary: bool,
-}
-
-impl SlotInfo {
-    /// `wal_status = 'lost'`: the slot can no longer stream.
-    pub fn is_lost(&self) -> bool {
-        self.wal_status.as_deref() == Some("lost")
-    }
-}
-
 /// Opens a SQL connection from the settings (unix sockets via `host_path`).
 /// Several hosts are tried in order; with `target_session_attrs=read-write`
 /// a read-only server (a standby) is skipped. The error is the last host's.
-pub async fn connect_sql(settings: &ConnectionSettings) -> Result<SqlClient, SourceError> {
-    let mut last = None;
-    for candidate in settings.candidates() {
-        let attempt = async {
-            let client = connect_sql_one(&candidate).await?;
+pub async fn connect(settings: &ConnectionSettings) -> Result<SqlClient, SourceError> {
+    settings
+        .connect_first(|candidate| async move {
+            let client = connect_one(&candidate).await?;
             if candidate.target_session_attrs == TargetSessionAttrs::ReadWrite {
                 let read_only = client
                     .client
@@ -72,28 +55,24 @@ pub async fn connect_sql(settings: &ConnectionSettings) -> Result<SqlClient, Sou
                 }
             }
             Ok(client)
-        };
-        match attempt.await {
-            Ok(client) => return Ok(client),
-            Err(err) => {
-                if settings.hosts.len() > 1 {
-                    tracing::debug!(target = %candidate.target(), error = %err, "trying the next PostgreSQL host");
-                }
-                last = Some(err);
-            }
-        }
-    }
-    Err(
-        last.unwrap_or_else(|| SourceError::InvalidConnectionString {
-            masked: settings.to_string(),
-            reason: "no host".into(),
-        }),
-    )
+        })
+        .await
 }
 
-async fn connect_sql_one(settings: &ConnectionSettings) -> Result<SqlClient, SourceError> {
+/// Parses `url` (a libpq URL or `key=value` string; `host=/socket/dir` for
+/// unix sockets) and connects as [`connect`] does; `password`, when given,
+/// overrides the one in `url`.
+pub async fn connect_url(url: &str, password: Option<&str>) -> Result<SqlClient, PgError> {
+    let settings = ConnectionSettings::parse(url, password.map(str::to_owned))
+        .map_err(|source| PgError::Source { source })?;
+    connect(&settings)
+        .await
+        .map_err(|source| PgError::Source { source })
+}
+
+async fn connect_one(settings: &ConnectionSettings) -> Result<SqlClient, SourceError> {
     let url = settings.to_string();
-    let tls = super::tls::setup(settings)?;
+    let tls = crate::source::tls::setup(settings)?;
     let mut config = tokio_postgres::Config::new();
     match &settings.host {
         Host::Tcp(h) => config.host(h),
@@ -160,14 +139,14 @@ fn sql_error(
 ) -> SourceError {
     if let Some(db) = source.as_db_error() {
         if matches!(db.code().code(), "28P01" | "28000") {
-            let server = super::error::ServerError {
+            let server = ServerError {
                 severity: db.severity().to_string(),
                 code: db.code().code().to_string(),
                 message: db.message().to_string(),
                 detail: db.detail().map(str::to_string),
                 hint: db.hint().map(str::to_string),
             };
-            return super::error::classify(server, during, url, user, None, None);
+            return crate::source::error::classify(server, during, url, user, None, None);
         }
     }
     if during == "connect" && source.as_db_error().is_none() {
@@ -234,18 +213,6 @@ impl SqlClient {
         }
     }
 
-    /// `current_setting('server_version_num')`.
-    pub async fn server_version_num(&self) -> Result<u32, SourceError> {
-        let during = "read server_version_num";
-        let row = self
-            .client
-            .query_one("SELECT current_setting('server_version_num')", &[])
-            .await
-            .map_err(|e| self.err(during, e))?;
-        let v: String = row.try_get(0).map_err(|e| self.err(during, e))?;
-        Ok(v.trim().parse().unwrap_or(0))
-    }
-
     /// `current_setting('wal_level')`.
     pub async fn wal_level(&self) -> Result<String, SourceError> {
         let during = "read wal_level";
@@ -255,49 +222,6 @@ impl SqlClient {
             .await
             .map_err(|e| self.err(during, e))?;
         row.try_get(0).map_err(|e| self.err(during, e))
-    }
-
-    /// The slot's state, or `None` when it does not exist.
-    pub async fn slot_info(&self, slot: &str) -> Result<Option<SlotInfo>, SourceError> {
-        let during = "read pg_replication_slots";
-        let row = self
-            .client
-            .query_opt(
-                "SELECT active_pid, confirmed_flush_lsn::text, restart_lsn::text, wal_status, \
-                 safe_wal_size, temporary FROM pg_replication_slots WHERE slot_name = $1",
-                &[&slot],
-            )
-            .await
-            .map_err(|e| self.err(during, e))?;
-        let Some(row) = row else { return Ok(None) };
-        let lsn = |i: usize| -> Result<Option<Lsn>, SourceError> {
-            let s: Option<String> = row.try_get(i).map_err(|e| self.err(during, e))?;
-            Ok(s.and_then(|s| s.parse().ok()))
-        };
-        Ok(Some(SlotInfo {
-            active_pid: row.try_get(0).map_err(|e| self.err(during, e))?,
-            confirmed_flush_lsn: lsn(1)?,
-            restart_lsn: lsn(2)?,
-            wal_status: row.try_get(3).map_err(|e| self.err(during, e))?,
-            safe_wal_size: row.try_get(4).map_err(|e| self.err(during, e))?,
-            temporary: row.try_get(5).map_err(|e| self.err(during, e))?,
-        }))
-    }
-
-    /// Checks the slot exists and is not lost (before `START_REPLICATION`).
-    pub async fn check_slot(&self, slot: &str) -> Result<SlotInfo, SourceError> {
-        match self.slot_info(slot).await? {
-            None => Err(SourceError::SlotMissing {
-                slot: slot.to_string(),
-                url: self.url.clone(),
-            }),
-            Some(info) if info.is_lost() => Err(SourceError::SlotLost {
-                slot: slot.to_string(),
-                url: self.url.clone(),
-                server: None,
-            }),
-            Some(info) => Ok(info),
-        }
     }
 
     /// Whether the publication exists.
@@ -350,24 +274,56 @@ impl SqlClient {
         })
     }
 
-    /// Backends other than `exclude_pid` with a transaction id or snapshot:
-    /// what slot creation waits for.
-    pub async fn transactions_blocking_slot_creation(
+    /// Backends other than `exclude_pid` (and this connection) holding a
+    /// transaction id or snapshot, oldest transaction first: what a slot
+    /// creation started by `exclude_pid` waits for.
+    pub async fn blocking_transactions(
         &self,
         exclude_pid: i32,
-    ) -> Result<Vec<i32>, SourceError> {
+    ) -> Result<Vec<BlockingTransaction>, SourceError> {
         let during = "read pg_stat_activity";
         let rows = self
             .client
             .query(
-                "SELECT pid FROM pg_stat_activity WHERE pid <> pg_backend_pid() AND pid <> $1 \
-                 AND (backend_xid IS NOT NULL OR backend_xmin IS NOT NULL) ORDER BY xact_start",
+                "SELECT pid, coalesce(application_name, ''), coalesce(state, ''), \
+                        coalesce(extract(epoch FROM now() - xact_start)::int8, 0) \
+                 FROM pg_stat_activity \
+                 WHERE pid <> pg_backend_pid() AND pid <> $1 \
+                   AND (backend_xid IS NOT NULL OR backend_xmin IS NOT NULL) ORDER BY xact_start",
                 &[&exclude_pid],
             )
             .await
             .map_err(|e| self.err(during, e))?;
         rows.iter()
-            .map(|r| r.try_get(0).map_err(|e| self.err(during, e)))
-            .collect()
+            .map(|r| {
+                Ok(BlockingTransaction {
+                    pid: r.try_get(0)?,
+                    application_name: r.try_get(1)?,
+                    state: r.try_get(2)?,
+                    xact_seconds: r.try_get(3)?,
+                })
+            })
+            .collect::<Result<_, tokio_postgres::Error>>()
+            .map_err(|e| self.err(during, e))
+    }
+}
+
+/// A backend a slot creation waits for (a row of `pg_stat_activity`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BlockingTransaction {
+    /// Its PID.
+    pub pid: i32,
+    /// `application_name` (empty when unset).
+    pub application_name: String,
+    /// `state` (`active`, `idle in transaction`, ...).
+    pub state: String,
+    /// Seconds since its transaction started.
+    pub xact_seconds: i64,
+}
+
+impl crate::source::slot::BlockingPids for SqlClient {
+    async fn blocking_pids(&self, exclude_pid: i32) -> Result<Vec<i32>, SourceError> {
+        let blocking = self.blocking_transactions(exclude_pid).await?;
+        Ok(blocking.into_iter().map(|b| b.pid).collect())
     }
 }
