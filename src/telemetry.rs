@@ -13,7 +13,9 @@ use std::time::{Duration, Instant};
 
 use crate::decode::{Op, Timestamp};
 use crate::lsn::Lsn;
-use crate::metrics::{FlushReason, Health, InvalidationKind, Metrics, Role, Target};
+use crate::metrics::{
+    FlushReason, Health, InvalidationKind, Metrics, RefreshOutcome, Role, Target,
+};
 use crate::plan::Batch;
 use crate::sink::SinkObserver;
 use crate::sink::{ApplyStats, RetryClass, SinkError};
@@ -161,10 +163,19 @@ impl Telemetry {
         }
     }
 
-    /// A mapping fell back to the table's truncate invalidations.
-    pub fn fallback(&self, table: &str, reason: &'static str, count: u64) {
+    /// A mapping fell back to the table's truncate invalidations, or (the
+    /// `refresh_*` reasons) a refreshed key is unlinked instead of set.
+    pub fn fallback(&self, table: &str, reason: crate::plan::FallbackReason, count: u64) {
         for _ in 0..count {
-            self.metrics.fallback(table, reason);
+            self.metrics.fallback(table, reason.as_str());
+        }
+        if reason.is_refresh() {
+            let outcome = if reason == crate::plan::FallbackReason::RefreshTooLarge {
+                RefreshOutcome::TooLarge
+            } else {
+                RefreshOutcome::UnlinkedFallback
+            };
+            self.metrics.refreshes(outcome, count);
         }
     }
 
@@ -305,8 +316,8 @@ impl SinkObserver for SinkReporter {
         m.invalidations(InvalidationKind::Versions, stats.versions);
         m.invalidations(InvalidationKind::Patterns, stats.pattern_matches);
         m.invalidations(InvalidationKind::Publish, stats.published);
-        m.invalidations(InvalidationKind::Refresh, stats.refreshed);
-        m.invalidations(InvalidationKind::RefreshKept, stats.refresh_kept);
+        m.refreshes(RefreshOutcome::Set, stats.refreshed);
+        m.refreshes(RefreshOutcome::Kept, stats.refresh_kept);
         m.batch(batch.plan.ops() as u64);
         if let Some(commit) = batch.first_commit_time {
             let micros = Timestamp::now().0.saturating_sub(commit.0);

@@ -29,16 +29,32 @@ refresh = [
 ]
 "#;
 
-/// A worker on a fresh `profiles` table, setup's flush marker applied.
-fn start(pg: &PgCluster, redis: &RedisServer, mapping: &str) -> (WorkerConfig, WorkerProcess) {
-    let started = start_on(pg, &format!("url = \"{}\"", redis.url()), mapping);
+/// A worker on a fresh `profiles` table, setup's flush marker applied;
+/// `worker_toml` goes under `[worker]` (see [`metrics_on`]).
+fn start(
+    pg: &PgCluster,
+    redis: &RedisServer,
+    mapping: &str,
+    worker_toml: &str,
+) -> (WorkerConfig, WorkerProcess) {
+    let started = start_on(
+        pg,
+        &format!("url = \"{}\"", redis.url()),
+        mapping,
+        worker_toml,
+    );
     support::sync_worker(pg, redis, WAIT);
     started
 }
 
 /// [`start`] with the body of `[redis]` given, up to setup's flush marker
 /// (the caller syncs: on one server or on a cluster).
-fn start_on(pg: &PgCluster, redis_toml: &str, mapping: &str) -> (WorkerConfig, WorkerProcess) {
+fn start_on(
+    pg: &PgCluster,
+    redis_toml: &str,
+    mapping: &str,
+    worker_toml: &str,
+) -> (WorkerConfig, WorkerProcess) {
     pg.psql(support::SYNC_PROBE_TABLE);
     pg.psql(SCHEMA);
     let cfg = WorkerConfig::with_redis(
@@ -48,13 +64,36 @@ fn start_on(pg: &PgCluster, redis_toml: &str, mapping: &str) -> (WorkerConfig, W
             ("profiles.toml", mapping),
             ("zz_sync.toml", support::SYNC_PROBE_MAPPING),
         ],
-        "",
+        worker_toml,
     );
     let (code, out, err) = cfg.command(&["setup"]);
     assert_eq!(code, 0, "setup failed:\n{out}\n{err}");
     let w = cfg.spawn_worker();
     w.wait_log("flush marker: firing", WAIT);
     (cfg, w)
+}
+
+/// The `[metrics]` section serving on `port`, for [`start`]'s `worker_toml`.
+fn metrics_on(port: u16) -> String {
+    format!("\n[metrics]\nlisten = \"127.0.0.1:{port}\"\n")
+}
+
+/// Waits until `cache_invalidator_refreshes_total{outcome}` reads `n` on the
+/// worker's `/metrics` at `port`.
+fn wait_refreshes(port: u16, outcome: &str, n: f64) {
+    support::wait_for(
+        &format!("refreshes_total{{outcome={outcome}}} = {n}"),
+        WAIT,
+        || {
+            let (_, body) = support::http_get(port, "/metrics")?;
+            let got = support::metric_sample(
+                &body,
+                "cache_invalidator_refreshes_total",
+                &[("outcome", outcome)],
+            );
+            (got == n).then_some(())
+        },
+    );
 }
 
 fn get(redis: &RedisServer, key: &str) -> Option<String> {
@@ -157,7 +196,7 @@ fn hash_fields(redis: &RedisServer, key: &str, version: &str) -> HashMap<String,
 fn insert_update_move_delete_leave_exactly_the_new_row() {
     let pg = PgCluster::start();
     let redis = RedisServer::start();
-    let (_cfg, mut w) = start(&pg, &redis, MAPPING);
+    let (_cfg, mut w) = start(&pg, &redis, MAPPING, "");
 
     pg.psql("INSERT INTO profiles VALUES (1, 'Ann', 1.50, true, '{\"a\":1}', 'hi')");
     let v1 = wait_json(
@@ -242,7 +281,8 @@ fn insert_update_move_delete_leave_exactly_the_new_row() {
 fn an_unchanged_toasted_column_unlinks_the_key_and_is_counted() {
     let pg = PgCluster::start();
     let redis = RedisServer::start();
-    let (_cfg, mut w) = start(&pg, &redis, MAPPING);
+    let port = support::free_port();
+    let (_cfg, mut w) = start(&pg, &redis, MAPPING, &metrics_on(port));
 
     // A bio stored out of line (TOAST): md5 text barely compresses.
     pg.psql("INSERT INTO profiles (id, name, bio) SELECT 1, 'Ann', string_agg(md5(g::text), '') FROM generate_series(1, 400) g");
@@ -266,6 +306,28 @@ fn an_unchanged_toasted_column_unlinks_the_key_and_is_counted() {
         "{log}"
     );
     assert!(!log.contains("fired the table's truncate"), "{log}");
+    // Counted: the profile unlinked once, three keys set (insert: both; update: the hash).
+    wait_refreshes(port, "unlinked_fallback", 1.0);
+    wait_refreshes(port, "set", 3.0);
+    let (_, body) = support::http_get(port, "/metrics").expect("/metrics");
+    let count = |name: &str, labels: &[(&str, &str)]| support::metric_sample(&body, name, labels);
+    assert_eq!(
+        count(
+            "cache_invalidator_fallbacks_total",
+            &[
+                ("table", "public.profiles"),
+                ("reason", "refresh_unknown_value")
+            ]
+        ),
+        1.0
+    );
+    assert_eq!(
+        count(
+            "cache_invalidator_refreshes_total",
+            &[("outcome", "too_large")]
+        ),
+        0.0
+    );
     assert_eq!(w.stop(WAIT), Some(0));
 }
 
@@ -273,7 +335,8 @@ fn an_unchanged_toasted_column_unlinks_the_key_and_is_counted() {
 fn a_replay_after_a_crash_never_leaves_an_older_image() {
     let pg = PgCluster::start();
     let redis = RedisServer::start();
-    let (cfg, mut w) = start(&pg, &redis, MAPPING);
+    let port = support::free_port();
+    let (cfg, mut w) = start(&pg, &redis, MAPPING, &metrics_on(port));
     pg.psql("INSERT INTO profiles (id, name) VALUES (1, 'v1')");
     wait_json(
         &redis,
@@ -348,6 +411,17 @@ fn a_replay_after_a_crash_never_leaves_an_older_image() {
             && l.contains("refresh_kept=")),
         "{log}"
     );
+    // And counted as kept, never as set: the restarted worker set nothing.
+    let (_, body) = support::http_get(port, "/metrics").expect("/metrics");
+    let outcome = |o: &str| {
+        support::metric_sample(
+            &body,
+            "cache_invalidator_refreshes_total",
+            &[("outcome", o)],
+        )
+    };
+    assert!(outcome("kept") >= 1.0, "{body}");
+    assert_eq!(outcome("set"), 0.0, "{body}");
     assert_eq!(w.stop(WAIT), Some(0));
 }
 
@@ -355,7 +429,7 @@ fn a_replay_after_a_crash_never_leaves_an_older_image() {
 fn tombstones_and_guarded_fills_meet_refreshed_values() {
     let pg = PgCluster::start();
     let redis = RedisServer::start();
-    let (_cfg, mut w) = start(&pg, &redis, MAPPING);
+    let (_cfg, mut w) = start(&pg, &redis, MAPPING, "");
     let mut probe = RedisProbe::new(&redis);
 
     // A tombstone older than the change is replaced; a newer one is kept.
@@ -626,7 +700,7 @@ async fn refresh_works_per_slot_on_a_cluster() {
 fn a_worker_refreshes_keys_on_every_master_of_a_cluster() {
     let pg = PgCluster::start();
     let cluster = support::RedisCluster::start();
-    let (_cfg, mut w) = start_on(&pg, &cluster.redis_toml(), MAPPING);
+    let (_cfg, mut w) = start_on(&pg, &cluster.redis_toml(), MAPPING, "");
     let mut c = cluster.connection();
     let log = || w.log();
     support::sync_worker_on_cluster(&pg, &mut c, WAIT, log);

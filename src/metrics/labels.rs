@@ -1,5 +1,5 @@
-//! The closed label sets: every value of a `kind`, `reason`, `target` or
-//! `role` label is a variant here, so [`super::Metrics`] creates its series up
+//! The closed label sets: every value of a `kind`, `reason`, `outcome`,
+//! `target` or `role` label is a variant here, so [`super::Metrics`] creates its series up
 //! front and indexes them by enum.
 
 /// The kinds of Redis invalidation, the `kind` label of [`super::names::INVALIDATIONS_TOTAL`].
@@ -15,22 +15,16 @@ pub enum InvalidationKind {
     Patterns,
     /// Messages published (`channels = [...]`).
     Publish,
-    /// Keys set by `refresh` rules.
-    Refresh,
-    /// Refreshed keys left as they were: Redis held a newer version.
-    RefreshKept,
 }
 
 impl InvalidationKind {
     /// Every kind, in label order.
-    pub const ALL: [InvalidationKind; 7] = [
+    pub const ALL: [InvalidationKind; 5] = [
         InvalidationKind::Keys,
         InvalidationKind::Tags,
         InvalidationKind::Versions,
         InvalidationKind::Patterns,
         InvalidationKind::Publish,
-        InvalidationKind::Refresh,
-        InvalidationKind::RefreshKept,
     ];
 
     /// The label value.
@@ -41,8 +35,41 @@ impl InvalidationKind {
             InvalidationKind::Versions => "versions",
             InvalidationKind::Patterns => "patterns",
             InvalidationKind::Publish => "publish",
-            InvalidationKind::Refresh => "refresh",
-            InvalidationKind::RefreshKept => "refresh_kept",
+        }
+    }
+}
+
+/// What became of a key a `refresh` rule wanted to set, the `outcome` label
+/// of [`super::names::REFRESHES_TOTAL`] (docs/pre-warm.md).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum RefreshOutcome {
+    /// Set to the new row.
+    Set,
+    /// Left as it was: Redis held a newer version (a replay after a crash).
+    Kept,
+    /// Unlinked instead: the value needs a column the change did not carry
+    /// (unchanged TOAST) or the relation no longer has.
+    UnlinkedFallback,
+    /// Unlinked instead: the value is larger than `max_refresh_bytes`.
+    TooLarge,
+}
+
+impl RefreshOutcome {
+    /// Every outcome, in label order.
+    pub const ALL: [RefreshOutcome; 4] = [
+        RefreshOutcome::Set,
+        RefreshOutcome::Kept,
+        RefreshOutcome::UnlinkedFallback,
+        RefreshOutcome::TooLarge,
+    ];
+
+    /// The label value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RefreshOutcome::Set => "set",
+            RefreshOutcome::Kept => "kept",
+            RefreshOutcome::UnlinkedFallback => "unlinked_fallback",
+            RefreshOutcome::TooLarge => "too_large",
         }
     }
 }

@@ -12,8 +12,8 @@
 //! Layout:
 //! - [`names`]: every metric name, defined once; `docs/metrics.md` and
 //!   `deploy/prometheus-alerts.yml` use the same names;
-//! - `labels`: the closed label sets ([`InvalidationKind`], [`FlushReason`],
-//!   [`Target`], [`Role`]);
+//! - `labels`: the closed label sets ([`InvalidationKind`], [`RefreshOutcome`],
+//!   [`FlushReason`], [`Target`], [`Role`]);
 //! - `registry`: [`Metrics`], registration and the update methods the worker calls;
 //! - `health`: [`Health`], what `/livez` and `/readyz` answer;
 //! - `http`: the endpoint ([`serve`], [`serve_on`], [`bind`]);
@@ -30,7 +30,7 @@ mod registry;
 
 pub use health::{Health, LIVENESS_STALE_AFTER};
 pub use http::{bind, serve, serve_on, ServeError};
-pub use labels::{FlushReason, InvalidationKind, Role, Target};
+pub use labels::{FlushReason, InvalidationKind, RefreshOutcome, Role, Target};
 pub use registry::{Metrics, APPLY_LATENCY_BUCKETS, BATCH_SIZE_BUCKETS, VISIBILITY_WAIT_BUCKETS};
 
 /// Locks a mutex, ignoring poisoning: every critical section here leaves the

@@ -13,6 +13,9 @@ pub const TRANSACTIONS_TOTAL: &str = "cache_invalidator_transactions_total";
 pub const CHANGES_TOTAL: &str = "cache_invalidator_changes_total";
 /// Counter `{kind}`: Redis invalidations sent (keys, tags, versions, patterns, publish).
 pub const INVALIDATIONS_TOTAL: &str = "cache_invalidator_invalidations_total";
+/// Counter `{outcome}`: keys `refresh` rules wanted to set, by what became of
+/// them (`set`, `kept`, `unlinked_fallback`, `too_large`).
+pub const REFRESHES_TOTAL: &str = "cache_invalidator_refreshes_total";
 /// Counter `{table, reason}`: changes that fired the table's truncate invalidations instead.
 pub const FALLBACKS_TOTAL: &str = "cache_invalidator_fallbacks_total";
 /// Counter `{reason}`: whole-table or whole-cache flushes fired by the worker.

@@ -18,7 +18,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 
-use super::{lock, names, patterns, FlushReason, InvalidationKind, Role, Target};
+use super::{lock, names, patterns, FlushReason, InvalidationKind, RefreshOutcome, Role, Target};
 use crate::decode::Op;
 
 /// Buckets of [`names::VISIBILITY_WAIT_SECONDS`]: 0.1 ms to 30 s.
@@ -62,6 +62,11 @@ struct SourceKindLabels {
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
 struct ReasonLabels {
     reason: &'static str,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct OutcomeLabels {
+    outcome: &'static str,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
@@ -118,6 +123,7 @@ pub struct Metrics {
     changes: Family<TableOpLabels, Counter>,
     change_cache: TableCounters<Op>,
     invalidations: [Counter; InvalidationKind::ALL.len()],
+    refreshes: [Counter; RefreshOutcome::ALL.len()],
     fallbacks: Family<TableReasonLabels, Counter>,
     fallback_cache: TableCounters<&'static str>,
     flushes: [Counter; FlushReason::ALL.len()],
@@ -198,6 +204,18 @@ impl Metrics {
         );
         let invalidations = InvalidationKind::ALL
             .map(|k| inv_family.get_or_create_owned(&KindLabels { kind: k.as_str() }));
+
+        let refresh_family = Family::<OutcomeLabels, Counter>::default();
+        r.register(
+            counter_name(REFRESHES_TOTAL),
+            "Keys refresh rules wanted to set, by outcome (set, kept: Redis held a newer version, unlinked_fallback, too_large)",
+            refresh_family.clone(),
+        );
+        let refreshes = RefreshOutcome::ALL.map(|o| {
+            refresh_family.get_or_create_owned(&OutcomeLabels {
+                outcome: o.as_str(),
+            })
+        });
 
         let fallbacks = Family::<TableReasonLabels, Counter>::default();
         r.register(
@@ -367,6 +385,7 @@ impl Metrics {
             changes,
             change_cache: TableCounters::new(),
             invalidations,
+            refreshes,
             fallbacks,
             fallback_cache: TableCounters::new(),
             flushes,
@@ -444,6 +463,11 @@ impl Metrics {
     /// `n` invalidations of one kind sent to Redis.
     pub fn invalidations(&self, kind: InvalidationKind, n: u64) {
         self.invalidations[kind as usize].inc_by(n);
+    }
+
+    /// `n` refreshed keys with one outcome.
+    pub fn refreshes(&self, outcome: RefreshOutcome, n: u64) {
+        self.refreshes[outcome as usize].inc_by(n);
     }
 
     /// One change fell back to its table's truncate invalidations; `reason` is

@@ -290,7 +290,7 @@ fn close_batch(
         );
     }
     for fallback in planner.take_fallbacks() {
-        telemetry.fallback(&fallback.table, fallback.reason.as_str(), fallback.count);
+        telemetry.fallback(&fallback.table, fallback.reason, fallback.count);
         if fallback.reason.is_refresh() {
             tracing::warn!(
                 { TABLE } = %fallback.table,

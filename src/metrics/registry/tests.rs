@@ -18,6 +18,9 @@ fn exposition_after_a_known_sequence_has_exact_values_and_labels() {
     m.invalidations(InvalidationKind::Keys, 7);
     m.invalidations(InvalidationKind::Tags, 2);
     m.invalidations(InvalidationKind::Keys, 1);
+    m.refreshes(RefreshOutcome::Set, 5);
+    m.refreshes(RefreshOutcome::Kept, 2);
+    m.refreshes(RefreshOutcome::Set, 1);
     m.fallback("public.users", "unknown_value");
     m.fallback("public.users", "unknown_value");
     m.fallback("public.users", "missing_column");
@@ -46,6 +49,10 @@ fn exposition_after_a_known_sequence_has_exact_values_and_labels() {
         r#"cache_invalidator_invalidations_total{kind="versions"} 0"#,
         r#"cache_invalidator_invalidations_total{kind="patterns"} 0"#,
         r#"cache_invalidator_invalidations_total{kind="publish"} 0"#,
+        r#"cache_invalidator_refreshes_total{outcome="set"} 6"#,
+        r#"cache_invalidator_refreshes_total{outcome="kept"} 2"#,
+        r#"cache_invalidator_refreshes_total{outcome="unlinked_fallback"} 0"#,
+        r#"cache_invalidator_refreshes_total{outcome="too_large"} 0"#,
         r#"cache_invalidator_fallbacks_total{table="public.users",reason="unknown_value"} 2"#,
         r#"cache_invalidator_fallbacks_total{table="public.users",reason="missing_column"} 1"#,
         r#"cache_invalidator_flushes_total{reason="marker_all"} 1"#,
@@ -114,6 +121,7 @@ fn every_metric_name_is_exposed() {
         TRANSACTIONS_TOTAL,
         CHANGES_TOTAL,
         INVALIDATIONS_TOTAL,
+        REFRESHES_TOTAL,
         FALLBACKS_TOTAL,
         FLUSHES_TOTAL,
         REDIS_ERRORS_TOTAL,
