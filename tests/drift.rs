@@ -217,6 +217,55 @@ fn a_dropped_publication_is_recreated_by_setup_with_the_slot_and_a_full_flush() 
 }
 
 #[test]
+fn a_dropped_publication_is_repaired_by_auto_setup_loudly() {
+    let pg = PgCluster::start();
+    let redis = RedisServer::start();
+    pg.psql(
+        "CREATE TABLE items (id int PRIMARY KEY, v int); INSERT INTO items VALUES (1, 0), (2, 0)",
+    );
+    let (cfg, mut worker, port) = start(&pg, &redis, &[("items.toml", ITEMS)]);
+    assert_eq!(
+        worker.stop(Duration::from_secs(10)),
+        Some(0),
+        "{}",
+        worker.log()
+    );
+    cfg.set_auto_setup();
+    let worker = cfg.spawn_worker();
+    support::sync_worker(&pg, &redis, WAIT);
+    wait_readyz(port, 200, "ok");
+    let mut probe = RedisProbe::new(&redis);
+
+    // Dropped under the running worker, a key's row changed meanwhile: the
+    // worker recreates the publication (and the slot, with a full flush)
+    // itself, saying so. Before 18 its stream fails on the gap; on 18 it
+    // streams past it and the publication watch sees the publication gone.
+    pg.psql("DROP PUBLICATION cache_invalidator");
+    probe.set("item:1", "stale");
+    probe.set("item:2", "flushed too");
+    pg.psql("UPDATE items SET v = 1 WHERE id = 1");
+    probe.wait_gone("item:1", WAIT);
+    probe.wait_gone("item:2", WAIT);
+    worker.wait_log("auto_setup: recreating the publication", WAIT);
+    assert_eq!(
+        pg.psql("SELECT count(*) FROM pg_publication WHERE pubname = 'cache_invalidator'"),
+        "1"
+    );
+    support::sync_worker(&pg, &redis, WAIT);
+    wait_readyz(port, 200, "ok");
+    // Streams on, precisely.
+    probe.set("item:1", "x");
+    probe.set("item:2", "x");
+    pg.psql("UPDATE items SET v = 2 WHERE id = 1");
+    probe.wait_gone("item:1", WAIT);
+    support::sync_worker(&pg, &redis, WAIT);
+    assert!(
+        probe.exists("item:2"),
+        "item:2 flushed again after the repair"
+    );
+}
+
+#[test]
 fn a_publication_repaired_by_hand_flushes_what_it_hid() {
     let pg = PgCluster::start();
     let redis = RedisServer::start();

@@ -327,15 +327,6 @@ impl Rng {
     }
 }
 
-fn set_auto_setup(cfg: &WorkerConfig) {
-    let text = std::fs::read_to_string(cfg.path()).expect("config");
-    let text = text.replace(
-        "publication = \"cache_invalidator\"\n",
-        "publication = \"cache_invalidator\"\nauto_setup = true\n",
-    );
-    std::fs::write(cfg.path(), text).expect("write config");
-}
-
 // ---------------------------------------------------------------------------
 // crashes
 
@@ -744,7 +735,7 @@ fn dropped_slot_is_reported_and_recreated_with_one_flush() {
     logs.assert_counts(2, 0, 0);
 
     // auto_setup: the running worker recreates the slot itself.
-    set_auto_setup(&cfg);
+    cfg.set_auto_setup();
     assert_eq!(logs.last().stop(WAIT), Some(0));
     logs.add(cfg.spawn_worker());
     sync_acked(&pg, &redis);

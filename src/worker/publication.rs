@@ -22,6 +22,7 @@ use std::time::Duration;
 
 use tokio::sync::Notify;
 
+use super::session::SerialSetup;
 use crate::log_fields::{ERROR, REASON};
 use crate::map::catalog::{hidden_tables, publication_drift};
 use crate::map::{Mappings, TableName};
@@ -41,6 +42,7 @@ pub(super) async fn watch_publication(
     publication: String,
     telemetry: Arc<Telemetry>,
     kick: Arc<Notify>,
+    auto_setup: Option<Arc<SerialSetup>>,
     mut stop: Shutdown,
 ) {
     let tables: Vec<TableName> = mappings.tables().into_iter().cloned().collect();
@@ -85,6 +87,14 @@ pub(super) async fn watch_publication(
                 tracing::error!(publication, { ERROR } = %err, "publication repaired, but its flush marker could not be emitted; retrying (or run `cache-invalidator flush`)");
                 gaps.put_back(due);
                 sql = None;
+            }
+        }
+        if let (None, Some(setup)) = (&snap.publication, &auto_setup) {
+            // PostgreSQL 18 streams past a missing publication (before 18 the
+            // session's stream fails and runs setup itself; one at a time).
+            tracing::warn!(publication, "auto_setup: recreating the publication (and the slot, with a full flush) after it was dropped");
+            if let Err(err) = setup.run().await {
+                tracing::error!(publication, { ERROR } = %err, "auto_setup could not recreate the publication; retrying at the next reading (or run `cache-invalidator setup`)");
             }
         }
     }

@@ -47,6 +47,22 @@ pub const SHUTDOWN_GRACE: Duration = Duration::from_millis(4500);
 /// missing or lost during a session (the CLI layer owns `setup`).
 pub type AutoSetup = Box<dyn Fn() -> BoxFuture<'static, Result<(), CliError>> + Send + Sync>;
 
+/// [`AutoSetup`], run by one caller at a time: the session (slot or
+/// publication missing while streaming) and the publication watch (the
+/// publication missing, which PostgreSQL 18 streams past) may both need it.
+pub(super) struct SerialSetup {
+    setup: AutoSetup,
+    running: tokio::sync::Mutex<()>,
+}
+
+impl SerialSetup {
+    /// Runs `setup` once the other caller's run, if any, finished.
+    pub(super) async fn run(&self) -> Result<(), CliError> {
+        let _one = self.running.lock().await;
+        (self.setup)().await
+    }
+}
+
 /// Why one streaming session ended.
 enum SessionEnd {
     /// Graceful stop requested.
@@ -66,7 +82,7 @@ pub struct Worker {
     stop: Shutdown,
     telemetry: Arc<Telemetry>,
     /// `Some` with `auto_setup = true`.
-    auto_setup: Option<AutoSetup>,
+    auto_setup: Option<Arc<SerialSetup>>,
     /// Set by the Redis probe after an outage (the sink re-verifies identity).
     redis_interrupted: Arc<AtomicBool>,
     /// Waiting for another worker's slot (logged once per wait).
@@ -95,7 +111,12 @@ impl Worker {
             sink_options,
             stop,
             telemetry,
-            auto_setup,
+            auto_setup: auto_setup.map(|setup| {
+                Arc::new(SerialSetup {
+                    setup,
+                    running: tokio::sync::Mutex::new(()),
+                })
+            }),
             redis_interrupted: Arc::new(AtomicBool::new(false)),
             was_standby: AtomicBool::new(false),
             publication_kick: Arc::new(tokio::sync::Notify::new()),
@@ -152,6 +173,7 @@ impl Worker {
             self.config.postgres.publication.clone(),
             Arc::clone(&self.telemetry),
             Arc::clone(&self.publication_kick),
+            self.auto_setup.clone(),
             self.stop.clone(),
         ));
         let mut gate = self.visibility_gate(&sink)?;
@@ -322,7 +344,7 @@ impl Worker {
                     return Err(CliError::Invalid(err.to_string()));
                 };
                 tracing::warn!({ SLOT } = %pg.slot, { ERROR } = %err, "auto_setup: recreating the replication slot; its flush marker flushes every mapped table");
-                setup().await?;
+                setup.run().await?;
                 return Ok(SessionEnd::Retry(err.to_string(), RetryClass::Reconnect));
             }
             if matches!(err, SourceError::SlotActive { .. }) {
@@ -420,7 +442,7 @@ impl Worker {
             // The slot cannot decode past the gap; setup recreates the
             // publication and the slot, with a flush marker for everything.
             tracing::warn!({ ERROR } = %err, "auto_setup: recreating the publication (and the slot, with a full flush) after it was dropped");
-            setup().await?;
+            setup.run().await?;
             return Ok(SessionEnd::Retry(err.to_string(), RetryClass::Reconnect));
         }
         match stream_result {

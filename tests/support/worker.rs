@@ -141,6 +141,17 @@ impl WorkerConfig {
         )
     }
 
+    /// Turns `[postgres] auto_setup` on in the written config (for the next
+    /// worker started).
+    pub fn set_auto_setup(&self) {
+        let text = std::fs::read_to_string(self.path()).expect("config");
+        let text = text.replace(
+            "publication = \"cache_invalidator\"\n",
+            "publication = \"cache_invalidator\"\nauto_setup = true\n",
+        );
+        std::fs::write(self.path(), text).expect("write config");
+    }
+
     fn write(
         pg_url: &str,
         publication: &str,
