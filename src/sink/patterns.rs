@@ -124,22 +124,6 @@ pub struct PassReport {
     pub elapsed: Duration,
 }
 
-impl ApplyStats {
-    /// Adds `other`'s counts to these.
-    pub fn add(&mut self, other: &ApplyStats) {
-        self.keys += other.keys;
-        self.tags += other.tags;
-        self.tag_members += other.tag_members;
-        self.versions += other.versions;
-        self.pattern_matches += other.pattern_matches;
-        self.scanned += other.scanned;
-        self.published += other.published;
-        self.tombstones += other.tombstones;
-        self.tombstone_members += other.tombstone_members;
-        self.repaired += other.repaired;
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

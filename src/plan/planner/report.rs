@@ -113,7 +113,7 @@ impl FallbackReason {
     }
 }
 
-/// Fallbacks since the last [`Planner::take_fallbacks`], aggregated.
+/// Fallbacks since the last [`super::Planner::take_fallbacks`], aggregated.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Fallback {
     /// `schema.table`.
