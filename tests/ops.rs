@@ -436,3 +436,59 @@ fn replay_apply_deletes_the_keys_of_a_recorded_file() {
     }
     assert!(exists(&mut conn, "post:9") && exists(&mut conn, "control:keep"));
 }
+
+/// `status` names the worker streaming the slot (its application name and
+/// address from `pg_stat_replication`), not only the walsender's PID, and
+/// recognises it by the application name its own config sets.
+#[test]
+fn status_names_the_worker_that_streams_the_slot() {
+    let pg = PgCluster::start();
+    let redis = RedisServer::start();
+    pg.psql(support::SYNC_PROBE_TABLE);
+    let cfg = WorkerConfig::new(
+        &pg,
+        &redis,
+        &[("zz_sync_probe.toml", support::SYNC_PROBE_MAPPING)],
+        "",
+    );
+    let (code, out, err) = cfg.command(&["setup"]);
+    assert_eq!(code, 0, "{out}\n{err}");
+    let streaming = |app: &str| {
+        let mut worker = cfg.spawn_worker();
+        support::sync_worker(&pg, &redis, Duration::from_secs(60));
+        let (code, out, err) = cfg.command(&["status", "--json"]);
+        assert_eq!(code, 0, "{out}\n{err}");
+        let s = json(&out);
+        assert_eq!(s["active"], true, "{s}");
+        assert_eq!(s["streaming"], true, "{s}");
+        let c = &s["client"];
+        assert_eq!(c["application_name"], app, "{s}");
+        assert_eq!(c["client_addr"], "127.0.0.1", "{s}");
+        let port = c["client_port"].as_i64().expect("client_port");
+        assert!(port > 0, "{s}");
+        assert!(c["backend_start"].as_str().is_some(), "{s}");
+        let (code, out, _) = cfg.command(&["status"]);
+        assert_eq!(code, 0);
+        assert!(
+            out.contains(&format!(
+                "a worker streams it: application_name {app:?} from 127.0.0.1:{port}"
+            )),
+            "{out}"
+        );
+        assert_eq!(
+            worker.stop(Duration::from_secs(10)),
+            Some(0),
+            "{}",
+            worker.log()
+        );
+    };
+    streaming("cache-invalidator");
+
+    // Another application_name in the URL: still recognised as ours.
+    let text = std::fs::read_to_string(cfg.path()).expect("config");
+    let url = pg.url();
+    assert!(text.contains(&url), "{text}");
+    let text = text.replace(&url, &format!("{url}?application_name=billing-cache"));
+    std::fs::write(cfg.path(), text).expect("write config");
+    streaming("billing-cache");
+}

@@ -13,7 +13,7 @@ use serde::Serialize;
 
 use crate::config::{Config, EnvOverrides};
 use crate::error::CliError;
-use crate::pg::catalog::{self, SlotFacts};
+use crate::pg::catalog::{self, SlotFacts, StreamingClient};
 use crate::pg::failover::{self, StandbySlot};
 
 /// What `status --json` prints. Field names are stable.
@@ -29,8 +29,14 @@ pub struct Status {
     pub active: bool,
     /// `active_pid`.
     pub active_pid: Option<i32>,
-    /// Whether that walsender is a cache-invalidator worker.
+    /// Whether that walsender is a cache-invalidator worker: its client's
+    /// `application_name` is the one `[postgres] url` sets (by default
+    /// `cache-invalidator`).
     pub streaming: bool,
+    /// The worker (or other client) the walsender streams to: its
+    /// `application_name`, `client_addr`, `client_hostname`, `client_port`
+    /// and `backend_start` from `pg_stat_replication` (`null` when inactive).
+    pub client: Option<StreamingClient>,
     /// `confirmed_flush_lsn`.
     pub confirmed_flush_lsn: Option<String>,
     /// `restart_lsn`.
@@ -194,6 +200,7 @@ pub async fn probe(config: &Config) -> Result<Status, CliError> {
         retained_wal_bytes,
         wal_status,
         safe_wal_size,
+        client: streaming_client,
         ..
     } = slot.clone().unwrap_or(SlotFacts {
         plugin: None,
@@ -209,7 +216,19 @@ pub async fn probe(config: &Config) -> Result<Status, CliError> {
         lag_bytes: None,
         retained_wal_bytes: None,
         streaming: false,
+        client: None,
     });
+    // Ours when it carries the application_name our config sets (a URL may
+    // name another than the default the catalog query compares with).
+    let streaming = match crate::source::ConnectionSettings::parse(
+        &pg.url,
+        pg.password.as_ref().map(|p| p.expose().to_owned()),
+    ) {
+        Ok(settings) => streaming_client.as_ref().is_some_and(|c| {
+            c.application_name.as_deref() == Some(settings.application_name.as_str())
+        }),
+        Err(_) => streaming,
+    };
     let replicas = crate::visibility::report::inspect_all(
         client,
         &pg.replicas,
@@ -223,6 +242,7 @@ pub async fn probe(config: &Config) -> Result<Status, CliError> {
         active,
         active_pid,
         streaming,
+        client: streaming_client,
         confirmed_flush_lsn,
         restart_lsn,
         current_lsn,
@@ -266,6 +286,33 @@ fn bytes(n: Option<i64>) -> String {
     }
 }
 
+/// Who a walsender streams to, for people: application name, address and
+/// host, connected since.
+fn client_identity(c: Option<&StreamingClient>) -> String {
+    let Some(c) = c else {
+        return "client unknown (no pg_stat_replication row)".into();
+    };
+    let app = c.application_name.as_deref().unwrap_or("unknown");
+    // client_port is -1 over a Unix socket, NULL when hidden from this role.
+    let from = match (&c.client_addr, c.client_port) {
+        (Some(addr), Some(port)) => format!("{addr}:{port}"),
+        (Some(addr), None) => addr.clone(),
+        (None, Some(_)) => "a local Unix socket".into(),
+        (None, None) => "an address hidden from this role (grant it pg_read_all_stats, or run status as the worker's role)".into(),
+    };
+    let host = c
+        .client_hostname
+        .as_ref()
+        .map(|h| format!(" ({h})"))
+        .unwrap_or_default();
+    let since = c
+        .backend_start
+        .as_ref()
+        .map(|t| format!(", connected since {t}"))
+        .unwrap_or_default();
+    format!("application_name {app:?} from {from}{host}{since}")
+}
+
 /// The text form of `status`.
 pub fn render(s: &Status) -> String {
     let opt = |v: &Option<String>| v.clone().unwrap_or_else(|| "-".into());
@@ -276,9 +323,14 @@ pub fn render(s: &Status) -> String {
             s.slot,
             opt(&s.plugin),
             match (s.active, s.active_pid, s.streaming) {
-                (true, Some(pid), true) => format!("a worker streams it (PID {pid})"),
-                (true, Some(pid), false) =>
-                    format!("active (PID {pid}) but not a cache-invalidator worker"),
+                (true, Some(pid), true) => format!(
+                    "a worker streams it: {} (walsender PID {pid})",
+                    client_identity(s.client.as_ref())
+                ),
+                (true, Some(pid), false) => format!(
+                    "active, but not a cache-invalidator worker: {} (walsender PID {pid})",
+                    client_identity(s.client.as_ref())
+                ),
                 _ => "inactive: no worker streams it".into(),
             }
         ));

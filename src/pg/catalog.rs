@@ -351,6 +351,26 @@ pub struct SlotFacts {
     /// Whether the active walsender is ours: a `pg_stat_replication` row with
     /// `application_name = 'cache-invalidator'` for `active_pid`.
     pub streaming: bool,
+    /// Who the active walsender streams to (`None` when the slot is inactive).
+    pub client: Option<StreamingClient>,
+}
+
+/// The client an active walsender serves, from its `pg_stat_replication`
+/// row: the worker's own identity. A role without `pg_read_all_stats` sees
+/// these only for its own sessions (the others read as `None`).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct StreamingClient {
+    /// `application_name` the client set (`[postgres] url`'s, by default
+    /// `cache-invalidator`).
+    pub application_name: Option<String>,
+    /// `client_addr` (`None` over a Unix socket).
+    pub client_addr: Option<String>,
+    /// `client_hostname` (only with `log_hostname = on`).
+    pub client_hostname: Option<String>,
+    /// `client_port` (-1 over a Unix socket).
+    pub client_port: Option<i32>,
+    /// `backend_start`: when the client connected.
+    pub backend_start: Option<String>,
 }
 
 /// The slot `name`, `None` when it does not exist.
@@ -363,9 +383,11 @@ pub async fn slot(client: &Client, name: &str) -> Result<Option<SlotFacts>, PgEr
              SELECT s.plugin::text, s.slot_type, s.database::text, s.active, s.active_pid, \
                     s.confirmed_flush_lsn::text, s.restart_lsn::text, s.wal_status, s.safe_wal_size, \
                     cur.lsn::text, (cur.lsn - s.confirmed_flush_lsn)::int8, (cur.lsn - s.restart_lsn)::int8, \
-                    EXISTS (SELECT 1 FROM pg_stat_replication r \
-                            WHERE r.pid = s.active_pid AND r.application_name = $2) \
-             FROM pg_replication_slots s, cur WHERE s.slot_name = $1",
+                    coalesce(r.application_name = $2, false), r.pid IS NOT NULL, r.application_name, \
+                    host(r.client_addr), r.client_hostname, r.client_port, r.backend_start::text \
+             FROM pg_replication_slots s CROSS JOIN cur \
+             LEFT JOIN pg_stat_replication r ON r.pid = s.active_pid \
+             WHERE s.slot_name = $1",
             &[&name, &super::APPLICATION_NAME],
         )
         .await
@@ -387,6 +409,13 @@ pub async fn slot(client: &Client, name: &str) -> Result<Option<SlotFacts>, PgEr
         lag_bytes: r.get(10),
         retained_wal_bytes: r.get(11),
         streaming: r.get(12),
+        client: r.get::<_, bool>(13).then(|| StreamingClient {
+            application_name: r.get(14),
+            client_addr: r.get(15),
+            client_hostname: r.get(16),
+            client_port: r.get(17),
+            backend_start: r.get(18),
+        }),
     }))
 }
 
