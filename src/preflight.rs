@@ -10,7 +10,10 @@
 //!   role has `REPLICATION` (or is a superuser); the publication and the slot
 //!   exist (unless `auto_setup` creates them) and the slot is a live
 //!   `pgoutput` slot of this database; then the catalog checks of
-//!   [`crate::map::catalog::check_catalog`].
+//!   [`crate::map::catalog::check_catalog`]; each `[postgres] replicas`
+//!   entry is a standby of this primary (a reachable server that is not is
+//!   an error; an unreachable one a warning: `run` does not wait for it
+//!   while it is down).
 //! - Redis: the URL parses; the connection authenticates; the worker's
 //!   commands are allowed by its ACL (probed with harmless ones on a key of
 //!   its own); `maxmemory-policy` is not `allkeys-*`; `wait_replicas` does not
@@ -60,6 +63,9 @@ pub struct Report {
     /// Mapped tables DDL broke (dropped, a column gone), with why: `run`
     /// invalidates them by fallback.
     pub broken: BTreeMap<TableName, String>,
+    /// One line per `[postgres] replicas` entry that is a reachable standby
+    /// of the primary (its replay position and lag), for `check` to print.
+    pub replicas: Vec<String>,
 }
 
 impl Report {
@@ -102,6 +108,7 @@ pub async fn preflight(config: &Config, mappings: &Mappings) -> Report {
         postgres: Reach::Failed,
         redis: Reach::Failed,
         broken: BTreeMap::new(),
+        replicas: Vec::new(),
     };
     let (pg, redis) = tokio::join!(postgres(config, mappings), redis(config));
     report.postgres = pg.reach;
@@ -111,6 +118,7 @@ pub async fn preflight(config: &Config, mappings: &Mappings) -> Report {
     report.runtime.extend(pg.runtime);
     report.runtime.extend(redis.runtime);
     report.broken = pg.broken;
+    report.replicas = pg.replicas;
     report
 }
 
@@ -120,6 +128,7 @@ struct Part {
     findings: Vec<Finding>,
     runtime: Vec<String>,
     broken: BTreeMap<TableName, String>,
+    replicas: Vec<String>,
 }
 
 impl Part {
@@ -129,6 +138,7 @@ impl Part {
             findings: Vec::new(),
             runtime: Vec::new(),
             broken: BTreeMap::new(),
+            replicas: Vec::new(),
         }
     }
     fn error(&mut self, message: String) {
@@ -242,6 +252,17 @@ async fn postgres(config: &Config, mappings: &Mappings) -> Part {
                     // Said above, with what to run.
                     .filter(|f| !f.message.starts_with("the publication does not exist yet")),
             );
+        }
+    }
+    let password = pg.password.as_ref().map(|p| p.expose());
+    for r in crate::visibility::report::inspect_all(client, &pg.replicas, password).await {
+        let line = format!("[postgres] replicas: {}", r.render());
+        if r.is_wrong_server() {
+            part.error(line);
+        } else if !r.reachable {
+            part.findings.push(Finding::warning(line));
+        } else {
+            part.replicas.push(r.render());
         }
     }
     part

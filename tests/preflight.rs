@@ -39,6 +39,16 @@ fn config(pg: &PgCluster, redis_toml: &str, pg_url: Option<&str>, mapping: &str)
     cfg
 }
 
+/// `cfg` with `[postgres] replicas = [url]`.
+fn with_replica(cfg: WorkerConfig, url: &str) -> WorkerConfig {
+    let text = std::fs::read_to_string(cfg.path()).unwrap();
+    let line = "publication = \"cache_invalidator\"\n";
+    assert!(text.contains(line), "{text}");
+    let text = text.replace(line, &format!("{line}replicas = [\"{url}\"]\n"));
+    std::fs::write(cfg.path(), text).unwrap();
+    cfg
+}
+
 #[test]
 fn check_and_run_agree_on_every_broken_config() {
     let pg = PgCluster::start();
@@ -116,6 +126,11 @@ fn check_and_run_agree_on_every_broken_config() {
             "maxmemory-policy allkeys-lru",
             config(&pg, &format!("url = \"{}\"", evicting.url()), None, ITEMS),
             "maxmemory-policy is allkeys-lru",
+        ),
+        (
+            "a listed replica that is not a standby",
+            with_replica(config(&pg, &good_redis, None, ITEMS), &pg.url()),
+            "not a standby (pg_is_in_recovery() is false)",
         ),
     ];
     for (name, cfg, needle) in &cases {

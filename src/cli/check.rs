@@ -146,7 +146,7 @@ pub async fn run(config_path: &Path) -> Result<(), CliError> {
     let pg = &checked.config.postgres;
     let reachable = !matches!(report.postgres, Reach::Unreachable(_));
     // One SQL connection for the checks below, when one of them runs.
-    let sql = if reachable || !pg.replicas.is_empty() {
+    let sql = if reachable {
         Some(crate::pg::connect_url(&pg.url, pg.password.as_ref().map(|p| p.expose())).await)
     } else {
         None
@@ -166,34 +166,10 @@ pub async fn run(config_path: &Path) -> Result<(), CliError> {
             None => {}
         }
     }
-    let mut replica_lines = Vec::new();
-    if !pg.replicas.is_empty() {
-        match &sql {
-            Some(Err(e)) => findings.push(warning(format!(
-                "replica checks skipped: the primary is unreachable: {e}"
-            ))),
-            Some(Ok(primary)) => {
-                let reports = crate::visibility::report::inspect_all(
-                    primary.client(),
-                    &pg.replicas,
-                    pg.password.as_ref().map(|p| p.expose()),
-                )
-                .await;
-                for r in reports {
-                    if r.is_wrong_server() {
-                        findings.push(Finding {
-                            severity: Severity::Error,
-                            message: format!("[postgres] replicas: {}", r.render()),
-                        });
-                    } else if !r.reachable {
-                        findings.push(warning(format!("[postgres] replicas: {}", r.render())));
-                    } else {
-                        replica_lines.push(r.render());
-                    }
-                }
-            }
-            None => {}
-        }
+    if !pg.replicas.is_empty() && !matches!(report.postgres, Reach::Checked) {
+        findings.push(warning(
+            "replica checks skipped: the primary was not checked".to_string(),
+        ));
     }
     if let (true, Some(Ok(sql))) = (reachable, &sql) {
         let tables: Vec<TableName> = checked.mappings.tables().into_iter().cloned().collect();
@@ -236,7 +212,7 @@ pub async fn run(config_path: &Path) -> Result<(), CliError> {
         _ => "offline checks only: PostgreSQL and Redis unreachable",
     };
     println!("ok: {rules} rule(s) on {tables} table(s) from {files} file(s); {scope}");
-    for line in &replica_lines {
+    for line in &report.replicas {
         println!("{line}");
     }
     println!("{acl}");
