@@ -26,11 +26,9 @@ fn main() -> ExitCode {
     match runtime.block_on(cli::execute(cli)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
-            eprintln!("error: {err}");
-            let mut source = std::error::Error::source(&err);
-            while let Some(cause) = source {
-                eprintln!("  caused by: {cause}");
-                source = cause.source();
+            for (i, line) in cache_invalidator::error::chain(&err).iter().enumerate() {
+                let lead = if i == 0 { "error" } else { "  caused by" };
+                eprintln!("{lead}: {line}");
             }
             ExitCode::from(err.exit_code())
         }

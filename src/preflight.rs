@@ -93,9 +93,9 @@ impl Report {
             config.path.display()
         );
         if !self.runtime.is_empty() {
-            return Some(CliError::Runtime(text.into()));
+            return Some(CliError::runtime(text));
         }
-        Some(CliError::Invalid(text))
+        Some(CliError::invalid(text))
     }
 }
 

@@ -492,3 +492,44 @@ fn status_names_the_worker_that_streams_the_slot() {
     std::fs::write(cfg.path(), text).expect("write config");
     streaming("billing-cache");
 }
+
+/// A failed command keeps its cause: `main` prints the message (what failed,
+/// what to do) and then the cause on its own line, and a cause the message
+/// already names is not printed twice.
+#[test]
+fn a_failed_command_prints_its_cause_once() {
+    let ws = WorkerConfig::urls(
+        "postgres://postgres@127.0.0.1:1/postgres",
+        "redis://127.0.0.1:1",
+        "p",
+    )
+    .with_demo_mappings();
+    let missing = ws.path().with_file_name("missing.jsonl");
+    let (code, out, err) = ws.command(&["replay", missing.to_str().unwrap()]);
+    assert_eq!(code, 2, "{out}\n{err}");
+    let lines: Vec<&str> = err
+        .lines()
+        .filter(|l| l.starts_with("error:") || l.starts_with("  caused by:"))
+        .collect();
+    assert_eq!(
+        lines,
+        [
+            format!("error: cannot read {}", missing.display()).as_str(),
+            "  caused by: No such file or directory (os error 2)",
+        ],
+        "{err}"
+    );
+    // LoadError names the OS error in its message: no second line for it.
+    let out = std::process::Command::new(support::binary())
+        .args(["--config", "/nonexistent/cache-invalidator.toml", "check"])
+        .env_remove("CACHE_INVALIDATOR_CONFIG")
+        .output()
+        .expect("run cache-invalidator");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("cannot read /nonexistent/cache-invalidator.toml"),
+        "{err}"
+    );
+    assert_eq!(err.matches("No such file or directory").count(), 1, "{err}");
+}

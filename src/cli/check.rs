@@ -28,11 +28,8 @@ pub struct Checked {
 
 /// Loads and validates the config and its mappings (no network).
 pub fn check_offline(config_path: &Path, env: &EnvOverrides) -> Result<Checked, CliError> {
-    let config = Config::load(config_path, env).map_err(|e| CliError::Invalid(e.to_string()))?;
-    let mappings = config
-        .mappings
-        .load()
-        .map_err(|e| CliError::Invalid(e.to_string()))?;
+    let config = Config::load(config_path, env).map_err(CliError::invalid)?;
+    let mappings = config.mappings.load().map_err(CliError::invalid)?;
     let mut warnings = offline_warnings(&mappings);
     warnings.extend(prefix_warnings(
         &mappings,
@@ -197,7 +194,7 @@ pub async fn run(config_path: &Path) -> Result<(), CliError> {
     );
     if errors > 0 {
         println!("{acl}");
-        return Err(CliError::Invalid(format!(
+        return Err(CliError::invalid(format!(
             "{errors} error(s) in {rules} rule(s) on {tables} table(s) from {files} file(s): see above"
         )));
     }

@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
 
-use crate::error::CliError;
+use crate::error::{Because, BoxError, CliError};
 use crate::lsn::Lsn;
 use crate::source::conninfo::mask_connection_string;
 
@@ -47,8 +47,14 @@ const MAPPINGS: &[(&str, &str)] = &[
 const DEMO_DB: &str = "cache_invalidator_demo";
 const WAIT: Duration = Duration::from_secs(30);
 
-fn fail(what: &str, err: impl std::fmt::Display) -> CliError {
-    CliError::Runtime(format!("demo: {what}: {err}").into())
+/// A demo step failed because of `err`, kept as the cause.
+fn fail(what: &str, err: impl Into<BoxError>) -> CliError {
+    CliError::runtime(Because::new(format!("demo: {what}"), err))
+}
+
+/// A demo step failed for a reason said in words.
+fn failed(what: &str, why: impl std::fmt::Display) -> CliError {
+    CliError::runtime(format!("demo: {what}: {why}"))
 }
 
 /// Runs the demo.
@@ -179,7 +185,7 @@ async fn demo(scratch: &Path, servers: &mut Servers) -> Result<(), CliError> {
             break;
         }
         if probe_started.elapsed() > WAIT {
-            return Err(fail(
+            return Err(failed(
                 "wait for the worker",
                 "it did not start streaming within 30 s",
             ));
@@ -252,7 +258,7 @@ async fn demo(scratch: &Path, servers: &mut Servers) -> Result<(), CliError> {
         if wait_gone(&mut r, key, WAIT).await {
             println!("  {key:<28} gone");
         } else {
-            return Err(fail(
+            return Err(failed(
                 "invalidate",
                 format!("{key} is still cached after 30 s"),
             ));
@@ -299,14 +305,14 @@ async fn demo(scratch: &Path, servers: &mut Servers) -> Result<(), CliError> {
             println!("  PUBLISH cache:invalidate     {payload}");
         }
         _ => {
-            return Err(fail(
+            return Err(failed(
                 "pub/sub",
                 "no message on cache:invalidate within 30 s",
             ))
         }
     }
     if !tag_gone || kept.is_none() || version.as_deref() != Some("2") {
-        return Err(fail(
+        return Err(failed(
             "check the result",
             "an invalidation is missing (see above)",
         ));
@@ -317,7 +323,7 @@ async fn demo(scratch: &Path, servers: &mut Servers) -> Result<(), CliError> {
         signal_term(&worker);
         match wait_child(&mut worker, Duration::from_secs(10)) {
             Some(0) => {}
-            other => return Err(fail("stop the worker", format!("exit status {other:?}"))),
+            other => return Err(failed("stop the worker", format!("exit status {other:?}"))),
         }
     }
     Ok(())
@@ -334,7 +340,7 @@ async fn wait_acknowledged(pg_url: &str, slot: &str) -> Result<(), CliError> {
         let facts = crate::pg::catalog::slot(sql.client(), slot)
             .await
             .map_err(|e| fail("read the slot's position", e))?
-            .ok_or_else(|| fail("read the slot's position", format!("no slot {slot}")))?;
+            .ok_or_else(|| failed("read the slot's position", format!("no slot {slot}")))?;
         let lsn = |text: Option<&str>| text.and_then(|t| t.parse::<Lsn>().ok());
         Ok::<_, CliError>((
             lsn(Some(&facts.current_lsn)),
@@ -342,7 +348,7 @@ async fn wait_acknowledged(pg_url: &str, slot: &str) -> Result<(), CliError> {
         ))
     };
     let target = read().await?.0.ok_or_else(|| {
-        fail(
+        failed(
             "read the WAL position",
             "pg_current_wal_lsn() is unreadable",
         )
@@ -353,7 +359,7 @@ async fn wait_acknowledged(pg_url: &str, slot: &str) -> Result<(), CliError> {
             return Ok(());
         }
         if Instant::now() > deadline {
-            return Err(fail(
+            return Err(failed(
                 "wait for the worker",
                 format!("slot {slot} did not confirm {target} within 30 s"),
             ));
@@ -405,7 +411,7 @@ async fn postgres(scratch: &Path, servers: &mut Servers) -> Result<String, CliEr
             servers.pg_shared_admin = Some(admin.clone());
             let url = match admin.rfind('/') {
                 Some(i) => format!("{}/{DEMO_DB}", &admin[..i]),
-                None => return Err(fail("PostgreSQL URL", "no database part")),
+                None => return Err(failed("PostgreSQL URL", "no database part")),
             };
             println!(
                 "PostgreSQL: {} (wal_level = logical), database {DEMO_DB}",
@@ -435,7 +441,7 @@ async fn postgres(scratch: &Path, servers: &mut Servers) -> Result<String, CliEr
             .map(|s| s.success())
             .unwrap_or(false);
         if !ok {
-            return Err(fail(
+            return Err(failed(
                 "chown the cluster dir to postgres",
                 "running as root needs the `postgres` OS user",
             ));
@@ -448,7 +454,7 @@ async fn postgres(scratch: &Path, servers: &mut Servers) -> Result<String, CliEr
         .output()
         .map_err(|e| fail("run initdb (install PostgreSQL server binaries)", e))?;
     if !out.status.success() {
-        return Err(fail("initdb", String::from_utf8_lossy(&out.stderr)));
+        return Err(failed("initdb", String::from_utf8_lossy(&out.stderr)));
     }
     let port = free_port()?;
     let opts = format!(
@@ -464,7 +470,7 @@ async fn postgres(scratch: &Path, servers: &mut Servers) -> Result<String, CliEr
         .output()
         .map_err(|e| fail("run pg_ctl", e))?;
     if !out.status.success() {
-        return Err(fail(
+        return Err(failed(
             "start PostgreSQL",
             String::from_utf8_lossy(&out.stderr),
         ));
@@ -500,7 +506,7 @@ fn redis(scratch: &Path, servers: &mut Servers) -> Result<String, CliError> {
             let deadline = Instant::now() + Duration::from_secs(10);
             while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
                 if Instant::now() > deadline {
-                    return Err(fail("start redis-server", "not listening after 10 s"));
+                    return Err(failed("start redis-server", "not listening after 10 s"));
                 }
                 std::thread::sleep(Duration::from_millis(20));
             }

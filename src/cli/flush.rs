@@ -61,12 +61,8 @@ fn flush_backoff() -> Backoff {
 
 /// Runs `flush`.
 pub async fn run(config_path: &Path, table: Option<&str>) -> Result<(), CliError> {
-    let config = Config::load(config_path, &EnvOverrides::from_env())
-        .map_err(|e| CliError::Invalid(e.to_string()))?;
-    let mappings = config
-        .mappings
-        .load()
-        .map_err(|e| CliError::Invalid(e.to_string()))?;
+    let config = Config::load(config_path, &EnvOverrides::from_env()).map_err(CliError::invalid)?;
+    let mappings = config.mappings.load().map_err(CliError::invalid)?;
     let mapped: Vec<String> = mappings.tables().iter().map(|t| t.to_string()).collect();
     let mut planner = Planner::new(Arc::new(mappings), config.planner_context("flush"));
     let scope = match table {
@@ -75,9 +71,9 @@ pub async fn run(config_path: &Path, table: Option<&str>) -> Result<(), CliError
             format!("all {} mapped table(s)", mapped.len())
         }
         Some(t) => {
-            let name = TableName::parse(t).map_err(CliError::Invalid)?;
+            let name = TableName::parse(t).map_err(CliError::invalid)?;
             if !planner.flush_table(&name) {
-                return Err(CliError::Invalid(format!(
+                return Err(CliError::invalid(format!(
                     "table {name} is not mapped; mapped tables: {}",
                     mapped.join(", ")
                 )));

@@ -12,7 +12,7 @@ pub mod setup;
 pub mod sql_api;
 pub mod status;
 
-use crate::error::CliError;
+use crate::error::{Because, CliError};
 
 pub mod demo;
 pub mod record;
@@ -165,8 +165,9 @@ pub async fn execute(cli: Cli) -> Result<(), CliError> {
                         &crate::config::EnvOverrides::from_env(),
                     )
                     .map_err(|e| {
-                        CliError::Invalid(format!(
-                            "record needs a PostgreSQL URL: --postgres-url, CACHE_INVALIDATOR_POSTGRES_URL or the config file: {e}"
+                        CliError::invalid(Because::new(
+                            "record needs a PostgreSQL URL: --postgres-url, CACHE_INVALIDATOR_POSTGRES_URL or the config file",
+                            e,
                         ))
                     })?;
                     let pg = config.postgres;
@@ -178,10 +179,10 @@ pub async fn execute(cli: Cli) -> Result<(), CliError> {
                 .or(config_publication)
                 .unwrap_or_else(|| "cache_invalidator".into());
             let postgres = crate::source::ConnectionSettings::parse(&url, password)
-                .map_err(|e| CliError::Invalid(e.to_string()))?;
+                .map_err(CliError::invalid)?;
             let timeout = match timeout {
                 Some(t) if t.is_finite() && t >= 0.0 => Some(std::time::Duration::from_secs_f64(t)),
-                Some(t) => return Err(CliError::Invalid(format!("invalid --timeout {t}"))),
+                Some(t) => return Err(CliError::invalid(format!("invalid --timeout {t}"))),
                 None => None,
             };
             let args = record::RecordArgs {

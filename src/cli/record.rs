@@ -33,7 +33,7 @@ use std::time::Duration;
 use tokio::sync::{mpsc, watch};
 
 use crate::decode::{Event, Op, Relation, Row, Value};
-use crate::error::CliError;
+use crate::error::{Because, CliError};
 use crate::lsn::Lsn;
 use crate::source::{self, ConnectionSettings, SourceItem, StreamControl};
 
@@ -257,8 +257,12 @@ where
         .map_err(CliError::runtime)?;
     tracing::info!(slot = %slot, publication = %args.publication, consistent_point = %created.consistent_point, out = %args.out.display(), "recording");
 
-    let (file, mut writer) = open_out(&args.out)
-        .map_err(|e| CliError::Invalid(format!("cannot open --out {}: {e}", args.out.display())))?;
+    let (file, mut writer) = open_out(&args.out).map_err(|e| {
+        CliError::invalid(Because::new(
+            format!("cannot open --out {}", args.out.display()),
+            e,
+        ))
+    })?;
     let (tx, mut rx) = mpsc::channel(CHANNEL_CAPACITY);
     let (ack, ack_rx) = watch::channel(Lsn::ZERO);
     let (stop, stop_rx) = crate::shutdown::ShutdownTrigger::new();
@@ -322,7 +326,7 @@ where
                 // The stream ended: its error says why.
                 return match task.await {
                     Ok(Err(e)) => Err(CliError::runtime(e)),
-                    _ => Err(CliError::Runtime("the replication stream ended".into())),
+                    _ => Err(CliError::runtime("the replication stream ended")),
                 };
             }
         }

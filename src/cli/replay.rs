@@ -10,7 +10,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use crate::config::{Config, EnvOverrides};
-use crate::error::CliError;
+use crate::error::{Because, CliError};
 use crate::replay::{parse_file, Replayer, TxnPlan};
 
 /// The epoch carried by default messages during replay.
@@ -24,16 +24,13 @@ pub async fn run(
     apply: bool,
     skip_bad_lines: bool,
 ) -> Result<(), CliError> {
-    let config = Config::load(config_path, &EnvOverrides::from_env())
-        .map_err(|e| CliError::Invalid(e.to_string()))?;
-    let mappings = config
-        .mappings
-        .load()
-        .map_err(|e| CliError::Invalid(e.to_string()))?;
-    let text = std::fs::read_to_string(file)
-        .map_err(|e| CliError::Invalid(format!("cannot read {}: {e}", file.display())))?;
+    let config = Config::load(config_path, &EnvOverrides::from_env()).map_err(CliError::invalid)?;
+    let mappings = config.mappings.load().map_err(CliError::invalid)?;
+    let text = std::fs::read_to_string(file).map_err(|e| {
+        CliError::invalid(Because::new(format!("cannot read {}", file.display()), e))
+    })?;
     let (txns, bad) = parse_file(&text, skip_bad_lines).map_err(|b| {
-        CliError::Invalid(format!(
+        CliError::invalid(format!(
             "{}:{b}; nothing was replayed (use --skip-bad-lines to skip it)",
             file.display()
         ))

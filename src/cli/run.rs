@@ -21,14 +21,8 @@ use crate::worker::{AutoSetup, Worker};
 
 /// Runs the worker until SIGINT/SIGTERM or a fatal error.
 pub async fn run(config_path: &Path) -> Result<(), CliError> {
-    let config = Config::load(config_path, &EnvOverrides::from_env())
-        .map_err(|e| CliError::Invalid(e.to_string()))?;
-    let mappings = Arc::new(
-        config
-            .mappings
-            .load()
-            .map_err(|e| CliError::Invalid(e.to_string()))?,
-    );
+    let config = Config::load(config_path, &EnvOverrides::from_env()).map_err(CliError::invalid)?;
+    let mappings = Arc::new(config.mappings.load().map_err(CliError::invalid)?);
     let settings = ConnectionSettings::parse(
         &config.postgres.url,
         config
@@ -37,7 +31,7 @@ pub async fn run(config_path: &Path) -> Result<(), CliError> {
             .as_ref()
             .map(|s| s.expose().to_string()),
     )
-    .map_err(|e| CliError::Invalid(e.to_string()))?;
+    .map_err(CliError::invalid)?;
     let sink_options = config.worker_sink_options();
 
     let (trigger, stop_rx) = ShutdownTrigger::new();
@@ -51,13 +45,13 @@ pub async fn run(config_path: &Path) -> Result<(), CliError> {
         .start_at_zero(&tables, &reasons, &crate::sink::SinkError::KINDS);
     if let Some(listen) = &config.metrics.listen {
         let addr: std::net::SocketAddr = listen.parse().map_err(|e| {
-            CliError::Invalid(format!(
+            CliError::invalid(format!(
                 "[metrics] listen = {listen:?} is not an address like 127.0.0.1:9464: {e}"
             ))
         })?;
         let listener = crate::metrics::bind(addr)
             .await
-            .map_err(|e| CliError::Invalid(e.to_string()))?;
+            .map_err(CliError::invalid)?;
         tracing::info!(listen = %addr, "serving /metrics, /livez, /readyz");
         tokio::spawn(crate::metrics::serve_on(
             listener,

@@ -33,7 +33,7 @@ use std::time::Duration;
 use tokio_postgres::Client;
 
 use crate::config::EnvOverrides;
-use crate::error::CliError;
+use crate::error::{Because, BoxError, CliError};
 use crate::map::identity;
 use crate::map::{Mappings, TableName};
 use crate::pg::catalog::{self, TableFacts};
@@ -128,6 +128,7 @@ pub async fn run_with_env(
         // the Redis it is meant for, so the worker's first start does not flush
         // a second time (guarantee 6 then only fires when Redis really changed).
         if let Err(why) = store_identity(&setup.client, &checked.config).await {
+            let why = crate::error::chain(why.as_ref()).join(": ");
             println!("note: could not record the Redis identity ({why}); the worker's first start will flush once more");
         }
     }
@@ -139,7 +140,7 @@ pub async fn run_with_env(
         );
     }
     match not_installed {
-        Some(why) => Err(CliError::Runtime(why.into())),
+        Some(why) => Err(CliError::runtime(why)),
         None => Ok(()),
     }
 }
@@ -183,7 +184,7 @@ impl Setup {
             .map(|(f, _)| f.to_string())
             .collect();
         if !blockers.is_empty() {
-            return Err(CliError::Invalid(format!(
+            return Err(CliError::invalid(format!(
                 "cannot set up:\n{}\nNothing was changed.",
                 blockers.join("\n")
             )));
@@ -204,7 +205,7 @@ impl Setup {
             .collect();
         if !unusable.is_empty() && !replica_identity_full {
             let names: Vec<String> = unusable.iter().map(|t| t.name.to_string()).collect();
-            return Err(CliError::Invalid(format!(
+            return Err(CliError::invalid(format!(
                 "refusing to publish {}: no usable replica identity (REPLICA IDENTITY NOTHING, or DEFAULT without a primary key). \
                  Once a table is in a publication that publishes updates and deletes, PostgreSQL rejects every UPDATE and DELETE on it \
                  without one, which would break the application. Fix: add a primary key, or `ALTER TABLE ... REPLICA IDENTITY USING INDEX <unique index>`, \
@@ -250,8 +251,8 @@ impl Setup {
         match existing {
             None => {
                 if targets.is_empty() {
-                    return Err(CliError::Invalid(
-                        "cannot create the publication: none of the mapped tables exists (see the warnings above). Nothing was changed.".into(),
+                    return Err(CliError::invalid(
+                        "cannot create the publication: none of the mapped tables exists (see the warnings above). Nothing was changed.",
                     ));
                 }
                 let list: Vec<String> = targets.iter().map(|t| qualified(&t.name)).collect();
@@ -293,7 +294,7 @@ impl Setup {
         &mut self,
         mappings: &Mappings,
         options: &SetupOptions,
-    ) -> Result<Option<String>, CliError> {
+    ) -> Result<Option<BoxError>, CliError> {
         use super::sql_api as api;
         let asked = options.ddl_trigger || !options.grant_execute.is_empty();
         let stamp: Option<String> = self
@@ -305,13 +306,15 @@ impl Setup {
         if stamp.as_deref() != Some(api::api_stamp().as_str()) {
             println!("-- the SQL API: cache_invalidator.invalidate(...) and flush_table(...) (see docs/operations.md)");
             if let Err(e) = self.transaction(&api::api_statements()).await {
-                let why = format!(
-                    "the SQL API (schema cache_invalidator) was not installed: {e}. The setup user needs CREATE on the database;                      or apply `cache-invalidator setup --print-sql` as a user who has it"
+                let why = Because::new(
+                    "the SQL API (schema cache_invalidator) was not installed: the setup user needs CREATE on the database, \
+                     or apply `cache-invalidator setup --print-sql` as a user who has it",
+                    e,
                 );
                 if asked {
-                    return Ok(Some(why));
+                    return Ok(Some(why.into()));
                 }
-                eprintln!("warning: {why}");
+                eprintln!("warning: {}", crate::error::chain(&why).join(": "));
                 return Ok(None);
             }
         }
@@ -351,9 +354,9 @@ impl Setup {
                 .query_one(sql, &[role])
                 .await
                 .map_err(|e| {
-                    CliError::Invalid(format!(
-                        "--grant-execute {role:?}: {}; name an existing role",
-                        crate::pg::describe(&e)
+                    CliError::invalid(Because::new(
+                        format!("--grant-execute {role:?}: cannot read its privileges; name an existing role"),
+                        PgError::query("checking the role's privileges", e),
                     ))
                 })?
                 .get(0);
@@ -533,7 +536,7 @@ impl Setup {
             }
         }
         if !problems.is_empty() {
-            return Err(CliError::Invalid(format!(
+            return Err(CliError::invalid(format!(
                 "cannot set up: {}; run `cache-invalidator check` for details. Nothing was changed.",
                 problems.join("; ")
             )));
@@ -568,12 +571,12 @@ impl Setup {
         };
         let reset = self.exec("RESET lock_timeout").await;
         result.map_err(|e| {
-            CliError::Runtime(
-                format!(
-                    "{e}; {table} is busy (long transactions hold locks on it): retry `setup --replica-identity-full` when it is quieter"
-                )
-                .into(),
-            )
+            let why = if e.sqlstate() == Some("55P03") {
+                format!("{table} is busy (long transactions hold locks on it): retry `setup --replica-identity-full` when it is quieter")
+            } else {
+                format!("setting REPLICA IDENTITY FULL on {table} failed: rerun `setup --replica-identity-full` once the cause is fixed")
+            };
+            CliError::runtime(Because::new(why, e))
         })?;
         reset.map_err(CliError::runtime)
     }
@@ -595,7 +598,7 @@ impl Setup {
                 .await
                 .map_err(CliError::runtime)?;
             if s.slot_type != "logical" || s.plugin.as_deref() != Some("pgoutput") {
-                return Err(CliError::Invalid(format!(
+                return Err(CliError::invalid(format!(
                     "replication slot {slot:?} exists but is a {} slot with plugin {:?}, not a logical pgoutput slot; \
                      choose another [postgres] slot name or drop it (`SELECT pg_drop_replication_slot('{slot}')`)",
                     s.slot_type,
@@ -603,7 +606,7 @@ impl Setup {
                 )));
             }
             if s.database.as_deref() != Some(db.as_str()) {
-                return Err(CliError::Invalid(format!(
+                return Err(CliError::invalid(format!(
                     "replication slot {slot:?} belongs to database {:?}, not {db:?}; choose another [postgres] slot name",
                     s.database.unwrap_or_default()
                 )));
@@ -816,7 +819,10 @@ impl Setup {
                 } else {
                     "the user needs the REPLICATION attribute (or superuser) and wal_level = logical with a free max_replication_slots entry".into()
                 };
-                return Err(CliError::Runtime(format!("{e}; {why}").into()));
+                return Err(CliError::runtime(Because::new(
+                    format!("cannot create replication slot {slot:?}: {why}"),
+                    e,
+                )));
             }
         }
         reset.map_err(CliError::runtime)
@@ -835,7 +841,7 @@ impl Setup {
 }
 
 /// Stores `cache-invalidator:<slot>:identity` for the configured Redis.
-async fn store_identity(client: &Client, config: &crate::config::Config) -> Result<(), String> {
+async fn store_identity(client: &Client, config: &crate::config::Config) -> Result<(), BoxError> {
     use crate::sink::{identity, ApplySink};
     let row = client
         .query_one(
@@ -843,22 +849,18 @@ async fn store_identity(client: &Client, config: &crate::config::Config) -> Resu
             &[],
         )
         .await
-        .map_err(|e| e.to_string())?;
+        .map_err(|e| PgError::query("reading the system identifier and timeline", e))?;
     let pg_system_id: String = row.get(0);
     let timeline: i64 = row.get(1);
     let options = config.sink_options();
-    let sink = crate::sink::Sink::connect(&options, &config.redis.cluster)
-        .await
-        .map_err(|e| e.to_string())?;
+    let sink = crate::sink::Sink::connect(&options, &config.redis.cluster).await?;
     let current = identity::Identity {
-        redis_run_id: sink.redis_run_id().await.map_err(|e| e.to_string())?,
+        redis_run_id: sink.redis_run_id().await?,
         pg_system_id,
         pg_timeline: u32::try_from(timeline).unwrap_or(0),
     };
     let key = identity::identity_key(&config.postgres.slot);
-    sink.store_identity(&key, &current)
-        .await
-        .map_err(|e| e.to_string())?;
+    sink.store_identity(&key, &current).await?;
     println!("-- Redis: SET {key} (the Redis this slot's flush marker is meant for; written by setup, not SQL)");
     Ok(())
 }

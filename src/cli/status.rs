@@ -121,8 +121,7 @@ async fn standbys(config: &Config) -> Vec<StandbySlot> {
 
 /// Runs `status`.
 pub async fn run(config_path: &Path, json: bool) -> Result<(), CliError> {
-    let config = Config::load(config_path, &EnvOverrides::from_env())
-        .map_err(|e| CliError::Invalid(e.to_string()))?;
+    let config = Config::load(config_path, &EnvOverrides::from_env()).map_err(CliError::invalid)?;
     let status = probe(&config).await?;
     if json {
         println!(
@@ -133,7 +132,7 @@ pub async fn run(config_path: &Path, json: bool) -> Result<(), CliError> {
         print!("{}", render(&status));
     }
     match &status.problem {
-        Some(p) if !status.slot_exists => Err(CliError::Runtime(p.clone().into())),
+        Some(p) if !status.slot_exists => Err(CliError::runtime(p.clone())),
         _ => Ok(()),
     }
 }

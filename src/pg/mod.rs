@@ -28,10 +28,9 @@ pub const APPLICATION_NAME: &str = crate::source::conninfo::DEFAULT_APPLICATION_
 #[derive(Debug, thiserror::Error)]
 pub enum PgError {
     /// Connecting failed (the source's error says what and what to do).
-    #[error("{source}")]
+    #[error(transparent)]
     Source {
         /// The cause.
-        #[source]
         source: crate::source::SourceError,
     },
     /// A statement failed.

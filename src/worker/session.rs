@@ -19,7 +19,7 @@ use tokio::sync::mpsc;
 use super::{BatchLimits, IdentityGuard};
 use crate::ack::Acknowledger;
 use crate::config::Config;
-use crate::error::CliError;
+use crate::error::{Because, CliError};
 use crate::lsn::Lsn;
 use crate::map::Mappings;
 use crate::plan::planner::Planner;
@@ -224,8 +224,12 @@ impl Worker {
         }
         let mut settings = Vec::with_capacity(pg.replicas.len());
         for url in &pg.replicas {
-            let mut s = ConnectionSettings::parse(url, None)
-                .map_err(|e| CliError::Invalid(format!("[postgres] replicas: {e}")))?;
+            let mut s = ConnectionSettings::parse(url, None).map_err(|e| {
+                CliError::invalid(Because::new(
+                    "[postgres] replicas: an entry is not a valid connection string",
+                    e,
+                ))
+            })?;
             if s.password.is_none() {
                 s.password = pg.password.as_ref().map(|p| p.expose().to_string());
             }
@@ -269,7 +273,7 @@ impl Worker {
             match Sink::connect(&self.sink_options, &self.config.redis.cluster).await {
                 Ok(sink) => return Ok(Some(sink)),
                 Err(err) if err.retry_class() == crate::sink::RetryClass::Fatal => {
-                    return Err(CliError::Invalid(err.to_string()))
+                    return Err(CliError::invalid(err))
                 }
                 Err(err) => {
                     // Once, then a line with a count every 30 s.
@@ -341,7 +345,7 @@ impl Worker {
                 // acknowledgement are unknown. Recreating the slot emits the
                 // flush:all marker; without auto_setup the operator runs setup.
                 let Some(setup) = &self.auto_setup else {
-                    return Err(CliError::Invalid(err.to_string()));
+                    return Err(CliError::invalid(err));
                 };
                 tracing::warn!({ SLOT } = %pg.slot, { ERROR } = %err, "auto_setup: recreating the replication slot; its flush marker flushes every mapped table");
                 setup.run().await?;
@@ -430,7 +434,7 @@ impl Worker {
             Err(_) => Ok(()),
         };
         if let Err(err) = sink_result {
-            return Err(CliError::Invalid(err.to_string()));
+            return Err(CliError::invalid(err));
         }
         if let Err(err) = plan_result {
             // Undecodable stream: reconnecting resends the same bytes.
