@@ -59,7 +59,7 @@ url = "redis://127.0.0.1:$REDIS_PORT/0"
 
 [worker]
 max_batch_delay_ms = ${BENCH_MAX_BATCH_DELAY_MS:-5}
-pattern_scan_count = SCAN_COUNT
+pattern_scan_count = 1000
 
 [metrics]
 listen = "127.0.0.1:$METRICS_PORT"
