@@ -5,6 +5,12 @@
 //! invalidation. The environment overrides the URLs
 //! (`CACHE_INVALIDATOR_POSTGRES_URL`, `CACHE_INVALIDATOR_REDIS_URL`); see
 //! [`EnvOverrides`]. Secrets never appear in `Debug` output.
+//!
+//! Why this file is long (~730 lines before its tests): the raw TOML model,
+//! the validated model and the validator `V` are one seam each, but every
+//! validation message names a raw field's span and builds a validated field,
+//! so the three change together with every new setting; the tests (every
+//! error message, located) are at the end.
 
 use std::fmt;
 use std::path::{Path, PathBuf};

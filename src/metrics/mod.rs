@@ -14,6 +14,7 @@
 //!   `deploy/prometheus-alerts.yml` use the same names;
 //! - `labels`: the closed label sets ([`InvalidationKind`], [`RefreshOutcome`],
 //!   [`FlushReason`], [`Target`], [`Role`]);
+//! - `label_sets`: the label sets of labelled families and the per-table counter cache;
 //! - `registry`: [`Metrics`], registration and the update methods the worker calls;
 //! - `health`: [`Health`], what `/livez` and `/readyz` answer;
 //! - `http`: the endpoint ([`serve`], [`serve_on`], [`bind`]);
@@ -23,6 +24,7 @@ use std::sync::{Mutex, MutexGuard, PoisonError};
 
 mod health;
 mod http;
+mod label_sets;
 mod labels;
 pub mod names;
 pub mod patterns;

@@ -6,18 +6,20 @@
 //! per-table counters are cached per table name, so a repeated `(table, op)`
 //! costs one uncontended mutex and one atomic add, no allocation.
 
-use std::collections::HashMap;
 use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 
+use super::label_sets::{
+    KindLabels, OutcomeLabels, ReasonLabels, ReplicaLabels, RoleLabels, SourceKindLabels,
+    TableCounters, TableOpLabels, TableReasonLabels, TargetLabels,
+};
 use super::{lock, names, patterns, FlushReason, InvalidationKind, RefreshOutcome, Role, Target};
 use crate::decode::Op;
 
@@ -35,83 +37,6 @@ pub const APPLY_LATENCY_BUCKETS: [f64; 14] = [
 pub const BATCH_SIZE_BUCKETS: [f64; 12] = [
     1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0, 200.0, 500.0, 1000.0, 5000.0, 10000.0,
 ];
-
-#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
-struct TableOpLabels {
-    table: String,
-    op: &'static str,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
-struct TableReasonLabels {
-    table: String,
-    reason: &'static str,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
-struct KindLabels {
-    kind: &'static str,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
-struct SourceKindLabels {
-    source: &'static str,
-    kind: &'static str,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
-struct ReasonLabels {
-    reason: &'static str,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
-struct OutcomeLabels {
-    outcome: &'static str,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
-struct TargetLabels {
-    target: &'static str,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
-struct ReplicaLabels {
-    replica: String,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
-struct RoleLabels {
-    role: &'static str,
-}
-
-/// Per-table counter handles, looked up by `&str` without allocating.
-struct TableCounters<K> {
-    by_table: Mutex<HashMap<String, Vec<(K, Counter)>>>,
-}
-
-impl<K: Copy + Eq> TableCounters<K> {
-    fn new() -> Self {
-        TableCounters {
-            by_table: Mutex::new(HashMap::new()),
-        }
-    }
-
-    /// The cached counter of `(table, key)`, created by `make` on first use.
-    fn get(&self, table: &str, key: K, make: impl FnOnce() -> Counter) -> Counter {
-        let mut map = lock(&self.by_table);
-        if let Some(list) = map.get_mut(table) {
-            if let Some((_, c)) = list.iter().find(|(k, _)| *k == key) {
-                return c.clone();
-            }
-            let c = make();
-            list.push((key, c.clone()));
-            return c;
-        }
-        let c = make();
-        map.insert(table.to_owned(), vec![(key, c.clone())]);
-        c
-    }
-}
 
 /// The worker's metrics. Create once with [`Metrics::new`], share the `Arc`,
 /// serve it with [`super::serve`].
