@@ -1,9 +1,11 @@
 //! The one retry policy: capped exponential backoff with jitter, driven by
 //! what the error says about itself. Both error families map onto [`Retry`]
 //! (`source::RetryClass` and `sink::RetryClass` implement `From`), so the
-//! worker's sink stage and pattern lane, the session loop, the visibility
-//! checks and `flush` wait the same way. A leaf: it imports nothing of the
-//! crate.
+//! worker's sink stage and pattern lane, the session loop and its first
+//! connection to Redis, the visibility checks, `flush` and `setup`'s retried
+//! `ALTER TABLE` wait the same way. Fixed waits elsewhere are polls, not
+//! retries (a standby's takeover attempts: see `worker/session.rs`). A leaf:
+//! it imports nothing of the crate.
 
 use std::collections::hash_map::RandomState;
 use std::hash::{BuildHasher, Hasher};

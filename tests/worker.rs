@@ -273,6 +273,34 @@ fn a_failed_check_exits_at_once_while_redis_is_unreachable() {
     );
 }
 
+/// Redis down when the worker starts (setup done, so the checks pass): the
+/// worker waits, retrying with backoff, and invalidates once Redis is back.
+#[test]
+fn a_worker_started_while_redis_is_down_streams_once_it_returns() {
+    let (pg, mut redis, cfg) = demo();
+    redis.stop();
+    let mut worker = cfg.spawn_worker();
+    support::wait_for("the worker to retry Redis", WAIT, || {
+        worker
+            .log()
+            .contains("Redis unreachable; retrying")
+            .then_some(())
+    });
+    assert_eq!(worker.try_exit_code(), None, "{}", worker.log());
+    redis.restart();
+    sync(&pg, &redis);
+    let mut r = RedisProbe::new(&redis);
+    r.set("post:7", "cached");
+    pg.psql("UPDATE posts SET title = 'after the wait' WHERE id = 7");
+    r.wait_gone("post:7", WAIT);
+    assert_eq!(
+        worker.stop(Duration::from_secs(10)),
+        Some(0),
+        "{}",
+        worker.log()
+    );
+}
+
 #[test]
 fn run_refuses_rules_the_replica_identity_cannot_serve_and_allkeys_eviction() {
     let pg = PgCluster::start();

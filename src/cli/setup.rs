@@ -56,6 +56,8 @@ use crate::source::ConnectionSettings;
 const LOCK_TIMEOUT: &str = "5s";
 /// Attempts of `ALTER TABLE` when the lock is not granted in time.
 const ALTER_ATTEMPTS: u32 = 3;
+/// The first wait between those attempts (then `retry::Backoff` doubles it).
+const ALTER_BACKOFF: Duration = Duration::from_secs(1);
 /// `statement_timeout` of the slot creation (it waits for running transactions).
 const SLOT_TIMEOUT: Duration = Duration::from_secs(60);
 /// How long peeking the slot for a publication gap may take.
@@ -567,12 +569,14 @@ impl Setup {
         .map_err(CliError::runtime)?;
         let sql = format!("ALTER TABLE {} REPLICA IDENTITY FULL", qualified(table));
         let mut attempt = 1;
+        let mut backoff = crate::retry::Backoff::between(ALTER_BACKOFF, ALTER_BACKOFF * 4);
         let result = loop {
             match self.exec(&sql).await {
                 Ok(()) => break Ok(()),
                 Err(e) if e.sqlstate() == Some("55P03") && attempt < ALTER_ATTEMPTS => {
-                    tracing::warn!(table = %table, attempt, "lock not granted within lock_timeout; retrying");
-                    tokio::time::sleep(Duration::from_secs(u64::from(attempt))).await;
+                    let delay = backoff.next_delay();
+                    tracing::warn!(table = %table, attempt, retry_in_ms = delay.as_millis() as u64, "lock not granted within lock_timeout; retrying");
+                    tokio::time::sleep(delay).await;
                     attempt += 1;
                 }
                 Err(e) => break Err(e),

@@ -38,7 +38,11 @@ use crate::visibility::{PrimaryVisibility, Replicas, VisibilityGate};
 const SOURCE_CHANNEL: usize = 4096;
 /// Closed batches waiting for the sink (one applying, one ready).
 const BATCH_CHANNEL: usize = 1;
-/// How often a standby tries to take over the slot.
+/// How often a standby tries to take over the slot. A fixed poll, not
+/// `retry::Backoff`: the slot being held is the normal state of a standby,
+/// not a failure to back off from, and a growing delay would stretch the
+/// takeover after the active worker dies (README guarantee 7: within ten
+/// seconds). One replication connection attempt a second is what it costs.
 const STANDBY_RETRY: Duration = Duration::from_secs(1);
 /// How long a graceful stop may take before the process exits anyway.
 pub const SHUTDOWN_GRACE: Duration = Duration::from_millis(4500);
@@ -265,22 +269,23 @@ impl Worker {
         Ok(VisibilityGate::new(primary, Some(replicas)))
     }
 
-    /// Connects to Redis, retrying every second while it is unreachable;
+    /// Connects to Redis, retrying with [`Backoff`] while it is unreachable;
     /// `None` when a stop is requested meanwhile.
     async fn connect_sink(&self) -> Result<Option<Sink>, CliError> {
         let mut repeats = crate::telemetry::Repeats::new(Duration::from_secs(30));
+        let mut backoff = Backoff::new();
         loop {
             match Sink::connect(&self.sink_options, &self.config.redis.cluster).await {
                 Ok(sink) => return Ok(Some(sink)),
-                Err(err) if err.retry_class() == crate::sink::RetryClass::Fatal => {
-                    return Err(CliError::invalid(err))
-                }
                 Err(err) => {
+                    let Some(delay) = backoff.delay_for(err.retry_class()) else {
+                        return Err(CliError::invalid(err));
+                    };
                     // Once, then a line with a count every 30 s.
                     if let Some(count) = repeats.tick() {
-                        tracing::warn!({ ERROR } = %err, attempts = count, "Redis unreachable; retrying every second");
+                        tracing::warn!({ ERROR } = %err, attempts = count, retry_in_ms = delay.as_millis() as u64, "Redis unreachable; retrying");
                     }
-                    self.pause(Duration::from_secs(1)).await;
+                    self.pause(delay).await;
                     if self.stopping() {
                         return Ok(None);
                     }
