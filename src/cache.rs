@@ -406,19 +406,7 @@ impl VersionedCache {
         ttl_secs: u64,
     ) -> RedisResult<()> {
         let version = self.get_version(conn, entity, id).await?;
-        let version_key = self.version_key(entity, id);
-        let mut pipe = redis::pipe();
-        pipe.cmd("SET")
-            .arg(Self::data_key(entity, id, suffix, version))
-            .arg(value)
-            .arg("EX")
-            .arg(ttl_secs)
-            .ignore();
-        pipe.cmd("EXPIRE")
-            .arg(&version_key)
-            .arg(ttl_secs + TTL_MARGIN_SECS)
-            .arg("GT")
-            .ignore();
-        pipe.query_async(conn).await
+        self.fill(conn, entity, id, suffix, version, value, ttl_secs)
+            .await
     }
 }

@@ -28,6 +28,15 @@ fn options(redis: &RedisServer) -> SinkOptions {
     }
 }
 
+/// A blocking connection (setup, checks) and an async one (the code under test).
+async fn connections(
+    redis: &RedisServer,
+) -> (redis::Connection, redis::aio::MultiplexedConnection) {
+    let client = redis.client();
+    let async_conn = client.get_multiplexed_async_connection().await.unwrap();
+    (client.get_connection().unwrap(), async_conn)
+}
+
 fn tombstones(keys: &[(&str, u64)], tags: &[(&str, u64)]) -> Plan {
     let mut plan = Plan::default();
     for (k, lsn) in keys {
@@ -144,12 +153,7 @@ async fn tag_tombstone_marks_every_member_and_keeps_them() {
 #[tokio::test]
 async fn guarded_fill_sets_only_over_what_the_miss_saw() {
     let redis = RedisServer::start();
-    let mut c = redis.client().get_connection().unwrap();
-    let mut a = redis
-        .client()
-        .get_multiplexed_async_connection()
-        .await
-        .unwrap();
+    let (mut c, mut a) = connections(&redis).await;
 
     // Absent: SET NX semantics, with tags and a tag TTL.
     let seen = match cache::lookup(&mut a, "k").await.unwrap() {
@@ -226,12 +230,7 @@ async fn guarded_fill_sets_only_over_what_the_miss_saw() {
 #[tokio::test]
 async fn versioned_get_reads_version_and_data_in_one_script() {
     let redis = RedisServer::start();
-    let mut c = redis.client().get_connection().unwrap();
-    let mut a = redis
-        .client()
-        .get_multiplexed_async_connection()
-        .await
-        .unwrap();
+    let (mut c, mut a) = connections(&redis).await;
     let vc = VersionedCache::new("version:");
     assert_eq!(
         vc.get_versioned(&mut a, "user", "1", "profile")
@@ -271,6 +270,33 @@ async fn versioned_get_reads_version_and_data_in_one_script() {
     assert_eq!(v, "p2");
     let stored: String = c.get("user:1:v2:profile").unwrap();
     assert_eq!(stored, "p2");
+}
+
+/// `VersionedCache::set` caches under the version current at the call and
+/// makes the version key outlive the data (TTL raised to the data's plus the
+/// margin), like `fill` with that version.
+#[tokio::test]
+async fn set_caches_under_the_current_version_and_keeps_the_version_key_longer() {
+    let redis = RedisServer::start();
+    let (mut c, mut a) = connections(&redis).await;
+    let vc = VersionedCache::new("version:");
+    let _: () = c.set_ex("version:user:1", 3, 10).unwrap();
+    vc.set(&mut a, "user", "1", "profile", "p3", 300)
+        .await
+        .unwrap();
+    assert_eq!(
+        vc.get_versioned(&mut a, "user", "1", "profile")
+            .await
+            .unwrap(),
+        (3, Some("p3".into()))
+    );
+    let data_ttl: i64 = c.ttl("user:1:v3:profile").unwrap();
+    let version_ttl: i64 = c.ttl("version:user:1").unwrap();
+    assert!((290..=300).contains(&data_ttl), "data TTL {data_ttl}");
+    assert!(
+        version_ttl > 300 && version_ttl <= 300 + cache::TTL_MARGIN_SECS as i64,
+        "version TTL {version_ttl}"
+    );
 }
 
 /// The scripts under `scripts/` from redis-py. Needs `python3` with redis-py
