@@ -4,6 +4,7 @@
 #   benches/patterns.sh                          # keyspaces of 0, 1,000,000, 5,000,000 keys
 #   BENCH_KEYSPACES="0 1000000" BENCH_ROWS=500 benches/patterns.sh
 #   BENCH_SCAN_COUNTS="1000 250" benches/patterns.sh   # contenders for [worker] pattern_scan_count
+#   BENCH_YIELDS="true false" benches/patterns.sh      # contenders for [worker] pattern_pass_yield
 #
 # Throwaway PostgreSQL and Redis. Per keyspace size: Redis is emptied and
 # filled with unrelated keys (DEBUG POPULATE), the worker started, and
@@ -23,6 +24,7 @@ KEYSPACES=${BENCH_KEYSPACES:-"0 1000000 5000000"}
 ROWS=${BENCH_ROWS:-2000}
 REPS=${BENCH_REPS:-3}
 SCAN_COUNTS=${BENCH_SCAN_COUNTS:-1000}
+YIELDS=${BENCH_YIELDS:-true}
 export BENCH_REDIS_ARGS="--enable-debug-command local"
 
 bench_setup_dirs
@@ -60,6 +62,7 @@ url = "redis://127.0.0.1:$REDIS_PORT/0"
 [worker]
 max_batch_delay_ms = ${BENCH_MAX_BATCH_DELAY_MS:-5}
 pattern_scan_count = 1000
+pattern_pass_yield = true
 
 [metrics]
 listen = "127.0.0.1:$METRICS_PORT"
@@ -73,9 +76,11 @@ for keys in $KEYSPACES; do
         log "filling Redis with $keys unrelated keys"
         rcli DEBUG POPULATE "$keys" key 10 >/dev/null
     fi
-    for count in $SCAN_COUNTS; do
-        sed "s/^pattern_scan_count = .*/pattern_scan_count = $count/" "$cfg" >"$cfg.$count"
-        "$BIN" --config "$cfg.$count" run 2>"$BENCH_TMP/worker-$keys-$count.log" &
+    for contender in $(for c in $SCAN_COUNTS; do for y in $YIELDS; do echo "$c/$y"; done; done); do
+        count=${contender%/*} yield=${contender#*/}
+        sed -e "s/^pattern_scan_count = .*/pattern_scan_count = $count/" \
+            -e "s/^pattern_pass_yield = .*/pattern_pass_yield = $yield/" "$cfg" >"$cfg.$count.$yield"
+        "$BIN" --config "$cfg.$count.$yield" run 2>"$BENCH_TMP/worker-$keys-$count-$yield.log" &
         WORKER_PID=$!
         # FLUSHALL removed the worker's identity record: let its identity flush
         # (guarantee 6) happen now, not in the middle of the first repetition.
@@ -84,7 +89,7 @@ for keys in $KEYSPACES; do
             [[ $(rcli EXISTS "cache-invalidator:$WORKER_SLOT:identity") == 1 ]] && break
             sleep 0.1
         done
-        echo "== keyspace $keys, pattern_scan_count $count, $ROWS + $ROWS transactions, $REPS repetitions (load average $(cut -d' ' -f1-3 /proc/loadavg))"
+        echo "== keyspace $keys, pattern_scan_count $count, pattern_pass_yield $yield, $ROWS + $ROWS transactions, $REPS repetitions (load average $(cut -d' ' -f1-3 /proc/loadavg))"
         "$TOOL" patterns --pg "host=127.0.0.1 port=$PGPORT user=postgres dbname=bench" \
             --redis "redis://127.0.0.1:$REDIS_PORT/0" --slot "$WORKER_SLOT" --pid "$WORKER_PID" \
             --rows "$ROWS" --reps "$REPS"

@@ -135,6 +135,7 @@ struct RawWorker {
     max_key_bytes: Option<Spanned<u64>>,
     max_refresh_bytes: Option<Spanned<u64>>,
     pattern_scan_count: Option<Spanned<u64>>,
+    pattern_pass_yield: Option<bool>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -277,6 +278,8 @@ pub struct WorkerConfig {
     pub max_refresh_bytes: usize,
     /// Keys a pattern pass asks SCAN for per call (docs/operations.md, "Patterns and what they cost").
     pub pattern_scan_count: usize,
+    /// Pattern passes rest between SCAN calls while other invalidations flow (docs/operations.md).
+    pub pattern_pass_yield: bool,
 }
 
 /// `[metrics]`.
@@ -725,6 +728,7 @@ impl V<'_> {
                 max_key_bytes,
                 max_refresh_bytes,
                 pattern_scan_count,
+                pattern_pass_yield: w.pattern_pass_yield.unwrap_or(true),
             },
             metrics: MetricsConfig { listen },
         })
@@ -768,6 +772,7 @@ mod tests {
                 max_key_bytes: 65_536,
                 max_refresh_bytes: 512 * 1024,
                 pattern_scan_count: 1000,
+                pattern_pass_yield: true,
             }
         );
         assert_eq!(c.metrics.listen, None);
@@ -905,7 +910,7 @@ listen = "127.0.0.1:9464"
     fn unknown_fields_suggest() {
         assert_eq!(
             parse(&format!("{MIN}[worker]\nmax_batch_op = 5\n")).unwrap_err(),
-            "/etc/ci/c.toml:6:1: unknown field `max_batch_op`: did you mean `max_batch_ops`?; allowed fields: max_batch_delay_ms, max_batch_ops, redelete_after_ms, tombstone_ms, max_key_bytes, max_refresh_bytes, pattern_scan_count"
+            "/etc/ci/c.toml:6:1: unknown field `max_batch_op`: did you mean `max_batch_ops`?; allowed fields: max_batch_delay_ms, max_batch_ops, redelete_after_ms, tombstone_ms, max_key_bytes, max_refresh_bytes, pattern_scan_count, pattern_pass_yield"
         );
         assert_eq!(
             parse("[postgress]\n").unwrap_err(),

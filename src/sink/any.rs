@@ -50,6 +50,14 @@ impl Sink {
         }
     }
 
+    /// Whether pattern passes yield to other plans (`[worker] pattern_pass_yield`).
+    pub fn set_pattern_pass_yield(&mut self, on: bool) {
+        match self {
+            Sink::Single(s) => s.set_pattern_pass_yield(on),
+            Sink::Cluster(s) => s.set_pattern_pass_yield(on),
+        }
+    }
+
     /// The Redis URL (or the cluster's seed URLs), passwords masked.
     pub fn target(&self) -> &str {
         match self {

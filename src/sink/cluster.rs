@@ -128,6 +128,11 @@ impl ClusterSink {
         self.settings.set_pattern_scan_count(count);
     }
 
+    /// Whether pattern passes yield to other plans (`[worker] pattern_pass_yield`).
+    pub fn set_pattern_pass_yield(&mut self, on: bool) {
+        self.settings.set_pattern_pass_yield(on);
+    }
+
     /// The seed URLs, passwords masked, comma-separated.
     pub fn target(&self) -> &str {
         &self.target
@@ -277,6 +282,9 @@ impl ClusterSink {
 
     async fn apply_once(&mut self, plan: &Plan) -> Result<ApplyStats, SinkError> {
         let mut stats = ApplyStats::for_plan(plan);
+        if !has_patterns(plan) {
+            self.settings.pacer.other_work();
+        }
         self.run(Found::of_plan(plan), &mut stats).await?;
         if !plan.tombstones.is_empty() {
             let items: Vec<(String, Lsn)> = plan
@@ -421,10 +429,12 @@ impl ClusterSink {
         let mut found = Found::default();
         let mut cursor: u64 = 0;
         loop {
+            let call = std::time::Instant::now();
             let reply = self
                 .on_node(host, port, &pass.scan_cmd(cursor))
                 .await
                 .map_err(self.err("SCAN"))?;
+            let call = call.elapsed();
             let (next, keys): (u64, Vec<String>) =
                 redis::from_redis_value(reply).map_err(|e| self.err("SCAN")(e.into()))?;
             found.add_matches(pass, keys, &mut stats);
@@ -437,6 +447,7 @@ impl ClusterSink {
             if cursor == 0 {
                 break;
             }
+            self.settings.pacer.rest(call).await;
         }
         self.run(found, &mut stats).await?;
         Ok(stats)

@@ -10,7 +10,9 @@
 //! runs passes in their own lane (`worker/pattern_lane.rs`), so a pass never
 //! holds up the key, tag, version and channel invalidations of later batches.
 
-use std::time::Duration;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
 
 use super::ApplyStats;
 use crate::map::glob_set::GlobSet;
@@ -27,6 +29,72 @@ pub const DEFAULT_SCAN_COUNT: usize = 1000;
 
 /// The range `[worker] pattern_scan_count` accepts.
 pub const SCAN_COUNT_RANGE: std::ops::RangeInclusive<usize> = 10..=100_000;
+
+/// How recently the sink must have applied other work for a pass to yield.
+const YIELD_WINDOW: Duration = Duration::from_millis(100);
+/// The longest a pass rests between two SCAN calls.
+const MAX_REST: Duration = Duration::from_millis(10);
+
+/// Pattern passes yield to the key lane (ARCHITECTURE.md, "Patterns"):
+/// while the sink has applied other plans in the last 100 ms, a pass rests
+/// between two SCAN calls for as long as the last call took (at most 10 ms),
+/// so Redis, single-threaded, spends at most about half its time on the pass
+/// while keys, tags and versions flow. An idle worker's pass runs flat out.
+/// Clones share one pacer (the sink stage's sink and the lane's clone).
+#[derive(Debug, Clone)]
+pub(crate) struct PassPacer {
+    enabled: bool,
+    /// When other work was last applied: nanoseconds since [`epoch`], 0 never.
+    last_other_work: Arc<AtomicU64>,
+}
+
+/// The instant pacers count from.
+fn epoch() -> Instant {
+    static EPOCH: OnceLock<Instant> = OnceLock::new();
+    *EPOCH.get_or_init(Instant::now)
+}
+
+impl PassPacer {
+    /// A pacer that yields (`enabled`, `[worker] pattern_pass_yield`) or never does.
+    pub(crate) fn new(enabled: bool) -> Self {
+        PassPacer {
+            enabled,
+            last_other_work: Arc::new(AtomicU64::new(0)),
+        }
+    }
+
+    /// Turns yielding on or off for every clone made after this call.
+    pub(crate) fn set_enabled(&mut self, enabled: bool) {
+        self.enabled = enabled;
+    }
+
+    /// Notes that the sink is applying a plan other than a pattern pass.
+    pub(crate) fn other_work(&self) {
+        let now = u64::try_from(epoch().elapsed().as_nanos()).unwrap_or(u64::MAX);
+        self.last_other_work.store(now.max(1), Ordering::Relaxed);
+    }
+
+    /// How long a pass rests after a SCAN call that took `call`.
+    pub(crate) fn rest_after(&self, call: Duration) -> Duration {
+        let last = self.last_other_work.load(Ordering::Relaxed);
+        if !self.enabled || last == 0 {
+            return Duration::ZERO;
+        }
+        let since = epoch().elapsed().saturating_sub(Duration::from_nanos(last));
+        if since > YIELD_WINDOW {
+            return Duration::ZERO;
+        }
+        call.min(MAX_REST)
+    }
+
+    /// Rests after a SCAN call that took `call` (see [`PassPacer::rest_after`]).
+    pub(crate) async fn rest(&self, call: Duration) {
+        let rest = self.rest_after(call);
+        if !rest.is_zero() {
+            tokio::time::sleep(rest).await;
+        }
+    }
+}
 
 /// Which pattern set of a plan a scanned key matched (first match wins:
 /// delete patterns, then tag-set patterns, then version patterns).
@@ -127,6 +195,32 @@ pub struct PassReport {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_pass_rests_only_while_other_work_was_applied_recently() {
+        let ms = Duration::from_millis;
+        let pacer = PassPacer::new(true);
+        assert_eq!(
+            pacer.rest_after(ms(2)),
+            Duration::ZERO,
+            "idle worker: flat out"
+        );
+        let lane = pacer.clone();
+        pacer.other_work();
+        assert_eq!(lane.rest_after(ms(2)), ms(2), "clones share the pacer");
+        assert_eq!(lane.rest_after(ms(50)), MAX_REST);
+        std::thread::sleep(YIELD_WINDOW + ms(20));
+        assert_eq!(lane.rest_after(ms(2)), Duration::ZERO, "past the window");
+
+        let mut off = PassPacer::new(true);
+        off.set_enabled(false);
+        off.other_work();
+        assert_eq!(
+            off.rest_after(ms(2)),
+            Duration::ZERO,
+            "pattern_pass_yield = false"
+        );
+    }
 
     #[test]
     fn take_patterns_leaves_the_immediate_part() {

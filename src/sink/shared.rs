@@ -8,7 +8,7 @@ use std::time::Duration;
 use redis::RedisError;
 
 use super::error::SinkError;
-use super::patterns::{self, PatternMatch, PatternPass};
+use super::patterns::{self, PassPacer, PatternMatch, PatternPass};
 use super::{ApplyStats, SinkOptions};
 use crate::plan::Plan;
 
@@ -30,6 +30,8 @@ pub(super) struct Settings {
     pub(super) wait_replicas: u32,
     /// The delayed second delete, if any.
     pub(super) redelete_after: Option<Duration>,
+    /// Pattern passes yield to other plans (shared by clones).
+    pub(super) pacer: PassPacer,
 }
 
 impl Settings {
@@ -39,6 +41,7 @@ impl Settings {
             scan_count: patterns::DEFAULT_SCAN_COUNT,
             wait_replicas: options.wait_replicas,
             redelete_after: options.redelete_after,
+            pacer: PassPacer::new(true),
         }
     }
 
@@ -50,6 +53,11 @@ impl Settings {
     /// `[worker] pattern_scan_count`; at least 1.
     pub(super) fn set_pattern_scan_count(&mut self, count: usize) {
         self.scan_count = count.max(1);
+    }
+
+    /// `[worker] pattern_pass_yield`.
+    pub(super) fn set_pattern_pass_yield(&mut self, on: bool) {
+        self.pacer.set_enabled(on);
     }
 }
 

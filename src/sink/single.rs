@@ -165,6 +165,11 @@ impl RedisSink {
         self.settings.set_pattern_scan_count(count);
     }
 
+    /// Whether pattern passes yield to other plans (`[worker] pattern_pass_yield`).
+    pub fn set_pattern_pass_yield(&mut self, on: bool) {
+        self.settings.set_pattern_pass_yield(on);
+    }
+
     /// The Redis URL with its password masked.
     pub fn target(&self) -> &str {
         &self.target
@@ -183,6 +188,9 @@ impl RedisSink {
     /// steps ran; retry the whole plan.
     pub async fn apply(&mut self, plan: &Plan) -> Result<ApplyStats, SinkError> {
         let mut stats = ApplyStats::for_plan(plan);
+        if !has_patterns(plan) {
+            self.settings.pacer.other_work();
+        }
         let round = Round {
             keys: plan.keys.iter().collect(),
             tags: plan.tags.iter().collect(),
@@ -472,11 +480,13 @@ impl RedisSink {
         let mut cursor: u64 = 0;
         let mut found = Found::default();
         loop {
+            let call = std::time::Instant::now();
             let (next, keys): (u64, Vec<String>) = pass
                 .scan_cmd(cursor)
                 .query_async(&mut self.conn)
                 .await
                 .map_err(self.err("SCAN"))?;
+            let call = call.elapsed();
             found.add_matches(&pass, keys, stats);
             // A pass under way, matches found but not all invalidated.
             crate::failpoint::failpoint(crate::failpoint::IN_PATTERN_PASS);
@@ -488,6 +498,7 @@ impl RedisSink {
             if cursor == 0 {
                 break;
             }
+            self.settings.pacer.rest(call).await;
         }
         self.run_rounds(Round::from(&found), stats).await
     }
