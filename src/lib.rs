@@ -75,6 +75,7 @@ pub mod pg;
 pub mod plan;
 pub mod preflight;
 pub mod quote;
+pub mod repeats;
 pub mod replay;
 pub mod retry;
 pub mod security;

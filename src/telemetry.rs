@@ -24,38 +24,7 @@ pub use crate::plan::planner::HEARTBEAT;
 /// How often the heartbeat is emitted.
 pub const HEARTBEAT_INTERVAL: Duration = Duration::from_secs(10);
 
-/// "Logged once" for a failure that repeats: [`Repeats::tick`] says when to
-/// log (the first time, then once per `every`) and how many times it
-/// happened since the last line.
-#[derive(Debug)]
-pub struct Repeats {
-    every: Duration,
-    last: Option<Instant>,
-    count: u64,
-}
-
-impl Repeats {
-    /// A limiter that lets one line through per `every`.
-    pub fn new(every: Duration) -> Repeats {
-        Repeats {
-            every,
-            last: None,
-            count: 0,
-        }
-    }
-
-    /// One more occurrence: `Some(occurrences since the last line)` when a
-    /// line is due, `None` when it is not.
-    pub fn tick(&mut self) -> Option<u64> {
-        self.count += 1;
-        let due = self.last.is_none_or(|t| t.elapsed() >= self.every);
-        if !due {
-            return None;
-        }
-        self.last = Some(Instant::now());
-        Some(std::mem::take(&mut self.count))
-    }
-}
+pub use crate::repeats::Repeats;
 
 /// Shared reporting state of one worker process.
 pub struct Telemetry {
@@ -275,7 +244,7 @@ impl Telemetry {
 /// The sink stage's observer: metrics, health, one log line per distinct failure.
 pub struct SinkReporter {
     telemetry: Arc<Telemetry>,
-    last_failure: Option<String>,
+    failures: Repeats,
     blocked_since: Option<Instant>,
     progress: (u64, u64),
     progress_since: Instant,
@@ -289,7 +258,7 @@ impl SinkReporter {
     pub fn new(telemetry: Arc<Telemetry>) -> Self {
         SinkReporter {
             telemetry,
-            last_failure: None,
+            failures: Repeats::default(),
             blocked_since: None,
             progress: (0, 0),
             progress_since: Instant::now(),
@@ -300,7 +269,7 @@ impl SinkReporter {
 impl SinkObserver for SinkReporter {
     fn applied(&mut self, batch: &Batch, stats: &ApplyStats, elapsed: Duration) {
         let t = &self.telemetry;
-        if self.last_failure.take().is_some() {
+        if self.failures.clear() {
             tracing::info!("Redis recovered; applying and acknowledging again");
             t.metrics.reconnect(Target::Redis);
         }
@@ -397,35 +366,19 @@ impl SinkObserver for SinkReporter {
             }
             _ => t.health.set_redis_unreachable(text.clone()),
         }
-        if self.last_failure.as_deref() != Some(&text) {
+        if let Some(count) = self.failures.tick_for(&text) {
             tracing::error!(
                 { ERROR } = %text,
                 { ERROR_KIND } = err.kind(),
+                attempts = count,
                 retry_in_ms = u64::try_from(retry_in.as_millis()).unwrap_or(u64::MAX),
                 "Redis failed; nothing is acknowledged until it succeeds"
             );
-            self.last_failure = Some(text);
         }
     }
 
     fn flushed(&mut self, reason: &'static str) {
         self.telemetry.metrics.flush(FlushReason::IdentityChanged);
         tracing::warn!(reason, "flushed every mapped table");
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn repeats_logs_once_then_with_a_count() {
-        let mut r = Repeats::new(Duration::from_millis(50));
-        assert_eq!(r.tick(), Some(1));
-        assert_eq!(r.tick(), None);
-        assert_eq!(r.tick(), None);
-        std::thread::sleep(Duration::from_millis(60));
-        assert_eq!(r.tick(), Some(3), "the two held back plus this one");
-        assert_eq!(r.tick(), None);
     }
 }

@@ -20,6 +20,7 @@ use std::time::{Duration, Instant};
 use crate::log_fields::{ELAPSED_MS, ERROR, XID};
 use crate::metrics::{Health, Metrics};
 use crate::pg::{self, SqlClient};
+use crate::repeats::Repeats;
 use crate::source::{self, ConnectionSettings, RetryClass};
 
 /// First re-poll delay while a transaction is not visible yet.
@@ -174,7 +175,7 @@ impl PrimaryVisibility {
         let mut delay = POLL_FIRST;
         let mut reconnect = crate::retry::Backoff::new();
         let mut logged_slow = false;
-        let mut last_error = String::new();
+        let mut failures = Repeats::default();
         if let Some(m) = &self.metrics {
             m.set_visibility_waiting(true);
         }
@@ -185,8 +186,7 @@ impl PrimaryVisibility {
                     let pending = xids.iter().find(|x| !snapshot.shows_committed(**x));
                     let first_pending = pending.copied();
                     self.known = Some(snapshot);
-                    if !last_error.is_empty() {
-                        last_error.clear();
+                    if failures.clear() {
                         if let Some(h) = &self.health {
                             h.set_visibility_blocked(None);
                         }
@@ -209,16 +209,16 @@ impl PrimaryVisibility {
                 Err((err, class)) => {
                     self.client = None;
                     let why = err.to_string();
-                    if why != last_error {
+                    if let Some(count) = failures.tick_for(&why) {
                         tracing::warn!(
                             { ERROR } = %why,
+                            attempts = count,
                             "visibility check: cannot read pg_current_snapshot() on the primary; \
                              retrying (no batch is applied before its transactions are visible)"
                         );
                         if let Some(h) = &self.health {
                             h.set_visibility_blocked(Some(why.clone()));
                         }
-                        last_error = why;
                     }
                     let wait = reconnect.next_delay();
                     if class == RetryClass::Fatal {

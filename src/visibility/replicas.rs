@@ -33,6 +33,7 @@ use crate::lsn::Lsn;
 use crate::metrics::{Health, Metrics};
 use crate::pg::{self, SqlClient};
 use crate::plan::Plan;
+use crate::repeats::Repeats;
 use crate::source::ConnectionSettings;
 
 /// How often a replica is polled when nothing waits for it (lag metrics).
@@ -398,12 +399,14 @@ async fn poll_once(client: &SqlClient) -> Result<Poll, String> {
     })
 }
 
-/// Marks replica `i` down (once per distinct reason in the log).
+/// Marks replica `i` down: logged when the reason is new, then with a count
+/// while it stays down ([`Repeats`]).
 fn mark_down(
     i: usize,
     why: String,
     states: &watch::Sender<Vec<ReplicaState>>,
     ctx: &ReplicaContext,
+    repeats: &mut Repeats,
 ) {
     let mut name = String::new();
     let changed = states.send_if_modified(|s| {
@@ -414,12 +417,15 @@ fn mark_down(
         s.down_reason = Some(why.clone());
         changed
     });
-    if changed {
+    if let Some(count) = repeats.tick_for(&why) {
         tracing::warn!(
             replica = %name,
             { ERROR } = %why,
+            attempts = count,
             "read replica down: not waited for (it serves no reader while unreachable); reconnecting in the background"
         );
+    }
+    if changed {
         if let Some(m) = &ctx.metrics {
             m.replica_up(&name, false);
         }
@@ -438,11 +444,12 @@ async fn poll_replica(
 ) {
     let name = settings.target();
     let mut reconnect = crate::retry::Backoff::new();
+    let mut downs = Repeats::default();
     loop {
         let client = match pg::connect(&settings).await {
             Ok(c) => c,
             Err(err) => {
-                mark_down(i, err.to_string(), &states, &ctx);
+                mark_down(i, err.to_string(), &states, &ctx, &mut downs);
                 tokio::time::sleep(reconnect.next_delay()).await;
                 continue;
             }
@@ -452,7 +459,7 @@ async fn poll_replica(
             let poll = match poll_once(&client).await {
                 Ok(p) => p,
                 Err(why) => {
-                    mark_down(i, why, &states, &ctx);
+                    mark_down(i, why, &states, &ctx, &mut downs);
                     break;
                 }
             };
@@ -465,6 +472,7 @@ async fn poll_replica(
                     ),
                     &states,
                     &ctx,
+                    &mut downs,
                 );
                 break;
             }
@@ -484,6 +492,7 @@ async fn poll_replica(
                 changed
             });
             if came_up {
+                downs.clear();
                 tracing::info!(replica = %name, replay = %poll.replay.unwrap_or(Lsn::ZERO), "read replica up");
                 if let Some(h) = &ctx.health {
                     h.set_replica_down(&name, None);
@@ -578,11 +587,14 @@ async fn reapply_task(
         };
         let name = states.borrow()[i].name.clone();
         let mut backoff = crate::retry::Backoff::new();
+        let mut failures = Repeats::default();
         loop {
             match (ctx.reapply)(plan.clone()).await {
                 Ok(()) => break,
                 Err(err) => {
-                    tracing::warn!(replica = %name, { ERROR } = %err, "re-applying a batch after the read replica caught up failed; retrying");
+                    if let Some(count) = failures.tick_for(&err.to_string()) {
+                        tracing::warn!(replica = %name, { ERROR } = %err, attempts = count, "re-applying a batch after the read replica caught up failed; retrying");
+                    }
                     tokio::time::sleep(backoff.next_delay()).await;
                 }
             }

@@ -27,6 +27,7 @@ use crate::log_fields::{ERROR, REASON};
 use crate::map::catalog::{hidden_tables, publication_drift};
 use crate::map::{Mappings, TableName};
 use crate::pg::{self, SqlClient};
+use crate::repeats::Repeats;
 use crate::shutdown::Shutdown;
 use crate::source::ConnectionSettings;
 use crate::telemetry::Telemetry;
@@ -50,6 +51,10 @@ pub(super) async fn watch_publication(
     let mut sql: Option<SqlClient> = None;
     let mut last: Vec<String> = Vec::new();
     let mut gaps = Gaps::default();
+    let mut drifts = Repeats::default();
+    let mut emit_failures = Repeats::default();
+    let mut setup_runs = Repeats::default();
+    let mut setup_failures = Repeats::default();
     loop {
         tokio::select! {
             () = stop.requested() => return,
@@ -76,25 +81,42 @@ pub(super) async fn watch_publication(
             }
         };
         let drift = publication_drift(&mappings, &snap, &publication);
-        report(&telemetry, &publication, &last, &drift);
+        report(&telemetry, &publication, &last, &drift, &mut drifts);
         last = drift;
         let due = gaps.reading(
             snap.publication.as_ref().map(|p| p.oid),
             &hidden_tables(&mappings, &snap),
         );
         if !due.is_empty() {
-            if let Err(err) = emit(client, &publication, &due).await {
-                tracing::error!(publication, { ERROR } = %err, "publication repaired, but its flush marker could not be emitted; retrying (or run `cache-invalidator flush`)");
-                gaps.put_back(due);
-                sql = None;
+            match emit(client, &publication, &due).await {
+                Ok(()) => {
+                    emit_failures.clear();
+                }
+                Err(err) => {
+                    if let Some(count) = emit_failures.tick_for(&err.to_string()) {
+                        tracing::error!(publication, { ERROR } = %err, attempts = count, "publication repaired, but its flush marker could not be emitted; retrying (or run `cache-invalidator flush`)");
+                    }
+                    gaps.put_back(due);
+                    sql = None;
+                }
             }
         }
         if let (None, Some(setup)) = (&snap.publication, &auto_setup) {
             // PostgreSQL 18 streams past a missing publication (before 18 the
             // session's stream fails and runs setup itself; one at a time).
-            tracing::warn!(publication, "auto_setup: recreating the publication (and the slot, with a full flush) after it was dropped");
-            if let Err(err) = setup.run().await {
-                tracing::error!(publication, { ERROR } = %err, "auto_setup could not recreate the publication; retrying at the next reading (or run `cache-invalidator setup`)");
+            if let Some(count) = setup_runs.tick() {
+                tracing::warn!(publication, attempts = count, "auto_setup: recreating the publication (and the slot, with a full flush) after it was dropped");
+            }
+            match setup.run().await {
+                Ok(()) => {
+                    setup_runs.clear();
+                    setup_failures.clear();
+                }
+                Err(err) => {
+                    if let Some(count) = setup_failures.tick_for(&err.to_string()) {
+                        tracing::error!(publication, { ERROR } = %err, attempts = count, "auto_setup could not recreate the publication; retrying at the next reading (or run `cache-invalidator setup`)");
+                    }
+                }
             }
         }
     }
@@ -203,10 +225,18 @@ async fn emit(
     Ok(())
 }
 
-/// Reports a new reading: logged when the set of problems changed, counted
-/// when new problems appeared, cleared when they are gone.
-fn report(telemetry: &Telemetry, publication: &str, last: &[String], now: &[String]) {
+/// Reports a new reading: logged when the set of problems changed (then
+/// again with a count while it lasts), counted when new problems appeared,
+/// cleared when they are gone.
+fn report(
+    telemetry: &Telemetry,
+    publication: &str,
+    last: &[String],
+    now: &[String],
+    repeats: &mut Repeats,
+) {
     if now.is_empty() {
+        repeats.clear();
         if !last.is_empty() {
             tracing::info!(
                 publication,
@@ -218,17 +248,19 @@ fn report(telemetry: &Telemetry, publication: &str, last: &[String], now: &[Stri
         return;
     }
     let new = now != last;
-    if new {
+    let reason = now.join("; ");
+    if let Some(count) = repeats.tick_for(&reason) {
         tracing::error!(
             publication,
-            { REASON } = %now.join("; "),
+            { REASON } = %reason,
+            readings = count,
             "publication drift: changes of mapped tables are not sent, so their caches go stale; run `cache-invalidator setup`, which repairs the publication and flushes the tables whose changes were hidden"
         );
     }
     telemetry
         .metrics
         .set_publication_drift(Some(new && !now.iter().all(|l| last.contains(l))));
-    telemetry.health.set_drift(Some(now.join("; ")));
+    telemetry.health.set_drift(Some(reason));
 }
 
 #[cfg(test)]

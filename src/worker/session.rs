@@ -23,6 +23,7 @@ use crate::error::{Because, CliError};
 use crate::lsn::Lsn;
 use crate::map::Mappings;
 use crate::plan::planner::Planner;
+use crate::repeats::Repeats;
 use crate::retry::Backoff;
 use crate::shutdown::Shutdown;
 use crate::sink::{ApplySink, Sink, SinkOptions};
@@ -183,7 +184,7 @@ impl Worker {
         ));
         let mut gate = self.visibility_gate(&sink)?;
         let mut backoff = Backoff::new();
-        let mut last_error = String::new();
+        let mut failures = Repeats::default();
         loop {
             if self.stopping() {
                 return Ok(());
@@ -199,9 +200,8 @@ impl Worker {
                     self.telemetry.disconnected(&why);
                     // Fatal errors ended the loop already (session returns them).
                     let delay = backoff.delay_for(class).unwrap_or(STANDBY_RETRY);
-                    if why != last_error {
-                        tracing::warn!({ ERROR } = %why, retry_in_ms = delay.as_millis() as u64, "replication stopped; resuming from the slot");
-                        last_error = why;
+                    if let Some(count) = failures.tick_for(&why) {
+                        tracing::warn!({ ERROR } = %why, attempts = count, retry_in_ms = delay.as_millis() as u64, "replication stopped; resuming from the slot");
                     }
                     self.pause(delay).await;
                 }
@@ -273,7 +273,7 @@ impl Worker {
     /// Connects to Redis, retrying with [`Backoff`] while it is unreachable;
     /// `None` when a stop is requested meanwhile.
     async fn connect_sink(&self) -> Result<Option<Sink>, CliError> {
-        let mut repeats = crate::telemetry::Repeats::new(Duration::from_secs(30));
+        let mut repeats = Repeats::default();
         let mut backoff = Backoff::new();
         loop {
             match Sink::connect(&self.sink_options, &self.config.redis.cluster).await {
@@ -283,7 +283,7 @@ impl Worker {
                         return Err(CliError::invalid(err));
                     };
                     // Once, then a line with a count every 30 s.
-                    if let Some(count) = repeats.tick() {
+                    if let Some(count) = repeats.tick_for(&err.to_string()) {
                         tracing::warn!({ ERROR } = %err, attempts = count, retry_in_ms = delay.as_millis() as u64, "Redis unreachable; retrying");
                     }
                     self.pause(delay).await;
