@@ -68,52 +68,39 @@ impl Planner {
         for img in std::iter::once(primary).chain(secondary) {
             let ctx = &self.ctx;
             let plan = &mut self.plan;
+            // Tombstone rules mark keys and tag sets at the commit LSN, the
+            // others unlink them; either way a key drops the refresh of it an
+            // earlier change planned.
             if rule.mode == Mode::Tombstone {
                 let lsn = self.lsn;
-                render_set(
-                    &rule.keys,
+                render_keys_and_tags(
+                    rule,
                     rr,
                     img,
-                    "",
+                    &ctx.tag_prefix,
                     &mut sc.buf,
                     &mut Unlinks {
                         inner: AtLsn(&mut plan.tombstones, lsn),
                         refresh: &mut plan.refresh,
                         now,
                     },
-                    collect.then_some(&mut sc.keys),
+                    &mut AtLsn(&mut plan.tombstone_tags, lsn),
+                    collect.then_some((&mut sc.keys, &mut sc.tags)),
                 );
-                render_set(
-                    &rule.tags,
+            } else {
+                render_keys_and_tags(
+                    rule,
                     rr,
                     img,
                     &ctx.tag_prefix,
-                    &mut sc.buf,
-                    &mut AtLsn(&mut plan.tombstone_tags, lsn),
-                    collect.then_some(&mut sc.tags),
-                );
-            } else {
-                render_set(
-                    &rule.keys,
-                    rr,
-                    img,
-                    "",
                     &mut sc.buf,
                     &mut Unlinks {
                         inner: &mut plan.keys,
                         refresh: &mut plan.refresh,
                         now,
                     },
-                    collect.then_some(&mut sc.keys),
-                );
-                render_set(
-                    &rule.tags,
-                    rr,
-                    img,
-                    &ctx.tag_prefix,
-                    &mut sc.buf,
                     &mut plan.tags,
-                    collect.then_some(&mut sc.tags),
+                    collect.then_some((&mut sc.keys, &mut sc.tags)),
                 );
             }
             render_set(
@@ -267,4 +254,25 @@ impl Planner {
             self.scratch.keys.push(key.to_owned());
         }
     }
+}
+
+/// Renders a rule's keys into `keys` and its tag sets (with `tag_prefix`)
+/// into `tags`; `collected` also receives them, for the rule's messages.
+#[allow(clippy::too_many_arguments)]
+fn render_keys_and_tags(
+    rule: &Rule,
+    rr: &ResolvedRule,
+    img: Image<'_>,
+    tag_prefix: &str,
+    buf: &mut String,
+    keys: &mut impl RenderTarget,
+    tags: &mut impl RenderTarget,
+    collected: Option<(&mut Vec<String>, &mut Vec<String>)>,
+) {
+    let (collect_keys, collect_tags) = match collected {
+        Some((k, t)) => (Some(k), Some(t)),
+        None => (None, None),
+    };
+    render_set(&rule.keys, rr, img, "", buf, keys, collect_keys);
+    render_set(&rule.tags, rr, img, tag_prefix, buf, tags, collect_tags);
 }
