@@ -222,13 +222,61 @@ impl fmt::Debug for PostgresConfig {
     }
 }
 
+/// Where Redis is: `[redis] url` (or `CACHE_INVALIDATOR_REDIS_URL`) or
+/// `[redis] cluster`. Every URL was read as the Redis client reads it when
+/// the config was loaded. `Debug` masks the passwords.
+#[derive(Clone, PartialEq, Eq)]
+pub enum RedisTarget {
+    /// One server.
+    Single(String),
+    /// A Redis Cluster, through its seed URLs (at least one).
+    Cluster(Vec<String>),
+}
+
+impl RedisTarget {
+    /// The URL of one connection: the server's, or the cluster's first seed
+    /// (the node the start-up checks ask).
+    pub fn url(&self) -> &str {
+        match self {
+            RedisTarget::Single(url) => url,
+            RedisTarget::Cluster(seeds) => seeds.first().map(String::as_str).unwrap_or_default(),
+        }
+    }
+
+    /// The cluster's seed URLs, none for one server: what `sink::Sink::connect` takes.
+    pub fn seeds(&self) -> &[String] {
+        match self {
+            RedisTarget::Single(_) => &[],
+            RedisTarget::Cluster(seeds) => seeds,
+        }
+    }
+}
+
+impl fmt::Debug for RedisTarget {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            RedisTarget::Single(url) => f
+                .debug_tuple("Single")
+                .field(&crate::sink::mask_url(url))
+                .finish(),
+            RedisTarget::Cluster(seeds) => f
+                .debug_tuple("Cluster")
+                .field(
+                    &seeds
+                        .iter()
+                        .map(|u| crate::sink::mask_url(u))
+                        .collect::<Vec<_>>(),
+                )
+                .finish(),
+        }
+    }
+}
+
 /// `[redis]`. `Debug` masks the URLs' passwords.
 #[derive(Clone, PartialEq, Eq)]
 pub struct RedisConfig {
-    /// Single-node URL (`None` with `cluster`).
-    pub url: Option<String>,
-    /// Cluster seed URLs (empty without cluster).
-    pub cluster: Vec<String>,
+    /// `url` or `cluster`.
+    pub target: RedisTarget,
     /// From `password_file`, trailing newline trimmed.
     pub password: Option<Secret>,
     /// Prefix of tag set keys.
@@ -244,14 +292,8 @@ pub struct RedisConfig {
 
 impl fmt::Debug for RedisConfig {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let masked: Vec<String> = self
-            .cluster
-            .iter()
-            .map(|u| crate::sink::mask_url(u))
-            .collect();
         f.debug_struct("RedisConfig")
-            .field("url", &self.url.as_deref().map(crate::sink::mask_url))
-            .field("cluster", &masked)
+            .field("target", &self.target)
             .field("password", &self.password)
             .field("tag_prefix", &self.tag_prefix)
             .field("version_prefix", &self.version_prefix)
@@ -286,7 +328,7 @@ pub struct WorkerConfig {
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct MetricsConfig {
     /// Listen address of /metrics, /livez, /readyz; `None` disables.
-    pub listen: Option<String>,
+    pub listen: Option<std::net::SocketAddr>,
 }
 
 /// The validated service config.
@@ -307,17 +349,14 @@ pub struct Config {
 }
 
 impl Config {
-    /// The sink options of `[redis]`, the one constructor every command uses
-    /// (validation already guaranteed `url` or `cluster`; with `cluster`, `url`
-    /// is empty and the seed URLs go to `Sink::connect`). Commands run without
+    /// The sink options of `[redis]`, the one constructor every command uses.
+    /// `url` is [`RedisTarget::url`]: with `cluster`, the first seed (what a
+    /// single connection such as the start-up checks' uses; `Sink::connect`
+    /// takes [`RedisTarget::seeds`] beside the options). Commands run without
     /// the worker's delayed second pass; [`Config::worker_sink_options`] adds it.
     pub fn sink_options(&self) -> crate::sink::SinkOptions {
         crate::sink::SinkOptions {
-            url: if self.redis.cluster.is_empty() {
-                self.redis.url.clone().unwrap_or_default()
-            } else {
-                String::new()
-            },
+            url: self.redis.target.url().to_owned(),
             password: self.redis.password.as_ref().map(|p| p.expose().to_owned()),
             wait_replicas: self.redis.wait_replicas,
             redelete_after: None,
@@ -392,6 +431,27 @@ impl V<'_> {
     fn error(&mut self, offset: usize, msg: impl Into<String>) {
         self.diags
             .push(Diagnostic::at(self.path, self.text, offset, msg));
+    }
+
+    /// Reads `url` as the Redis client will (scheme, host, port, database),
+    /// so that no later step finds it invalid; `field` names it in the error.
+    fn check_redis_url(&mut self, offset: usize, field: &str, url: &str) {
+        if let Err(e) = redis::IntoConnectionInfo::into_connection_info(url) {
+            let mut reason = e.to_string();
+            if let Some(pw) = url::Url::parse(url)
+                .ok()
+                .and_then(|u| u.password().map(str::to_owned))
+            {
+                reason = reason.replace(&pw, "***");
+            }
+            self.error(
+                offset,
+                format!(
+                    "{field}: invalid Redis URL {} ({reason}): write redis://[user:password@]host:port/db, or rediss:// for TLS",
+                    crate::sink::mask_url(url)
+                ),
+            );
+        }
     }
 
     fn resolve(&self, p: &str) -> PathBuf {
@@ -548,10 +608,21 @@ impl V<'_> {
             }
         }
         let redis_url = match (&env.redis_url, file_url) {
-            (Some(u), _) => Some(u.clone()),
-            (None, Some(u)) => Some(u.get_ref().clone()),
+            (Some(u), _) => {
+                self.check_redis_url(redis_span, "CACHE_INVALIDATOR_REDIS_URL", u);
+                Some(u.clone())
+            }
+            (None, Some(u)) => {
+                self.check_redis_url(u.span().start, "[redis] url", u.get_ref());
+                Some(u.get_ref().clone())
+            }
             (None, None) => None,
         };
+        if let Some(c) = redis.as_ref().and_then(|r| r.cluster.as_ref()) {
+            for (i, seed) in c.get_ref().iter().enumerate() {
+                self.check_redis_url(c.span().start, &format!("[redis] cluster[{i}]"), seed);
+            }
+        }
         if redis_url.is_none() && cluster.is_empty() {
             self.error(
                 redis_span,
@@ -687,14 +758,15 @@ impl V<'_> {
             },
             None => crate::sink::patterns::DEFAULT_SCAN_COUNT,
         };
-        let listen = raw.metrics.listen.map(|l| {
-            if l.get_ref().parse::<std::net::SocketAddr>().is_err() {
+        let listen = raw.metrics.listen.and_then(|l| match l.get_ref().parse() {
+            Ok(addr) => Some(addr),
+            Err(e) => {
                 self.error(
                     l.span().start,
-                    format!("invalid metrics listen address {:?}: write host:port, e.g. \"127.0.0.1:9464\"", l.get_ref()),
+                    format!("invalid metrics listen address {:?} ({e}): write ip:port, e.g. \"127.0.0.1:9464\"", l.get_ref()),
                 );
+                None
             }
-            l.into_inner()
         });
 
         Some(Config {
@@ -712,8 +784,11 @@ impl V<'_> {
                 failover_slot,
             },
             redis: RedisConfig {
-                url: if cluster.is_empty() { redis_url } else { None },
-                cluster,
+                target: if cluster.is_empty() {
+                    RedisTarget::Single(redis_url?)
+                } else {
+                    RedisTarget::Cluster(cluster)
+                },
                 password: redis_password,
                 tag_prefix,
                 version_prefix,
@@ -873,10 +948,14 @@ listen = "127.0.0.1:9464"
         assert_eq!(c.mappings, MappingsSource::Dir(dir.path().join("maps")));
         assert_eq!(c.postgres.password.as_ref().unwrap().expose(), "s3cret");
         assert!(!format!("{c:?}").contains("s3cret"));
-        assert_eq!(c.redis.cluster.len(), 2);
-        assert_eq!(c.redis.url, None);
+        assert_eq!(
+            c.redis.target,
+            RedisTarget::Cluster(vec!["redis://a:6379".into(), "redis://b:6379".into()])
+        );
+        assert_eq!(c.redis.target.seeds().len(), 2);
+        assert_eq!(c.sink_options().url, "redis://a:6379");
         assert_eq!(c.worker.max_batch_ops, 50);
-        assert_eq!(c.metrics.listen.as_deref(), Some("127.0.0.1:9464"));
+        assert_eq!(c.metrics.listen, Some(([127, 0, 0, 1], 9464).into()));
         let list = Config::parse(
             &dir.path().join("c.toml"),
             &format!("mappings = [\"a.toml\", \"/abs/b.toml\"]\n{MIN}"),
@@ -893,6 +972,40 @@ listen = "127.0.0.1:9464"
     }
 
     #[test]
+    fn redis_urls_are_read_at_load_and_errors_name_the_field() {
+        let e =
+            parse("[postgres]\nurl = \"x\"\n[redis]\nurl = \"redis://u:hunter2@h:notaport/0\"\n")
+                .unwrap_err();
+        assert!(
+            e.starts_with("/etc/ci/c.toml:4:7: [redis] url: invalid Redis URL"),
+            "{e}"
+        );
+        assert!(
+            e.contains("rediss:// for TLS") && !e.contains("hunter2"),
+            "{e}"
+        );
+        let e = parse(
+            "[postgres]\nurl = \"x\"\n[redis]\ncluster = [\"redis://a:6379\", \"http://b\"]\n",
+        )
+        .unwrap_err();
+        assert!(
+            e.starts_with("/etc/ci/c.toml:4:11: [redis] cluster[1]: invalid Redis URL"),
+            "{e}"
+        );
+        let env = EnvOverrides {
+            postgres_url: None,
+            redis_url: Some("nope".into()),
+        };
+        let e = Config::parse(Path::new("c.toml"), MIN, &env)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("CACHE_INVALIDATOR_REDIS_URL: invalid Redis URL"),
+            "{e}"
+        );
+    }
+
+    #[test]
     fn env_overrides_urls() {
         let env = EnvOverrides {
             postgres_url: Some("postgres://env/db".into()),
@@ -900,7 +1013,9 @@ listen = "127.0.0.1:9464"
         };
         let c = Config::parse(Path::new("c.toml"), MIN, &env).unwrap();
         assert_eq!(c.postgres.url, "postgres://env/db");
-        assert_eq!(c.redis.url.as_deref(), Some("redis://env/1"));
+        assert_eq!(c.redis.target, RedisTarget::Single("redis://env/1".into()));
+        assert!(c.redis.target.seeds().is_empty());
+        assert_eq!(c.sink_options().url, "redis://env/1");
         // The environment alone is enough.
         let c = Config::parse(Path::new("c.toml"), "", &env).unwrap();
         assert_eq!(c.postgres.url, "postgres://env/db");
@@ -917,7 +1032,7 @@ listen = "127.0.0.1:9464"
             "/etc/ci/c.toml:1:2: unknown field `postgress`: did you mean `postgres`?; allowed fields: mappings, postgres, redis, worker, metrics"
         );
         assert_eq!(
-            parse("[postgres]\nurl = \"x\"\nslott = \"a\"\n[redis]\nurl = \"r\"\n").unwrap_err(),
+            parse("[postgres]\nurl = \"x\"\nslott = \"a\"\n[redis]\nurl = \"redis://r\"\n").unwrap_err(),
             "/etc/ci/c.toml:3:1: unknown field `slott`: did you mean `slot`?; allowed fields: url, password_file, slot, publication, auto_setup, visibility_check, replicas, replica_max_wait_ms, failover_slot"
         );
     }
@@ -925,7 +1040,7 @@ listen = "127.0.0.1:9464"
     #[test]
     fn validation_errors() {
         assert_eq!(
-            parse("[redis]\nurl = \"r\"\n").unwrap_err(),
+            parse("[redis]\nurl = \"redis://r\"\n").unwrap_err(),
             "/etc/ci/c.toml:1:1: missing `url` in [postgres]: set it (e.g. url = \"postgres://cache_invalidator@127.0.0.1:5432/app\") or CACHE_INVALIDATOR_POSTGRES_URL"
         );
         assert_eq!(
@@ -933,7 +1048,7 @@ listen = "127.0.0.1:9464"
             "/etc/ci/c.toml:1:1: missing `url` in [redis]: set it (e.g. url = \"redis://127.0.0.1:6379/0\"), `cluster`, or CACHE_INVALIDATOR_REDIS_URL"
         );
         assert_eq!(
-            parse("[postgres]\nurl = \"x\"\nslot = \"Bad-Slot\"\n[redis]\nurl = \"r\"\n").unwrap_err(),
+            parse("[postgres]\nurl = \"x\"\nslot = \"Bad-Slot\"\n[redis]\nurl = \"redis://r\"\n").unwrap_err(),
             "/etc/ci/c.toml:3:8: invalid slot name \"Bad-Slot\": use lower-case letters, digits and underscores, at most 63 characters"
         );
         assert_eq!(
@@ -942,10 +1057,10 @@ listen = "127.0.0.1:9464"
         );
         assert_eq!(
             parse(&format!("{MIN}[metrics]\nlisten = \"nope\"\n")).unwrap_err(),
-            "/etc/ci/c.toml:6:10: invalid metrics listen address \"nope\": write host:port, e.g. \"127.0.0.1:9464\""
+            "/etc/ci/c.toml:6:10: invalid metrics listen address \"nope\" (invalid socket address syntax): write ip:port, e.g. \"127.0.0.1:9464\""
         );
         assert_eq!(
-            parse("[postgres]\nurl = \"x\"\n[redis]\nurl = \"r\"\ncluster = [\"a\"]\n").unwrap_err(),
+            parse("[postgres]\nurl = \"x\"\n[redis]\nurl = \"redis://r\"\ncluster = [\"redis://a\"]\n").unwrap_err(),
             "/etc/ci/c.toml:5:11: [redis] has both `url` and `cluster`: use `url` for one server or `cluster` for a Redis Cluster, not both"
         );
         assert_eq!(
@@ -953,7 +1068,7 @@ listen = "127.0.0.1:9464"
             "/etc/ci/c.toml:5:14: empty tag_prefix: tag sets would share the keyspace of cached keys; e.g. \"tag:\""
         );
         let e = parse(
-            "[postgres]\nurl = \"x\"\npassword_file = \"/nonexistent/pw\"\n[redis]\nurl = \"r\"\n",
+            "[postgres]\nurl = \"x\"\npassword_file = \"/nonexistent/pw\"\n[redis]\nurl = \"redis://r\"\n",
         )
         .unwrap_err();
         assert!(

@@ -333,10 +333,7 @@ pub async fn server_prerequisites(
 /// The Redis half (the first seed of a cluster).
 async fn redis(config: &Config) -> Part {
     let mut part = Part::new();
-    let mut options = config.sink_options();
-    if let Some(seed) = config.redis.cluster.first() {
-        options.url = seed.clone();
-    }
+    let options = config.sink_options();
     let target = mask_url(&options.url);
     let client = match crate::sink::client(&options) {
         Ok(c) => c,

@@ -90,7 +90,7 @@ fn check_and_run_agree_on_every_broken_config() {
         (
             "unparsable Redis URL",
             config(&pg, "url = \"redis://127.0.0.1:notaport/0\"", None, ITEMS),
-            "invalid Redis configuration",
+            "[redis] url: invalid Redis URL",
         ),
         (
             "missing PostgreSQL role",

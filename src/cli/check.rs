@@ -302,14 +302,8 @@ pub fn pattern_cost_warning(mappings: &Mappings, keys: u64) -> Option<Finding> {
 
 /// `DBSIZE` of the configured Redis (on a cluster, of the first seed node).
 async fn redis_dbsize(config: &Config) -> Result<u64, String> {
-    let url = match (&config.redis.url, config.redis.cluster.first()) {
-        (Some(u), _) => u.clone(),
-        (None, Some(u)) => u.clone(),
-        (None, None) => return Err("no Redis URL configured".into()),
-    };
-    let target = crate::sink::mask_url(&url);
-    let mut options = config.sink_options();
-    options.url = url;
+    let options = config.sink_options();
+    let target = crate::sink::mask_url(&options.url);
     let client = crate::sink::client(&options).map_err(|e| format!("{target}: {e}"))?;
     let query = async {
         let mut conn = client.get_multiplexed_async_connection().await?;

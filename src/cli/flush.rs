@@ -83,7 +83,7 @@ pub async fn run(config_path: &Path, table: Option<&str>) -> Result<(), CliError
     };
     let plan = planner.take();
     let options = config.sink_options();
-    let mut sink = connect_sink(&options, &config.redis.cluster).await?;
+    let mut sink = connect_sink(&options, config.redis.target.seeds()).await?;
     let stats = apply_with_retry(&mut sink, &plan).await?;
     println!(
         "flushed {scope} on {}: {} pattern(s), {} tag pattern(s), {} version pattern(s), {} exact key(s) -> {} key(s) unlinked, {} tag set(s) emptied ({} member(s)), {} version(s) bumped, {} message(s) published",

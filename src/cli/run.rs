@@ -43,12 +43,7 @@ pub async fn run(config_path: &Path) -> Result<(), CliError> {
     telemetry
         .metrics
         .start_at_zero(&tables, &reasons, &crate::sink::SinkError::KINDS);
-    if let Some(listen) = &config.metrics.listen {
-        let addr: std::net::SocketAddr = listen.parse().map_err(|e| {
-            CliError::invalid(format!(
-                "[metrics] listen = {listen:?} is not an address like 127.0.0.1:9464: {e}"
-            ))
-        })?;
+    if let Some(addr) = config.metrics.listen {
         let listener = crate::metrics::bind(addr)
             .await
             .map_err(CliError::invalid)?;

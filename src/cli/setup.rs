@@ -866,7 +866,7 @@ async fn store_identity(client: &Client, config: &crate::config::Config) -> Resu
     let pg_system_id: String = row.get(0);
     let timeline: i64 = row.get(1);
     let options = config.sink_options();
-    let sink = crate::sink::Sink::connect(&options, &config.redis.cluster).await?;
+    let sink = crate::sink::Sink::connect(&options, config.redis.target.seeds()).await?;
     let current = identity::Identity {
         redis_run_id: sink.redis_run_id().await?,
         pg_system_id,

@@ -276,7 +276,7 @@ impl Worker {
         let mut repeats = Repeats::default();
         let mut backoff = Backoff::new();
         loop {
-            match Sink::connect(&self.sink_options, &self.config.redis.cluster).await {
+            match Sink::connect(&self.sink_options, self.config.redis.target.seeds()).await {
                 Ok(sink) => return Ok(Some(sink)),
                 Err(err) => {
                     let Some(delay) = backoff.delay_for(err.retry_class()) else {
