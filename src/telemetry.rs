@@ -6,15 +6,15 @@
 //! one log line per distinct cause.
 
 use crate::log_fields::{ERROR, ERROR_KIND, REASON, TABLE};
-use std::collections::VecDeque;
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use crate::decode::{Op, Timestamp};
 use crate::lsn::Lsn;
 use crate::metrics::{
-    FlushReason, Health, InvalidationKind, Metrics, RefreshOutcome, Role, Target,
+    BrokenReason, FlushReason, Health, InvalidationKind, Metrics, RefreshOutcome, Role, Target,
 };
 use crate::plan::Batch;
 use crate::sink::SinkObserver;
@@ -36,6 +36,34 @@ pub struct Telemetry {
     wal_end: AtomicU64,
     /// Heartbeats emitted and not yet seen in the stream: (LSN, when).
     heartbeats: Mutex<VecDeque<(Lsn, Instant)>>,
+    /// Tables in fallback because their mapping no longer fits the schema:
+    /// found at start, and found at run time (one table counts once).
+    broken: Mutex<Broken>,
+}
+
+/// The tables behind `cache_invalidator_broken_tables{reason}`.
+#[derive(Debug, Default)]
+struct Broken {
+    /// Found at start (the preflight's catalog snapshot).
+    at_start: BTreeMap<String, BrokenReason>,
+    /// Found by the planner in a Relation message (a mapped column gone).
+    at_run_time: BTreeSet<String>,
+}
+
+impl Broken {
+    /// Tables per reason: a table found both ways counts once, under its
+    /// start-time reason.
+    fn counts(&self) -> [usize; BrokenReason::ALL.len()] {
+        let mut all = self.at_start.clone();
+        for t in &self.at_run_time {
+            all.entry(t.clone()).or_insert(BrokenReason::MissingColumn);
+        }
+        let mut out = [0; BrokenReason::ALL.len()];
+        for reason in all.values() {
+            out[*reason as usize] += 1;
+        }
+        out
+    }
 }
 
 impl Telemetry {
@@ -46,7 +74,21 @@ impl Telemetry {
             health: Health::new(),
             wal_end: AtomicU64::new(0),
             heartbeats: Mutex::new(VecDeque::new()),
+            broken: Mutex::new(Broken::default()),
         })
+    }
+
+    /// Updates the broken-tables state and publishes its gauge.
+    fn set_broken(&self, update: impl FnOnce(&mut Broken)) {
+        let counts = {
+            let mut b = self.broken.lock().unwrap_or_else(PoisonError::into_inner);
+            update(&mut b);
+            b.counts()
+        };
+        for reason in BrokenReason::ALL {
+            self.metrics
+                .set_broken_tables(reason, counts[reason as usize]);
+        }
     }
 
     /// The loop is alive (for `/livez`).
@@ -165,7 +207,19 @@ impl Telemetry {
         &self,
         broken: &std::collections::BTreeMap<crate::map::TableName, String>,
     ) {
-        self.metrics.set_broken_tables(broken.len());
+        self.set_broken(|b| {
+            b.at_start = broken
+                .iter()
+                .map(|(t, why)| {
+                    let reason = if why == crate::map::catalog::TABLE_MISSING {
+                        BrokenReason::MissingTable
+                    } else {
+                        BrokenReason::MissingColumn
+                    };
+                    (t.to_string(), reason)
+                })
+                .collect();
+        });
         if broken.is_empty() {
             self.health.set_broken(None);
             return;
@@ -183,7 +237,7 @@ impl Telemetry {
 
     /// Mapped placeholder columns the relations no longer have (table, column).
     pub fn missing_columns(&self, missing: &[(String, String)]) {
-        self.metrics.set_missing_columns(missing.len() as u64);
+        self.set_broken(|b| b.at_run_time = missing.iter().map(|(t, _)| t.clone()).collect());
         if missing.is_empty() {
             self.health.set_missing_columns(None);
         } else {
@@ -380,5 +434,25 @@ impl SinkObserver for SinkReporter {
     fn flushed(&mut self, reason: &'static str) {
         self.telemetry.metrics.flush(FlushReason::IdentityChanged);
         tracing::warn!(reason, "flushed every mapped table");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_table_broken_at_start_and_at_run_time_counts_once() {
+        let mut b = Broken::default();
+        b.at_start
+            .insert("public.gone".into(), BrokenReason::MissingTable);
+        b.at_start
+            .insert("public.codes".into(), BrokenReason::MissingColumn);
+        b.at_run_time.insert("public.codes".into());
+        b.at_run_time.insert("public.items".into());
+        // missing_table: gone; missing_column: codes (once), items.
+        assert_eq!(b.counts(), [1, 2]);
+        b.at_run_time.clear();
+        assert_eq!(b.counts(), [1, 1]);
     }
 }

@@ -228,7 +228,7 @@ fn ddl_on_mapped_tables_flushes_them_with_the_trigger() {
     );
     let (_, metrics) = http_get(port, "/metrics").expect("/metrics");
     assert!(
-        metrics.contains("cache_invalidator_missing_columns 1"),
+        metrics.contains("cache_invalidator_broken_tables{reason=\"missing_column\"} 1"),
         "{metrics}"
     );
     assert!(r.exists(CONTROL));

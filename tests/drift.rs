@@ -339,7 +339,25 @@ fn a_dropped_template_column_runs_that_table_in_fallback_after_a_restart() {
     let worker = cfg.spawn_worker();
     let body = wait_readyz(port, 503, "broken mapping (fallback): public.codes");
     assert!(body.contains("column(s) code no longer exist"), "{body}");
-    assert_eq!(metric(port, "cache_invalidator_broken_tables"), 1.0);
+    let (_, metrics) = get(port, "/metrics").expect("/metrics");
+    assert_eq!(
+        support::metric_sample(
+            &metrics,
+            "cache_invalidator_broken_tables",
+            &[("reason", "missing_column")]
+        ),
+        1.0,
+        "{metrics}"
+    );
+    assert_eq!(
+        support::metric_sample(
+            &metrics,
+            "cache_invalidator_broken_tables",
+            &[("reason", "missing_table")]
+        ),
+        0.0,
+        "{metrics}"
+    );
     worker.wait_log("mapping broken by DDL", WAIT);
     // Every other table precisely.
     for k in ["item:1", "item:2", "code:a", "code:b"] {

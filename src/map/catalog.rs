@@ -191,16 +191,19 @@ fn referenced_columns(rule: &Rule) -> Vec<&str> {
     out
 }
 
+/// What [`broken_tables`] says of a mapped table that does not exist.
+pub const TABLE_MISSING: &str = "the table does not exist";
+
 /// Mapped tables the catalog no longer matches, with why: the table does not
-/// exist, or a column one of its rules reads is gone. `run` starts with these
-/// in fallback (their truncate invalidations on each of their changes);
-/// [`check_catalog`] reports them as [`Severity::Broken`].
+/// exist ([`TABLE_MISSING`]), or a column one of its rules reads is gone.
+/// `run` starts with these in fallback (their truncate invalidations on each
+/// of their changes); [`check_catalog`] reports them as [`Severity::Broken`].
 pub fn broken_tables(mappings: &Mappings, snap: &CatalogSnapshot) -> BTreeMap<TableName, String> {
     let mut out: BTreeMap<TableName, String> = BTreeMap::new();
     for rule in mappings.rules() {
         let t = &rule.table;
         let Some(info) = snap.tables.get(t) else {
-            out.insert(t.clone(), "the table does not exist".into());
+            out.insert(t.clone(), TABLE_MISSING.into());
             continue;
         };
         let missing: Vec<&str> = referenced_columns(rule)

@@ -39,6 +39,31 @@ impl InvalidationKind {
     }
 }
 
+/// Why a mapped table runs in fallback (its truncate invalidations on each
+/// of its changes): its mapping no longer fits the schema. The `reason`
+/// label of [`super::names::BROKEN_TABLES`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum BrokenReason {
+    /// The mapped table does not exist (dropped), found at start.
+    MissingTable,
+    /// A column the mapping reads is gone (dropped or renamed), found at
+    /// start or when a Relation message shows it.
+    MissingColumn,
+}
+
+impl BrokenReason {
+    /// Every reason, in label order.
+    pub const ALL: [BrokenReason; 2] = [BrokenReason::MissingTable, BrokenReason::MissingColumn];
+
+    /// The label value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            BrokenReason::MissingTable => "missing_table",
+            BrokenReason::MissingColumn => "missing_column",
+        }
+    }
+}
+
 /// What became of a key a `refresh` rule wanted to set, the `outcome` label
 /// of [`super::names::REFRESHES_TOTAL`] (docs/pre-warm.md).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]

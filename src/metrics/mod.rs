@@ -32,7 +32,7 @@ mod registry;
 
 pub use health::{Health, LIVENESS_STALE_AFTER};
 pub use http::{bind, serve, serve_on, ServeError};
-pub use labels::{FlushReason, InvalidationKind, RefreshOutcome, Role, Target};
+pub use labels::{BrokenReason, FlushReason, InvalidationKind, RefreshOutcome, Role, Target};
 pub use registry::{Metrics, APPLY_LATENCY_BUCKETS, BATCH_SIZE_BUCKETS, VISIBILITY_WAIT_BUCKETS};
 
 /// Locks a mutex, ignoring poisoning: every critical section here leaves the

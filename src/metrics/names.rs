@@ -36,9 +36,6 @@ pub const HEARTBEAT_LAG_SECONDS: &str = "cache_invalidator_heartbeat_lag_seconds
 pub const ROLE: &str = "cache_invalidator_role";
 /// Gauge: mapped tables currently followed under a new name (renamed since start).
 pub const RENAMED_TABLES: &str = "cache_invalidator_renamed_tables";
-/// Gauge: placeholder columns of mappings that their table no longer has
-/// (dropped or renamed by DDL); those tables fall back to their truncate invalidations.
-pub const MISSING_COLUMNS: &str = "cache_invalidator_missing_columns";
 /// Counter `{source, kind}`: invalidations requested other than by a
 /// mapping rule (`source="declared"`: the SQL API's messages), by kind.
 pub const REQUESTED_INVALIDATIONS_TOTAL: &str = "cache_invalidator_requested_invalidations_total";
@@ -62,7 +59,9 @@ pub const REPLICA_TIMEOUTS_TOTAL: &str = "cache_invalidator_replica_timeouts_tot
 /// Counter `{replica}`: re-applications (of merged queued batches) once the
 /// replica replayed what was applied ahead of it (timed out, or while down).
 pub const REPLICA_REAPPLIES_TOTAL: &str = "cache_invalidator_replica_reapplies_total";
-/// Gauge: mapped tables DDL broke (dropped, a column gone), invalidated by fallback.
+/// Gauge `{reason}`: mapped tables in fallback because their mapping no
+/// longer fits the schema (`missing_table`, `missing_column`; found at start
+/// or at run time), invalidated by their truncate invalidations.
 pub const BROKEN_TABLES: &str = "cache_invalidator_broken_tables";
 /// Gauge: 1 while the publication hides changes the mappings need (drift), else 0.
 pub const PUBLICATION_DRIFT: &str = "cache_invalidator_publication_drift";

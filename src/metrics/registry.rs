@@ -20,7 +20,10 @@ use super::label_sets::{
     KindLabels, OutcomeLabels, ReasonLabels, ReplicaLabels, RoleLabels, SourceKindLabels,
     TableCounters, TableOpLabels, TableReasonLabels, TargetLabels,
 };
-use super::{lock, names, patterns, FlushReason, InvalidationKind, RefreshOutcome, Role, Target};
+use super::{
+    lock, names, patterns, BrokenReason, FlushReason, InvalidationKind, RefreshOutcome, Role,
+    Target,
+};
 use crate::decode::Op;
 
 /// Buckets of [`names::VISIBILITY_WAIT_SECONDS`]: 0.1 ms to 30 s.
@@ -61,7 +64,6 @@ pub struct Metrics {
     heartbeat_lag: Gauge<f64, AtomicU64>,
     role: [Gauge; 2],
     renamed_tables: Gauge,
-    missing_columns: Gauge,
     declared: [Counter; InvalidationKind::ALL.len()],
     visibility_wait: Histogram,
     visibility_waiting: Gauge,
@@ -71,7 +73,7 @@ pub struct Metrics {
     replica_waits: Family<ReplicaLabels, Counter>,
     replica_timeouts: Family<ReplicaLabels, Counter>,
     replica_reapplies: Family<ReplicaLabels, Counter>,
-    broken_tables: Gauge,
+    broken_tables: [Gauge; BrokenReason::ALL.len()],
     publication_drift: Gauge,
     publication_drifts: Counter,
     /// The pattern lane's metrics.
@@ -214,12 +216,6 @@ impl Metrics {
             renamed_tables.clone(),
         );
 
-        let missing_columns = Gauge::default();
-        r.register(
-            MISSING_COLUMNS,
-            "Placeholder columns of mappings their table no longer has (see /readyz); those tables fall back to their truncate invalidations",
-            missing_columns.clone(),
-        );
         let requested = Family::<SourceKindLabels, Counter>::default();
         r.register(
             counter_name(REQUESTED_INVALIDATIONS_TOTAL),
@@ -280,12 +276,14 @@ impl Metrics {
             "Re-applications once the replica replayed what was applied ahead of it (timed out or down)",
             replica_reapplies.clone(),
         );
-        let broken_tables = Gauge::default();
+        let broken_family = Family::<ReasonLabels, Gauge>::default();
         r.register(
             BROKEN_TABLES,
-            "Mapped tables DDL broke (dropped, a mapped column gone), invalidated by their truncate fallback (see /readyz)",
-            broken_tables.clone(),
+            "Mapped tables in fallback because their mapping no longer fits the schema (a table dropped, a mapped column gone), invalidated by their truncate invalidations, by reason (see /readyz)",
+            broken_family.clone(),
         );
+        let broken_tables = BrokenReason::ALL
+            .map(|b| broken_family.get_or_create_owned(&ReasonLabels { reason: b.as_str() }));
         let publication_drift = Gauge::default();
         r.register(
             PUBLICATION_DRIFT,
@@ -323,7 +321,6 @@ impl Metrics {
             heartbeat_lag,
             role,
             renamed_tables,
-            missing_columns,
             declared,
             visibility_wait,
             visibility_waiting,
@@ -525,9 +522,9 @@ impl Metrics {
             .inc();
     }
 
-    /// How many mapped tables DDL broke.
-    pub fn set_broken_tables(&self, n: usize) {
-        self.broken_tables.set(i64::try_from(n).unwrap_or(i64::MAX));
+    /// How many mapped tables run in fallback for `reason`.
+    pub fn set_broken_tables(&self, reason: BrokenReason, n: usize) {
+        self.broken_tables[reason as usize].set(i64::try_from(n).unwrap_or(i64::MAX));
     }
 
     /// Publication drift: `Some(true)` newly detected (counted), `Some(false)`
@@ -537,12 +534,6 @@ impl Metrics {
             self.publication_drifts.inc();
         }
         self.publication_drift.set(i64::from(drift.is_some()));
-    }
-
-    /// How many mapped placeholder columns their table no longer has.
-    pub fn set_missing_columns(&self, n: u64) {
-        self.missing_columns
-            .set(i64::try_from(n).unwrap_or(i64::MAX));
     }
 
     /// The OpenMetrics text exposition of every metric, `# EOF` included.
