@@ -127,6 +127,96 @@ pub(crate) fn as_owner(cmd: &mut Command, owner: Option<(u32, u32)>) -> &mut Com
     cmd
 }
 
+/// Starts `postgres` on `<dir>/data` (its socket in `<dir>/socket`, its log
+/// `<dir>/postgres.log`) with the settings every throwaway server shares, then
+/// `extra` (later settings win), and waits until it accepts connections;
+/// `what` names it in failures. A standby needs these settings at least as
+/// high as its primary's: both launch here.
+pub(crate) fn launch_server(
+    dir: &Path,
+    port: u16,
+    owner: Option<(u32, u32)>,
+    extra: &[(String, String)],
+    what: &str,
+) -> Child {
+    let log_path = dir.join("postgres.log");
+    let log = fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&log_path)
+        .expect("open log");
+    chown_tree(&log_path, owner);
+    let data = dir.join("data");
+    let mut cmd = Command::new(pg_bindir().join("postgres"));
+    cmd.arg("-D").arg(&data);
+    let common = [
+        ("port", port.to_string()),
+        ("listen_addresses", "127.0.0.1".into()),
+        (
+            "unix_socket_directories",
+            dir.join("socket").display().to_string(),
+        ),
+        ("wal_level", "logical".into()),
+        ("max_replication_slots", "20".into()),
+        ("max_wal_senders", "20".into()),
+        ("max_connections", "60".into()),
+        ("fsync", "off".into()),
+        ("full_page_writes", "off".into()),
+        ("shared_buffers", "32MB".into()),
+        ("log_min_messages", "warning".into()),
+        ("logging_collector", "off".into()),
+    ];
+    let common = common.iter().map(|(k, v)| (*k, v.as_str()));
+    for (k, v) in common.chain(extra.iter().map(|(k, v)| (k.as_str(), v.as_str()))) {
+        cmd.arg("-c").arg(format!("{k}={v}"));
+    }
+    cmd.stdin(Stdio::null())
+        .stdout(log.try_clone().expect("log fd"))
+        .stderr(log);
+    as_owner(&mut cmd, owner);
+    let mut child = cmd.spawn().unwrap_or_else(|e| panic!("spawn {what}: {e}"));
+    let server_log = || fs::read_to_string(&log_path).unwrap_or_default();
+    let deadline = Instant::now() + START_TIMEOUT;
+    loop {
+        if let Ok(Some(status)) = child.try_wait() {
+            panic!("{what} exited during startup ({status}):\n{}", server_log());
+        }
+        // The last line of postmaster.pid reads "ready" once connections are accepted.
+        if let Ok(text) = fs::read_to_string(data.join("postmaster.pid")) {
+            if text.lines().nth(7).map(|l| l.trim() == "ready") == Some(true) {
+                return child;
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{what} not ready in {START_TIMEOUT:?}:\n{}",
+            server_log()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Runs SQL through `psql` on the server at `socket_dir`/`port` and returns
+/// its unaligned, tuples-only output; `what` names it in failures.
+pub(crate) fn psql_on(socket_dir: &Path, port: u16, sql: &str, what: &str) -> String {
+    let out = Command::new(pg_bindir().join("psql"))
+        .args(["-X", "-q", "-A", "-t", "-v", "ON_ERROR_STOP=1"])
+        .args(["-U", "postgres", "-d", "postgres", "-h"])
+        .arg(socket_dir)
+        .arg("-p")
+        .arg(port.to_string())
+        .arg("-c")
+        .arg(sql)
+        .output()
+        .expect("run psql");
+    assert!(
+        out.status.success(),
+        "{what} failed for {sql:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
 /// The initdb'ed template every cluster copies (once per machine and PostgreSQL version).
 fn pg_template() -> &'static Path {
     static TEMPLATE: OnceLock<PathBuf> = OnceLock::new();
@@ -289,71 +379,13 @@ impl PgCluster {
 
     fn launch(&mut self) {
         assert!(self.child.is_none(), "cluster already running");
-        let log = fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(self.dir.path().join("postgres.log"))
-            .expect("open log");
-        chown_tree(&self.dir.path().join("postgres.log"), self.owner);
-        let mut cmd = Command::new(pg_bindir().join("postgres"));
-        cmd.arg("-D").arg(self.data_dir());
-        let mut settings: Vec<(String, String)> = vec![
-            ("port".into(), self.port.to_string()),
-            ("listen_addresses".into(), "127.0.0.1".into()),
-            (
-                "unix_socket_directories".into(),
-                self.socket_dir().display().to_string(),
-            ),
-            ("wal_level".into(), "logical".into()),
-            ("max_replication_slots".into(), "20".into()),
-            ("max_wal_senders".into(), "20".into()),
-            ("max_connections".into(), "60".into()),
-            ("fsync".into(), "off".into()),
-            ("full_page_writes".into(), "off".into()),
-            ("shared_buffers".into(), "32MB".into()),
-            ("log_min_messages".into(), "warning".into()),
-            ("logging_collector".into(), "off".into()),
-        ];
-        settings.extend(self.options.settings.iter().cloned());
-        for (k, v) in &settings {
-            cmd.arg("-c").arg(format!("{k}={v}"));
-        }
-        cmd.stdin(Stdio::null())
-            .stdout(log.try_clone().expect("log fd"))
-            .stderr(log);
-        as_owner(&mut cmd, self.owner);
-        self.child = Some(cmd.spawn().expect("spawn postgres"));
-        self.wait_ready();
-    }
-
-    fn wait_ready(&mut self) {
-        let deadline = Instant::now() + START_TIMEOUT;
-        let pidfile = self.data_dir().join("postmaster.pid");
-        loop {
-            if let Some(child) = self.child.as_mut() {
-                if let Ok(Some(status)) = child.try_wait() {
-                    self.child = None;
-                    panic!("postgres exited during startup ({status}):\n{}", self.log());
-                }
-            }
-            // The last line of postmaster.pid reads "ready" once connections are accepted.
-            if let Ok(text) = fs::read_to_string(&pidfile) {
-                if text
-                    .lines()
-                    .nth(7)
-                    .map(|l| l.trim() == "ready")
-                    .unwrap_or(false)
-                {
-                    return;
-                }
-            }
-            assert!(
-                Instant::now() < deadline,
-                "postgres not ready in {START_TIMEOUT:?}:\n{}",
-                self.log()
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        self.child = Some(launch_server(
+            self.dir.path(),
+            self.port,
+            self.owner,
+            &self.options.settings,
+            "postgres",
+        ));
     }
 
     /// PID of the postmaster, while running.
@@ -428,33 +460,7 @@ impl PgCluster {
 
     /// Runs SQL through `psql` (over the unix socket) and returns its unaligned, tuples-only output.
     pub fn psql(&self, sql: &str) -> String {
-        let out = Command::new(pg_bindir().join("psql"))
-            .args([
-                "-X",
-                "-q",
-                "-A",
-                "-t",
-                "-v",
-                "ON_ERROR_STOP=1",
-                "-U",
-                "postgres",
-                "-d",
-                "postgres",
-            ])
-            .arg("-h")
-            .arg(self.socket_dir())
-            .arg("-p")
-            .arg(self.port.to_string())
-            .arg("-c")
-            .arg(sql)
-            .output()
-            .expect("run psql");
-        assert!(
-            out.status.success(),
-            "psql failed for {sql:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8_lossy(&out.stdout).trim().to_string()
+        psql_on(&self.socket_dir(), self.port, sql, "psql")
     }
 
     /// Applies every `migrations/*.sql` file in name order.

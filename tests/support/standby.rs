@@ -14,11 +14,13 @@
 
 use std::fs;
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::{Child, Command};
+use std::time::Duration;
 
 use super::common::{free_port, signal, wait_for, wait_or_kill, ScratchDir, START_TIMEOUT};
-use super::pg::{as_owner, chown_tree, pg_bindir, pg_owner, PgCluster, PgOptions};
+use super::pg::{
+    as_owner, chown_tree, launch_server, pg_bindir, pg_owner, psql_on, PgCluster, PgOptions,
+};
 
 /// A hot standby streaming from a [`PgCluster`].
 pub struct Standby {
@@ -120,71 +122,18 @@ impl Standby {
 
     fn launch(&mut self) {
         assert!(self.child.is_none(), "standby already running");
-        let log_path = self.dir.path().join("postgres.log");
-        let log = fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&log_path)
-            .expect("open log");
-        chown_tree(&log_path, self.owner);
-        let mut cmd = Command::new(pg_bindir().join("postgres"));
-        cmd.arg("-D").arg(self.data_dir());
-        // Hot standby needs max_connections, max_wal_senders, ... at least
-        // the primary's (PgCluster's launch settings).
         let mut settings: Vec<(String, String)> = vec![
-            ("port".into(), self.port.to_string()),
-            ("listen_addresses".into(), "127.0.0.1".into()),
-            (
-                "unix_socket_directories".into(),
-                self.socket_dir().display().to_string(),
-            ),
-            ("wal_level".into(), "logical".into()),
             ("hot_standby".into(), "on".into()),
-            ("max_replication_slots".into(), "20".into()),
-            ("max_wal_senders".into(), "20".into()),
-            ("max_connections".into(), "60".into()),
-            ("fsync".into(), "off".into()),
-            ("full_page_writes".into(), "off".into()),
-            ("shared_buffers".into(), "32MB".into()),
             ("wal_receiver_status_interval".into(), "1s".into()),
-            ("log_min_messages".into(), "warning".into()),
-            ("logging_collector".into(), "off".into()),
         ];
         settings.extend(self.options.settings.iter().cloned());
-        for (k, v) in &settings {
-            cmd.arg("-c").arg(format!("{k}={v}"));
-        }
-        cmd.stdin(Stdio::null())
-            .stdout(log.try_clone().expect("log fd"))
-            .stderr(log);
-        as_owner(&mut cmd, self.owner);
-        self.child = Some(cmd.spawn().expect("spawn standby postgres"));
-        self.wait_ready();
-    }
-
-    /// Waits until the standby accepts connections (hot standby consistent).
-    fn wait_ready(&mut self) {
-        let deadline = Instant::now() + START_TIMEOUT;
-        let pidfile = self.data_dir().join("postmaster.pid");
-        loop {
-            if let Some(child) = self.child.as_mut() {
-                if let Ok(Some(status)) = child.try_wait() {
-                    self.child = None;
-                    panic!("standby exited during startup ({status}):\n{}", self.log());
-                }
-            }
-            if let Ok(text) = fs::read_to_string(&pidfile) {
-                if text.lines().nth(7).map(|l| l.trim() == "ready") == Some(true) {
-                    return;
-                }
-            }
-            assert!(
-                Instant::now() < deadline,
-                "standby not ready in {START_TIMEOUT:?}:\n{}",
-                self.log()
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        self.child = Some(launch_server(
+            self.dir.path(),
+            self.port,
+            self.owner,
+            &settings,
+            "standby postgres",
+        ));
     }
 
     /// Waits until the WAL receiver streams from the primary.
@@ -199,22 +148,7 @@ impl Standby {
     /// Runs SQL on the standby through `psql` (unix socket); unaligned,
     /// tuples-only output.
     pub fn psql(&self, sql: &str) -> String {
-        let out = Command::new(pg_bindir().join("psql"))
-            .args(["-X", "-q", "-A", "-t", "-v", "ON_ERROR_STOP=1"])
-            .args(["-U", "postgres", "-d", "postgres", "-h"])
-            .arg(self.socket_dir())
-            .arg("-p")
-            .arg(self.port.to_string())
-            .arg("-c")
-            .arg(sql)
-            .output()
-            .expect("run psql");
-        assert!(
-            out.status.success(),
-            "psql on the standby failed for {sql:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8_lossy(&out.stdout).trim().to_string()
+        psql_on(&self.socket_dir(), self.port, sql, "psql on the standby")
     }
 
     /// `pg_last_wal_replay_lsn()` as text.
