@@ -8,7 +8,6 @@
 
 mod support;
 
-use std::io::{Read, Write};
 use std::time::{Duration, Instant};
 
 use support::{
@@ -194,7 +193,7 @@ fn ddl_on_mapped_tables_flushes_them_with_the_trigger() {
             "{what}: the key was gone {t:?} after the DDL's commit, over {DDL_DEADLINE:?}"
         );
     }
-    let log = strip_ansi(&w.log());
+    let log = support::strip_ansi(&w.log());
     assert!(
         log.contains("marker=flush:table:public.items")
             && log.contains("marker=flush:table:public.events")
@@ -220,53 +219,16 @@ fn ddl_on_mapped_tables_flushes_them_with_the_trigger() {
         1,
         "{log}"
     );
-    let (code, body) = http_get(port, "/readyz").expect("/readyz");
+    let (code, body) = support::http_get(port, "/readyz").expect("/readyz");
     assert_eq!(code, 503, "{body}");
     assert!(
         body.contains("mapped column missing public.items.id"),
         "{body}"
     );
-    let (_, metrics) = http_get(port, "/metrics").expect("/metrics");
+    let (_, metrics) = support::http_get(port, "/metrics").expect("/metrics");
     assert!(
         metrics.contains("cache_invalidator_broken_tables{reason=\"missing_column\"} 1"),
         "{metrics}"
     );
     assert!(r.exists(CONTROL));
-}
-
-/// A log without its ANSI colour codes (`ESC [ ... m`).
-fn strip_ansi(text: &str) -> String {
-    let mut out = String::new();
-    let mut chars = text.chars();
-    while let Some(c) = chars.next() {
-        if c == '\u{1b}' {
-            for c in chars.by_ref() {
-                if c == 'm' {
-                    break;
-                }
-            }
-        } else {
-            out.push(c);
-        }
-    }
-    out
-}
-
-/// GET a path: (status, body).
-fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
-    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
-    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-    write!(
-        s,
-        "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
-    )
-    .ok()?;
-    let mut text = String::new();
-    s.read_to_string(&mut text).ok()?;
-    let status = text.split_whitespace().nth(1)?.parse().ok()?;
-    let body = text
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_string())
-        .unwrap_or_default();
-    Some((status, body))
 }

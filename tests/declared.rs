@@ -319,7 +319,7 @@ fn declared_invalidation_survives_a_sigkill_before_acknowledging() {
     let before = pg.psql("SELECT pg_current_wal_insert_lsn()");
     pg.psql("SELECT cache_invalidator.invalidate(keys => ARRAY['report:yearly'])");
     support::wait_for("the worker to plan the declaration", WAIT, || {
-        http_get(port, "/metrics").filter(|m| {
+        support::http_get(port, "/metrics").map(|(_, body)| body).filter(|m| {
             m.contains(r#"cache_invalidator_requested_invalidations_total{source="declared",kind="keys"} 1"#)
         })
     });
@@ -448,7 +448,7 @@ fn malformed_message_is_counted_logged_and_flushes_everything() {
         .lines()
         .find(|l| l.contains("could not be understood"))
         .expect("log line");
-    let line = strip_ansi(line);
+    let line = support::strip_ansi(line);
     let logged = line
         .split_whitespace()
         .find_map(|f| f.strip_prefix("lsn="))
@@ -475,7 +475,7 @@ fn malformed_message_is_counted_logged_and_flushes_everything() {
     support::sync_worker(&pg, &redis, WAIT);
     assert!(r.exists("unmapped:key"));
     let metrics = support::wait_for("the metrics to count both", WAIT, || {
-        let m = http_get(port, "/metrics")?;
+        let m = support::http_get(port, "/metrics").map(|(_, body)| body)?;
         (m.contains(r#"cache_invalidator_flushes_total{reason="malformed_message"} 2"#)
             && m.contains(r#"cache_invalidator_requested_invalidations_total{source="declared",kind="tags"} 2"#))
         .then_some(m)
@@ -492,24 +492,6 @@ fn malformed_message_is_counted_logged_and_flushes_everything() {
         "one line per malformed message:\n{}",
         w.log()
     );
-}
-
-/// A log line without its ANSI colour codes (`ESC [ ... m`).
-fn strip_ansi(line: &str) -> String {
-    let mut out = String::new();
-    let mut chars = line.chars();
-    while let Some(c) = chars.next() {
-        if c == '\u{1b}' {
-            for c in chars.by_ref() {
-                if c == 'm' {
-                    break;
-                }
-            }
-        } else {
-            out.push(c);
-        }
-    }
-    out
 }
 
 /// `X/Y` (hex) as a number.
@@ -579,18 +561,4 @@ fn print_sql_is_what_setup_installs() {
         !out.contains("cache_invalidator."),
         "setup reinstalled the API:\n{out}"
     );
-}
-
-fn http_get(port: u16, path: &str) -> Option<String> {
-    use std::io::Read;
-    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
-    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-    write!(
-        s,
-        "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
-    )
-    .ok()?;
-    let mut text = String::new();
-    s.read_to_string(&mut text).ok()?;
-    Some(text)
 }

@@ -6,8 +6,6 @@
 
 mod support;
 
-use std::io::{Read, Write};
-use std::net::TcpStream;
 use std::time::Duration;
 
 use support::{PgCluster, RedisProbe, RedisServer, WorkerConfig, WorkerProcess};
@@ -16,29 +14,10 @@ const WAIT: Duration = Duration::from_secs(60);
 
 const ITEMS: &str = "[[table]]\nname = \"items\"\nkeys = [\"item:{id}\"]\n";
 
-/// GET a path: (status, body).
-fn get(port: u16, path: &str) -> Option<(u16, String)> {
-    let mut s = TcpStream::connect(("127.0.0.1", port)).ok()?;
-    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-    write!(
-        s,
-        "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
-    )
-    .ok()?;
-    let mut text = String::new();
-    s.read_to_string(&mut text).ok()?;
-    let status = text.split_whitespace().nth(1)?.parse().ok()?;
-    let body = text
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_string())
-        .unwrap_or_default();
-    Some((status, body))
-}
-
 /// Waits until `/readyz` answers `want` with a body containing `needle`.
 fn wait_readyz(port: u16, want: u16, needle: &str) -> String {
     support::wait_for(&format!("/readyz {want} with {needle:?}"), WAIT, || {
-        get(port, "/readyz")
+        support::http_get(port, "/readyz")
             .filter(|(s, b)| *s == want && b.contains(needle))
             .map(|(_, b)| b)
     })
@@ -46,7 +25,7 @@ fn wait_readyz(port: u16, want: u16, needle: &str) -> String {
 
 /// The value of one metric sample without labels.
 fn metric(port: u16, name: &str) -> f64 {
-    let (_, body) = get(port, "/metrics").expect("/metrics");
+    let (_, body) = support::http_get(port, "/metrics").expect("/metrics");
     body.lines()
         .find(|l| l.starts_with(name) && l[name.len()..].starts_with(' '))
         .and_then(|l| l.rsplit(' ').next()?.parse().ok())

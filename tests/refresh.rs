@@ -159,25 +159,6 @@ fn wait_json_with(mut get: impl FnMut() -> Option<String>, key: &str, fields: &s
     }
 }
 
-/// A worker log without its terminal colours, so `field=value` reads as such.
-fn plain(log: &str) -> String {
-    let mut out = String::with_capacity(log.len());
-    let mut chars = log.chars();
-    while let Some(c) = chars.next() {
-        if c == '\u{1b}' {
-            // CSI: ESC [ parameters final-byte
-            for d in chars.by_ref() {
-                if d.is_ascii_alphabetic() {
-                    break;
-                }
-            }
-        } else {
-            out.push(c);
-        }
-    }
-    out
-}
-
 fn hash(pairs: &[(&str, &str)]) -> HashMap<String, String> {
     pairs
         .iter()
@@ -296,11 +277,11 @@ fn an_unchanged_toasted_column_unlinks_the_key_and_is_counted() {
         (hgetall(&redis, "user:1:h").get("name").map(String::as_str) == Some("Bob")).then_some(())
     });
     support::wait_for("the refresh fallback's log line", WAIT, || {
-        plain(&w.log())
+        support::strip_ansi(&w.log())
             .contains("reason=\"refresh_unknown_value\"")
             .then_some(())
     });
-    let log = plain(&w.log());
+    let log = support::strip_ansi(&w.log());
     assert!(
         log.contains("a refreshed value could not be rendered") && log.contains("column=\"bio\""),
         "{log}"
@@ -404,7 +385,7 @@ fn a_replay_after_a_crash_never_leaves_an_older_image() {
     );
     assert_eq!(get(&redis, "user:1:profile"), Some(applied));
     // The script refused the replayed images (kept what was there).
-    let log = plain(&w.log());
+    let log = support::strip_ansi(&w.log());
     assert!(
         log.lines().any(|l| l.contains("batch applied")
             && !l.contains("refresh_kept=0")

@@ -7,8 +7,6 @@
 
 mod support;
 
-use std::io::{Read, Write};
-use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
 use cache_invalidator::cache::{self, tombstone, Lookup, Seen, VersionedCache};
@@ -115,24 +113,9 @@ fn config_text(
     )
 }
 
-fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
-    let mut s = TcpStream::connect(("127.0.0.1", port)).ok()?;
-    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-    write!(
-        s,
-        "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
-    )
-    .ok()?;
-    let mut text = String::new();
-    s.read_to_string(&mut text).ok()?;
-    let status = text.split_whitespace().nth(1)?.parse().ok()?;
-    let body = text.split_once("\r\n\r\n")?.1.to_string();
-    Some((status, body))
-}
-
 /// The value of the first sample named `name` whose line holds `label`.
 fn sample(port: u16, name: &str, label: &str) -> f64 {
-    let (_, text) = http_get(port, "/metrics").unwrap_or_default();
+    let (_, text) = support::http_get(port, "/metrics").unwrap_or_default();
     text.lines()
         .filter(|l| !l.starts_with('#'))
         .find(|l| l.starts_with(name) && l.contains(label))
@@ -385,19 +368,47 @@ fn replica_extra(standby: &Standby, max_wait_ms: u64) -> String {
     )
 }
 
+/// [`setup`] with a streaming standby of the primary listed as its read
+/// replica (`replica_max_wait_ms = max_wait_ms`), and the replica's name in
+/// metrics and logs.
+fn setup_with_replica(max_wait_ms: u64) -> (Setup, Standby, String) {
+    let mut standby = None;
+    let s = setup(|pg| {
+        let started = Standby::start(pg);
+        let extra = replica_extra(&started, max_wait_ms);
+        standby = Some(started);
+        extra
+    });
+    let standby = standby.expect("standby");
+    let name = format!("127.0.0.1:{}", standby.port());
+    (s, standby, name)
+}
+
+/// Waits until the worker shows the replica up (or down).
+fn wait_replica_up(s: &Setup, name: &str, up: bool) {
+    let what = if up {
+        "the replica to show up"
+    } else {
+        "the replica to show down"
+    };
+    wait_replica_metric(s, what, "cache_invalidator_replica_up", name, |v| {
+        v == if up { 1.0 } else { 0.0 }
+    });
+}
+
+/// Waits until the worker's `metric{replica="<name>"}` satisfies `ok`.
+fn wait_replica_metric(s: &Setup, what: &str, metric: &str, name: &str, ok: impl Fn(f64) -> bool) {
+    support::wait_for(what, WAIT, || {
+        ok(sample(s.metrics_port, metric, name)).then_some(())
+    });
+}
+
 /// Done-when (2) and (4), replica: with replay paused the key stays and a
 /// reader of the replica that fills the old row leaves nothing stale; the
 /// key is gone within a second of resume.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn paused_replica_holds_the_invalidation_until_it_replayed() {
-    let mut standby_slot = None;
-    let s = setup(|pg| {
-        let standby = Standby::start(pg);
-        let extra = replica_extra(&standby, 60_000);
-        standby_slot = Some(standby);
-        extra
-    });
-    let standby = standby_slot.take().expect("standby");
+    let (s, standby, name) = setup_with_replica(60_000);
     let worker = start_worker(&s);
     let mut probe = RedisProbe::new(&s.redis);
     let mut a = s
@@ -406,10 +417,7 @@ async fn paused_replica_holds_the_invalidation_until_it_replayed() {
         .get_multiplexed_async_connection()
         .await
         .unwrap();
-    let name = format!("127.0.0.1:{}", standby.port());
-    support::wait_for("the replica to show up", WAIT, || {
-        (sample(s.metrics_port, "cache_invalidator_replica_up", &name) == 1.0).then_some(())
-    });
+    wait_replica_up(&s, &name, true);
     probe.set("plain:1", "1");
     probe.set("version:item:1", "1");
 
@@ -459,17 +467,9 @@ async fn paused_replica_holds_the_invalidation_until_it_replayed() {
 /// it served meanwhile, refilled here by hand, is cleaned); both counted.
 #[test]
 fn paused_replica_past_max_wait_is_applied_then_applied_again_after_resume() {
-    let mut standby_slot = None;
-    let s = setup(|pg| {
-        let standby = Standby::start(pg);
-        let extra = replica_extra(&standby, 500);
-        standby_slot = Some(standby);
-        extra
-    });
-    let standby = standby_slot.take().expect("standby");
+    let (s, standby, name) = setup_with_replica(500);
     let _worker = start_worker(&s);
     let mut probe = RedisProbe::new(&s.redis);
-    let name = format!("127.0.0.1:{}", standby.port());
     probe.set("plain:1", "1");
 
     standby.pause_replay();
@@ -482,14 +482,13 @@ fn paused_replica_past_max_wait_is_applied_then_applied_again_after_resume() {
         updated.elapsed()
     );
     // Counted right after the apply returns.
-    support::wait_for("the timeout to be counted", WAIT, || {
-        (sample(
-            s.metrics_port,
-            "cache_invalidator_replica_timeouts_total",
-            &name,
-        ) == 1.0)
-            .then_some(())
-    });
+    wait_replica_metric(
+        &s,
+        "the timeout to be counted",
+        "cache_invalidator_replica_timeouts_total",
+        &name,
+        |v| v == 1.0,
+    );
     // The replica still serves the old row; a reader of it refills the key.
     let old = standby.psql("SELECT v FROM items WHERE id = 1");
     assert_eq!(old, "1");
@@ -506,14 +505,13 @@ fn paused_replica_past_max_wait_is_applied_then_applied_again_after_resume() {
 
     standby.resume_replay();
     probe.wait_gone("plain:1", WAIT);
-    support::wait_for("the re-application to be counted", WAIT, || {
-        (sample(
-            s.metrics_port,
-            "cache_invalidator_replica_reapplies_total",
-            &name,
-        ) >= 1.0)
-            .then_some(())
-    });
+    wait_replica_metric(
+        &s,
+        "the re-application to be counted",
+        "cache_invalidator_replica_reapplies_total",
+        &name,
+        |v| v >= 1.0,
+    );
     // Both batches applied ahead of it counted: the timed-out one and the
     // one applied while it was still behind.
     assert_eq!(
@@ -531,20 +529,10 @@ fn paused_replica_past_max_wait_is_applied_then_applied_again_after_resume() {
 /// comes back up after a restart.
 #[test]
 fn stopped_replica_is_marked_down_and_does_not_block() {
-    let mut standby_slot = None;
-    let s = setup(|pg| {
-        let standby = Standby::start(pg);
-        let extra = replica_extra(&standby, 60_000);
-        standby_slot = Some(standby);
-        extra
-    });
-    let mut standby = standby_slot.take().expect("standby");
+    let (s, mut standby, name) = setup_with_replica(60_000);
     let worker = start_worker(&s);
     let mut probe = RedisProbe::new(&s.redis);
-    let name = format!("127.0.0.1:{}", standby.port());
-    support::wait_for("the replica to show up", WAIT, || {
-        (sample(s.metrics_port, "cache_invalidator_replica_up", &name) == 1.0).then_some(())
-    });
+    wait_replica_up(&s, &name, true);
 
     standby.stop();
     for i in 0..20 {
@@ -557,10 +545,8 @@ fn stopped_replica_is_marked_down_and_does_not_block() {
         probe.wait_gone(&format!("plain:{}", 100 + i), WAIT);
     }
     support::sync_worker(&s.pg, &s.redis, WAIT);
-    support::wait_for("the replica to show down", WAIT, || {
-        (sample(s.metrics_port, "cache_invalidator_replica_up", &name) == 0.0).then_some(())
-    });
-    let (code, body) = http_get(s.metrics_port, "/readyz").expect("/readyz");
+    wait_replica_up(&s, &name, false);
+    let (code, body) = support::http_get(s.metrics_port, "/readyz").expect("/readyz");
     assert_eq!(code, 200, "{body}");
     assert!(body.contains(&format!("replica {name} down")), "{body}");
     assert!(
@@ -570,22 +556,15 @@ fn stopped_replica_is_marked_down_and_does_not_block() {
     );
 
     standby.restart();
-    support::wait_for("the replica to come back up", WAIT, || {
-        (sample(s.metrics_port, "cache_invalidator_replica_up", &name) == 1.0).then_some(())
-    });
+    wait_replica_up(&s, &name, true);
     // What was applied while it was down is applied again once it replayed
     // it (it may serve readers while it catches up); not counted as timeouts.
-    support::wait_for(
+    wait_replica_metric(
+        &s,
         "the batches applied while down to be re-applied",
-        WAIT,
-        || {
-            (sample(
-                s.metrics_port,
-                "cache_invalidator_replica_reapplies_total",
-                &name,
-            ) >= 1.0)
-                .then_some(())
-        },
+        "cache_invalidator_replica_reapplies_total",
+        &name,
+        |v| v >= 1.0,
     );
     assert_eq!(
         sample(
@@ -598,7 +577,7 @@ fn stopped_replica_is_marked_down_and_does_not_block() {
     probe.set("plain:1", "1");
     s.pg.psql("UPDATE items SET v = 5 WHERE id = 1");
     probe.wait_gone("plain:1", WAIT);
-    let (code, body) = http_get(s.metrics_port, "/readyz").expect("/readyz");
+    let (code, body) = support::http_get(s.metrics_port, "/readyz").expect("/readyz");
     assert_eq!((code, body.trim()), (200, "ok"));
 }
 
@@ -606,15 +585,7 @@ fn stopped_replica_is_marked_down_and_does_not_block() {
 /// refuses a replica URL that is not a standby of the primary.
 #[test]
 fn check_and_status_show_replicas_and_refuse_a_server_that_is_not_a_standby() {
-    let mut standby_slot = None;
-    let s = setup(|pg| {
-        let standby = Standby::start(pg);
-        let extra = replica_extra(&standby, 30_000);
-        standby_slot = Some(standby);
-        extra
-    });
-    let standby = standby_slot.take().expect("standby");
-    let name = format!("127.0.0.1:{}", standby.port());
+    let (s, _standby, name) = setup_with_replica(30_000);
 
     let (code, out, err) = s.cfg.command(&["check"]);
     assert_eq!(code, 0, "check failed:\n{out}\n{err}");
