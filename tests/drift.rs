@@ -318,7 +318,7 @@ fn a_dropped_template_column_runs_that_table_in_fallback_after_a_restart() {
     let worker = cfg.spawn_worker();
     let body = wait_readyz(port, 503, "broken mapping (fallback): public.codes");
     assert!(body.contains("column(s) code no longer exist"), "{body}");
-    let (_, metrics) = get(port, "/metrics").expect("/metrics");
+    let (_, metrics) = support::http_get(port, "/metrics").expect("/metrics");
     assert_eq!(
         support::metric_sample(
             &metrics,
