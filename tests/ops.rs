@@ -533,3 +533,46 @@ fn a_failed_command_prints_its_cause_once() {
     );
     assert_eq!(err.matches("No such file or directory").count(), 1, "{err}");
 }
+
+/// Whether PUBLIC may execute some `pg_logical_emit_message` (`t`/`f`).
+const PUBLIC_MAY_EMIT: &str = "SELECT bool_or(has_function_privilege('public', oid, 'EXECUTE')) FROM pg_proc WHERE proname = 'pg_logical_emit_message'";
+
+/// `setup` recommends (never applies) revoking `pg_logical_emit_message` from
+/// PUBLIC, with the grant back to the worker's role, as SQL that runs as
+/// printed; once PUBLIC may no longer run it, it says nothing more.
+#[test]
+fn setup_recommends_revoking_emit_message_while_public_may_run_it() {
+    let pg = PgCluster::start();
+    pg.psql("CREATE TABLE items (id int PRIMARY KEY)");
+    let ws = WorkerConfig::urls(&pg.url(), "redis://127.0.0.1:1/0", "cache_invalidator");
+    ws.mapping(
+        "items.toml",
+        "[[table]]\nname = \"items\"\nkeys = [\"item:{id}\"]\n",
+    );
+    let (code, out, err) = ws.command(&["setup"]);
+    assert_eq!(code, 0, "{out}\n{err}");
+    assert!(out.contains("-- recommended (docs/security.md)"), "{out}");
+    let advice: Vec<&str> = out
+        .lines()
+        .filter_map(|l| l.strip_prefix("--   "))
+        .filter(|l| l.contains("ON FUNCTION pg_logical_emit_message("))
+        .collect();
+    assert_eq!(advice.len(), 2, "{out}");
+    assert!(advice[0].starts_with("REVOKE EXECUTE"), "{out}");
+    assert!(
+        // 17+ adds a `flush` boolean to both signatures.
+        advice[0].contains("pg_logical_emit_message(boolean,text,text"),
+        "{out}"
+    );
+    assert!(advice[1].starts_with("GRANT EXECUTE"), "{out}");
+    assert!(advice[1].contains("TO postgres;"), "{out}");
+    // Still executable by PUBLIC: setup did not apply it.
+    assert_eq!(pg.psql(PUBLIC_MAY_EMIT), "t");
+    for sql in &advice {
+        pg.psql(sql);
+    }
+    assert_eq!(pg.psql(PUBLIC_MAY_EMIT), "f");
+    let (code, out, err) = ws.command(&["setup"]);
+    assert_eq!(code, 0, "{out}\n{err}");
+    assert!(!out.contains("recommended"), "{out}");
+}

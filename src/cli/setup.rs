@@ -150,6 +150,7 @@ pub async fn run_with_env(
             pg.publication, pg.slot
         );
     }
+    setup.advise_emit_message().await;
     match not_installed {
         Some(why) => Err(CliError::runtime(why)),
         None => Ok(()),
@@ -645,6 +646,36 @@ impl Setup {
         }
         self.create_slot(slot).await?;
         Ok(true)
+    }
+
+    /// Recommends, as comments (never applied: it needs a superuser and
+    /// would break other tools that emit messages), revoking
+    /// `pg_logical_emit_message` from `PUBLIC` while `PUBLIC` may execute it,
+    /// with the grant back to this role: the worker's (heartbeat, the flush
+    /// markers of its publication watch) and the owner of the SQL API's
+    /// functions when setup runs as the config's role (docs/security.md).
+    async fn advise_emit_message(&self) {
+        let Ok(rows) = self
+            .client
+            .query(
+                "SELECT p.oid::regprocedure::text, quote_ident(current_user) FROM pg_proc p \
+                 WHERE p.proname = 'pg_logical_emit_message' \
+                   AND p.pronamespace = 'pg_catalog'::regnamespace \
+                   AND has_function_privilege('public', p.oid, 'EXECUTE') ORDER BY 1",
+                &[],
+            )
+            .await
+        else {
+            return;
+        };
+        let Some(role) = rows.first().map(|r| r.get::<_, String>(1)) else {
+            return;
+        };
+        let functions: Vec<String> = rows.iter().map(|r| r.get(0)).collect();
+        let functions = functions.join(", ");
+        println!("-- recommended (docs/security.md): any role may emit messages under the cache-invalidator prefix, which invalidate keys or flush every mapped table; unless other tools emit logical messages, run as a superuser:");
+        println!("--   REVOKE EXECUTE ON FUNCTION {functions} FROM PUBLIC;");
+        println!("--   GRANT EXECUTE ON FUNCTION {functions} TO {role};  -- the worker's role (heartbeat, flush markers) and the SQL API's owner, if another");
     }
 
     /// Whether the slot fails to decode its pending changes because the
