@@ -141,36 +141,30 @@ pub async fn run(config_path: &Path) -> Result<(), CliError> {
     }
 
     let pg = &checked.config.postgres;
-    let reachable = !matches!(report.postgres, Reach::Unreachable(_));
-    // One SQL connection for the checks below, when one of them runs.
-    let sql = if reachable {
-        Some(crate::pg::connect_url(&pg.url, pg.password.as_ref().map(|p| p.expose())).await)
-    } else {
-        None
-    };
-    if reachable {
-        // Failover slots (17+): warnings only, `run` does not need them.
-        match &sql {
-            Some(Ok(sql)) => match crate::pg::failover::read(sql.client(), &pg.slot).await {
-                Ok(facts) => findings.extend(crate::pg::failover::findings(
-                    &facts,
-                    &pg.slot,
-                    pg.failover_slot,
-                )),
-                Err(e) => findings.push(warning(format!("failover checks skipped: {e}"))),
-            },
-            Some(Err(e)) => findings.push(warning(format!("failover checks skipped: {e}"))),
-            None => {}
-        }
-    }
     if !pg.replicas.is_empty() && !matches!(report.postgres, Reach::Checked) {
         findings.push(warning(
             "replica checks skipped: the primary was not checked".to_string(),
         ));
     }
-    if let (true, Some(Ok(sql))) = (reachable, &sql) {
-        let tables: Vec<TableName> = checked.mappings.tables().into_iter().cloned().collect();
-        findings.extend(ddl_tracking(sql.client(), &tables).await);
+    if !matches!(report.postgres, Reach::Unreachable(_)) {
+        // One SQL connection for the checks beyond the start-up checks'.
+        match crate::pg::connect_url(&pg.url, pg.password.as_ref().map(|p| p.expose())).await {
+            Ok(sql) => {
+                // Failover slots (17+): warnings only, `run` does not need them.
+                match crate::pg::failover::read(sql.client(), &pg.slot).await {
+                    Ok(facts) => findings.extend(crate::pg::failover::findings(
+                        &facts,
+                        &pg.slot,
+                        pg.failover_slot,
+                    )),
+                    Err(e) => findings.push(warning(format!("failover checks skipped: {e}"))),
+                }
+                let tables: Vec<TableName> =
+                    checked.mappings.tables().into_iter().cloned().collect();
+                findings.extend(ddl_tracking(sql.client(), &tables).await);
+            }
+            Err(e) => findings.push(warning(format!("failover checks skipped: {e}"))),
+        }
     }
 
     if let Reach::Unreachable(why) = &report.redis {
