@@ -43,15 +43,32 @@ impl ApplyStats {
 
     /// Adds `other`'s counts to these.
     pub fn add(&mut self, other: &ApplyStats) {
-        self.keys += other.keys;
-        self.tags += other.tags;
-        self.tag_members += other.tag_members;
-        self.versions += other.versions;
-        self.pattern_matches += other.pattern_matches;
-        self.scanned += other.scanned;
-        self.published += other.published;
-        self.tombstones += other.tombstones;
-        self.tombstone_members += other.tombstone_members;
-        self.repaired += other.repaired;
+        // Destructured so a new field cannot be forgotten here.
+        let ApplyStats {
+            keys,
+            tags,
+            tag_members,
+            versions,
+            pattern_matches,
+            scanned,
+            published,
+            tombstones,
+            tombstone_members,
+            repaired,
+            refreshed,
+            refresh_kept,
+        } = *other;
+        self.keys += keys;
+        self.tags += tags;
+        self.tag_members += tag_members;
+        self.versions += versions;
+        self.pattern_matches += pattern_matches;
+        self.scanned += scanned;
+        self.published += published;
+        self.tombstones += tombstones;
+        self.tombstone_members += tombstone_members;
+        self.repaired += repaired;
+        self.refreshed += refreshed;
+        self.refresh_kept += refresh_kept;
     }
 }
