@@ -297,16 +297,10 @@ async fn tombstones_across_slots() {
     use cache_invalidator::cache::tombstone;
     use cache_invalidator::lsn::Lsn;
     use cache_invalidator::plan::Plan;
-    use cache_invalidator::sink::{ClusterSink, SinkOptions};
+    use cache_invalidator::sink::ClusterSink;
 
     let cluster = RedisCluster::start();
-    let options = SinkOptions {
-        url: String::new(),
-        password: None,
-        wait_replicas: 0,
-        redelete_after: None,
-        tls: Default::default(),
-    };
+    let options = support::sink_options("");
     let mut sink = ClusterSink::connect(&cluster.urls(), &options)
         .await
         .expect("connect");

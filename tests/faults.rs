@@ -103,10 +103,7 @@ fn wal_lsn(pg: &PgCluster) -> u64 {
 
 /// The slot's `confirmed_flush_lsn` in bytes (None: no slot).
 fn confirmed(pg: &PgCluster) -> Option<u64> {
-    let out = pg.psql(
-        "SELECT confirmed_flush_lsn - '0/0' FROM pg_replication_slots WHERE slot_name = 'cache_invalidator'",
-    );
-    out.parse().ok()
+    pg.confirmed_bytes("cache_invalidator")
 }
 
 /// Waits until the slot confirmed `lsn`.
@@ -305,28 +302,6 @@ fn update_script(from: u32, to: u32, per_tx: u32, pause_s: f64) -> String {
     s
 }
 
-/// A tiny xorshift: reproducible "random" moments without a dependency.
-struct Rng(u64);
-
-impl Rng {
-    fn from_time() -> Self {
-        let seed = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_nanos() as u64)
-            .unwrap_or(1)
-            | 1;
-        eprintln!("rng seed {seed}");
-        Rng(seed)
-    }
-
-    fn below(&mut self, n: u64) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0 % n
-    }
-}
-
 // ---------------------------------------------------------------------------
 // crashes
 
@@ -346,7 +321,7 @@ fn crash_loop_loses_no_invalidation() {
 
     let mut writer = spawn_psql(&pg, &update_script(1, N + 1, 20, 0.03));
 
-    let mut rng = Rng::from_time();
+    let mut rng = support::Rng::from_time();
     let mut kills = 0;
     logs.last().kill();
     kills += 1;

@@ -36,10 +36,7 @@ fn lsn(pg: &PgCluster) -> u64 {
 
 /// The slot's `confirmed_flush_lsn` in bytes (0 when it has none yet).
 fn confirmed(pg: &PgCluster) -> u64 {
-    pg.psql("SELECT coalesce(confirmed_flush_lsn - '0/0', 0) FROM pg_replication_slots WHERE slot_type = 'logical'")
-        .trim()
-        .parse()
-        .unwrap_or(0)
+    pg.confirmed_bytes("cache_invalidator").unwrap_or(0)
 }
 
 /// Starts PostgreSQL and Redis, creates `posts` and `items` (rows 1..=3),

@@ -19,13 +19,7 @@ use support::{PgCluster, RedisProbe, RedisServer, WorkerConfig};
 const WAIT: Duration = Duration::from_secs(20);
 
 fn options(redis: &RedisServer) -> SinkOptions {
-    SinkOptions {
-        url: redis.url(),
-        password: None,
-        wait_replicas: 0,
-        redelete_after: None,
-        tls: Default::default(),
-    }
+    support::sink_options(redis.url())
 }
 
 /// A blocking connection (setup, checks) and an async one (the code under test).

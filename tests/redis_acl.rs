@@ -9,7 +9,7 @@ use std::time::Duration;
 use cache_invalidator::plan::{Plan, Publish};
 use cache_invalidator::security::redis_acl_rule;
 use cache_invalidator::sink::identity::{self, Identity, IdentityCheck};
-use cache_invalidator::sink::{RedisSink, SinkOptions};
+use cache_invalidator::sink::RedisSink;
 use redis::Commands;
 use support::RedisServer;
 
@@ -39,13 +39,10 @@ async fn the_documented_acl_is_enough_and_no_more() {
         .set_read_timeout(Some(Duration::from_secs(5)))
         .unwrap();
 
-    let options = SinkOptions {
-        url: format!("redis://worker:acl-pw@127.0.0.1:{}/1", redis.port()),
-        password: None,
-        wait_replicas: 0,
-        redelete_after: None,
-        tls: Default::default(),
-    };
+    let options = support::sink_options(format!(
+        "redis://worker:acl-pw@127.0.0.1:{}/1",
+        redis.port()
+    ));
     let mut sink = RedisSink::connect(&options).await.unwrap();
     let mut plan = Plan::default();
     plan.keys.insert("user:1:profile");

@@ -498,16 +498,6 @@ fn tombstones_and_guarded_fills_meet_refreshed_values() {
     assert_eq!(w.stop(WAIT), Some(0));
 }
 
-fn sink_options(url: String) -> cache_invalidator::sink::SinkOptions {
-    cache_invalidator::sink::SinkOptions {
-        url,
-        password: None,
-        wait_replicas: 0,
-        redelete_after: None,
-        tls: Default::default(),
-    }
-}
-
 /// A plan that refreshes `key` (JSON, or a hash when `hash`) at `lsn`.`seq`.
 fn refresh_plan(key: &str, lsn: u64, seq: u32, hash: bool) -> cache_invalidator::plan::Plan {
     use cache_invalidator::plan::{Plan, RefreshSet, RefreshValue, RefreshVersion};
@@ -573,7 +563,7 @@ fn state(c: &mut redis::Connection, key: &str) -> String {
 async fn refresh_and_tombstone_scripts_order_by_version() {
     let redis = RedisServer::start();
     let mut c = redis.client().get_connection().expect("redis");
-    let mut sink = cache_invalidator::sink::RedisSink::connect(&sink_options(redis.url()))
+    let mut sink = cache_invalidator::sink::RedisSink::connect(&support::sink_options(redis.url()))
         .await
         .expect("sink");
     for (key, hash) in [("j", false), ("h", true)] {
@@ -635,7 +625,7 @@ async fn refresh_works_per_slot_on_a_cluster() {
     let cluster = support::RedisCluster::start();
     let mut sink = cache_invalidator::sink::ClusterSink::connect(
         &cluster.urls(),
-        &sink_options(cluster.urls()[0].clone()),
+        &support::sink_options(cluster.urls()[0].clone()),
     )
     .await
     .expect("cluster sink");

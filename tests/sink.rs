@@ -12,13 +12,7 @@ use redis::Commands;
 use support::RedisServer;
 
 fn options(redis: &RedisServer) -> SinkOptions {
-    SinkOptions {
-        url: redis.url(),
-        password: None,
-        wait_replicas: 0,
-        redelete_after: None,
-        tls: Default::default(),
-    }
+    support::sink_options(redis.url())
 }
 
 fn plan_with(f: impl FnOnce(&mut Plan)) -> Plan {

@@ -84,18 +84,6 @@ fn env<T: std::str::FromStr>(name: &str, default: T) -> T {
         .unwrap_or(default)
 }
 
-/// xorshift64*: enough randomness for a workload, no dependency.
-struct Rng(u64);
-
-impl Rng {
-    fn next_f64(&mut self) -> f64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        (self.0.wrapping_mul(0x2545_F491_4F6C_DD1D) >> 11) as f64 / (1u64 << 53) as f64
-    }
-}
-
 /// Zipf(s) over 1..=n by inverse CDF.
 struct Zipf(Vec<f64>);
 
@@ -112,7 +100,7 @@ impl Zipf {
         }
         Zipf(cdf)
     }
-    fn sample(&self, rng: &mut Rng) -> i32 {
+    fn sample(&self, rng: &mut support::Rng) -> i32 {
         let u = rng.next_f64();
         let i = self.0.partition_point(|c| *c < u);
         (i.min(self.0.len() - 1) + 1) as i32
@@ -188,7 +176,7 @@ async fn run_once(
         );
         let period = Duration::from_secs_f64(writers as f64 / tps);
         writer_tasks.push(tokio::spawn(async move {
-            let mut rng = Rng(seed ^ (0x9E37_79B9 + w as u64 * 7919));
+            let mut rng = support::Rng(seed ^ (0x9E37_79B9 + w as u64 * 7919));
             let mut tick = tokio::time::interval(period);
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
             let update = db
@@ -226,7 +214,7 @@ async fn run_once(
             measuring.clone(),
         );
         reader_tasks.push(tokio::spawn(async move {
-            let mut rng = Rng(seed ^ (0x1234_5678 + r as u64 * 104_729));
+            let mut rng = support::Rng(seed ^ (0x1234_5678 + r as u64 * 104_729));
             let select = db
                 .prepare("SELECT v FROM items WHERE id = $1")
                 .await

@@ -447,6 +447,16 @@ impl PgCluster {
         }
     }
 
+    /// The `confirmed_flush_lsn` of `slot` in bytes; `None` while the slot
+    /// does not exist or has confirmed nothing.
+    pub fn confirmed_bytes(&self, slot: &str) -> Option<u64> {
+        self.psql(&format!(
+            "SELECT confirmed_flush_lsn - '0/0' FROM pg_replication_slots WHERE slot_name = '{slot}'"
+        ))
+        .parse()
+        .ok()
+    }
+
     /// Waits until a logical slot's `confirmed_flush_lsn` reaches `lsn` (the
     /// worker acknowledges only what Redis confirmed).
     pub fn wait_confirmed(&self, lsn: &str, timeout: Duration) {

@@ -218,3 +218,15 @@ impl RedisProbe {
         });
     }
 }
+
+/// The sink's options for a throwaway Redis at `url`: no password, no
+/// `WAIT`, no second delete pass, no TLS.
+pub fn sink_options(url: impl Into<String>) -> cache_invalidator::sink::SinkOptions {
+    cache_invalidator::sink::SinkOptions {
+        url: url.into(),
+        password: None,
+        wait_replicas: 0,
+        redelete_after: None,
+        tls: Default::default(),
+    }
+}
