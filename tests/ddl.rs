@@ -80,11 +80,7 @@ fn ddl_on_mapped_tables_flushes_them_with_the_trigger() {
     let pg = PgCluster::start();
     let redis = RedisServer::start();
     let port = support::free_port();
-    let cfg = prepare(
-        &pg,
-        &redis,
-        &format!("\n[metrics]\nlisten = \"127.0.0.1:{port}\"\n"),
-    );
+    let cfg = prepare(&pg, &redis, &support::metrics_toml(port));
 
     // Without the triggers: `check` says DDL is not tracked.
     let (code, out, err) = cfg.command(&["setup"]);

@@ -304,11 +304,7 @@ fn declared_invalidation_survives_a_sigkill_before_acknowledging() {
     let pg = PgCluster::start();
     let redis = RedisServer::start();
     let port = support::free_port();
-    let cfg = prepare(
-        &pg,
-        &redis,
-        &format!("\n[metrics]\nlisten = \"127.0.0.1:{port}\"\n"),
-    );
+    let cfg = prepare(&pg, &redis, &support::metrics_toml(port));
     let mut w = cfg.spawn_worker();
     support::sync_worker(&pg, &redis, WAIT);
     let mut r = RedisProbe::new(&redis);
@@ -426,11 +422,7 @@ fn malformed_message_is_counted_logged_and_flushes_everything() {
     let pg = PgCluster::start();
     let redis = RedisServer::start();
     let port = support::free_port();
-    let cfg = prepare(
-        &pg,
-        &redis,
-        &format!("\n[metrics]\nlisten = \"127.0.0.1:{port}\"\n"),
-    );
+    let cfg = prepare(&pg, &redis, &support::metrics_toml(port));
     let w = cfg.spawn_worker();
     support::sync_worker(&pg, &redis, WAIT);
     let mut r = RedisProbe::new(&redis);

@@ -44,11 +44,7 @@ fn start(
     let cfg = WorkerConfig::new(pg, redis, &files, "");
     let port = support::free_port();
     let text = std::fs::read_to_string(cfg.path()).unwrap();
-    std::fs::write(
-        cfg.path(),
-        format!("{text}\n[metrics]\nlisten = \"127.0.0.1:{port}\"\n"),
-    )
-    .unwrap();
+    std::fs::write(cfg.path(), format!("{text}{}", support::metrics_toml(port))).unwrap();
     let (code, out, err) = cfg.command(&["setup"]);
     assert_eq!(code, 0, "{out}\n{err}");
     let worker = cfg.spawn_worker();

@@ -70,7 +70,7 @@ fn drill(failover_slot: bool) -> (Drill, String) {
             ("items.toml", MAPPING),
             ("zz_sync.toml", SYNC_PROBE_MAPPING),
         ],
-        &format!("[metrics]\nlisten = \"127.0.0.1:{metrics_port}\""),
+        &support::metrics_toml(metrics_port),
     );
     let (code, out, err) = config.command(&["setup"]);
     assert_eq!(code, 0, "setup failed:\n{out}\n{err}");

@@ -10,7 +10,7 @@
 mod support;
 
 use std::io::Write;
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use support::{
@@ -38,23 +38,8 @@ const CONTROL_ROWS: u32 = 10;
 
 /// Runs a script through psql's stdin: every statement its own transaction.
 fn psql_script(pg: &PgCluster, script: &str) -> Result<String, String> {
-    let mut child = Command::new(support::pg_bindir().join("psql"))
-        .args([
-            "-X",
-            "-q",
-            "-A",
-            "-t",
-            "-v",
-            "ON_ERROR_STOP=1",
-            "-U",
-            "postgres",
-            "-d",
-            "postgres",
-            "-h",
-        ])
-        .arg(pg.socket_dir())
-        .arg("-p")
-        .arg(pg.port().to_string())
+    let mut child = pg
+        .psql_command()
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -76,12 +61,8 @@ fn psql_script(pg: &PgCluster, script: &str) -> Result<String, String> {
 
 /// Runs a script through psql in the background (each statement its own transaction).
 fn spawn_psql(pg: &PgCluster, script: &str) -> std::process::Child {
-    let mut child = Command::new(support::pg_bindir().join("psql"))
-        .args(["-X", "-q", "-v", "ON_ERROR_STOP=1", "-U", "postgres"])
-        .args(["-d", "postgres", "-h"])
-        .arg(pg.socket_dir())
-        .arg("-p")
-        .arg(pg.port().to_string())
+    let mut child = pg
+        .psql_command()
         .stdin(Stdio::piped())
         .stdout(Stdio::null())
         .spawn()
@@ -277,6 +258,21 @@ fn prepare(
 
 /// Starts the first worker, lets it fire setup's flush marker, applies and
 /// acknowledges everything, then sets the control keys.
+/// [`prepare`], then [`first_worker`]: the servers ready, a worker
+/// streaming and the control keys set; the worker's log is the tally's first.
+fn start(
+    pg: &PgCluster,
+    redis: &RedisServer,
+    rows: u32,
+    mappings: &[(&str, &str)],
+    extra_sql: &str,
+) -> (WorkerConfig, Tally) {
+    let cfg = prepare(pg, redis, rows, mappings, extra_sql);
+    let mut logs = Tally::default();
+    first_worker(pg, redis, &cfg, &mut logs);
+    (cfg, logs)
+}
+
 fn first_worker(pg: &PgCluster, redis: &RedisServer, cfg: &WorkerConfig, logs: &mut Tally) {
     let w = logs.add(cfg.spawn_worker());
     w.wait_log(MARKER, WAIT);
@@ -313,9 +309,7 @@ fn crash_loop_loses_no_invalidation() {
     const KILLS: usize = 12;
     let pg = PgCluster::start();
     let redis = RedisServer::start();
-    let cfg = prepare(&pg, &redis, N, &[], "");
-    let mut logs = Tally::default();
-    first_worker(&pg, &redis, &cfg, &mut logs);
+    let (cfg, mut logs) = start(&pg, &redis, N, &[], "");
     let keys = item_keys(1..=N);
     set_keys(&redis, &keys, "cached");
 
@@ -354,9 +348,7 @@ fn crash_loop_loses_no_invalidation() {
 fn crash_between_apply_and_ack_reapplies_the_transaction() {
     let pg = PgCluster::start();
     let redis = RedisServer::start();
-    let cfg = prepare(&pg, &redis, 10, &[], "");
-    let mut logs = Tally::default();
-    first_worker(&pg, &redis, &cfg, &mut logs);
+    let (cfg, mut logs) = start(&pg, &redis, 10, &[], "");
     assert_eq!(logs.last().stop(WAIT), Some(0), "{}", logs.tail());
 
     let mut r = RedisProbe::new(&redis);
@@ -418,9 +410,7 @@ fn kill_during_a_large_transaction_reapplies_it_whole() {
     let rows = large_rows();
     let pg = PgCluster::start();
     let redis = RedisServer::start();
-    let cfg = prepare(&pg, &redis, rows, &[], "");
-    let mut logs = Tally::default();
-    first_worker(&pg, &redis, &cfg, &mut logs);
+    let (cfg, mut logs) = start(&pg, &redis, rows, &[], "");
     // One sampled key every 997 rows (and the last row).
     let mut sample: Vec<u32> = (1..=rows).step_by(997).collect();
     sample.push(rows);
@@ -476,9 +466,7 @@ fn kill_during_a_large_transaction_reapplies_it_whole() {
 fn redis_outage_and_restore_from_a_stale_snapshot() {
     let pg = PgCluster::start();
     let mut redis = RedisServer::start_with(&["--dbfilename", "snap.rdb"]);
-    let cfg = prepare(&pg, &redis, 400, &[], "");
-    let mut logs = Tally::default();
-    first_worker(&pg, &redis, &cfg, &mut logs);
+    let (_cfg, mut logs) = start(&pg, &redis, 400, &[], "");
     let keys = item_keys(1..=200);
     set_keys(&redis, &keys, "cached");
     assert_eq!(redis.cli(&["SAVE"]).expect("SAVE"), "OK");
@@ -543,9 +531,7 @@ fn redis_outage_and_restore_from_a_stale_snapshot() {
 fn slow_redis_keeps_the_connection_and_acknowledges_nothing_early() {
     let pg = PgCluster::start_with(PgOptions::default().set("wal_sender_timeout", "3s"));
     let redis = RedisServer::start();
-    let cfg = prepare(&pg, &redis, 10, &[], "");
-    let mut logs = Tally::default();
-    first_worker(&pg, &redis, &cfg, &mut logs);
+    let (_cfg, mut logs) = start(&pg, &redis, 10, &[], "");
     set_keys(&redis, &item_keys(1..=5), "cached");
 
     let before = wal_lsn(&pg);
@@ -585,7 +571,7 @@ fn wrongtype_tag_and_non_integer_version_are_repaired() {
     let pg = PgCluster::start();
     let redis = RedisServer::start();
     let users = "[[table]]\nname = \"users\"\nkeys = [\"user:{id}\"]\ntags = [\"user:{id}\"]\nversions = [\"user:{id}\"]\n";
-    let cfg = prepare(
+    let (_cfg, mut logs) = start(
         &pg,
         &redis,
         10,
@@ -593,8 +579,6 @@ fn wrongtype_tag_and_non_integer_version_are_repaired() {
         "CREATE TABLE users (id int PRIMARY KEY, name text);
          INSERT INTO users SELECT g, 'u' FROM generate_series(1, 3) g;",
     );
-    let mut logs = Tally::default();
-    first_worker(&pg, &redis, &cfg, &mut logs);
     let mut r = RedisProbe::new(&redis);
     r.set("user:1", "cached");
     r.set("tag:user:1", "not a set");
@@ -644,9 +628,7 @@ fn wrongtype_tag_and_non_integer_version_are_repaired() {
 fn walsender_kill_and_postgres_restart_lose_nothing() {
     let mut pg = PgCluster::start();
     let redis = RedisServer::start();
-    let cfg = prepare(&pg, &redis, 3_000, &[], "");
-    let mut logs = Tally::default();
-    first_worker(&pg, &redis, &cfg, &mut logs);
+    let (_cfg, mut logs) = start(&pg, &redis, 3_000, &[], "");
     let keys = item_keys(1..=3_000);
     set_keys(&redis, &keys, "cached");
     // Before PostgreSQL 17 a slot whose only change is confirmed_flush_lsn is
@@ -682,9 +664,7 @@ fn walsender_kill_and_postgres_restart_lose_nothing() {
 fn dropped_slot_is_reported_and_recreated_with_one_flush() {
     let pg = PgCluster::start();
     let redis = RedisServer::start();
-    let cfg = prepare(&pg, &redis, 10, &[], "");
-    let mut logs = Tally::default();
-    first_worker(&pg, &redis, &cfg, &mut logs);
+    let (cfg, mut logs) = start(&pg, &redis, 10, &[], "");
 
     drop_slot_under_worker(&pg);
     let code = support::wait_for("the worker to exit", WAIT, || logs.last().try_exit_code());
@@ -758,15 +738,13 @@ fn lost_slot_is_reported_and_recreated_with_one_flush() {
             .set("max_wal_size", "32MB"),
     );
     let redis = RedisServer::start();
-    let cfg = prepare(
+    let (cfg, mut logs) = start(
         &pg,
         &redis,
         10,
         &[],
         "CREATE TABLE scratch (id int, pad text)",
     );
-    let mut logs = Tally::default();
-    first_worker(&pg, &redis, &cfg, &mut logs);
     assert_eq!(logs.last().stop(WAIT), Some(0));
 
     set_keys(&redis, &item_keys(1..=3), "stale");
@@ -807,9 +785,7 @@ fn lost_slot_is_reported_and_recreated_with_one_flush() {
 fn standby_takes_over_within_ten_seconds() {
     let pg = PgCluster::start();
     let redis = RedisServer::start();
-    let cfg = prepare(&pg, &redis, 2_000, &[], "");
-    let mut logs = Tally::default();
-    first_worker(&pg, &redis, &cfg, &mut logs);
+    let (cfg, mut logs) = start(&pg, &redis, 2_000, &[], "");
     let keys = item_keys(1..=2_000);
     set_keys(&redis, &keys, "cached");
     let standby = cfg.spawn_worker();
@@ -842,9 +818,7 @@ fn standby_takes_over_within_ten_seconds() {
 fn three_workers_one_slot_two_kills() {
     let pg = PgCluster::start();
     let redis = RedisServer::start();
-    let cfg = prepare(&pg, &redis, 3_000, &[], "");
-    let mut logs = Tally::default();
-    first_worker(&pg, &redis, &cfg, &mut logs);
+    let (cfg, mut logs) = start(&pg, &redis, 3_000, &[], "");
     let keys = item_keys(1..=3_000);
     set_keys(&redis, &keys, "cached");
     for _ in 0..2 {
@@ -906,15 +880,13 @@ fn three_workers_one_slot_two_kills() {
 fn idle_mapped_tables_do_not_pin_wal() {
     let pg = PgCluster::start_with(PgOptions::default().set("wal_sender_timeout", "3s"));
     let redis = RedisServer::start();
-    let cfg = prepare(
+    let (_cfg, logs) = start(
         &pg,
         &redis,
         10,
         &[],
         "CREATE TABLE scratch (id int, pad text)",
     );
-    let mut logs = Tally::default();
-    first_worker(&pg, &redis, &cfg, &mut logs);
     for _ in 0..4 {
         pg.psql("INSERT INTO scratch SELECT g, repeat('x', 200) FROM generate_series(1, 20000) g");
     }
@@ -945,7 +917,7 @@ fn schema_changes_mid_stream() {
     let posts =
         "[[table]]\nname = \"posts\"\nkeys = [\"post:{id}\", \"author:{author_id}:posts\"]\n";
     let authors = "[[table]]\nname = \"authors\"\nkeys = [\"author:{id}\"]\n";
-    let cfg = prepare(
+    let (_cfg, mut logs) = start(
         &pg,
         &redis,
         10,
@@ -955,8 +927,6 @@ fn schema_changes_mid_stream() {
          INSERT INTO authors VALUES (1, 'a'), (2, 'b');
          INSERT INTO posts VALUES (7, 1, 't'), (8, 2, 't');",
     );
-    let mut logs = Tally::default();
-    first_worker(&pg, &redis, &cfg, &mut logs);
     let mut r = RedisProbe::new(&redis);
 
     // ADD COLUMN: the rule still renders; no fallback.
@@ -1101,15 +1071,13 @@ fn odd_values_and_wide_rows_delete_exactly_their_keys() {
         quote(unicode),
         cols.join(", ")
     );
-    let cfg = prepare(
+    let (_cfg, logs) = start(
         &pg,
         &redis,
         10,
         &[("odd.toml", odd), ("wide.toml", wide)],
         &sql,
     );
-    let mut logs = Tally::default();
-    first_worker(&pg, &redis, &cfg, &mut logs);
     let mut r = RedisProbe::new(&redis);
     let unicode_key = format!("odd:{unicode}");
     let untouched: Vec<String> = [

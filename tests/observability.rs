@@ -35,11 +35,7 @@ fn config_with_metrics(pg: &PgCluster, redis: &RedisServer, port: u16) -> Worker
     let cfg = WorkerConfig::demo(pg, redis);
     let path = cfg.path();
     let text = std::fs::read_to_string(&path).unwrap();
-    std::fs::write(
-        &path,
-        format!("{text}\n[metrics]\nlisten = \"127.0.0.1:{port}\"\n"),
-    )
-    .unwrap();
+    std::fs::write(&path, format!("{text}{}", support::metrics_toml(port))).unwrap();
     cfg
 }
 

@@ -30,7 +30,7 @@ refresh = [
 "#;
 
 /// A worker on a fresh `profiles` table, setup's flush marker applied;
-/// `worker_toml` goes under `[worker]` (see [`metrics_on`]).
+/// `worker_toml` goes under `[worker]` (see `support::metrics_toml`).
 fn start(
     pg: &PgCluster,
     redis: &RedisServer,
@@ -71,11 +71,6 @@ fn start_on(
     let w = cfg.spawn_worker();
     w.wait_log("flush marker: firing", WAIT);
     (cfg, w)
-}
-
-/// The `[metrics]` section serving on `port`, for [`start`]'s `worker_toml`.
-fn metrics_on(port: u16) -> String {
-    format!("\n[metrics]\nlisten = \"127.0.0.1:{port}\"\n")
 }
 
 /// Waits until `cache_invalidator_refreshes_total{outcome}` reads `n` on the
@@ -263,7 +258,7 @@ fn an_unchanged_toasted_column_unlinks_the_key_and_is_counted() {
     let pg = PgCluster::start();
     let redis = RedisServer::start();
     let port = support::free_port();
-    let (_cfg, mut w) = start(&pg, &redis, MAPPING, &metrics_on(port));
+    let (_cfg, mut w) = start(&pg, &redis, MAPPING, &support::metrics_toml(port));
 
     // A bio stored out of line (TOAST): md5 text barely compresses.
     pg.psql("INSERT INTO profiles (id, name, bio) SELECT 1, 'Ann', string_agg(md5(g::text), '') FROM generate_series(1, 400) g");
@@ -317,7 +312,7 @@ fn a_replay_after_a_crash_never_leaves_an_older_image() {
     let pg = PgCluster::start();
     let redis = RedisServer::start();
     let port = support::free_port();
-    let (cfg, mut w) = start(&pg, &redis, MAPPING, &metrics_on(port));
+    let (cfg, mut w) = start(&pg, &redis, MAPPING, &support::metrics_toml(port));
     pg.psql("INSERT INTO profiles (id, name) VALUES (1, 'v1')");
     wait_json(
         &redis,

@@ -130,21 +130,8 @@ fn open_transactions_touch_nothing_and_rollbacks_never_do() {
     r.set("post:7", "cached");
 
     // A transaction held open by a psql session in the background.
-    let mut open = std::process::Command::new(support::pg_bindir().join("psql"))
-        .args([
-            "-X",
-            "-q",
-            "-v",
-            "ON_ERROR_STOP=1",
-            "-U",
-            "postgres",
-            "-d",
-            "postgres",
-            "-h",
-        ])
-        .arg(pg.socket_dir())
-        .arg("-p")
-        .arg(pg.port().to_string())
+    let mut open = pg
+        .psql_command()
         .arg("-c")
         .arg("BEGIN; UPDATE users SET name = 'open' WHERE id = 123; SELECT pg_sleep(2); COMMIT;")
         .spawn()

@@ -196,15 +196,22 @@ pub(crate) fn launch_server(
     }
 }
 
-/// Runs SQL through `psql` on the server at `socket_dir`/`port` and returns
-/// its unaligned, tuples-only output; `what` names it in failures.
-pub(crate) fn psql_on(socket_dir: &Path, port: u16, sql: &str, what: &str) -> String {
-    let out = Command::new(pg_bindir().join("psql"))
-        .args(["-X", "-q", "-A", "-t", "-v", "ON_ERROR_STOP=1"])
+/// `psql` on the server at `socket_dir`/`port` as `postgres`: unaligned,
+/// tuples-only, stopping at the first error; add `-c SQL` or a script on stdin.
+fn psql_base(socket_dir: &Path, port: u16) -> Command {
+    let mut cmd = Command::new(pg_bindir().join("psql"));
+    cmd.args(["-X", "-q", "-A", "-t", "-v", "ON_ERROR_STOP=1"])
         .args(["-U", "postgres", "-d", "postgres", "-h"])
         .arg(socket_dir)
         .arg("-p")
-        .arg(port.to_string())
+        .arg(port.to_string());
+    cmd
+}
+
+/// Runs SQL through `psql` on the server at `socket_dir`/`port` and returns
+/// its unaligned, tuples-only output; `what` names it in failures.
+pub(crate) fn psql_on(socket_dir: &Path, port: u16, sql: &str, what: &str) -> String {
+    let out = psql_base(socket_dir, port)
         .arg("-c")
         .arg(sql)
         .output()
@@ -466,6 +473,13 @@ impl PgCluster {
         wait_for(&format!("a slot to confirm {lsn}"), timeout, || {
             (self.psql(&sql).trim() == "t").then_some(())
         });
+    }
+
+    /// `psql` on this cluster (unix socket, as `postgres`, unaligned,
+    /// tuples-only, `ON_ERROR_STOP`), to run in the background or with a
+    /// script on stdin; add `-c SQL` or pipe one.
+    pub fn psql_command(&self) -> Command {
+        psql_base(&self.socket_dir(), self.port)
     }
 
     /// Runs SQL through `psql` (over the unix socket) and returns its unaligned, tuples-only output.

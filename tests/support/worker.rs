@@ -279,6 +279,12 @@ impl WorkerConfig {
     }
 }
 
+/// A `[metrics]` section serving on `127.0.0.1:port`, to append after the
+/// `[worker]` lines of a config.
+pub fn metrics_toml(port: u16) -> String {
+    format!("\n[metrics]\nlisten = \"127.0.0.1:{port}\"\n")
+}
+
 /// GET `path` from `127.0.0.1:port` (HTTP/1.1, connection closed): the
 /// status and the body, `None` while nothing answers.
 pub fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
