@@ -364,6 +364,15 @@ impl Config {
         }
     }
 
+    /// What `[worker]` tunes in the sink: tombstone hold, pattern passes.
+    pub fn sink_tuning(&self) -> crate::sink::SinkTuning {
+        crate::sink::SinkTuning {
+            tombstone_hold: std::time::Duration::from_millis(self.worker.tombstone_ms),
+            pattern_scan_count: self.worker.pattern_scan_count,
+            pattern_pass_yield: self.worker.pattern_pass_yield,
+        }
+    }
+
     /// [`Config::sink_options`] with `[worker] redelete_after_ms`, for `run`.
     pub fn worker_sink_options(&self) -> crate::sink::SinkOptions {
         crate::sink::SinkOptions {

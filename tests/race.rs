@@ -58,7 +58,10 @@ async fn tombstone_script_orders_by_lsn_sets_px_and_replaces_values() {
     let redis = RedisServer::start();
     let mut c = redis.client().get_connection().unwrap();
     let mut sink = RedisSink::connect(&options(&redis)).await.unwrap();
-    sink.set_tombstone_hold(Duration::from_millis(5000));
+    sink.tune(&cache_invalidator::sink::SinkTuning {
+        tombstone_hold: Duration::from_millis(5000),
+        ..Default::default()
+    });
     let _: () = c.set("value", "cached").unwrap();
     let _: () = c.hset("hash", "f", "v").unwrap();
 

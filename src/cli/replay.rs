@@ -41,7 +41,7 @@ pub async fn run(
     let mut sink = if apply {
         let options = config.sink_options();
         let mut sink = super::flush::connect_sink(&options, config.redis.target.seeds()).await?;
-        sink.set_tombstone_hold(std::time::Duration::from_millis(config.worker.tombstone_ms));
+        sink.tune(&config.sink_tuning());
         Some(sink)
     } else {
         None

@@ -2,12 +2,11 @@
 //! ([`RedisSink`]) or a Redis Cluster ([`ClusterSink`]), chosen by
 //! `[redis] url` or `[redis] cluster`.
 
-use std::time::Duration;
 
 use super::apply::ApplySink;
 use super::cluster::ClusterSink;
 use super::identity::{self, Identity, IdentityCheck};
-use super::{ApplyStats, RedisSink, SinkError, SinkOptions};
+use super::{ApplyStats, RedisSink, SinkError, SinkOptions, SinkTuning};
 use crate::plan::Plan;
 
 /// One Redis server or a Redis Cluster, behind the same calls.
@@ -34,27 +33,11 @@ impl Sink {
         }
     }
 
-    /// Sets the hold time of tombstones (`[worker] tombstone_ms`).
-    pub fn set_tombstone_hold(&mut self, hold: Duration) {
+    /// Takes what `[worker]` tunes (tombstone hold, pattern passes).
+    pub fn tune(&mut self, tuning: &SinkTuning) {
         match self {
-            Sink::Single(s) => s.set_tombstone_hold(hold),
-            Sink::Cluster(s) => s.set_tombstone_hold(hold),
-        }
-    }
-
-    /// Sets the keys a pattern pass asks SCAN for per call (`[worker] pattern_scan_count`).
-    pub fn set_pattern_scan_count(&mut self, count: usize) {
-        match self {
-            Sink::Single(s) => s.set_pattern_scan_count(count),
-            Sink::Cluster(s) => s.set_pattern_scan_count(count),
-        }
-    }
-
-    /// Whether pattern passes yield to other plans (`[worker] pattern_pass_yield`).
-    pub fn set_pattern_pass_yield(&mut self, on: bool) {
-        match self {
-            Sink::Single(s) => s.set_pattern_pass_yield(on),
-            Sink::Cluster(s) => s.set_pattern_pass_yield(on),
+            Sink::Single(s) => s.tune(tuning),
+            Sink::Cluster(s) => s.tune(tuning),
         }
     }
 

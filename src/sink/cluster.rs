@@ -45,8 +45,8 @@ pub use tags::TAG_POP_LOCAL;
 use super::error::{mask_url, SinkError};
 use super::patterns::{has_patterns, PatternPass};
 use super::shared::{
-    check_wait, is_wrong_type, redis_err, spawn_redelete, Found, Settings, UNLINK_CHUNK,
-    WAIT_TIMEOUT_MS,
+    check_wait, is_wrong_type, redis_err, spawn_redelete, Found, Settings, SinkTuning,
+    UNLINK_CHUNK, WAIT_TIMEOUT_MS,
 };
 use super::{scripts, ApplyStats, SinkOptions};
 use crate::lsn::Lsn;
@@ -117,20 +117,9 @@ impl ClusterSink {
         })
     }
 
-    /// Sets the hold time of tombstones (`[worker] tombstone_ms`; at least 1 ms).
-    pub fn set_tombstone_hold(&mut self, hold: Duration) {
-        self.settings.set_tombstone_hold(hold);
-    }
-
-    /// Sets the keys a pattern pass asks SCAN for per call
-    /// (`[worker] pattern_scan_count`; at least 1).
-    pub fn set_pattern_scan_count(&mut self, count: usize) {
-        self.settings.set_pattern_scan_count(count);
-    }
-
-    /// Whether pattern passes yield to other plans (`[worker] pattern_pass_yield`).
-    pub fn set_pattern_pass_yield(&mut self, on: bool) {
-        self.settings.set_pattern_pass_yield(on);
+    /// Takes what `[worker]` tunes (tombstone hold, pattern passes).
+    pub fn tune(&mut self, tuning: &SinkTuning) {
+        self.settings.tune(tuning);
     }
 
     /// The seed URLs, passwords masked, comma-separated.

@@ -39,6 +39,6 @@ pub use error::{mask_url, RetryClass, SinkError};
 pub use memory::MemorySink;
 pub use options::{RedisTls, SinkOptions};
 pub use patterns::{has_patterns, take_patterns, PassReport};
-pub use shared::DEFAULT_TOMBSTONE_MS;
+pub use shared::{SinkTuning, DEFAULT_TOMBSTONE_MS};
 pub use single::RedisSink;
 pub use stats::ApplyStats;

@@ -16,8 +16,30 @@ use crate::plan::Plan;
 pub(super) const UNLINK_CHUNK: usize = 1000;
 /// How long WAIT waits for replicas before the plan is retried.
 pub(super) const WAIT_TIMEOUT_MS: u64 = 1000;
-/// Hold time of tombstones unless a sink's `set_tombstone_hold` says otherwise.
+/// Hold time of tombstones unless a sink's [`SinkTuning`] says otherwise.
 pub const DEFAULT_TOMBSTONE_MS: u64 = 10_000;
+
+/// How a sink runs what `[worker]` tunes (`Config::sink_tuning`); the
+/// defaults are the config's.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SinkTuning {
+    /// Hold time of tombstones (`tombstone_ms`).
+    pub tombstone_hold: Duration,
+    /// Keys per SCAN call of a pattern pass (`pattern_scan_count`).
+    pub pattern_scan_count: usize,
+    /// Pattern passes rest between SCAN calls while other plans flow (`pattern_pass_yield`).
+    pub pattern_pass_yield: bool,
+}
+
+impl Default for SinkTuning {
+    fn default() -> Self {
+        SinkTuning {
+            tombstone_hold: Duration::from_millis(DEFAULT_TOMBSTONE_MS),
+            pattern_scan_count: patterns::DEFAULT_SCAN_COUNT,
+            pattern_pass_yield: true,
+        }
+    }
+}
 
 /// What a sink does beyond the plan's own commands, the same on both executors.
 #[derive(Debug, Clone)]
@@ -45,19 +67,13 @@ impl Settings {
         }
     }
 
-    /// `[worker] tombstone_ms`; at least 1 ms.
-    pub(super) fn set_tombstone_hold(&mut self, hold: Duration) {
-        self.tombstone_ms = u64::try_from(hold.as_millis()).unwrap_or(u64::MAX).max(1);
-    }
-
-    /// `[worker] pattern_scan_count`; at least 1.
-    pub(super) fn set_pattern_scan_count(&mut self, count: usize) {
-        self.scan_count = count.max(1);
-    }
-
-    /// `[worker] pattern_pass_yield`.
-    pub(super) fn set_pattern_pass_yield(&mut self, on: bool) {
-        self.pacer.set_enabled(on);
+    /// Takes `tuning` (tombstone hold at least 1 ms, SCAN count at least 1).
+    pub(super) fn tune(&mut self, tuning: &SinkTuning) {
+        self.tombstone_ms = u64::try_from(tuning.tombstone_hold.as_millis())
+            .unwrap_or(u64::MAX)
+            .max(1);
+        self.scan_count = tuning.pattern_scan_count.max(1);
+        self.pacer.set_enabled(tuning.pattern_pass_yield);
     }
 }
 

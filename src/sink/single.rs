@@ -12,7 +12,7 @@
 //! Tombstones (`mode = "tombstone"` rules) run in the same rounds, after the
 //! UNLINKs (a key both unlinked and tombstoned ends as a tombstone): the
 //! TOMBSTONE_SET script for keys, the TAG_TOMBSTONE SSCAN loop for tag sets;
-//! their hold time is [`RedisSink::set_tombstone_hold`] (default 10 s).
+//! their hold time is [`RedisSink::tune`] (default 10 s).
 //!
 //! Refreshed keys (`refresh` rules) are set last, after the pattern pass and
 //! before PUBLISH, by the REFRESH_SET script ([`refresh`]), which never
@@ -32,8 +32,8 @@ use super::client::client;
 use super::error::{mask_url, SinkError};
 use super::patterns::{has_patterns, PatternPass};
 use super::shared::{
-    check_wait, is_wrong_type, redis_err, spawn_redelete, Found, Settings, UNLINK_CHUNK,
-    WAIT_TIMEOUT_MS,
+    check_wait, is_wrong_type, redis_err, spawn_redelete, Found, Settings, SinkTuning,
+    UNLINK_CHUNK, WAIT_TIMEOUT_MS,
 };
 use super::{refresh, scripts, ApplyStats, SinkOptions};
 use crate::cache::tombstone::lsn_hex;
@@ -154,20 +154,9 @@ impl RedisSink {
         })
     }
 
-    /// Sets the hold time of tombstones (`[worker] tombstone_ms`; at least 1 ms).
-    pub fn set_tombstone_hold(&mut self, hold: Duration) {
-        self.settings.set_tombstone_hold(hold);
-    }
-
-    /// Sets the keys a pattern pass asks SCAN for per call
-    /// (`[worker] pattern_scan_count`; at least 1).
-    pub fn set_pattern_scan_count(&mut self, count: usize) {
-        self.settings.set_pattern_scan_count(count);
-    }
-
-    /// Whether pattern passes yield to other plans (`[worker] pattern_pass_yield`).
-    pub fn set_pattern_pass_yield(&mut self, on: bool) {
-        self.settings.set_pattern_pass_yield(on);
+    /// Takes what `[worker]` tunes (tombstone hold, pattern passes).
+    pub fn tune(&mut self, tuning: &SinkTuning) {
+        self.settings.tune(tuning);
     }
 
     /// The Redis URL with its password masked.

@@ -164,9 +164,7 @@ impl Worker {
         let Some(mut sink) = sink else {
             return Ok(());
         };
-        sink.set_tombstone_hold(Duration::from_millis(self.config.worker.tombstone_ms));
-        sink.set_pattern_scan_count(self.config.worker.pattern_scan_count);
-        sink.set_pattern_pass_yield(self.config.worker.pattern_pass_yield);
+        sink.tune(&self.config.sink_tuning());
         tokio::spawn(super::probe::redis_probe(
             sink.clone(),
             Arc::clone(&self.telemetry),
