@@ -24,7 +24,7 @@ KEYSPACES=${BENCH_KEYSPACES:-"0 1000000 5000000"}
 ROWS=${BENCH_ROWS:-2000}
 REPS=${BENCH_REPS:-3}
 SCAN_COUNTS=${BENCH_SCAN_COUNTS:-1000}
-YIELDS=${BENCH_YIELDS:-true}
+YIELDS=${BENCH_YIELDS:-false}
 export BENCH_REDIS_ARGS="--enable-debug-command local"
 
 bench_setup_dirs
@@ -62,7 +62,7 @@ url = "redis://127.0.0.1:$REDIS_PORT/0"
 [worker]
 max_batch_delay_ms = ${BENCH_MAX_BATCH_DELAY_MS:-5}
 pattern_scan_count = 1000
-pattern_pass_yield = true
+pattern_pass_yield = false
 
 [metrics]
 listen = "127.0.0.1:$METRICS_PORT"

@@ -812,7 +812,7 @@ impl V<'_> {
                 max_key_bytes,
                 max_refresh_bytes,
                 pattern_scan_count,
-                pattern_pass_yield: w.pattern_pass_yield.unwrap_or(true),
+                pattern_pass_yield: w.pattern_pass_yield.unwrap_or(false),
             },
             metrics: MetricsConfig { listen },
         })
@@ -856,7 +856,7 @@ mod tests {
                 max_key_bytes: 65_536,
                 max_refresh_bytes: 512 * 1024,
                 pattern_scan_count: 1000,
-                pattern_pass_yield: true,
+                pattern_pass_yield: false,
             }
         );
         assert_eq!(c.metrics.listen, None);

@@ -2,7 +2,6 @@
 //! ([`RedisSink`]) or a Redis Cluster ([`ClusterSink`]), chosen by
 //! `[redis] url` or `[redis] cluster`.
 
-
 use super::apply::ApplySink;
 use super::cluster::ClusterSink;
 use super::identity::{self, Identity, IdentityCheck};

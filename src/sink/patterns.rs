@@ -35,8 +35,9 @@ const YIELD_WINDOW: Duration = Duration::from_millis(100);
 /// The longest a pass rests between two SCAN calls.
 const MAX_REST: Duration = Duration::from_millis(10);
 
-/// Pattern passes yield to the key lane (ARCHITECTURE.md, "Patterns"):
-/// while the sink has applied other plans in the last 100 ms, a pass rests
+/// With `[worker] pattern_pass_yield = true`, pattern passes yield to the
+/// key lane (docs/operations.md, "Patterns and what they cost"): while the
+/// sink has applied other plans in the last 100 ms, a pass rests
 /// between two SCAN calls for as long as the last call took (at most 10 ms),
 /// so Redis, single-threaded, spends at most about half its time on the pass
 /// while keys, tags and versions flow. An idle worker's pass runs flat out.

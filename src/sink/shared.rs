@@ -36,7 +36,7 @@ impl Default for SinkTuning {
         SinkTuning {
             tombstone_hold: Duration::from_millis(DEFAULT_TOMBSTONE_MS),
             pattern_scan_count: patterns::DEFAULT_SCAN_COUNT,
-            pattern_pass_yield: true,
+            pattern_pass_yield: false,
         }
     }
 }
@@ -63,7 +63,7 @@ impl Settings {
             scan_count: patterns::DEFAULT_SCAN_COUNT,
             wait_replicas: options.wait_replicas,
             redelete_after: options.redelete_after,
-            pacer: PassPacer::new(true),
+            pacer: PassPacer::new(false),
         }
     }
 
