@@ -49,8 +49,8 @@ pub const REDIS_WORKER_COMMANDS: &[&str] = &[
     "auth",
 ];
 
-/// The ACL rules for the worker's Redis user, for `ACL SETUSER <user> on
-/// ><password> <rule>`: every key, exactly the mapped pub/sub channels
+/// The ACL rules for the worker's Redis user, for
+/// `ACL SETUSER <user> on ><password> <rule>`: every key, exactly the mapped pub/sub channels
 /// (`resetchannels` then one `&` per channel, glob characters escaped), and
 /// exactly [`REDIS_WORKER_COMMANDS`].
 ///

@@ -254,8 +254,8 @@ impl fmt::Display for DisplayTag {
 /// A pgoutput message that could not be parsed or decoded.
 ///
 /// Reads like `malformed pgoutput Update message at LSN 0/16B3748: tuple
-/// truncated at byte 37`. [`parse`] does not know the LSN; the caller adds it
-/// with [`DecodeError::at`] (the [`super::relations::RelationCache`] does so itself).
+/// truncated at byte 37`. [`super::parse`] does not know the LSN; the caller adds it
+/// with [`DecodeError::at`] (the [`crate::decode::relations::RelationCache`] does so itself).
 ///
 /// None of these goes away by retrying on the same connection. A reconnect makes
 /// PostgreSQL resend Relation messages, so [`DecodeError::reconnect_may_help`]
