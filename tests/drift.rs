@@ -222,10 +222,11 @@ fn a_dropped_publication_is_repaired_by_auto_setup_loudly() {
     probe.wait_gone("item:1", WAIT);
     probe.wait_gone("item:2", WAIT);
     worker.wait_log("auto_setup: recreating the publication", WAIT);
-    assert_eq!(
-        pg.psql("SELECT count(*) FROM pg_publication WHERE pubname = 'cache_invalidator'"),
-        "1"
-    );
+    // The line comes before the statements: wait for them to commit.
+    support::wait_for("the recreated publication", WAIT, || {
+        (pg.psql("SELECT count(*) FROM pg_publication WHERE pubname = 'cache_invalidator'") == "1")
+            .then_some(())
+    });
     support::sync_worker(&pg, &redis, WAIT);
     wait_readyz(port, 200, "ok");
     // Streams on, precisely.
