@@ -28,6 +28,7 @@
 //! | `probe.rs` | the Redis probe behind `/readyz` while no batch is in flight |
 //! | `publication.rs` | the publication watch: drift on `/readyz` (re-read per session and every 10 s) |
 
+mod auto_setup;
 mod heartbeat;
 pub mod pattern_lane;
 pub mod plan_stage;
@@ -38,8 +39,9 @@ pub mod sink_stage;
 
 pub use crate::failpoint::{self, failpoint};
 pub use crate::retry::Backoff;
+pub use auto_setup::AutoSetup;
 pub use plan_stage::{plan_stage, BatchLimits, PlanStageError};
-pub use session::{AutoSetup, Worker};
+pub use session::Worker;
 pub use sink_stage::{sink_stage, IdentityGuard};
 
 pub use crate::plan::Batch;

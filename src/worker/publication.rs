@@ -22,7 +22,7 @@ use std::time::Duration;
 
 use tokio::sync::Notify;
 
-use super::session::SerialSetup;
+use super::auto_setup::SerialSetup;
 use crate::log_fields::{ERROR, REASON};
 use crate::map::catalog::{hidden_tables, publication_drift};
 use crate::map::{Mappings, TableName};

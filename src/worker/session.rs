@@ -13,9 +13,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures_util::future::BoxFuture;
 use tokio::sync::mpsc;
 
+use super::auto_setup::{AutoSetup, SerialSetup};
 use super::{BatchLimits, IdentityGuard};
 use crate::ack::Acknowledger;
 use crate::config::Config;
@@ -47,26 +47,6 @@ const BATCH_CHANNEL: usize = 1;
 const STANDBY_RETRY: Duration = Duration::from_secs(1);
 /// How long a graceful stop may take before the process exits anyway.
 pub const SHUTDOWN_GRACE: Duration = Duration::from_millis(4500);
-
-/// What `setup` does, for `auto_setup = true`: called when the slot turns out
-/// missing or lost during a session (the CLI layer owns `setup`).
-pub type AutoSetup = Box<dyn Fn() -> BoxFuture<'static, Result<(), CliError>> + Send + Sync>;
-
-/// [`AutoSetup`], run by one caller at a time: the session (slot or
-/// publication missing while streaming) and the publication watch (the
-/// publication missing, which PostgreSQL 18 streams past) may both need it.
-pub(super) struct SerialSetup {
-    setup: AutoSetup,
-    running: tokio::sync::Mutex<()>,
-}
-
-impl SerialSetup {
-    /// Runs `setup` once the other caller's run, if any, finished.
-    pub(super) async fn run(&self) -> Result<(), CliError> {
-        let _one = self.running.lock().await;
-        (self.setup)().await
-    }
-}
 
 /// Why one streaming session ended.
 enum SessionEnd {
@@ -116,12 +96,7 @@ impl Worker {
             sink_options,
             stop,
             telemetry,
-            auto_setup: auto_setup.map(|setup| {
-                Arc::new(SerialSetup {
-                    setup,
-                    running: tokio::sync::Mutex::new(()),
-                })
-            }),
+            auto_setup: auto_setup.map(|setup| Arc::new(SerialSetup::new(setup))),
             redis_interrupted: Arc::new(AtomicBool::new(false)),
             was_standby: AtomicBool::new(false),
             publication_kick: Arc::new(tokio::sync::Notify::new()),
