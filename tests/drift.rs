@@ -227,6 +227,9 @@ fn a_dropped_publication_is_repaired_by_auto_setup_loudly() {
         (pg.psql("SELECT count(*) FROM pg_publication WHERE pubname = 'cache_invalidator'") == "1")
             .then_some(())
     });
+    // The watch sees the new publication (a new OID) at a later reading and
+    // emits its own flush:all (a second flush, harmless): let it land first.
+    worker.wait_log("publication repaired without `setup`", WAIT);
     support::sync_worker(&pg, &redis, WAIT);
     wait_readyz(port, 200, "ok");
     // Streams on, precisely.
