@@ -336,6 +336,21 @@ fn start_sink(sink: &MemorySink, guard: IdentityGuard) -> SinkStage {
     }
 }
 
+impl SinkStage {
+    /// Sends the stage a batch of one `key` acknowledging `ack`.
+    async fn send(&self, key: &str, ack: u64) {
+        self.batches
+            .send(batch(key, ack))
+            .await
+            .expect("stage alive");
+    }
+
+    /// Waits (in paused time) until the stage acknowledged `ack`.
+    async fn acknowledged(&self, what: &str, ack: u64) {
+        until(what, || *self.acked.borrow() == Lsn(ack)).await;
+    }
+}
+
 async fn finish(stage: SinkStage) -> (Result<(), SinkError>, Vec<String>) {
     drop(stage.batches);
     tokio::time::timeout(Duration::from_secs(60), stage.task)
@@ -360,11 +375,7 @@ async fn first_batch_flushes_on_a_missing_identity_then_applies_and_acknowledges
     let sink = MemorySink::new();
     let stage = start_sink(&sink, guard());
     for (key, ack) in [("a", 10), ("b", 20), ("c", 30)] {
-        stage
-            .batches
-            .send(batch(key, ack))
-            .await
-            .expect("stage alive");
+        stage.send(key, ack).await;
     }
     let acked = stage.acked.clone();
     let (result, events) = finish(stage).await;
@@ -398,37 +409,19 @@ async fn first_batch_flushes_on_a_missing_identity_then_applies_and_acknowledges
 async fn failures_are_retried_and_nothing_is_acknowledged_before_the_batch_applied() {
     let sink = MemorySink::new();
     let mut stage = start_sink(&sink, guard());
-    stage
-        .batches
-        .send(batch("a", 10))
-        .await
-        .expect("stage alive");
-    until("first batch acknowledged", || {
-        *stage.acked.borrow() == Lsn(10)
-    })
-    .await;
+    stage.send("a", 10).await;
+    stage.acknowledged("first batch acknowledged", 10).await;
 
     // The second batch fails twice (back off), once more as blocked (NOPERM-like).
     sink.fail_next(2, RetryClass::BackOff);
     sink.fail_next(1, RetryClass::Blocked);
     sink.hold();
-    stage
-        .batches
-        .send(batch("b", 20))
-        .await
-        .expect("stage alive");
+    stage.send("b", 20).await;
     until("the second batch is being applied", || sink.waiting() == 1).await;
     assert_eq!(*stage.acked.borrow_and_update(), Lsn(10));
     sink.release();
-    stage
-        .batches
-        .send(batch("c", 30))
-        .await
-        .expect("stage alive");
-    until("third batch acknowledged", || {
-        *stage.acked.borrow() == Lsn(30)
-    })
-    .await;
+    stage.send("c", 30).await;
+    stage.acknowledged("third batch acknowledged", 30).await;
     let (result, events) = finish(stage).await;
     result.expect("no error");
     // After a failure the identity is verified again before the retry; the
@@ -451,11 +444,7 @@ async fn a_fatal_error_ends_the_stage_without_acknowledging() {
     let sink = MemorySink::new();
     let stage = start_sink(&sink, guard());
     sink.fail_next(1, RetryClass::Fatal);
-    stage
-        .batches
-        .send(batch("a", 10))
-        .await
-        .expect("stage alive");
+    stage.send("a", 10).await;
     let acked = stage.acked.clone();
     let (result, events) = finish(stage).await;
     let err = result.expect_err("a fatal error ends the stage");
@@ -473,23 +462,12 @@ async fn a_changed_redis_after_an_outage_is_flushed_before_the_next_batch() {
     let guard = guard();
     let recheck = Arc::clone(&guard.recheck);
     let stage = start_sink(&sink, guard);
-    stage
-        .batches
-        .send(batch("a", 10))
-        .await
-        .expect("stage alive");
-    until("first batch acknowledged", || {
-        *stage.acked.borrow() == Lsn(10)
-    })
-    .await;
+    stage.send("a", 10).await;
+    stage.acknowledged("first batch acknowledged", 10).await;
     // The probe saw Redis unreachable; Redis came back as another server.
     sink.set_run_id("memory-2");
     recheck.store(true, std::sync::atomic::Ordering::Relaxed);
-    stage
-        .batches
-        .send(batch("b", 20))
-        .await
-        .expect("stage alive");
+    stage.send("b", 20).await;
     let (result, events) = finish(stage).await;
     result.expect("no error");
     assert_eq!(
