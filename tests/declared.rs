@@ -218,14 +218,18 @@ fn declared_and_mapped_invalidations_of_one_transaction_share_a_batch() {
         .stdout(std::fs::File::create(&monitor_log).expect("monitor log"))
         .spawn()
         .expect("redis-cli monitor");
-    support::wait_for("MONITOR to start", WAIT, || {
-        let mut r = RedisProbe::new(&redis);
-        r.set("monitor:probe", "x");
-        std::fs::read_to_string(&monitor_log)
-            .ok()
-            .filter(|t| t.contains("monitor:probe"))
-            .map(|_| ())
-    });
+    // MONITOR lines reach the file in command order: once a marker set
+    // after some command is in the file, so is that command.
+    let wait_for_marker = |marker: &str| {
+        support::wait_for("MONITOR to show the marker", WAIT, || {
+            RedisProbe::new(&redis).set(marker, "x");
+            std::fs::read_to_string(&monitor_log)
+                .ok()
+                .filter(|t| t.contains(marker))
+                .map(|_| ())
+        })
+    };
+    wait_for_marker("monitor:started");
     let mut r = RedisProbe::new(&redis);
     r.set("item:4", "cached");
     r.set("item:4:summary", "cached");
@@ -237,6 +241,8 @@ fn declared_and_mapped_invalidations_of_one_transaction_share_a_batch() {
     r.wait_gone("item:4", WAIT);
     r.wait_gone("item:4:summary", WAIT);
     pg.wait_confirmed(lsn.lines().last().unwrap_or_default().trim(), WAIT);
+    // Killing the monitor right away could lose lines it had not written yet.
+    wait_for_marker("monitor:done");
     let _ = monitor.kill();
     let _ = monitor.wait();
     let log = std::fs::read_to_string(&monitor_log).expect("monitor log");
