@@ -1,7 +1,15 @@
 //! Messages under our prefix (markers, declared invalidations, malformed)
 //! and the messages the planner publishes.
 
-use super::*;
+use std::sync::Arc;
+
+use super::{change, planner, post, posts, rel, sorted, POSTS};
+use crate::decode::Op;
+use crate::lsn::Lsn;
+use crate::map::Mappings;
+use crate::plan::planner::{
+    DeclaredCounters, Planner, PlannerContext, MAX_MALFORMED_KEPT, MESSAGE_PREFIX,
+};
 
 #[test]
 fn flush_markers() {
@@ -27,12 +35,7 @@ fn declared_invalidations_are_planned_with_the_transaction() {
     let src = format!("{POSTS}\n[[table]]\nname = \"users\"\nkeys = [\"user:{{id}}\"]\n[table.truncate]\npatterns = [\"user:*\"]\n");
     let mut p = planner(&src);
     p.begin(3, Lsn(0x30));
-    p.change(&change(
-        &posts(),
-        Op::Insert,
-        None,
-        Some(&[Some("7"), Some("1"), Some("a")]),
-    ));
+    p.change(&change(&posts(), Op::Insert, None, Some(&post("7", "1"))));
     p.message(
         MESSAGE_PREFIX,
         br#"invalidate:v1:{"keys":["post:7:count","post:7"],"tags":["user:5"],"versions":["post:7"],"patterns":["feed:[ab]*"],"channels":[{"channel":"c","message":{"post":7}},{"channel":"d"}]}"#,

@@ -1,8 +1,12 @@
 //! Unit tests of the planner: rendering and fallbacks here, messages and
 //! refresh in their own files.
 
-use super::*;
-use crate::decode::RelationColumn;
+use std::sync::Arc;
+
+use super::{Fallback, FallbackReason, Planner, PlannerContext};
+use crate::decode::{Change, Event, Op, Relation, RelationColumn, Row, Value};
+use crate::lsn::Lsn;
+use crate::map::Mappings;
 
 fn rel(oid: u32, name: &str, cols: &[&str], identity: u8, keys: &[&str]) -> Arc<Relation> {
     Arc::new(Relation {
@@ -79,6 +83,11 @@ fn posts() -> Arc<Relation> {
     rel(10, "posts", &["id", "author_id", "title"], b'f', &[])
 }
 
+/// A row of [`posts`]: `id` by `author_id`, titled "a".
+fn post<'a>(id: &'a str, author_id: &'a str) -> [Option<&'a str>; 3] {
+    [Some(id), Some(author_id), Some("a")]
+}
+
 #[test]
 fn update_renders_old_and_new_union() {
     let mut p = planner(POSTS);
@@ -86,8 +95,8 @@ fn update_renders_old_and_new_union() {
     p.change(&change(
         &r,
         Op::Update,
-        Some(&[Some("7"), Some("1"), Some("a")]),
-        Some(&[Some("7"), Some("2"), Some("a")]),
+        Some(&post("7", "1")),
+        Some(&post("7", "2")),
     ));
     let plan = p.take();
     assert_eq!(
@@ -107,19 +116,9 @@ fn update_renders_old_and_new_union() {
 fn insert_renders_new_delete_renders_old() {
     let mut p = planner(POSTS);
     let r = posts();
-    p.change(&change(
-        &r,
-        Op::Insert,
-        None,
-        Some(&[Some("7"), Some("1"), Some("a")]),
-    ));
+    p.change(&change(&r, Op::Insert, None, Some(&post("7", "1"))));
     assert_eq!(sorted(&p.take().keys), ["author:1:posts", "post:7"]);
-    p.change(&change(
-        &r,
-        Op::Delete,
-        Some(&[Some("8"), Some("3"), Some("a")]),
-        None,
-    ));
+    p.change(&change(&r, Op::Delete, Some(&post("8", "3")), None));
     assert_eq!(sorted(&p.take().keys), ["author:3:posts", "post:8"]);
 }
 
@@ -141,12 +140,7 @@ fn null_renders_nothing() {
 #[test]
 fn pattern_values_are_glob_escaped() {
     let mut p = planner(POSTS);
-    p.change(&change(
-        &posts(),
-        Op::Insert,
-        None,
-        Some(&[Some("7"), Some("*"), Some("a")]),
-    ));
+    p.change(&change(&posts(), Op::Insert, None, Some(&post("7", "*"))));
     assert_eq!(sorted(&p.take().patterns), ["feed:*:author:\\*"]);
 }
 
@@ -203,12 +197,7 @@ fn missing_column_falls_back_without_crashing() {
     // The column comes back with a new Relation: rendering resumes.
     p.relation(&posts());
     assert!(p.missing_columns().is_empty(), "cleared");
-    p.change(&change(
-        &posts(),
-        Op::Insert,
-        None,
-        Some(&[Some("7"), Some("1"), Some("a")]),
-    ));
+    p.change(&change(&posts(), Op::Insert, None, Some(&post("7", "1"))));
     assert!(p.take().keys.contains("post:7"));
 }
 
@@ -223,12 +212,7 @@ fn update_without_old_row_under_default_identity() {
     // author_id is not: without old row the old author is unknown -> fallback.
     let mut p = planner(POSTS);
     let r = rel(10, "posts", &["id", "author_id", "title"], b'd', &["id"]);
-    p.change(&change(
-        &r,
-        Op::Update,
-        None,
-        Some(&[Some("7"), Some("2"), Some("a")]),
-    ));
+    p.change(&change(&r, Op::Update, None, Some(&post("7", "2"))));
     assert!(p.take().patterns.contains("author:*:posts"));
     assert_eq!(p.take_fallbacks()[0].reason, FallbackReason::OldRowMissing);
 }
@@ -255,46 +239,51 @@ fn columns_filter() {
     let src = "[[table]]\nname = \"users\"\nkeys = [\"user:{id}\"]\ncolumns = [\"avatar\"]\n";
     let r = rel(11, "users", &["id", "name", "avatar"], b'f', &[]);
     let mut p = planner(src);
-    // avatar unchanged: nothing.
-    p.change(&change(
-        &r,
-        Op::Update,
-        Some(&[Some("1"), Some("a"), Some("x")]),
-        Some(&[Some("1"), Some("b"), Some("x")]),
-    ));
-    assert!(p.take().is_empty());
-    // avatar changed.
-    p.change(&change(
-        &r,
-        Op::Update,
-        Some(&[Some("1"), Some("a"), Some("x")]),
-        Some(&[Some("1"), Some("a"), Some("y")]),
-    ));
-    assert_eq!(sorted(&p.take().keys), ["user:1"]);
-    // no old row: cannot tell, fires.
-    p.change(&change(
-        &r,
-        Op::Update,
-        None,
-        Some(&[Some("1"), Some("a"), Some("y")]),
-    ));
-    assert_eq!(sorted(&p.take().keys), ["user:1"]);
-    // unchanged TOAST in the new row: known unchanged.
-    p.change(&change(
-        &r,
-        Op::Update,
-        None,
-        Some(&[Some("1"), Some("a"), Some("?")]),
-    ));
-    assert!(p.take().is_empty());
-    // inserts and deletes are not filtered.
-    p.change(&change(
-        &r,
-        Op::Insert,
-        None,
-        Some(&[Some("1"), Some("a"), Some("y")]),
-    ));
-    assert_eq!(p.take().keys.len(), 1);
+    let old = [Some("1"), Some("a"), Some("x")];
+    let renamed = [Some("1"), Some("b"), Some("x")];
+    let new_avatar = [Some("1"), Some("a"), Some("y")];
+    let toasted = [Some("1"), Some("a"), Some("?")];
+    // (what, op, old row, new row, whether the rule fires), one planner.
+    let cases = [
+        (
+            "avatar unchanged: nothing",
+            Op::Update,
+            Some(&old),
+            &renamed,
+            false,
+        ),
+        ("avatar changed", Op::Update, Some(&old), &new_avatar, true),
+        (
+            "no old row: cannot tell, fires",
+            Op::Update,
+            None,
+            &new_avatar,
+            true,
+        ),
+        (
+            "unchanged TOAST in the new row: known unchanged",
+            Op::Update,
+            None,
+            &toasted,
+            false,
+        ),
+        (
+            "inserts and deletes are not filtered",
+            Op::Insert,
+            None,
+            &new_avatar,
+            true,
+        ),
+    ];
+    for (what, op, old, new, fires) in cases {
+        p.change(&change(&r, op, old.map(|o| &o[..]), Some(&new[..])));
+        let plan = p.take();
+        if fires {
+            assert_eq!(sorted(&plan.keys), ["user:1"], "{what}");
+        } else {
+            assert!(plan.is_empty(), "{what}: {plan:?}");
+        }
+    }
 }
 
 #[test]

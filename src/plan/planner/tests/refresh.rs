@@ -1,6 +1,13 @@
 //! `refresh` rules: typed values, ties inside a batch, unlinks and tombstones.
 
-use super::*;
+use std::sync::Arc;
+
+use super::{change, planner, rel, sorted};
+use crate::decode::{Op, Relation, RelationColumn};
+use crate::lsn::Lsn;
+use crate::map::Mappings;
+use crate::plan::planner::{Fallback, FallbackReason, Planner, PlannerContext};
+use crate::plan::{Plan, RefreshValue};
 
 const PROFILES: &str = r#"
 [[table]]
@@ -34,6 +41,21 @@ fn typed_users() -> Arc<Relation> {
     })
 }
 
+/// A planner over [`PROFILES`] in a transaction, and the `users` relation.
+fn profiles() -> (Planner, Arc<Relation>) {
+    (planner(PROFILES), typed_users())
+}
+
+/// A row of [`typed_users`]: `id` and `name`, score 1, active, no meta.
+fn user<'a>(id: &'a str, name: &'a str) -> [Option<&'a str>; 5] {
+    [Some(id), Some(name), Some("1"), Some("t"), None]
+}
+
+/// An old row of user `id` in which only the key is known.
+fn user_key(id: &str) -> [Option<&str>; 5] {
+    [Some(id), Some("?"), Some("?"), Some("?"), Some("?")]
+}
+
 fn json_of(plan: &Plan, key: &str) -> String {
     match &plan.refresh[key].value {
         RefreshValue::Json(s) => s.clone(),
@@ -43,8 +65,7 @@ fn json_of(plan: &Plan, key: &str) -> String {
 
 #[test]
 fn refresh_renders_typed_json_and_a_hash() {
-    let mut p = planner(PROFILES);
-    let r = typed_users();
+    let (mut p, r) = profiles();
     p.change(&change(
         &r,
         Op::Insert,
@@ -100,15 +121,9 @@ fn refresh_renders_typed_json_and_a_hash() {
 
 #[test]
 fn refresh_keeps_the_last_image_of_a_key_in_a_batch() {
-    let mut p = planner(PROFILES);
-    let r = typed_users();
+    let (mut p, r) = profiles();
     for name in ["a", "b"] {
-        p.change(&change(
-            &r,
-            Op::Update,
-            None,
-            Some(&[Some("1"), Some(name), Some("1"), Some("t"), None]),
-        ));
+        p.change(&change(&r, Op::Update, None, Some(&user("1", name))));
     }
     let plan = p.take();
     assert!(json_of(&plan, "user:1:profile").contains(r#""name":"b""#));
@@ -118,16 +133,10 @@ fn refresh_keeps_the_last_image_of_a_key_in_a_batch() {
 
 #[test]
 fn refresh_delete_unlinks_and_a_later_unlink_wins() {
-    let mut p = planner(PROFILES);
-    let r = typed_users();
-    let row = [Some("1"), Some("a"), Some("1"), Some("t"), None];
+    let (mut p, r) = profiles();
+    let row = user("1", "a");
     p.change(&change(&r, Op::Insert, None, Some(&row)));
-    p.change(&change(
-        &r,
-        Op::Delete,
-        Some(&[Some("1"), Some("?"), Some("?"), Some("?"), Some("?")]),
-        None,
-    ));
+    p.change(&change(&r, Op::Delete, Some(&user_key("1")), None));
     let plan = p.take();
     assert!(
         plan.refresh.is_empty(),
@@ -139,12 +148,7 @@ fn refresh_delete_unlinks_and_a_later_unlink_wins() {
         ["user:1:avatar", "user:1:h", "user:1:profile"]
     );
     // Delete, then insert again: the key is unlinked first and set after.
-    p.change(&change(
-        &r,
-        Op::Delete,
-        Some(&[Some("1"), Some("?"), Some("?"), Some("?"), Some("?")]),
-        None,
-    ));
+    p.change(&change(&r, Op::Delete, Some(&user_key("1")), None));
     p.change(&change(&r, Op::Insert, None, Some(&row)));
     let plan = p.take();
     assert!(plan.keys.contains("user:1:profile"));
@@ -154,13 +158,12 @@ fn refresh_delete_unlinks_and_a_later_unlink_wins() {
 
 #[test]
 fn refresh_of_a_moved_row_unlinks_the_old_key() {
-    let mut p = planner(PROFILES);
-    let r = typed_users();
+    let (mut p, r) = profiles();
     p.change(&change(
         &r,
         Op::Update,
-        Some(&[Some("1"), Some("?"), Some("?"), Some("?"), Some("?")]),
-        Some(&[Some("2"), Some("a"), Some("1"), Some("t"), None]),
+        Some(&user_key("1")),
+        Some(&user("2", "a")),
     ));
     let plan = p.take();
     assert_eq!(
@@ -179,15 +182,9 @@ fn refresh_of_a_moved_row_unlinks_the_old_key() {
 
 #[test]
 fn refresh_with_an_unknown_or_oversized_value_unlinks_its_key() {
-    let mut p = planner(PROFILES);
-    let r = typed_users();
+    let (mut p, r) = profiles();
     // Unchanged TOAST in `name`, no old row: unknown.
-    p.change(&change(
-        &r,
-        Op::Update,
-        None,
-        Some(&[Some("1"), Some("?"), Some("1"), Some("t"), None]),
-    ));
+    p.change(&change(&r, Op::Update, None, Some(&user("1", "?"))));
     let plan = p.take();
     assert!(plan.refresh.is_empty(), "{:?}", plan.refresh);
     assert_eq!(
@@ -218,12 +215,7 @@ fn refresh_with_an_unknown_or_oversized_value_unlinks_its_key() {
     );
     p.begin(1, Lsn(1));
     let long = "x".repeat(61);
-    p.change(&change(
-        &r,
-        Op::Insert,
-        None,
-        Some(&[Some("1"), Some(&long), Some("1"), Some("t"), None]),
-    ));
+    p.change(&change(&r, Op::Insert, None, Some(&user("1", &long))));
     let plan = p.take();
     assert!(plan.refresh.is_empty());
     assert!(plan.keys.contains("user:1:profile") && plan.keys.contains("user:1:h"));
@@ -239,7 +231,7 @@ fn refresh_is_dropped_by_a_later_truncate_or_tombstone() {
     let mut p = planner(&src);
     let r = typed_users();
     let audit = rel(30, "audit", &["user_id"], b'f', &[]);
-    let row = [Some("1"), Some("a"), Some("1"), Some("t"), None];
+    let row = user("1", "a");
     p.change(&change(&r, Op::Insert, None, Some(&row)));
     p.change(&change(&r, Op::Truncate, None, None));
     let plan = p.take();
@@ -259,21 +251,10 @@ fn refresh_is_dropped_by_a_later_truncate_or_tombstone() {
 
 #[test]
 fn merge_drops_refreshes_the_later_plan_unlinks() {
-    let mut p = planner(PROFILES);
-    let r = typed_users();
-    p.change(&change(
-        &r,
-        Op::Insert,
-        None,
-        Some(&[Some("1"), Some("a"), Some("1"), Some("t"), None]),
-    ));
+    let (mut p, r) = profiles();
+    p.change(&change(&r, Op::Insert, None, Some(&user("1", "a"))));
     let mut first = p.take();
-    p.change(&change(
-        &r,
-        Op::Delete,
-        Some(&[Some("1"), Some("?"), Some("?"), Some("?"), Some("?")]),
-        None,
-    ));
+    p.change(&change(&r, Op::Delete, Some(&user_key("1")), None));
     first.merge(p.take());
     assert!(first.refresh.is_empty());
     assert_eq!(first.ops(), 3);
