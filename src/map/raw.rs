@@ -3,6 +3,7 @@
 //! into [`super::Rule`]s.
 
 use std::fmt;
+use std::marker::PhantomData;
 
 use serde::de::{self, MapAccess, SeqAccess, Visitor};
 use serde::Deserialize;
@@ -65,23 +66,21 @@ pub(crate) struct RawShapedChannel {
     pub message: Option<Spanned<RawShape>>,
 }
 
+impl StrOrTable for RawChannel {
+    type Table = RawShapedChannel;
+    const EXPECTING: &'static str =
+        "a channel name or a table { channel = \"name\", message = { ... } }";
+    fn from_str(v: &str) -> Result<Self, String> {
+        Ok(RawChannel::Name(v.to_owned()))
+    }
+    fn from_table(table: RawShapedChannel) -> Self {
+        RawChannel::Shaped(table)
+    }
+}
+
 impl<'de> Deserialize<'de> for RawChannel {
     fn deserialize<D: de::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        struct V;
-        impl<'de> Visitor<'de> for V {
-            type Value = RawChannel;
-            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-                f.write_str("a channel name or a table { channel = \"name\", message = { ... } }")
-            }
-            fn visit_str<E: de::Error>(self, v: &str) -> Result<RawChannel, E> {
-                Ok(RawChannel::Name(v.to_owned()))
-            }
-            fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<RawChannel, A::Error> {
-                RawShapedChannel::deserialize(de::value::MapAccessDeserializer::new(map))
-                    .map(RawChannel::Shaped)
-            }
-        }
-        d.deserialize_any(V)
+        d.deserialize_any(StrOrTableVisitor(PhantomData))
     }
 }
 
@@ -158,28 +157,60 @@ pub(crate) struct RawTruncateTable {
     pub channels: Vec<Spanned<RawChannel>>,
 }
 
+impl StrOrTable for RawTruncate {
+    type Table = RawTruncateTable;
+    const EXPECTING: &'static str =
+        "\"none\" or a table with keys, tags, versions, patterns, channels";
+    fn from_str(v: &str) -> Result<Self, String> {
+        if v == "none" {
+            Ok(RawTruncate::None)
+        } else {
+            Err(format!(
+                "truncate = {v:?} is not allowed: write truncate = \"none\" to disable it, or a [table.truncate] table with keys, tags, versions, patterns, channels"
+            ))
+        }
+    }
+    fn from_table(table: RawTruncateTable) -> Self {
+        RawTruncate::Table(table)
+    }
+}
+
 impl<'de> Deserialize<'de> for RawTruncate {
     fn deserialize<D: de::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        struct V;
-        impl<'de> Visitor<'de> for V {
-            type Value = RawTruncate;
-            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-                f.write_str("\"none\" or a table with keys, tags, versions, patterns, channels")
-            }
-            fn visit_str<E: de::Error>(self, v: &str) -> Result<RawTruncate, E> {
-                if v == "none" {
-                    Ok(RawTruncate::None)
-                } else {
-                    Err(E::custom(format!(
-                        "truncate = {v:?} is not allowed: write truncate = \"none\" to disable it, or a [table.truncate] table with keys, tags, versions, patterns, channels"
-                    )))
-                }
-            }
-            fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<RawTruncate, A::Error> {
-                RawTruncateTable::deserialize(de::value::MapAccessDeserializer::new(map))
-                    .map(RawTruncate::Table)
-            }
-        }
-        d.deserialize_any(V)
+        d.deserialize_any(StrOrTableVisitor(PhantomData))
+    }
+}
+
+/// A value written either as a string or as a table (`channels` entries,
+/// `truncate`): the string is read by [`StrOrTable::from_str`], the table
+/// deserialized as [`StrOrTable::Table`].
+trait StrOrTable: Sized {
+    /// What the table form deserializes into.
+    type Table;
+    /// What the error says was expected when the value is neither.
+    const EXPECTING: &'static str;
+    /// The string form; `Err` is the message of the deserialization error.
+    fn from_str(v: &str) -> Result<Self, String>;
+    /// The table form.
+    fn from_table(table: Self::Table) -> Self;
+}
+
+/// The one visitor of every [`StrOrTable`] value.
+struct StrOrTableVisitor<T>(PhantomData<T>);
+
+impl<'de, T> Visitor<'de> for StrOrTableVisitor<T>
+where
+    T: StrOrTable,
+    T::Table: Deserialize<'de>,
+{
+    type Value = T;
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str(T::EXPECTING)
+    }
+    fn visit_str<E: de::Error>(self, v: &str) -> Result<T, E> {
+        T::from_str(v).map_err(E::custom)
+    }
+    fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<T, A::Error> {
+        T::Table::deserialize(de::value::MapAccessDeserializer::new(map)).map(T::from_table)
     }
 }
