@@ -290,6 +290,15 @@ mod tests {
         })
     }
 
+    /// A cache that decoded `users()`, and the emptied event buffer.
+    fn knowing_users() -> (RelationCache, Vec<Event>) {
+        let mut cache = RelationCache::new();
+        let mut out = Vec::new();
+        cache.decode(users(), Lsn(1), &mut out).unwrap();
+        out.clear();
+        (cache, out)
+    }
+
     fn t(s: &str) -> TupleValue {
         TupleValue::Text(s.into())
     }
@@ -312,10 +321,7 @@ mod tests {
     /// allocates no row vectors.
     #[test]
     fn recycled_row_vectors_are_reused() {
-        let mut cache = RelationCache::new();
-        let mut out = Vec::new();
-        cache.decode(users(), Lsn(1), &mut out).unwrap();
-        out.clear();
+        let (mut cache, mut out) = knowing_users();
         let new_row = |event: &Event| match event {
             Event::Change(c) => c.new.clone().unwrap(),
             other => panic!("not a change: {other:?}"),
@@ -455,10 +461,7 @@ mod tests {
 
     #[test]
     fn truncate_with_an_unknown_relation_appends_nothing() {
-        let mut cache = RelationCache::new();
-        let mut out = Vec::new();
-        cache.decode(users(), Lsn(1), &mut out).unwrap();
-        out.clear();
+        let (mut cache, mut out) = knowing_users();
         let e = cache
             .decode(
                 Message::Truncate {
