@@ -163,14 +163,11 @@ pub async fn probe(config: &Config) -> Result<Status, CliError> {
     let standbys = standbys(config).await;
     let current_lsn = match &slot {
         Some(s) => Some(s.current_lsn.clone()),
-        None => client
-            .query_one(
-                "SELECT (CASE WHEN pg_is_in_recovery() THEN pg_last_wal_replay_lsn() ELSE pg_current_wal_lsn() END)::text",
-                &[],
-            )
+        None => catalog::current_wal_lsn(client)
             .await
             .ok()
-            .and_then(|r| r.get(0)),
+            .flatten()
+            .map(|l| l.to_string()),
     };
     let problem = match &slot {
         None => Some(format!(

@@ -5,9 +5,10 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use tokio_postgres::Client;
+use tokio_postgres::{Client, Row};
 
 use super::PgError;
+use crate::lsn::Lsn;
 use crate::map::catalog::{
     CatalogSnapshot, ColumnInfo, Generated, PublicationInfo, PublishedTable, TableInfo,
 };
@@ -47,6 +48,14 @@ impl TableFacts {
             ReplicaIdentity::Full => true,
             ReplicaIdentity::Columns(c) => !c.is_empty(),
         }
+    }
+}
+
+/// A table name from a row whose first two columns are its schema and name.
+fn table_name(r: &Row) -> TableName {
+    TableName {
+        schema: r.get(0),
+        name: r.get(1),
     }
 }
 
@@ -126,10 +135,7 @@ pub async fn table_facts(
             )
             .await
             .map_err(|e| PgError::query(what(), e))?
-            .map(|r| TableName {
-                schema: r.get(0),
-                name: r.get(1),
-            })
+            .map(|r| table_name(&r))
     } else {
         None
     };
@@ -184,10 +190,7 @@ pub async fn publication(
         .map_err(|e| PgError::query(what(), e))?
     {
         tables.insert(
-            TableName {
-                schema: r.get(0),
-                name: r.get(1),
-            },
+            table_name(&r),
             PublishedTable::default(),
         );
     }
@@ -209,10 +212,7 @@ pub async fn publication(
         .map_err(|e| PgError::query(what(), e))?
     {
         tables.insert(
-            TableName {
-                schema: r.get(0),
-                name: r.get(1),
-            },
+            table_name(&r),
             PublishedTable {
                 row_filter: r.get(2),
                 column_list: r.get(3),
@@ -313,10 +313,7 @@ async fn unmapped_tables(client: &Client) -> Result<Vec<TableName>, PgError> {
         .await
         .map_err(|e| PgError::query("listing tables", e))?
         .iter()
-        .map(|r| TableName {
-            schema: r.get(0),
-            name: r.get(1),
-        })
+        .map(table_name)
         .collect())
 }
 
@@ -373,22 +370,38 @@ pub struct StreamingClient {
     pub backend_start: Option<String>,
 }
 
+/// The server's current WAL position: `pg_current_wal_lsn()`, or on a
+/// standby the replay position (`None` while a standby has replayed nothing).
+/// The one reader of it: the slot's distances, `status` without a slot and
+/// the read replicas' lag are measured from it.
+pub async fn current_wal_lsn(client: &Client) -> Result<Option<Lsn>, PgError> {
+    let row = client
+        .query_one(
+            "SELECT (CASE WHEN pg_is_in_recovery() THEN pg_last_wal_replay_lsn() \
+                          ELSE pg_current_wal_lsn() END)::text",
+            &[],
+        )
+        .await
+        .map_err(|e| PgError::query("reading the server's current WAL position", e))?;
+    Ok(row.get::<_, Option<String>>(0).and_then(|s| s.parse().ok()))
+}
+
 /// The slot `name`, `None` when it does not exist.
 pub async fn slot(client: &Client, name: &str) -> Result<Option<SlotFacts>, PgError> {
+    let current = current_wal_lsn(client).await?.map(|l| l.to_string());
     let what = || format!("reading replication slot {name:?}");
     let Some(r) = client
         .query_opt(
-            "WITH cur AS (SELECT CASE WHEN pg_is_in_recovery() THEN pg_last_wal_replay_lsn() \
-                                       ELSE pg_current_wal_lsn() END AS lsn) \
+            "WITH cur AS (SELECT $3::text::pg_lsn AS lsn) \
              SELECT s.plugin::text, s.slot_type, s.database::text, s.active, s.active_pid, \
                     s.confirmed_flush_lsn::text, s.restart_lsn::text, s.wal_status, s.safe_wal_size, \
-                    cur.lsn::text, (cur.lsn - s.confirmed_flush_lsn)::int8, (cur.lsn - s.restart_lsn)::int8, \
+                    (cur.lsn - s.confirmed_flush_lsn)::int8, (cur.lsn - s.restart_lsn)::int8, \
                     coalesce(r.application_name = $2, false), r.pid IS NOT NULL, r.application_name, \
                     host(r.client_addr), r.client_hostname, r.client_port, r.backend_start::text \
              FROM pg_replication_slots s CROSS JOIN cur \
              LEFT JOIN pg_stat_replication r ON r.pid = s.active_pid \
              WHERE s.slot_name = $1",
-            &[&name, &super::APPLICATION_NAME],
+            &[&name, &super::APPLICATION_NAME, &current],
         )
         .await
         .map_err(|e| PgError::query(what(), e))?
@@ -405,16 +418,16 @@ pub async fn slot(client: &Client, name: &str) -> Result<Option<SlotFacts>, PgEr
         restart_lsn: r.get(6),
         wal_status: r.get(7),
         safe_wal_size: r.get(8),
-        current_lsn: r.get::<_, Option<String>>(9).unwrap_or_default(),
-        lag_bytes: r.get(10),
-        retained_wal_bytes: r.get(11),
-        streaming: r.get(12),
-        client: r.get::<_, bool>(13).then(|| StreamingClient {
-            application_name: r.get(14),
-            client_addr: r.get(15),
-            client_hostname: r.get(16),
-            client_port: r.get(17),
-            backend_start: r.get(18),
+        current_lsn: current.unwrap_or_default(),
+        lag_bytes: r.get(9),
+        retained_wal_bytes: r.get(10),
+        streaming: r.get(11),
+        client: r.get::<_, bool>(12).then(|| StreamingClient {
+            application_name: r.get(13),
+            client_addr: r.get(14),
+            client_hostname: r.get(15),
+            client_port: r.get(16),
+            backend_start: r.get(17),
         }),
     }))
 }

@@ -59,19 +59,18 @@ pub async fn inspect_all(
     replicas: &[String],
     password: Option<&str>,
 ) -> Vec<ReplicaReport> {
-    let facts = primary
+    let system: Option<String> = primary
         .query_one(
-            "SELECT (SELECT system_identifier::text FROM pg_control_system()), \
-             (CASE WHEN pg_is_in_recovery() THEN pg_last_wal_replay_lsn() ELSE pg_current_wal_lsn() END)::text",
+            "SELECT system_identifier::text FROM pg_control_system()",
             &[],
         )
         .await
-        .ok();
-    let system: Option<String> = facts.as_ref().and_then(|r| r.try_get(0).ok());
-    let current: Option<Lsn> = facts
-        .as_ref()
-        .and_then(|r| r.try_get::<_, Option<String>>(1).ok().flatten())
-        .and_then(|s| s.parse().ok());
+        .ok()
+        .and_then(|r| r.try_get(0).ok());
+    let current: Option<Lsn> = crate::pg::catalog::current_wal_lsn(primary)
+        .await
+        .ok()
+        .flatten();
     let mut out = Vec::with_capacity(replicas.len());
     for url in replicas {
         out.push(inspect(url, password, system.as_deref(), current).await);
