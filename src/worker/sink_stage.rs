@@ -256,6 +256,7 @@ mod tests {
     use super::*;
     use crate::lsn::Lsn;
     use crate::sink::MemorySink;
+    use crate::worker::tests::{spawn_sink_stage, SinkTask};
 
     #[derive(Default)]
     struct Flushes(Vec<&'static str>);
@@ -363,7 +364,7 @@ mod tests {
     ) -> (
         mpsc::Sender<Batch>,
         tokio::sync::watch::Receiver<Lsn>,
-        tokio::task::JoinHandle<Result<(), SinkError>>,
+        SinkTask<Flushes>,
     ) {
         let guard = guard(1, false);
         let stored = identity::Identity {
@@ -373,23 +374,7 @@ mod tests {
         };
         sink.store_identity(&guard.key, &stored).await.unwrap();
         sink.hold_passes();
-        let (tx, rx) = mpsc::channel(1);
-        let (mut ack, acked) = Acknowledger::new(Lsn::ZERO);
-        let mut stage_sink = sink.clone();
-        let task = tokio::spawn(async move {
-            let mut observer = Flushes::default();
-            let mut gate = VisibilityGate::disabled();
-            sink_stage(
-                rx,
-                &mut stage_sink,
-                &mut ack,
-                &guard,
-                &mut gate,
-                &mut observer,
-            )
-            .await
-        });
-        (tx, acked, task)
+        spawn_sink_stage(sink, guard, Flushes::default())
     }
 
     /// Waits (up to 10 s) until `cond` holds for the sink.
@@ -463,7 +448,7 @@ mod tests {
         );
         assert!(pass.keys.is_empty());
         drop(tx);
-        task.await.unwrap().unwrap();
+        task.await.unwrap().0.unwrap();
     }
 
     #[tokio::test]
@@ -484,6 +469,7 @@ mod tests {
             .await
             .expect("the stage drained")
             .unwrap()
+            .0
             .unwrap();
         assert_eq!(*acked.borrow(), Lsn(40));
         assert_eq!(

@@ -312,23 +312,37 @@ fn batch(key: &str, ack: u64) -> Batch {
     }
 }
 
-/// The sink stage on its own task over a [`MemorySink`].
-struct SinkStage {
-    batches: mpsc::Sender<Batch>,
-    acked: watch::Receiver<Lsn>,
-    task: tokio::task::JoinHandle<(Result<(), SinkError>, Vec<String>)>,
-}
+/// The sink stage's task, giving back its result and its observer.
+pub(super) type SinkTask<O> = tokio::task::JoinHandle<(Result<(), SinkError>, O)>;
 
-fn start_sink(sink: &MemorySink, guard: IdentityGuard) -> SinkStage {
+/// Starts the sink stage on its own task over a clone of `sink` (visibility
+/// gate off), reporting to `observer`. Returns the batch sender, the
+/// acknowledged LSN and the task. `sink_stage`'s own tests use it too.
+pub(super) fn spawn_sink_stage<O: SinkObserver + Send + 'static>(
+    sink: &MemorySink,
+    guard: IdentityGuard,
+    mut observer: O,
+) -> (mpsc::Sender<Batch>, watch::Receiver<Lsn>, SinkTask<O>) {
     let (batches, rx) = mpsc::channel(1);
     let (mut ack, acked) = Acknowledger::new(Lsn::ZERO);
     let mut sink = sink.clone();
     let task = tokio::spawn(async move {
-        let mut recorder = Recorder::default();
         let mut gate = VisibilityGate::disabled();
-        let result = sink_stage(rx, &mut sink, &mut ack, &guard, &mut gate, &mut recorder).await;
-        (result, recorder.events)
+        let result = sink_stage(rx, &mut sink, &mut ack, &guard, &mut gate, &mut observer).await;
+        (result, observer)
     });
+    (batches, acked, task)
+}
+
+/// The sink stage on its own task over a [`MemorySink`].
+struct SinkStage {
+    batches: mpsc::Sender<Batch>,
+    acked: watch::Receiver<Lsn>,
+    task: SinkTask<Recorder>,
+}
+
+fn start_sink(sink: &MemorySink, guard: IdentityGuard) -> SinkStage {
+    let (batches, acked, task) = spawn_sink_stage(sink, guard, Recorder::default());
     SinkStage {
         batches,
         acked,
@@ -353,10 +367,11 @@ impl SinkStage {
 
 async fn finish(stage: SinkStage) -> (Result<(), SinkError>, Vec<String>) {
     drop(stage.batches);
-    tokio::time::timeout(Duration::from_secs(60), stage.task)
+    let (result, recorder) = tokio::time::timeout(Duration::from_secs(60), stage.task)
         .await
         .expect("the sink stage ended in time")
-        .expect("no panic")
+        .expect("no panic");
+    (result, recorder.events)
 }
 
 /// Polls (in paused time) until `cond` holds.
