@@ -576,3 +576,41 @@ fn setup_recommends_revoking_emit_message_while_public_may_run_it() {
     assert_eq!(code, 0, "{out}\n{err}");
     assert!(!out.contains("recommended"), "{out}");
 }
+
+/// `setup` creates the slot over SQL; while the creation waits for a
+/// transaction that was running when it started, a second connection names
+/// that transaction's backend in the log, and `setup` finishes once it ends.
+#[test]
+fn setup_names_the_transaction_its_slot_creation_waits_for() {
+    let pg = PgCluster::start();
+    pg.psql("CREATE TABLE items (id int PRIMARY KEY); CREATE TABLE other (x int)");
+    let ws = WorkerConfig::urls(&pg.url(), "redis://127.0.0.1:1/0", "cache_invalidator");
+    ws.mapping(
+        "items.toml",
+        "[[table]]\nname = \"items\"\nkeys = [\"item:{id}\"]\n",
+    );
+    // An unmapped table's write holds a transaction id for four seconds.
+    let mut blocker = pg
+        .psql_command()
+        .arg("-c")
+        .arg("BEGIN; INSERT INTO other VALUES (1); SELECT pg_sleep(4); COMMIT;")
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .expect("psql");
+    let pid = support::wait_for("the blocking transaction", Duration::from_secs(10), || {
+        let pid = pg.psql("SELECT pid FROM pg_stat_activity WHERE backend_xid IS NOT NULL");
+        (!pid.is_empty()).then_some(pid)
+    });
+    let (code, out, err) = ws.command(&["setup"]);
+    blocker.wait().expect("psql");
+    assert_eq!(code, 0, "{out}\n{err}");
+    let named = err
+        .lines()
+        .find(|l| l.contains("slot creation waits for this transaction to end"))
+        .unwrap_or_else(|| panic!("no blocking transaction logged: {err}"));
+    assert!(named.contains(&format!("pid={pid}")), "{named}");
+    assert!(
+        out.contains("pg_create_logical_replication_slot('cache_invalidator', 'pgoutput'"),
+        "{out}"
+    );
+}

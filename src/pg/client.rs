@@ -320,10 +320,3 @@ pub struct BlockingTransaction {
     /// Seconds since its transaction started.
     pub xact_seconds: i64,
 }
-
-impl crate::source::slot::BlockingPids for SqlClient {
-    async fn blocking_pids(&self, exclude_pid: i32) -> Result<Vec<i32>, SourceError> {
-        let blocking = self.blocking_transactions(exclude_pid).await?;
-        Ok(blocking.into_iter().map(|b| b.pid).collect())
-    }
-}

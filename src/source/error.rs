@@ -285,16 +285,6 @@ pub enum SourceError {
         #[source]
         server: Option<Box<ServerError>>,
     },
-    /// Slot creation did not finish in time (it waits for running transactions).
-    #[error("creating replication slot {slot:?} did not finish within {timeout:?}: it waits for transactions running at its start (PIDs {blocking_pids:?}); end them or retry")]
-    SlotCreationTimeout {
-        /// Slot name.
-        slot: String,
-        /// The limit.
-        timeout: Duration,
-        /// Backends the creation was waiting for at the last check.
-        blocking_pids: Vec<i32>,
-    },
     /// The slot name is not a valid replication slot name.
     #[error("invalid replication slot name {slot:?}: use 1 to 63 lowercase letters, digits and underscores")]
     InvalidSlotName {
@@ -387,8 +377,7 @@ impl SourceError {
             | ConnectTimeout { .. }
             | NotReadWrite { .. }
             | NoFreeWalSenders { .. }
-            | SlotActive { .. }
-            | SlotCreationTimeout { .. } => RetryClass::BackOffAndRetry,
+            | SlotActive { .. } => RetryClass::BackOffAndRetry,
             ConnectionLost { .. } | Protocol { .. } | Poisoned { .. } => RetryClass::Reconnect,
             Server { server, .. } => class_of_sqlstate(&server.code),
             Sql { source, .. } => match source.code() {

@@ -6,7 +6,7 @@
 //!   authentication, simple-protocol commands (`IDENTIFY_SYSTEM`, `SHOW`).
 //! * [`frame`]: the pure frame splitter; [`copyboth`]: XLogData, keepalive,
 //!   standby status update bytes.
-//! * [`slot`]: slot creation (permanent, temporary), `START_REPLICATION`, quoting.
+//! * [`slot`]: temporary slots (for `record`), dropping, `START_REPLICATION`.
 //! * [`stream`]: the task that forwards [`SourceItem`]s and sends status updates.
 //! * [`error`]: [`SourceError`] and its [`RetryClass`].
 //!
@@ -26,8 +26,5 @@ pub mod tls;
 pub use connection::{connect, ReplicationConnection, SystemIdentity};
 pub use conninfo::{ConnectionSettings, Host, SslMode, TargetSessionAttrs};
 pub use error::{RetryClass, ServerError, SourceError};
-pub use slot::{
-    create_slot, create_temporary_slot, drop_slot, slot_synced, start_replication, BlockingPids,
-    CreatedSlot,
-};
+pub use slot::{create_temporary_slot, drop_slot, slot_synced, start_replication, CreatedSlot};
 pub use stream::{spawn_stream, SourceItem, StreamControl};

@@ -1,13 +1,11 @@
 //! Replication slot commands on the replication connection: create a
-//! permanent slot (under a timeout, logging the backends it waits for), a
-//! temporary one (for `record`), and `START_REPLICATION`. Also the quoting of
-//! identifiers and literals these commands need.
+//! temporary slot (for `record`), drop a slot, read whether it was
+//! synchronized, and `START_REPLICATION`. Permanent slots are created by
+//! `setup` over SQL (`pg_create_logical_replication_slot`, which it prints,
+//! with the transactions it waits for logged): see `cli/setup.rs`.
 //!
 //! We never request `streaming` or `two_phase`: pgoutput then sends a
 //! transaction only after its commit.
-
-use std::future::Future;
-use std::time::Duration;
 
 use super::connection::ReplicationConnection;
 use super::error::SourceError;
@@ -51,11 +49,10 @@ pub fn start_replication_command(slot: &str, publication: &str) -> String {
     )
 }
 
-fn create_command(slot: &str, temporary: bool) -> String {
+fn create_temporary_command(slot: &str) -> String {
     format!(
-        "CREATE_REPLICATION_SLOT {}{} LOGICAL pgoutput NOEXPORT_SNAPSHOT",
-        quote_ident(slot),
-        if temporary { " TEMPORARY" } else { "" }
+        "CREATE_REPLICATION_SLOT {} TEMPORARY LOGICAL pgoutput NOEXPORT_SNAPSHOT",
+        quote_ident(slot)
     )
 }
 
@@ -78,73 +75,6 @@ fn created(
         name: slot.to_string(),
         consistent_point,
     })
-}
-
-/// Lists the backends a slot creation waits for, over a second connection:
-/// `pg::SqlClient` implements it. A trait so that `source` need not import
-/// the SQL module, which is built on `source` (ARCHITECTURE.md, "Modules").
-pub trait BlockingPids {
-    /// PIDs of the backends other than `exclude_pid` (the walsender creating
-    /// the slot) that hold a transaction id or snapshot.
-    fn blocking_pids(
-        &self,
-        exclude_pid: i32,
-    ) -> impl Future<Output = Result<Vec<i32>, SourceError>> + Send;
-}
-
-/// Creates a permanent logical slot with pgoutput. Creation waits for the
-/// transactions running when it starts; while it waits, the backends holding
-/// a transaction id or snapshot are logged every second (read over `sql`). On
-/// `timeout` the command is abandoned, the connection is left unusable (drop
-/// it: the walsender then aborts the creation) and
-/// [`SourceError::SlotCreationTimeout`] names the blocking PIDs.
-pub async fn create_slot(
-    conn: &mut ReplicationConnection,
-    sql: Option<&impl BlockingPids>,
-    slot: &str,
-    timeout: Duration,
-) -> Result<CreatedSlot, SourceError> {
-    validate_slot_name(slot)?;
-    let cmd = create_command(slot, false);
-    let own_pid = conn.backend_pid();
-    let mut blocking: Vec<i32> = Vec::new();
-    let started = tokio::time::Instant::now();
-    let deadline = started + timeout;
-    let rows = {
-        let create = conn.simple_query(&cmd, Some(slot), None);
-        tokio::pin!(create);
-        let mut tick =
-            tokio::time::interval_at(started + Duration::from_secs(1), Duration::from_secs(1));
-        loop {
-            tokio::select! {
-                biased;
-                r = &mut create => break r?,
-                _ = tokio::time::sleep_until(deadline) => {
-                    return Err(SourceError::SlotCreationTimeout {
-                        slot: slot.to_string(),
-                        timeout,
-                        blocking_pids: blocking,
-                    });
-                }
-                _ = tick.tick() => {
-                    if let Some(sql) = sql {
-                        match sql.blocking_pids(own_pid).await {
-                            Ok(pids) => {
-                                tracing::info!(slot, waited_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX), blocking_pids = ?pids, "creating the replication slot waits for these transactions to end");
-                                blocking = pids;
-                            }
-                            Err(error) => tracing::warn!(slot, %error, "cannot list the transactions slot creation waits for"),
-                        }
-                    } else {
-                        tracing::info!(slot, "creating the replication slot waits for running transactions to end");
-                    }
-                }
-            }
-        }
-    };
-    let created = created(conn, rows, slot)?;
-    tracing::info!(slot, consistent_point = %created.consistent_point, "created replication slot");
-    Ok(created)
 }
 
 /// Whether `slot` came through slot synchronization from a former primary
@@ -175,7 +105,7 @@ pub async fn create_temporary_slot(
 ) -> Result<CreatedSlot, SourceError> {
     validate_slot_name(slot)?;
     let rows = conn
-        .simple_query(&create_command(slot, true), Some(slot), None)
+        .simple_query(&create_temporary_command(slot), Some(slot), None)
         .await?;
     created(conn, rows, slot)
 }
