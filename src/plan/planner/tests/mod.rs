@@ -275,8 +275,8 @@ fn columns_filter() {
             true,
         ),
     ];
-    for (what, op, old, new, fires) in cases {
-        p.change(&change(&r, op, old.map(|o| &o[..]), Some(&new[..])));
+    for (what, op, old_row, new_row, fires) in cases {
+        p.change(&change(&r, op, old_row.map(|o| &o[..]), Some(&new_row[..])));
         let plan = p.take();
         if fires {
             assert_eq!(sorted(&plan.keys), ["user:1"], "{what}");
