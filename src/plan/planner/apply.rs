@@ -71,38 +71,25 @@ impl Planner {
             // Tombstone rules mark keys and tag sets at the commit LSN, the
             // others unlink them; either way a key drops the refresh of it an
             // earlier change planned.
-            if rule.mode == Mode::Tombstone {
-                let lsn = self.lsn;
-                render_keys_and_tags(
-                    rule,
-                    rr,
-                    img,
-                    &ctx.tag_prefix,
-                    &mut sc.buf,
-                    &mut Unlinks {
-                        inner: AtLsn(&mut plan.tombstones, lsn),
-                        refresh: &mut plan.refresh,
-                        now,
-                    },
-                    &mut AtLsn(&mut plan.tombstone_tags, lsn),
-                    collect.then_some((&mut sc.keys, &mut sc.tags)),
-                );
-            } else {
-                render_keys_and_tags(
-                    rule,
-                    rr,
-                    img,
-                    &ctx.tag_prefix,
-                    &mut sc.buf,
-                    &mut Unlinks {
-                        inner: &mut plan.keys,
-                        refresh: &mut plan.refresh,
-                        now,
-                    },
+            render_keys_and_tags(
+                rule,
+                rr,
+                img,
+                &ctx.tag_prefix,
+                &mut sc.buf,
+                &mut Unlinks {
+                    inner: ByMode::new(rule.mode, &mut plan.keys, &mut plan.tombstones, self.lsn),
+                    refresh: &mut plan.refresh,
+                    now,
+                },
+                &mut ByMode::new(
+                    rule.mode,
                     &mut plan.tags,
-                    collect.then_some((&mut sc.keys, &mut sc.tags)),
-                );
-            }
+                    &mut plan.tombstone_tags,
+                    self.lsn,
+                ),
+                collect.then_some((&mut sc.keys, &mut sc.tags)),
+            );
             render_set(
                 &rule.versions,
                 rr,
@@ -236,20 +223,12 @@ impl Planner {
     /// of it planned by an earlier change is dropped (the later one wins).
     pub(super) fn unlink(&mut self, mode: Mode, key: &str, now: RefreshVersion, collect: bool) {
         let plan = &mut self.plan;
-        match mode {
-            Mode::Delete => Unlinks {
-                inner: &mut plan.keys,
-                refresh: &mut plan.refresh,
-                now,
-            }
-            .add(key),
-            Mode::Tombstone => Unlinks {
-                inner: AtLsn(&mut plan.tombstones, now.lsn),
-                refresh: &mut plan.refresh,
-                now,
-            }
-            .add(key),
+        Unlinks {
+            inner: ByMode::new(mode, &mut plan.keys, &mut plan.tombstones, now.lsn),
+            refresh: &mut plan.refresh,
+            now,
         }
+        .add(key);
         if collect {
             self.scratch.keys.push(key.to_owned());
         }

@@ -240,6 +240,37 @@ impl RenderTarget for AtLsn<'_> {
     }
 }
 
+/// Where a rule's keys (or tag sets) go, by its [`Mode`]: a plain set to
+/// unlink, or tombstones at the commit LSN.
+pub(super) enum ByMode<'a> {
+    Unlink(&'a mut crate::plan::KeySet),
+    Tombstone(AtLsn<'a>),
+}
+
+impl<'a> ByMode<'a> {
+    /// `unlink` under [`Mode::Delete`], `tombstones` at `lsn` under [`Mode::Tombstone`].
+    pub(super) fn new(
+        mode: Mode,
+        unlink: &'a mut crate::plan::KeySet,
+        tombstones: &'a mut crate::plan::LsnMap,
+        lsn: Lsn,
+    ) -> Self {
+        match mode {
+            Mode::Delete => ByMode::Unlink(unlink),
+            Mode::Tombstone => ByMode::Tombstone(AtLsn(tombstones, lsn)),
+        }
+    }
+}
+
+impl RenderTarget for ByMode<'_> {
+    fn add(&mut self, name: &str) {
+        match self {
+            ByMode::Unlink(set) => set.add(name),
+            ByMode::Tombstone(at) => at.add(name),
+        }
+    }
+}
+
 /// Keys to unlink or tombstone: a refresh of the same key planned by an
 /// earlier change is dropped (the later change wins; one of the same change
 /// stays, and the sink sets it after the deletes).
