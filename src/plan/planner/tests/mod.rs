@@ -123,6 +123,31 @@ fn insert_renders_new_delete_renders_old() {
 }
 
 #[test]
+fn tombstone_rules_mark_keys_and_tag_sets_at_the_commit_lsn() {
+    let mut p = planner(&format!("{POSTS}mode = \"tombstone\"\n"));
+    let r = posts();
+    p.change(&change(&r, Op::Insert, None, Some(&post("7", "1"))));
+    p.commit();
+    p.begin(2, Lsn(0x200));
+    p.change(&change(&r, Op::Delete, Some(&post("7", "1")), None));
+    let plan = p.take();
+    assert!(plan.keys.is_empty() && plan.tags.is_empty(), "{plan:?}");
+    let mut tombstones: Vec<_> = plan.tombstones.iter().collect();
+    tombstones.sort_unstable();
+    assert_eq!(
+        tombstones,
+        [
+            (&"author:1:posts".to_owned(), &Lsn(0x200)),
+            (&"post:7".to_owned(), &Lsn(0x200))
+        ]
+    );
+    let tags: Vec<_> = plan.tombstone_tags.iter().collect();
+    assert_eq!(tags, [(&"tag:author:1".to_owned(), &Lsn(0x200))]);
+    assert_eq!(sorted(&plan.versions), ["version:post:7"]);
+    assert_eq!(sorted(&plan.patterns), ["feed:*:author:1"]);
+}
+
+#[test]
 fn null_renders_nothing() {
     let mut p = planner(POSTS);
     p.change(&change(
