@@ -22,6 +22,8 @@
 
 use std::sync::{Mutex, MutexGuard, PoisonError};
 
+use prometheus_client::registry::{Metric, Registry};
+
 mod health;
 mod http;
 mod label_sets;
@@ -40,4 +42,11 @@ pub use registry::{Metrics, APPLY_LATENCY_BUCKETS, BATCH_SIZE_BUCKETS, VISIBILIT
 /// not take the metrics endpoint down with it.
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// Registers `metric` in `r` under `name` with `help` and gives it back: the
+/// registry keeps one handle, the caller the other (they share the value).
+fn registered<M: Metric + Clone>(r: &mut Registry, name: &str, help: &str, metric: M) -> M {
+    r.register(name, help, metric.clone());
+    metric
 }

@@ -6,6 +6,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 
+use super::registered;
 use crate::sink::PassReport;
 
 /// Histogram: seconds a pattern pass took (SCAN of the keyspace and the
@@ -38,33 +39,32 @@ pub struct PatternMetrics {
 impl PatternMetrics {
     /// Registers the pattern lane's metrics in `r`.
     pub fn register(r: &mut Registry) -> Self {
-        let m = PatternMetrics {
-            pass_seconds: Histogram::new(PASS_SECONDS_BUCKETS),
-            scanned_keys: Histogram::new(SCANNED_KEYS_BUCKETS),
-            patterns: Histogram::new(PATTERNS_BUCKETS),
-            in_flight: Gauge::default(),
-        };
-        r.register(
-            PATTERN_PASS_SECONDS,
-            "Seconds a pattern pass took (SCAN of the keyspace and invalidation of its matches)",
-            m.pass_seconds.clone(),
-        );
-        r.register(
-            PATTERN_PASS_SCANNED_KEYS,
-            "Keys a pattern pass's SCAN returned (after the server's MATCH filter)",
-            m.scanned_keys.clone(),
-        );
-        r.register(
-            PATTERN_PASS_PATTERNS,
-            "Patterns in one pattern pass",
-            m.patterns.clone(),
-        );
-        r.register(
-            PATTERN_PASSES_IN_FLIGHT,
-            "Pattern passes running now (0 or 1)",
-            m.in_flight.clone(),
-        );
-        m
+        PatternMetrics {
+            pass_seconds: registered(
+                r,
+                PATTERN_PASS_SECONDS,
+                "Seconds a pattern pass took (SCAN of the keyspace and invalidation of its matches)",
+                Histogram::new(PASS_SECONDS_BUCKETS),
+            ),
+            scanned_keys: registered(
+                r,
+                PATTERN_PASS_SCANNED_KEYS,
+                "Keys a pattern pass's SCAN returned (after the server's MATCH filter)",
+                Histogram::new(SCANNED_KEYS_BUCKETS),
+            ),
+            patterns: registered(
+                r,
+                PATTERN_PASS_PATTERNS,
+                "Patterns in one pattern pass",
+                Histogram::new(PATTERNS_BUCKETS),
+            ),
+            in_flight: registered(
+                r,
+                PATTERN_PASSES_IN_FLIGHT,
+                "Pattern passes running now (0 or 1)",
+                Gauge::default(),
+            ),
+        }
     }
 
     /// A pass started.

@@ -21,8 +21,8 @@ use super::label_sets::{
     TableCounters, TableOpLabels, TableReasonLabels, TargetLabels,
 };
 use super::{
-    lock, names, patterns, BrokenReason, FlushReason, InvalidationKind, RefreshOutcome, Role,
-    Target,
+    lock, names, patterns, registered, BrokenReason, FlushReason, InvalidationKind, RefreshOutcome,
+    Role, Target,
 };
 use crate::decode::Op;
 
@@ -98,203 +98,163 @@ impl Metrics {
         use names::*;
         let mut r = Registry::default();
 
-        let replication_lag_bytes = Gauge::<u64, AtomicU64>::default();
-        r.register(
+        let replication_lag_bytes = registered(
+            &mut r,
             REPLICATION_LAG_BYTES,
             "Bytes of WAL between the server's WAL end and the confirmed LSN",
-            replication_lag_bytes.clone(),
+            Gauge::<u64, AtomicU64>::default(),
         );
-        let confirmed_lsn = Gauge::<u64, AtomicU64>::default();
-        r.register(
+        let confirmed_lsn = registered(
+            &mut r,
             CONFIRMED_LSN,
             "Last LSN confirmed to PostgreSQL, as a number",
-            confirmed_lsn.clone(),
+            Gauge::<u64, AtomicU64>::default(),
         );
-        let transactions = Counter::default();
-        r.register(
+        let transactions = registered(
+            &mut r,
             counter_name(TRANSACTIONS_TOTAL),
             "Committed transactions whose invalidations were applied",
-            transactions.clone(),
+            Counter::default(),
         );
-        let changes = Family::<TableOpLabels, Counter>::default();
-        r.register(
+        let changes = registered(
+            &mut r,
             counter_name(CHANGES_TOTAL),
             "Row changes of mapped tables, by table and operation",
-            changes.clone(),
+            Family::<TableOpLabels, Counter>::default(),
         );
 
-        let inv_family = Family::<KindLabels, Counter>::default();
-        r.register(
+        let inv_family = registered(
+            &mut r,
             counter_name(INVALIDATIONS_TOTAL),
             "Redis invalidations sent, by kind (keys, tags, versions, patterns, publish)",
-            inv_family.clone(),
+            Family::<KindLabels, Counter>::default(),
         );
         let invalidations = InvalidationKind::ALL
             .map(|k| inv_family.get_or_create_owned(&KindLabels { kind: k.as_str() }));
 
-        let refresh_family = Family::<OutcomeLabels, Counter>::default();
-        r.register(
-            counter_name(REFRESHES_TOTAL),
-            "Keys refresh rules wanted to set, by outcome (set, kept: Redis held a newer version, unlinked_fallback, too_large)",
-            refresh_family.clone(),
-        );
+        let refresh_family = registered(&mut r, counter_name(REFRESHES_TOTAL), "Keys refresh rules wanted to set, by outcome (set, kept: Redis held a newer version, unlinked_fallback, too_large)", Family::<OutcomeLabels, Counter>::default());
         let refreshes = RefreshOutcome::ALL.map(|o| {
             refresh_family.get_or_create_owned(&OutcomeLabels {
                 outcome: o.as_str(),
             })
         });
 
-        let fallbacks = Family::<TableReasonLabels, Counter>::default();
-        r.register(
-            counter_name(FALLBACKS_TOTAL),
-            "Changes that fired their table's truncate invalidations instead of their own, by table and reason",
-            fallbacks.clone(),
-        );
+        let fallbacks = registered(&mut r, counter_name(FALLBACKS_TOTAL), "Changes that fired their table's truncate invalidations instead of their own, by table and reason", Family::<TableReasonLabels, Counter>::default());
 
-        let flush_family = Family::<ReasonLabels, Counter>::default();
-        r.register(
+        let flush_family = registered(
+            &mut r,
             counter_name(FLUSHES_TOTAL),
             "Whole-table or whole-cache flushes, by reason",
-            flush_family.clone(),
+            Family::<ReasonLabels, Counter>::default(),
         );
         let flushes = FlushReason::ALL
             .map(|f| flush_family.get_or_create_owned(&ReasonLabels { reason: f.as_str() }));
 
-        let redis_errors = Family::<KindLabels, Counter>::default();
-        r.register(
+        let redis_errors = registered(
+            &mut r,
             counter_name(REDIS_ERRORS_TOTAL),
             "Redis errors, by kind",
-            redis_errors.clone(),
+            Family::<KindLabels, Counter>::default(),
         );
 
-        let blocked_seconds = Gauge::<f64, AtomicU64>::default();
-        r.register(
-            BLOCKED_SECONDS,
-            "Seconds acknowledgement has been blocked by a permanent Redis error (NOPERM, OOM); 0 when not",
-            blocked_seconds.clone(),
-        );
+        let blocked_seconds = registered(&mut r, BLOCKED_SECONDS, "Seconds acknowledgement has been blocked by a permanent Redis error (NOPERM, OOM); 0 when not", Gauge::<f64, AtomicU64>::default());
 
-        let reconnect_family = Family::<TargetLabels, Counter>::default();
-        r.register(
+        let reconnect_family = registered(
+            &mut r,
             counter_name(RECONNECTS_TOTAL),
             "Reconnections, by target (postgres, redis)",
-            reconnect_family.clone(),
+            Family::<TargetLabels, Counter>::default(),
         );
         let reconnects = [Target::Postgres, Target::Redis]
             .map(|t| reconnect_family.get_or_create_owned(&TargetLabels { target: t.as_str() }));
 
-        let batch_size = Histogram::new(BATCH_SIZE_BUCKETS);
-        r.register(
+        let batch_size = registered(
+            &mut r,
             BATCH_SIZE,
             "Redis operations per applied batch",
-            batch_size.clone(),
+            Histogram::new(BATCH_SIZE_BUCKETS),
         );
-        let apply_latency = Histogram::new(APPLY_LATENCY_BUCKETS);
-        r.register(
+        let apply_latency = registered(
+            &mut r,
             APPLY_LATENCY_SECONDS,
             "Seconds from a transaction's commit time to its invalidations applied in Redis",
-            apply_latency.clone(),
+            Histogram::new(APPLY_LATENCY_BUCKETS),
         );
-        let heartbeat_lag = Gauge::<f64, AtomicU64>::default();
-        r.register(
+        let heartbeat_lag = registered(
+            &mut r,
             HEARTBEAT_LAG_SECONDS,
             "Seconds the last heartbeat message took to come back through the replication stream",
-            heartbeat_lag.clone(),
+            Gauge::<f64, AtomicU64>::default(),
         );
-        let role_family = Family::<RoleLabels, Gauge>::default();
-        r.register(
+        let role_family = registered(
+            &mut r,
             ROLE,
             "1 for this worker's current role (active, standby), 0 for the other",
-            role_family.clone(),
+            Family::<RoleLabels, Gauge>::default(),
         );
         let role = [Role::Active, Role::Standby]
             .map(|x| role_family.get_or_create_owned(&RoleLabels { role: x.as_str() }));
-        let renamed_tables = Gauge::default();
-        r.register(
+        let renamed_tables = registered(
+            &mut r,
             RENAMED_TABLES,
             "Mapped tables followed under a new name since start (see /readyz)",
-            renamed_tables.clone(),
+            Gauge::default(),
         );
 
-        let requested = Family::<SourceKindLabels, Counter>::default();
-        r.register(
-            counter_name(REQUESTED_INVALIDATIONS_TOTAL),
-            "Invalidations requested other than by a mapping rule, by source (declared: the SQL API) and kind",
-            requested.clone(),
-        );
+        let requested = registered(&mut r, counter_name(REQUESTED_INVALIDATIONS_TOTAL), "Invalidations requested other than by a mapping rule, by source (declared: the SQL API) and kind", Family::<SourceKindLabels, Counter>::default());
         let declared = InvalidationKind::ALL.map(|k| {
             requested.get_or_create_owned(&SourceKindLabels {
                 source: "declared",
                 kind: k.as_str(),
             })
         });
-        let visibility_wait = Histogram::new(VISIBILITY_WAIT_BUCKETS);
-        r.register(
-            VISIBILITY_WAIT_SECONDS,
-            "Seconds a batch waited for its transactions to be visible on the primary (checks that needed a query)",
-            visibility_wait.clone(),
-        );
-        let visibility_waiting = Gauge::default();
-        r.register(
+        let visibility_wait = registered(&mut r, VISIBILITY_WAIT_SECONDS, "Seconds a batch waited for its transactions to be visible on the primary (checks that needed a query)", Histogram::new(VISIBILITY_WAIT_BUCKETS));
+        let visibility_waiting = registered(
+            &mut r,
             VISIBILITY_WAITING,
             "1 while a batch waits for its transactions to be visible on the primary",
-            visibility_waiting.clone(),
+            Gauge::default(),
         );
-        let replica_up = Family::<ReplicaLabels, Gauge>::default();
-        r.register(
+        let replica_up = registered(
+            &mut r,
             REPLICA_UP,
             "1 while a listed read replica is reachable and in recovery",
-            replica_up.clone(),
+            Family::<ReplicaLabels, Gauge>::default(),
         );
-        let replica_lag_bytes = Family::<ReplicaLabels, Gauge<u64, AtomicU64>>::default();
-        r.register(
+        let replica_lag_bytes = registered(
+            &mut r,
             REPLICA_LAG_BYTES,
             "Bytes between the primary's WAL end and the replica's replay position",
-            replica_lag_bytes.clone(),
+            Family::<ReplicaLabels, Gauge<u64, AtomicU64>>::default(),
         );
-        let replica_lag_seconds = Family::<ReplicaLabels, Gauge<f64, AtomicU64>>::default();
-        r.register(
-            REPLICA_LAG_SECONDS,
-            "Seconds since the replica's last replayed transaction while it is behind what it received; 0 when caught up",
-            replica_lag_seconds.clone(),
-        );
-        let replica_waits = Family::<ReplicaLabels, Counter>::default();
-        r.register(
+        let replica_lag_seconds = registered(&mut r, REPLICA_LAG_SECONDS, "Seconds since the replica's last replayed transaction while it is behind what it received; 0 when caught up", Family::<ReplicaLabels, Gauge<f64, AtomicU64>>::default());
+        let replica_waits = registered(
+            &mut r,
             counter_name(REPLICA_WAITS_TOTAL),
             "Batches that waited for the replica to replay them",
-            replica_waits.clone(),
+            Family::<ReplicaLabels, Counter>::default(),
         );
-        let replica_timeouts = Family::<ReplicaLabels, Counter>::default();
-        r.register(
+        let replica_timeouts = registered(
+            &mut r,
             counter_name(REPLICA_TIMEOUTS_TOTAL),
             "Batches applied before the replica replayed them (replica_max_wait_ms)",
-            replica_timeouts.clone(),
+            Family::<ReplicaLabels, Counter>::default(),
         );
-        let replica_reapplies = Family::<ReplicaLabels, Counter>::default();
-        r.register(
-            counter_name(REPLICA_REAPPLIES_TOTAL),
-            "Re-applications once the replica replayed what was applied ahead of it (timed out or down)",
-            replica_reapplies.clone(),
-        );
-        let broken_family = Family::<ReasonLabels, Gauge>::default();
-        r.register(
-            BROKEN_TABLES,
-            "Mapped tables in fallback because their mapping no longer fits the schema (a table dropped, a mapped column gone), invalidated by their truncate invalidations, by reason (see /readyz)",
-            broken_family.clone(),
-        );
+        let replica_reapplies = registered(&mut r, counter_name(REPLICA_REAPPLIES_TOTAL), "Re-applications once the replica replayed what was applied ahead of it (timed out or down)", Family::<ReplicaLabels, Counter>::default());
+        let broken_family = registered(&mut r, BROKEN_TABLES, "Mapped tables in fallback because their mapping no longer fits the schema (a table dropped, a mapped column gone), invalidated by their truncate invalidations, by reason (see /readyz)", Family::<ReasonLabels, Gauge>::default());
         let broken_tables = BrokenReason::ALL
             .map(|b| broken_family.get_or_create_owned(&ReasonLabels { reason: b.as_str() }));
-        let publication_drift = Gauge::default();
-        r.register(
+        let publication_drift = registered(
+            &mut r,
             PUBLICATION_DRIFT,
             "1 while the publication hides changes the mappings need (see /readyz), else 0",
-            publication_drift.clone(),
+            Gauge::default(),
         );
-        let publication_drifts = Counter::default();
-        r.register(
+        let publication_drifts = registered(
+            &mut r,
             counter_name(PUBLICATION_DRIFTS_TOTAL),
             "Times the publication was found hiding changes the mappings need",
-            publication_drifts.clone(),
+            Counter::default(),
         );
 
         let patterns = patterns::PatternMetrics::register(&mut r);
