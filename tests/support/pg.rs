@@ -303,13 +303,148 @@ impl PgOptions {
     }
 }
 
-/// A throwaway PostgreSQL cluster.
-pub struct PgCluster {
+/// One PostgreSQL server in a scratch directory (`data/`, `socket/`,
+/// `postgres.log`) on its own port: what a [`PgCluster`] and a
+/// [`super::standby::Standby`] share, each reaching it through `Deref`.
+pub struct PgServer {
     dir: ScratchDir,
     port: u16,
     owner: Option<(u32, u32)>,
-    options: PgOptions,
+    /// Settings after [`launch_server`]'s own, at every launch.
+    settings: Vec<(String, String)>,
+    /// Names the server in failures of its launch and of its `psql`.
+    what: &'static str,
+    psql_what: &'static str,
     child: Option<Child>,
+}
+
+impl PgServer {
+    /// Launches the server prepared in `dir` (its `data/` and `socket/`
+    /// there, owned by `owner`) on `port` with `settings`.
+    pub(crate) fn launch_in(
+        dir: ScratchDir,
+        port: u16,
+        owner: Option<(u32, u32)>,
+        settings: Vec<(String, String)>,
+        (what, psql_what): (&'static str, &'static str),
+    ) -> Self {
+        let mut server = PgServer {
+            dir,
+            port,
+            owner,
+            settings,
+            what,
+            psql_what,
+            child: None,
+        };
+        server.launch();
+        server
+    }
+
+    fn launch(&mut self) {
+        assert!(self.child.is_none(), "{} already running", self.what);
+        self.child = Some(launch_server(
+            self.dir.path(),
+            self.port,
+            self.owner,
+            &self.settings,
+            self.what,
+        ));
+    }
+
+    pub(crate) fn data_dir(&self) -> PathBuf {
+        self.dir.path().join("data")
+    }
+
+    pub(crate) fn owner(&self) -> Option<(u32, u32)> {
+        self.owner
+    }
+
+    /// The postmaster, taken from the server (it counts as stopped after).
+    pub(crate) fn take_child(&mut self) -> Option<Child> {
+        self.child.take()
+    }
+
+    /// Directory of the server's unix socket (use as `?host=`).
+    pub fn socket_dir(&self) -> PathBuf {
+        self.dir.path().join("socket")
+    }
+
+    /// TCP port on 127.0.0.1.
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// `postgres://postgres@127.0.0.1:<port>/postgres`.
+    pub fn url(&self) -> String {
+        format!("postgres://postgres@127.0.0.1:{}/postgres", self.port)
+    }
+
+    /// The server log so far (for assertion messages).
+    pub fn log(&self) -> String {
+        fs::read_to_string(self.dir.path().join("postgres.log")).unwrap_or_default()
+    }
+
+    /// PID of the postmaster, while running.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(|c| c.id())
+    }
+
+    /// Fast shutdown (SIGINT), waiting for it.
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            signal(child.id(), libc::SIGINT);
+            wait_or_kill(&mut child, Duration::from_secs(10));
+        }
+    }
+
+    /// Starts it again on the same port and data (after `stop()`, or a kill).
+    pub fn restart(&mut self) {
+        if self.child.is_some() {
+            self.stop();
+        }
+        self.launch();
+    }
+
+    /// Runs SQL through `psql` (over the unix socket, as `postgres`) and
+    /// returns its unaligned, tuples-only output.
+    pub fn psql(&self, sql: &str) -> String {
+        psql_on(&self.socket_dir(), self.port, sql, self.psql_what)
+    }
+
+    /// Immediate shutdown (SIGQUIT), waiting at most 5 s: the data is thrown
+    /// away anyway.
+    pub(crate) fn quit(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            signal(child.id(), libc::SIGQUIT);
+            wait_or_kill(&mut child, Duration::from_secs(5));
+        }
+    }
+}
+
+impl Drop for PgServer {
+    fn drop(&mut self) {
+        self.quit();
+    }
+}
+
+/// A throwaway PostgreSQL cluster; its [`PgServer`] (port, URL, `psql`,
+/// stop and restart) through `Deref`.
+pub struct PgCluster {
+    server: PgServer,
+}
+
+impl std::ops::Deref for PgCluster {
+    type Target = PgServer;
+    fn deref(&self) -> &PgServer {
+        &self.server
+    }
+}
+
+impl std::ops::DerefMut for PgCluster {
+    fn deref_mut(&mut self) -> &mut PgServer {
+        &mut self.server
+    }
 }
 
 impl PgCluster {
@@ -332,34 +467,14 @@ impl PgCluster {
         assert!(status.success(), "copy the initdb template");
         fs::create_dir_all(dir.path().join("socket")).expect("socket dir");
         chown_tree(dir.path(), owner);
-        let mut cluster = PgCluster {
+        let server = PgServer::launch_in(
             dir,
-            port: free_port(),
+            free_port(),
             owner,
-            options,
-            child: None,
-        };
-        cluster.launch();
-        cluster
-    }
-
-    fn data_dir(&self) -> PathBuf {
-        self.dir.path().join("data")
-    }
-
-    /// Directory of the cluster's unix socket (use as `?host=`).
-    pub fn socket_dir(&self) -> PathBuf {
-        self.dir.path().join("socket")
-    }
-
-    /// TCP port on 127.0.0.1.
-    pub fn port(&self) -> u16 {
-        self.port
-    }
-
-    /// `postgres://postgres@127.0.0.1:<port>/postgres`.
-    pub fn url(&self) -> String {
-        format!("postgres://postgres@127.0.0.1:{}/postgres", self.port)
+            options.settings,
+            ("postgres", "psql"),
+        );
+        PgCluster { server }
     }
 
     /// The same database over the unix socket.
@@ -367,7 +482,7 @@ impl PgCluster {
         format!(
             "postgres://postgres@/postgres?host={}&port={}",
             self.socket_dir().display(),
-            self.port
+            self.port()
         )
     }
 
@@ -375,43 +490,14 @@ impl PgCluster {
     pub fn conninfo(&self) -> String {
         format!(
             "host=127.0.0.1 port={} user=postgres dbname=postgres",
-            self.port
+            self.port()
         )
-    }
-
-    /// The server log so far (for assertion messages).
-    pub fn log(&self) -> String {
-        fs::read_to_string(self.dir.path().join("postgres.log")).unwrap_or_default()
-    }
-
-    fn launch(&mut self) {
-        assert!(self.child.is_none(), "cluster already running");
-        self.child = Some(launch_server(
-            self.dir.path(),
-            self.port,
-            self.owner,
-            &self.options.settings,
-            "postgres",
-        ));
-    }
-
-    /// PID of the postmaster, while running.
-    pub fn pid(&self) -> Option<u32> {
-        self.child.as_ref().map(|c| c.id())
-    }
-
-    /// Fast shutdown (SIGINT), waiting for it.
-    pub fn stop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            signal(child.id(), libc::SIGINT);
-            wait_or_kill(&mut child, Duration::from_secs(10));
-        }
     }
 
     /// Immediate shutdown (SIGQUIT, `pg_ctl stop -m immediate`): no
     /// checkpoint, backends end at once; what a failover drill does to a primary.
     pub fn stop_immediate(&mut self) {
-        if let Some(mut child) = self.child.take() {
+        if let Some(mut child) = self.take_child() {
             signal(child.id(), libc::SIGQUIT);
             wait_or_kill(&mut child, Duration::from_secs(10));
         }
@@ -419,7 +505,7 @@ impl PgCluster {
 
     /// SIGKILL the postmaster and every backend: a crash.
     pub fn kill(&mut self) {
-        if let Some(mut child) = self.child.take() {
+        if let Some(mut child) = self.take_child() {
             let pid = child.id();
             let children = child_pids(pid);
             signal(pid, libc::SIGKILL);
@@ -436,18 +522,10 @@ impl PgCluster {
         }
     }
 
-    /// Starts it again on the same port and data (after `stop()` or `kill()`).
-    pub fn restart(&mut self) {
-        if self.child.is_some() {
-            self.stop();
-        }
-        self.launch();
-    }
-
     /// Appends lines to `pg_hba.conf`'s top (they win) and reloads.
     pub fn set_hba(&mut self, hba: &str) {
         fs::write(self.data_dir().join("pg_hba.conf"), hba).expect("write pg_hba.conf");
-        chown_tree(&self.data_dir().join("pg_hba.conf"), self.owner);
+        chown_tree(&self.data_dir().join("pg_hba.conf"), self.owner());
         if let Some(pid) = self.pid() {
             signal(pid, libc::SIGHUP);
             std::thread::sleep(Duration::from_millis(200));
@@ -479,12 +557,7 @@ impl PgCluster {
     /// tuples-only, `ON_ERROR_STOP`), to run in the background or with a
     /// script on stdin; add `-c SQL` or pipe one.
     pub fn psql_command(&self) -> Command {
-        psql_base(&self.socket_dir(), self.port)
-    }
-
-    /// Runs SQL through `psql` (over the unix socket) and returns its unaligned, tuples-only output.
-    pub fn psql(&self, sql: &str) -> String {
-        psql_on(&self.socket_dir(), self.port, sql, "psql")
+        psql_base(&self.socket_dir(), self.port())
     }
 
     /// Applies every `migrations/*.sql` file in name order.
@@ -504,11 +577,7 @@ impl PgCluster {
 
 impl Drop for PgCluster {
     fn drop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            // Immediate shutdown: the data is thrown away anyway.
-            signal(child.id(), libc::SIGQUIT);
-            wait_or_kill(&mut child, Duration::from_secs(5));
-        }
+        self.server.quit();
         let deadline = Instant::now() + Duration::from_secs(5);
         while !child_pids_of_dir(&self.data_dir()).is_empty() && Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(20));

@@ -13,23 +13,30 @@
 //! the primary on purpose.
 
 use std::fs;
-use std::path::PathBuf;
-use std::process::{Child, Command};
+use std::process::Command;
 use std::time::Duration;
 
-use super::common::{free_port, signal, wait_for, wait_or_kill, ScratchDir, START_TIMEOUT};
-use super::pg::{
-    as_owner, chown_tree, launch_server, pg_bindir, pg_owner, psql_on, PgCluster, PgOptions,
-};
+use super::common::{free_port, wait_for, ScratchDir, START_TIMEOUT};
+use super::pg::{as_owner, chown_tree, pg_bindir, pg_owner, PgCluster, PgOptions, PgServer};
 
-/// A hot standby streaming from a [`PgCluster`].
+/// A hot standby streaming from a [`PgCluster`]; its [`PgServer`] (port,
+/// URL, `psql`, stop and restart) through `Deref`.
 pub struct Standby {
-    dir: ScratchDir,
-    port: u16,
-    owner: Option<(u32, u32)>,
-    options: PgOptions,
+    server: PgServer,
     slot: String,
-    child: Option<Child>,
+}
+
+impl std::ops::Deref for Standby {
+    type Target = PgServer;
+    fn deref(&self) -> &PgServer {
+        &self.server
+    }
+}
+
+impl std::ops::DerefMut for Standby {
+    fn deref_mut(&mut self) -> &mut PgServer {
+        &mut self.server
+    }
 }
 
 impl Standby {
@@ -73,67 +80,26 @@ impl Standby {
         );
         // The primary's own pid file and log are not the standby's.
         let _ = fs::remove_file(data.join("postmaster.pid"));
-        let mut standby = Standby {
+        let mut settings: Vec<(String, String)> = vec![
+            ("hot_standby".into(), "on".into()),
+            ("wal_receiver_status_interval".into(), "1s".into()),
+        ];
+        settings.extend(options.settings);
+        let server = PgServer::launch_in(
             dir,
             port,
             owner,
-            options,
-            slot,
-            child: None,
-        };
-        standby.launch();
+            settings,
+            ("standby postgres", "psql on the standby"),
+        );
+        let standby = Standby { server, slot };
         standby.wait_streaming(START_TIMEOUT);
         standby
-    }
-
-    fn data_dir(&self) -> PathBuf {
-        self.dir.path().join("data")
-    }
-
-    /// Directory of the standby's unix socket.
-    pub fn socket_dir(&self) -> PathBuf {
-        self.dir.path().join("socket")
-    }
-
-    /// TCP port on 127.0.0.1.
-    pub fn port(&self) -> u16 {
-        self.port
-    }
-
-    /// `postgres://postgres@127.0.0.1:<port>/postgres`.
-    pub fn url(&self) -> String {
-        format!("postgres://postgres@127.0.0.1:{}/postgres", self.port)
     }
 
     /// The physical slot on the primary that keeps WAL for this standby.
     pub fn slot(&self) -> &str {
         &self.slot
-    }
-
-    /// The server log so far (for assertion messages).
-    pub fn log(&self) -> String {
-        fs::read_to_string(self.dir.path().join("postgres.log")).unwrap_or_default()
-    }
-
-    /// PID of the postmaster, while running.
-    pub fn pid(&self) -> Option<u32> {
-        self.child.as_ref().map(|c| c.id())
-    }
-
-    fn launch(&mut self) {
-        assert!(self.child.is_none(), "standby already running");
-        let mut settings: Vec<(String, String)> = vec![
-            ("hot_standby".into(), "on".into()),
-            ("wal_receiver_status_interval".into(), "1s".into()),
-        ];
-        settings.extend(self.options.settings.iter().cloned());
-        self.child = Some(launch_server(
-            self.dir.path(),
-            self.port,
-            self.owner,
-            &settings,
-            "standby postgres",
-        ));
     }
 
     /// Waits until the WAL receiver streams from the primary.
@@ -143,12 +109,6 @@ impl Standby {
                 == "1")
                 .then_some(())
         });
-    }
-
-    /// Runs SQL on the standby through `psql` (unix socket); unaligned,
-    /// tuples-only output.
-    pub fn psql(&self, sql: &str) -> String {
-        psql_on(&self.socket_dir(), self.port, sql, "psql on the standby")
     }
 
     /// `pg_last_wal_replay_lsn()` as text.
@@ -185,30 +145,5 @@ impl Standby {
         wait_for("the standby to leave recovery", START_TIMEOUT, || {
             (self.psql("SELECT pg_is_in_recovery()") == "f").then_some(())
         });
-    }
-
-    /// Fast shutdown (SIGINT), waiting for it.
-    pub fn stop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            signal(child.id(), libc::SIGINT);
-            wait_or_kill(&mut child, Duration::from_secs(10));
-        }
-    }
-
-    /// Starts it again on the same port and data (after [`Standby::stop`]).
-    pub fn restart(&mut self) {
-        if self.child.is_some() {
-            self.stop();
-        }
-        self.launch();
-    }
-}
-
-impl Drop for Standby {
-    fn drop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            signal(child.id(), libc::SIGQUIT);
-            wait_or_kill(&mut child, Duration::from_secs(5));
-        }
     }
 }
