@@ -1,7 +1,9 @@
 # shellcheck shell=bash
-# Shared by e2e.sh and latency.sh: throwaway PostgreSQL and Redis, the
-# release binary, the worker's config. Source it; it sets a trap that stops
-# everything it started and removes its temp dir.
+# Shared by ab.sh, e2e.sh, latency.sh and patterns.sh: throwaway PostgreSQL
+# and Redis, the release binary, the worker's config. Source it;
+# bench_setup_dirs sets a trap that stops everything it started and removes
+# its temp dir. soak.sh takes only its small helpers (log, die, free_port,
+# pg_bindir, as_pg, rcli).
 
 BENCH_ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 BIN=${BENCH_BIN:-"$BENCH_ROOT/target/release/cache-invalidator"}

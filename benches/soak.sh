@@ -23,27 +23,20 @@
 # counted from the logs (a restart must not flush).
 set -euo pipefail
 
+# log, die, free_port, pg_bindir, as_pg, rcli (its setup functions are not used here).
+# shellcheck source=benches/common.sh
+source "$(dirname "$0")/common.sh"
+
 DURATION=${1:-600}
 KILL_EVERY=${SOAK_KILL_EVERY_S:-20}
 TPS=${SOAK_TPS:-300}
-ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+ROOT=$BENCH_ROOT
 BIN=${SOAK_BIN:-}
 if [[ -z $BIN ]]; then
     BIN="$ROOT/target/release/cache-invalidator"
     [[ -x $BIN ]] || BIN="$ROOT/target/debug/cache-invalidator"
 fi
 [[ -x $BIN ]] || { echo "no binary: cargo build --release" >&2; exit 1; }
-
-log() { printf '[%(%H:%M:%S)T] %s\n' -1 "$*" >&2; }
-die() { log "FAIL: $*"; exit 1; }
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-pg_bindir() {
-    local d
-    d=$(pg_config --bindir 2>/dev/null || true)
-    if [[ -x "$d/initdb" ]]; then echo "$d"; return; fi
-    ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -1
-}
-as_pg() { if [[ $(id -u) == 0 ]]; then runuser -u postgres -- "$@"; else "$@"; fi; }
 
 TMP=$(mktemp -d /tmp/ci-soak.XXXXXX)
 chmod 755 "$TMP"
@@ -67,7 +60,6 @@ cleanup() {
 trap cleanup EXIT
 
 psql_() { "$PGBIN/psql" -X -q -A -t -v ON_ERROR_STOP=1 -U postgres -h "$SOCK" -p "$PGPORT" -d postgres "$@"; }
-rcli() { redis-cli -p "$REDIS_PORT" "$@"; }
 
 # --- servers -----------------------------------------------------------------
 [[ $(id -u) == 0 ]] && chown -R postgres: "$TMP"
