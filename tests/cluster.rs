@@ -52,9 +52,7 @@ fn every_strategy_across_slots_and_masters() {
     }
 
     let mut sub_conn = cluster.nodes()[2].client().get_connection().unwrap();
-    let mut pubsub = sub_conn.as_pubsub();
-    pubsub.subscribe("cache:invalidate").unwrap();
-    pubsub.set_read_timeout(Some(WAIT)).unwrap();
+    let mut pubsub = support::subscribe(&mut sub_conn, "cache:invalidate", WAIT);
 
     pg.psql("UPDATE users SET avatar_url = 'https://img.example.com/ada-2.png' WHERE id = 123");
     for key in ["user:123:profile", "user:123:avatar", "user:123:settings"] {
@@ -78,13 +76,7 @@ fn every_strategy_across_slots_and_masters() {
         "{}",
         log()
     );
-    let msg = loop {
-        let m = pubsub.get_message().expect("a pub/sub message");
-        let payload: String = m.get_payload().unwrap();
-        if payload.contains("\"123\"") {
-            break payload;
-        }
-    };
+    let msg = support::wait_message(&mut pubsub, "\"123\"");
     let json: serde_json::Value = serde_json::from_str(&msg).unwrap();
     assert_eq!(json, serde_json::json!({"entity": "user", "id": "123"}));
 

@@ -38,19 +38,45 @@ fn start(
     redis: &RedisServer,
     mappings: &[(&str, &str)],
 ) -> (WorkerConfig, WorkerProcess, u16) {
-    pg.psql(support::SYNC_PROBE_TABLE);
-    let mut files: Vec<(&str, &str)> = mappings.to_vec();
-    files.push(("zz_sync_probe.toml", support::SYNC_PROBE_MAPPING));
-    let cfg = WorkerConfig::new(pg, redis, &files, "");
+    let cfg = WorkerConfig::new(pg, redis, &support::with_sync_probe(pg, mappings), "");
     let port = support::free_port();
     let text = std::fs::read_to_string(cfg.path()).unwrap();
     std::fs::write(cfg.path(), format!("{text}{}", support::metrics_toml(port))).unwrap();
-    let (code, out, err) = cfg.command(&["setup"]);
-    assert_eq!(code, 0, "{out}\n{err}");
+    cfg.run_setup(&[]);
     let worker = cfg.spawn_worker();
     support::sync_worker(pg, redis, WAIT);
     wait_readyz(port, 200, "ok");
     (cfg, worker, port)
+}
+
+/// Servers, with the table `items` holding rows `ids` (v = 0) and then
+/// `more_sql`.
+fn servers(ids: &[u32], more_sql: &str) -> (PgCluster, RedisServer) {
+    let pg = PgCluster::start();
+    let redis = RedisServer::start();
+    let rows: Vec<String> = ids.iter().map(|id| format!("({id}, 0)")).collect();
+    pg.psql(&format!(
+        "CREATE TABLE items (id int PRIMARY KEY, v int); INSERT INTO items VALUES {};{more_sql}",
+        rows.join(", ")
+    ));
+    (pg, redis)
+}
+
+/// Checks the worker streams on precisely: with `item:1` and `kept` cached,
+/// an update of row 1 deletes `item:1` and leaves `kept`.
+fn streams_on_precisely(
+    pg: &PgCluster,
+    redis: &RedisServer,
+    probe: &mut RedisProbe,
+    kept: &str,
+    why: &str,
+) {
+    probe.set("item:1", "x");
+    probe.set(kept, "x");
+    pg.psql("UPDATE items SET v = v + 1 WHERE id = 1");
+    probe.wait_gone("item:1", WAIT);
+    support::sync_worker(pg, redis, WAIT);
+    assert!(probe.exists(kept), "{why}");
 }
 
 /// Caches `item:<id>`, updates row `id` while the publication hides the
@@ -68,11 +94,7 @@ fn hidden_update(pg: &PgCluster, redis: &RedisServer, probe: &mut RedisProbe, id
 
 #[test]
 fn a_narrowed_publication_is_503_until_setup_repairs_and_flushes_it() {
-    let pg = PgCluster::start();
-    let redis = RedisServer::start();
-    pg.psql(
-        "CREATE TABLE items (id int PRIMARY KEY, v int); INSERT INTO items VALUES (1, 0), (2, 0)",
-    );
+    let (pg, redis) = servers(&[1, 2], "");
     let (cfg, worker, port) = start(&pg, &redis, &[("items.toml", ITEMS)]);
     let mut probe = RedisProbe::new(&redis);
 
@@ -106,9 +128,7 @@ fn a_narrowed_publication_is_503_until_setup_repairs_and_flushes_it() {
 
 #[test]
 fn a_table_dropped_from_the_publication_is_503_until_setup_adds_and_flushes_it() {
-    let pg = PgCluster::start();
-    let redis = RedisServer::start();
-    pg.psql("CREATE TABLE items (id int PRIMARY KEY, v int); INSERT INTO items VALUES (1, 0)");
+    let (pg, redis) = servers(&[1], "");
     let (cfg, _worker, port) = start(&pg, &redis, &[("items.toml", ITEMS)]);
     let mut probe = RedisProbe::new(&redis);
 
@@ -130,11 +150,7 @@ fn a_table_dropped_from_the_publication_is_503_until_setup_adds_and_flushes_it()
 
 #[test]
 fn a_dropped_publication_is_recreated_by_setup_with_the_slot_and_a_full_flush() {
-    let pg = PgCluster::start();
-    let redis = RedisServer::start();
-    pg.psql(
-        "CREATE TABLE items (id int PRIMARY KEY, v int); INSERT INTO items VALUES (1, 0), (2, 0)",
-    );
+    let (pg, redis) = servers(&[1, 2], "");
     let (cfg, worker, port) = start(&pg, &redis, &[("items.toml", ITEMS)]);
     let mut probe = RedisProbe::new(&redis);
 
@@ -193,11 +209,7 @@ fn a_dropped_publication_is_recreated_by_setup_with_the_slot_and_a_full_flush() 
 
 #[test]
 fn a_dropped_publication_is_repaired_by_auto_setup_loudly() {
-    let pg = PgCluster::start();
-    let redis = RedisServer::start();
-    pg.psql(
-        "CREATE TABLE items (id int PRIMARY KEY, v int); INSERT INTO items VALUES (1, 0), (2, 0)",
-    );
+    let (pg, redis) = servers(&[1, 2], "");
     let (cfg, mut worker, port) = start(&pg, &redis, &[("items.toml", ITEMS)]);
     assert_eq!(
         worker.stop(Duration::from_secs(10)),
@@ -232,25 +244,18 @@ fn a_dropped_publication_is_repaired_by_auto_setup_loudly() {
     worker.wait_log("publication repaired without `setup`", WAIT);
     support::sync_worker(&pg, &redis, WAIT);
     wait_readyz(port, 200, "ok");
-    // Streams on, precisely.
-    probe.set("item:1", "x");
-    probe.set("item:2", "x");
-    pg.psql("UPDATE items SET v = 2 WHERE id = 1");
-    probe.wait_gone("item:1", WAIT);
-    support::sync_worker(&pg, &redis, WAIT);
-    assert!(
-        probe.exists("item:2"),
-        "item:2 flushed again after the repair"
+    streams_on_precisely(
+        &pg,
+        &redis,
+        &mut probe,
+        "item:2",
+        "item:2 flushed again after the repair",
     );
 }
 
 #[test]
 fn a_publication_repaired_by_hand_flushes_what_it_hid() {
-    let pg = PgCluster::start();
-    let redis = RedisServer::start();
-    pg.psql(
-        "CREATE TABLE items (id int PRIMARY KEY, v int); INSERT INTO items VALUES (1, 0), (2, 0), (3, 0)",
-    );
+    let (pg, redis) = servers(&[1, 2, 3], "");
     let (_cfg, worker, port) = start(&pg, &redis, &[("items.toml", ITEMS)]);
     let mut probe = RedisProbe::new(&redis);
 
@@ -275,25 +280,20 @@ fn a_publication_repaired_by_hand_flushes_what_it_hid() {
     pg.psql("ALTER PUBLICATION cache_invalidator ADD TABLE items");
     probe.wait_gone("item:2", WAIT);
     wait_readyz(port, 200, "ok");
-    // Streams on, precisely.
-    probe.set("item:1", "x");
-    probe.set("item:3", "x");
-    pg.psql("UPDATE items SET v = 2 WHERE id = 1");
-    probe.wait_gone("item:1", WAIT);
-    support::sync_worker(&pg, &redis, WAIT);
-    assert!(
-        probe.exists("item:3"),
-        "items was flushed again after the repair"
+    streams_on_precisely(
+        &pg,
+        &redis,
+        &mut probe,
+        "item:3",
+        "items was flushed again after the repair",
     );
 }
 
 #[test]
 fn a_dropped_template_column_runs_that_table_in_fallback_after_a_restart() {
-    let pg = PgCluster::start();
-    let redis = RedisServer::start();
-    pg.psql(
-        "CREATE TABLE items (id int PRIMARY KEY, v int); INSERT INTO items VALUES (1, 0), (2, 0);
-         CREATE TABLE codes (id int PRIMARY KEY, code text); INSERT INTO codes VALUES (1, 'a')",
+    let (pg, redis) = servers(
+        &[1, 2],
+        "CREATE TABLE codes (id int PRIMARY KEY, code text); INSERT INTO codes VALUES (1, 'a')",
     );
     let codes =
         "[[table]]\nname = \"codes\"\nkeys = [\"code:{code}\"]\nassume_unchanged = [\"code\"]\n";
@@ -339,15 +339,14 @@ fn a_dropped_template_column_runs_that_table_in_fallback_after_a_restart() {
     );
     worker.wait_log("mapping broken by DDL", WAIT);
     // Every other table precisely.
-    for k in ["item:1", "item:2", "code:a", "code:b"] {
-        probe.set(k, "x");
-    }
-    pg.psql("UPDATE items SET v = 1 WHERE id = 1");
-    probe.wait_gone("item:1", WAIT);
-    support::sync_worker(&pg, &redis, WAIT);
-    assert!(
-        probe.exists("item:2"),
-        "items was not invalidated precisely"
+    probe.set("code:a", "x");
+    probe.set("code:b", "x");
+    streams_on_precisely(
+        &pg,
+        &redis,
+        &mut probe,
+        "item:2",
+        "items was not invalidated precisely",
     );
     // The broken table by its truncate invalidations (code:*).
     pg.psql("UPDATE codes SET id = 3 WHERE id = 1");

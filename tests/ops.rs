@@ -7,7 +7,7 @@ mod support;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use support::{PgCluster, RedisServer, WorkerConfig};
+use support::{PgCluster, RedisProbe, RedisServer, WorkerConfig};
 
 /// Messages carrying `content` the slot would decode (peeked, not consumed).
 fn count_markers(pg: &PgCluster, content: &str) -> usize {
@@ -38,20 +38,30 @@ fn json(stdout: &str) -> serde_json::Value {
     serde_json::from_str(stdout.trim()).unwrap_or_else(|e| panic!("not JSON ({e}): {stdout}"))
 }
 
-fn exists(conn: &mut redis::Connection, key: &str) -> bool {
-    redis::cmd("EXISTS")
-        .arg(key)
-        .query::<i64>(conn)
-        .expect("EXISTS")
-        == 1
+/// A Redis holding `keys` and the tag set `tag` with `member`, and a config
+/// for it (the demo mappings; PostgreSQL unreachable): for the commands that
+/// only write to Redis.
+fn cached(keys: &[&str], (tag, member): (&str, &str)) -> (RedisServer, WorkerConfig, RedisProbe) {
+    let redis = RedisServer::start();
+    let ws = WorkerConfig::urls(
+        "postgres://postgres@127.0.0.1:1/postgres",
+        &redis.url(),
+        "p",
+    )
+    .with_demo_mappings();
+    let mut probe = RedisProbe::new(&redis);
+    for k in keys {
+        probe.set(k, "v");
+    }
+    probe.sadd(tag, member);
+    (redis, ws, probe)
 }
 
-fn set(conn: &mut redis::Connection, key: &str) {
-    redis::cmd("SET")
-        .arg(key)
-        .arg("v")
-        .query::<()>(conn)
-        .expect("SET");
+/// Asserts every one of `keys` is gone, deleted by `by`.
+fn assert_gone(probe: &mut RedisProbe, keys: &[&str], by: &str) {
+    for k in keys {
+        assert!(!probe.exists(k), "{k} survived {by}");
+    }
 }
 
 #[test]
@@ -328,30 +338,18 @@ keys = ["event:{id}"]
 
 #[test]
 fn flush_fires_truncate_invalidations_and_keeps_other_keys() {
-    let redis = RedisServer::start();
-    let ws = WorkerConfig::urls(
-        "postgres://postgres@127.0.0.1:1/postgres",
-        &redis.url(),
-        "p",
-    )
-    .with_demo_mappings();
-    let mut conn = redis.client().get_connection().expect("redis");
-    for k in [
-        "user:1:profile",
-        "user:2:avatar",
-        "post:7",
-        "author:1:posts",
-        "team:5:members",
-        "member-list",
-        "control:keep",
-    ] {
-        set(&mut conn, k);
-    }
-    redis::cmd("SADD")
-        .arg("tag:user:1")
-        .arg("member-list")
-        .query::<()>(&mut conn)
-        .unwrap();
+    let (_redis, ws, mut probe) = cached(
+        &[
+            "user:1:profile",
+            "user:2:avatar",
+            "post:7",
+            "author:1:posts",
+            "team:5:members",
+            "member-list",
+            "control:keep",
+        ],
+        ("tag:user:1", "member-list"),
+    );
 
     let (code, out, err) = ws.command(&["flush", "--table", "nosuch"]);
     assert_eq!(code, 2);
@@ -365,49 +363,39 @@ fn flush_fires_truncate_invalidations_and_keeps_other_keys() {
     let (code, out2, err) = ws.command(&["flush", "--table", "posts"]);
     assert_eq!(code, 0, "{out}{err}");
     assert!(out2.contains("flushed public.posts"), "{out2}");
-    assert!(!exists(&mut conn, "post:7") && !exists(&mut conn, "author:1:posts"));
-    assert!(exists(&mut conn, "user:1:profile"));
+    assert!(!probe.exists("post:7") && !probe.exists("author:1:posts"));
+    assert!(probe.exists("user:1:profile"));
 
     let (code, out, err) = ws.command(&["flush"]);
     assert_eq!(code, 0, "{out}{err}");
     assert!(out.contains("flushed all 5 mapped table(s)"), "{out}");
-    for k in [
-        "user:1:profile",
-        "user:2:avatar",
-        "team:5:members",
-        "member-list",
-        "tag:user:1",
-    ] {
-        assert!(!exists(&mut conn, k), "{k} survived the flush");
-    }
-    assert!(exists(&mut conn, "control:keep"));
+    assert_gone(
+        &mut probe,
+        &[
+            "user:1:profile",
+            "user:2:avatar",
+            "team:5:members",
+            "member-list",
+            "tag:user:1",
+        ],
+        "the flush",
+    );
+    assert!(probe.exists("control:keep"));
 }
 
 #[test]
 fn replay_apply_deletes_the_keys_of_a_recorded_file() {
-    let redis = RedisServer::start();
-    let ws = WorkerConfig::urls(
-        "postgres://postgres@127.0.0.1:1/postgres",
-        &redis.url(),
-        "p",
-    )
-    .with_demo_mappings();
-    let mut conn = redis.client().get_connection().expect("redis");
-    for k in [
-        "post:7",
-        "post:9",
-        "author:1:posts",
-        "author:2:posts",
-        "author-page:1",
-        "control:keep",
-    ] {
-        set(&mut conn, k);
-    }
-    redis::cmd("SADD")
-        .arg("tag:author:1")
-        .arg("author-page:1")
-        .query::<()>(&mut conn)
-        .unwrap();
+    let (_redis, ws, mut probe) = cached(
+        &[
+            "post:7",
+            "post:9",
+            "author:1:posts",
+            "author:2:posts",
+            "author-page:1",
+            "control:keep",
+        ],
+        ("tag:author:1", "author-page:1"),
+    );
     let fixture = std::fs::read_to_string(
         Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/replay/blog.jsonl"),
     )
@@ -425,16 +413,18 @@ fn replay_apply_deletes_the_keys_of_a_recorded_file() {
             .contains("\"keys\":[\"author:1:posts\",\"author:2:posts\",\"post:7\"]"),
         "{out}"
     );
-    for k in [
-        "post:7",
-        "author:1:posts",
-        "author:2:posts",
-        "author-page:1",
-        "tag:author:1",
-    ] {
-        assert!(!exists(&mut conn, k), "{k} survived replay --apply");
-    }
-    assert!(exists(&mut conn, "post:9") && exists(&mut conn, "control:keep"));
+    assert_gone(
+        &mut probe,
+        &[
+            "post:7",
+            "author:1:posts",
+            "author:2:posts",
+            "author-page:1",
+            "tag:author:1",
+        ],
+        "replay --apply",
+    );
+    assert!(probe.exists("post:9") && probe.exists("control:keep"));
 }
 
 /// `status` names the worker streaming the slot (its application name and
@@ -444,15 +434,8 @@ fn replay_apply_deletes_the_keys_of_a_recorded_file() {
 fn status_names_the_worker_that_streams_the_slot() {
     let pg = PgCluster::start();
     let redis = RedisServer::start();
-    pg.psql(support::SYNC_PROBE_TABLE);
-    let cfg = WorkerConfig::new(
-        &pg,
-        &redis,
-        &[("zz_sync_probe.toml", support::SYNC_PROBE_MAPPING)],
-        "",
-    );
-    let (code, out, err) = cfg.command(&["setup"]);
-    assert_eq!(code, 0, "{out}\n{err}");
+    let cfg = WorkerConfig::new(&pg, &redis, &support::with_sync_probe(&pg, &[]), "");
+    cfg.run_setup(&[]);
     let streaming = |app: &str| {
         let mut worker = cfg.spawn_worker();
         support::sync_worker(&pg, &redis, Duration::from_secs(60));

@@ -14,7 +14,7 @@ use cache_invalidator::lsn::Lsn;
 use cache_invalidator::plan::Plan;
 use cache_invalidator::sink::{RedisSink, SinkOptions};
 use redis::Commands;
-use support::{PgCluster, RedisProbe, RedisServer, WorkerConfig};
+use support::{PgCluster, RedisProbe, RedisServer};
 
 const WAIT: Duration = Duration::from_secs(20);
 
@@ -26,9 +26,17 @@ fn options(redis: &RedisServer) -> SinkOptions {
 async fn connections(
     redis: &RedisServer,
 ) -> (redis::Connection, redis::aio::MultiplexedConnection) {
-    let client = redis.client();
-    let async_conn = client.get_multiplexed_async_connection().await.unwrap();
-    (client.get_connection().unwrap(), async_conn)
+    let async_conn = redis.async_connection().await;
+    (redis.client().get_connection().unwrap(), async_conn)
+}
+
+/// User `id`'s profile through `vc`: the version and the cached data.
+async fn profile(
+    vc: &VersionedCache,
+    a: &mut redis::aio::MultiplexedConnection,
+    id: &str,
+) -> (i64, Option<String>) {
+    vc.get_versioned(a, "user", id, "profile").await.unwrap()
 }
 
 fn tombstones(keys: &[(&str, u64)], tags: &[(&str, u64)]) -> Plan {
@@ -229,35 +237,15 @@ async fn versioned_get_reads_version_and_data_in_one_script() {
     let redis = RedisServer::start();
     let (mut c, mut a) = connections(&redis).await;
     let vc = VersionedCache::new("version:");
-    assert_eq!(
-        vc.get_versioned(&mut a, "user", "1", "profile")
-            .await
-            .unwrap(),
-        (1, None)
-    );
+    assert_eq!(profile(&vc, &mut a, "1").await, (1, None));
     vc.fill(&mut a, "user", "1", "profile", 1, "p1", 300)
         .await
         .unwrap();
-    assert_eq!(
-        vc.get_versioned(&mut a, "user", "1", "profile")
-            .await
-            .unwrap(),
-        (1, Some("p1".into()))
-    );
+    assert_eq!(profile(&vc, &mut a, "1").await, (1, Some("p1".into())));
     let _: () = c.set("version:user:1", 2).unwrap();
-    assert_eq!(
-        vc.get_versioned(&mut a, "user", "1", "profile")
-            .await
-            .unwrap(),
-        (2, None)
-    );
+    assert_eq!(profile(&vc, &mut a, "1").await, (2, None));
     let zero = VersionedCache::new("version:").missing_version(0);
-    assert_eq!(
-        zero.get_versioned(&mut a, "user", "2", "profile")
-            .await
-            .unwrap(),
-        (0, None)
-    );
+    assert_eq!(profile(&zero, &mut a, "2").await, (0, None));
     let v = vc
         .get_or_fill(&mut a, "user", "1", "profile", 300, || async {
             Ok::<_, std::io::Error>("p2".to_string())
@@ -281,12 +269,7 @@ async fn set_caches_under_the_current_version_and_keeps_the_version_key_longer()
     vc.set(&mut a, "user", "1", "profile", "p3", 300)
         .await
         .unwrap();
-    assert_eq!(
-        vc.get_versioned(&mut a, "user", "1", "profile")
-            .await
-            .unwrap(),
-        (3, Some("p3".into()))
-    );
+    assert_eq!(profile(&vc, &mut a, "1").await, (3, Some("p3".into())));
     let data_ttl: i64 = c.ttl("user:1:v3:profile").unwrap();
     let version_ttl: i64 = c.ttl("version:user:1").unwrap();
     assert!((290..=300).contains(&data_ttl), "data TTL {data_ttl}");
@@ -343,28 +326,18 @@ async fn stale_set_race_unlink_is_stale_guarded_and_versioned_fills_are_not() {
     let pg = PgCluster::start();
     let redis = RedisServer::start();
     pg.psql(ITEMS);
-    pg.psql(support::SYNC_PROBE_TABLE);
     pg.psql("INSERT INTO items VALUES (1, 1)");
-    let cfg = WorkerConfig::new(
+    let (_cfg, _worker) = support::running_worker(
         &pg,
         &redis,
-        &[
-            ("items.toml", MAPPING),
-            ("zz_sync.toml", support::SYNC_PROBE_MAPPING),
-        ],
+        &[("items.toml", MAPPING)],
         "tombstone_ms = 10000",
+        &[],
+        WAIT,
     );
-    let (code, out, err) = cfg.command(&["setup"]);
-    assert_eq!(code, 0, "setup failed:\n{out}\n{err}");
-    let _worker = cfg.spawn_worker();
-    support::sync_worker(&pg, &redis, WAIT);
 
     let mut probe = RedisProbe::new(&redis);
-    let mut a = redis
-        .client()
-        .get_multiplexed_async_connection()
-        .await
-        .unwrap();
+    let mut a = redis.async_connection().await;
     let vc = VersionedCache::new("version:");
 
     // 1. The readers miss and read the database before the commit.

@@ -8,7 +8,6 @@ use std::time::Duration;
 
 use cache_invalidator::plan::{Plan, Publish};
 use cache_invalidator::security::redis_acl_rule;
-use cache_invalidator::sink::identity::{self, Identity, IdentityCheck};
 use cache_invalidator::sink::RedisSink;
 use redis::Commands;
 use support::RedisServer;
@@ -33,11 +32,7 @@ async fn the_documented_acl_is_enough_and_no_more() {
     }
     let _: () = c.set("feed:9:user:1", "x").unwrap();
     let mut sub = admin.get_connection().unwrap();
-    let mut pubsub = sub.as_pubsub();
-    pubsub.subscribe("cache:invalidate").unwrap();
-    pubsub
-        .set_read_timeout(Some(Duration::from_secs(5)))
-        .unwrap();
+    let mut pubsub = support::subscribe(&mut sub, "cache:invalidate", Duration::from_secs(5));
 
     let options = support::sink_options(format!(
         "redis://worker:acl-pw@127.0.0.1:{}/1",
@@ -74,24 +69,9 @@ async fn the_documented_acl_is_enough_and_no_more() {
         .expect("reload scripts under the ACL");
 
     // The identity guard: INFO, GET and SET of the identity key.
+    let (key, current) = support::slot1_identity(&sink).await;
+    support::store_identity(&sink, &key, &current).await;
     let mut conn = sink.connection();
-    let key = identity::identity_key("slot1");
-    let current = Identity {
-        redis_run_id: identity::redis_run_id(&mut conn, sink.target())
-            .await
-            .unwrap(),
-        pg_system_id: "42".into(),
-        pg_timeline: 1,
-    };
-    identity::store(&mut conn, sink.target(), &key, &current)
-        .await
-        .unwrap();
-    assert_eq!(
-        identity::check(&mut conn, sink.target(), &key, &current)
-            .await
-            .unwrap(),
-        IdentityCheck::Unchanged
-    );
     // PING and WAIT are permitted.
     let _: String = redis::cmd("PING").query_async(&mut conn).await.unwrap();
     let _: i64 = redis::cmd("WAIT")

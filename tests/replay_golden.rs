@@ -10,6 +10,7 @@ use std::process::Command;
 use std::sync::Arc;
 
 use cache_invalidator::config::{Config, EnvOverrides};
+use cache_invalidator::map::Mappings;
 use cache_invalidator::replay::replay_str;
 
 fn root() -> PathBuf {
@@ -33,6 +34,22 @@ fn fixtures() -> Vec<PathBuf> {
 fn expected(f: &Path) -> String {
     let e = f.with_extension("expected.jsonl");
     std::fs::read_to_string(&e).unwrap_or_else(|err| panic!("{}: {err}", e.display()))
+}
+
+/// The plans the library makes of the recorded file `f` with `config`'s
+/// planner settings and `mappings`, one JSON line each (as the binary prints
+/// them).
+fn library_plans(config: &Config, mappings: Arc<Mappings>, f: &Path) -> String {
+    let plans = replay_str(
+        mappings,
+        config.planner_context("replay"),
+        &std::fs::read_to_string(f).unwrap(),
+    )
+    .unwrap();
+    plans
+        .iter()
+        .map(|p| serde_json::to_string(p).unwrap() + "\n")
+        .collect()
 }
 
 fn bin(args: &[&str]) -> std::process::Output {
@@ -80,16 +97,7 @@ fn golden_plans_through_the_library() {
         if f.to_string_lossy().contains("malformed") {
             continue;
         }
-        let plans = replay_str(
-            Arc::clone(&mappings),
-            config.planner_context("replay"),
-            &std::fs::read_to_string(&f).unwrap(),
-        )
-        .unwrap();
-        let got: String = plans
-            .iter()
-            .map(|p| serde_json::to_string(p).unwrap() + "\n")
-            .collect();
+        let got = library_plans(&config, Arc::clone(&mappings), &f);
         assert_eq!(got, expected(&f), "{}", f.display());
     }
 }
@@ -201,15 +209,6 @@ fn golden_refresh_plans() {
         &EnvOverrides::default(),
     )
     .unwrap();
-    let plans = replay_str(
-        Arc::new(config.mappings.load().unwrap()),
-        config.planner_context("replay"),
-        &std::fs::read_to_string(&f).unwrap(),
-    )
-    .unwrap();
-    let got: String = plans
-        .iter()
-        .map(|p| serde_json::to_string(p).unwrap() + "\n")
-        .collect();
+    let got = library_plans(&config, Arc::new(config.mappings.load().unwrap()), &f);
     assert_eq!(got, expected);
 }

@@ -41,11 +41,7 @@ async fn keys_tags_versions_patterns_and_publish() {
     let _: () = c.set("feed:9:user:1*", "x").unwrap();
 
     let mut sub = redis.client().get_connection().unwrap();
-    let mut pubsub = sub.as_pubsub();
-    pubsub.subscribe("cache:invalidate").unwrap();
-    pubsub
-        .set_read_timeout(Some(Duration::from_secs(5)))
-        .unwrap();
+    let mut pubsub = support::subscribe(&mut sub, "cache:invalidate", Duration::from_secs(5));
 
     let plan = plan_with(|p| {
         p.keys.insert("user:1:profile");
@@ -270,29 +266,14 @@ async fn identity_detects_a_restarted_redis() {
     let mut redis = RedisServer::start();
     let sink = RedisSink::connect(&options(&redis)).await.unwrap();
     let mut conn = sink.connection();
-    let key = identity::identity_key("slot1");
-    let current = Identity {
-        redis_run_id: identity::redis_run_id(&mut conn, sink.target())
-            .await
-            .unwrap(),
-        pg_system_id: "42".into(),
-        pg_timeline: 1,
-    };
+    let (key, current) = support::slot1_identity(&sink).await;
     assert_eq!(
         identity::check(&mut conn, sink.target(), &key, &current)
             .await
             .unwrap(),
         IdentityCheck::Missing
     );
-    identity::store(&mut conn, sink.target(), &key, &current)
-        .await
-        .unwrap();
-    assert_eq!(
-        identity::check(&mut conn, sink.target(), &key, &current)
-            .await
-            .unwrap(),
-        IdentityCheck::Unchanged
-    );
+    support::store_identity(&sink, &key, &current).await;
     // Persist the identity, restart: same data, new run_id.
     let _: () = redis::cmd("SAVE")
         .query(&mut redis.client().get_connection().unwrap())

@@ -23,7 +23,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use cache_invalidator::cache::{self, Lookup, VersionedCache};
-use support::{PgCluster, RedisServer, WorkerConfig};
+use support::{PgCluster, RedisServer};
 
 const MAPPING: &str = r#"
 [[table]]
@@ -407,20 +407,14 @@ fn staleness() {
     let pg = PgCluster::start();
     let redis = RedisServer::start();
     pg.psql("CREATE TABLE items (id int PRIMARY KEY, v bigint NOT NULL)");
-    pg.psql(support::SYNC_PROBE_TABLE);
-    let cfg = WorkerConfig::new(
+    let (_cfg, _worker) = support::running_worker(
         &pg,
         &redis,
-        &[
-            ("items.toml", MAPPING),
-            ("zz_sync.toml", support::SYNC_PROBE_MAPPING),
-        ],
+        &[("items.toml", MAPPING)],
         "tombstone_ms = 10000",
+        &[],
+        Duration::from_secs(30),
     );
-    let (code, out, err) = cfg.command(&["setup"]);
-    assert_eq!(code, 0, "setup failed:\n{out}\n{err}");
-    let _worker = cfg.spawn_worker();
-    support::sync_worker(&pg, &redis, Duration::from_secs(30));
 
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

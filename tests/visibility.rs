@@ -72,15 +72,11 @@ fn setup(postgres_extra: impl FnOnce(&PgCluster) -> String) -> Setup {
     let pg = PgCluster::start();
     let redis = RedisServer::start();
     pg.psql(ITEMS);
-    pg.psql(support::SYNC_PROBE_TABLE);
     pg.psql("INSERT INTO items VALUES (1, 1)");
     let cfg = WorkerConfig::new(
         &pg,
         &redis,
-        &[
-            ("items.toml", MAPPING),
-            ("zz_sync.toml", support::SYNC_PROBE_MAPPING),
-        ],
+        &support::with_sync_probe(&pg, &[("items.toml", MAPPING)]),
         "",
     );
     let metrics_port = support::free_port();
@@ -88,8 +84,7 @@ fn setup(postgres_extra: impl FnOnce(&PgCluster) -> String) -> Setup {
         "cache-invalidator.toml",
         &config_text(&pg, &redis, &postgres_extra(&pg), metrics_port),
     );
-    let (code, out, err) = cfg.command(&["setup"]);
-    assert_eq!(code, 0, "setup failed:\n{out}\n{err}");
+    cfg.run_setup(&[]);
     Setup {
         pg,
         redis,
@@ -247,12 +242,7 @@ async fn commit_waiting_for_a_synchronous_standby_is_not_invalidated_until_visib
     let s = setup(|_| String::new());
     let worker = start_worker(&s);
     let mut probe = RedisProbe::new(&s.redis);
-    let mut a = s
-        .redis
-        .client()
-        .get_multiplexed_async_connection()
-        .await
-        .unwrap();
+    let mut a = s.redis.async_connection().await;
     probe.set("plain:1", "1");
     probe.set("version:item:1", "1");
 
@@ -325,12 +315,7 @@ async fn without_the_check_the_synchronous_standby_window_leaves_stale_entries()
     let s = setup(|_| "visibility_check = false".into());
     let _worker = start_worker(&s);
     let mut probe = RedisProbe::new(&s.redis);
-    let mut a = s
-        .redis
-        .client()
-        .get_multiplexed_async_connection()
-        .await
-        .unwrap();
+    let mut a = s.redis.async_connection().await;
     probe.set("plain:1", "1");
 
     let writer = start_sync_rep_writer(&s.pg, 2);
@@ -403,6 +388,16 @@ fn wait_replica_metric(s: &Setup, what: &str, metric: &str, name: &str, ok: impl
     });
 }
 
+/// How many batches the worker stopped waiting for replica `name` at
+/// `replica_max_wait_ms`.
+fn replica_timeouts(s: &Setup, name: &str) -> f64 {
+    sample(
+        s.metrics_port,
+        "cache_invalidator_replica_timeouts_total",
+        name,
+    )
+}
+
 /// Done-when (2) and (4), replica: with replay paused the key stays and a
 /// reader of the replica that fills the old row leaves nothing stale; the
 /// key is gone within a second of resume.
@@ -411,12 +406,7 @@ async fn paused_replica_holds_the_invalidation_until_it_replayed() {
     let (s, standby, name) = setup_with_replica(60_000);
     let worker = start_worker(&s);
     let mut probe = RedisProbe::new(&s.redis);
-    let mut a = s
-        .redis
-        .client()
-        .get_multiplexed_async_connection()
-        .await
-        .unwrap();
+    let mut a = s.redis.async_connection().await;
     wait_replica_up(&s, &name, true);
     probe.set("plain:1", "1");
     probe.set("version:item:1", "1");
@@ -451,14 +441,7 @@ async fn paused_replica_holds_the_invalidation_until_it_replayed() {
             &name
         ) >= 1.0
     );
-    assert_eq!(
-        sample(
-            s.metrics_port,
-            "cache_invalidator_replica_timeouts_total",
-            &name
-        ),
-        0.0
-    );
+    assert_eq!(replica_timeouts(&s, &name), 0.0);
     drop(worker);
 }
 
@@ -514,14 +497,7 @@ fn paused_replica_past_max_wait_is_applied_then_applied_again_after_resume() {
     );
     // Both batches applied ahead of it counted: the timed-out one and the
     // one applied while it was still behind.
-    assert_eq!(
-        sample(
-            s.metrics_port,
-            "cache_invalidator_replica_timeouts_total",
-            &name
-        ),
-        2.0
-    );
+    assert_eq!(replica_timeouts(&s, &name), 2.0);
 }
 
 /// Done-when (3): a stopped replica does not block: invalidation goes on, it
@@ -566,14 +542,7 @@ fn stopped_replica_is_marked_down_and_does_not_block() {
         &name,
         |v| v >= 1.0,
     );
-    assert_eq!(
-        sample(
-            s.metrics_port,
-            "cache_invalidator_replica_timeouts_total",
-            &name
-        ),
-        0.0
-    );
+    assert_eq!(replica_timeouts(&s, &name), 0.0);
     probe.set("plain:1", "1");
     s.pg.psql("UPDATE items SET v = 5 WHERE id = 1");
     probe.wait_gone("plain:1", WAIT);

@@ -5,7 +5,7 @@ mod support;
 
 use std::time::Duration;
 
-use support::{PgCluster, RedisProbe, RedisServer, WorkerConfig};
+use support::{PgCluster, RedisProbe, RedisServer, WorkerConfig, WorkerProcess};
 
 const WAIT: Duration = Duration::from_secs(20);
 
@@ -23,6 +23,23 @@ fn demo() -> (PgCluster, RedisServer, WorkerConfig) {
 /// Waits until the worker applied everything committed so far.
 fn sync(pg: &PgCluster, redis: &RedisServer) {
     support::sync_worker(pg, redis, WAIT);
+}
+
+/// Servers with `table_sql` run, `mapping` written as `file` beside the sync
+/// probe, `setup` run with `setup_flags`, and a worker that caught up (its
+/// log is in the config's directory: keep both).
+fn one_table(
+    table_sql: &str,
+    mapping: (&str, &str),
+    worker_toml: &str,
+    setup_flags: &[&str],
+) -> (PgCluster, RedisServer, WorkerConfig, WorkerProcess) {
+    let pg = PgCluster::start();
+    let redis = RedisServer::start();
+    pg.psql(table_sql);
+    let (cfg, worker) =
+        support::running_worker(&pg, &redis, &[mapping], worker_toml, setup_flags, WAIT);
+    (pg, redis, cfg, worker)
 }
 
 #[test]
@@ -48,9 +65,7 @@ fn profile_picture_change_invalidates_every_strategy() {
     r.sadd("tag:user:123", "chat:room:42:participants");
 
     let mut sub_conn = redis.client().get_connection().unwrap();
-    let mut pubsub = sub_conn.as_pubsub();
-    pubsub.subscribe("cache:invalidate").unwrap();
-    pubsub.set_read_timeout(Some(WAIT)).unwrap();
+    let mut pubsub = support::subscribe(&mut sub_conn, "cache:invalidate", WAIT);
 
     pg.psql("UPDATE users SET avatar_url = 'https://img.example.com/ada-2.png' WHERE id = 123");
 
@@ -82,13 +97,7 @@ fn profile_picture_change_invalidates_every_strategy() {
     );
 
     // The shaped message of the lesson's listener.
-    let msg = loop {
-        let m = pubsub.get_message().expect("a pub/sub message");
-        let payload: String = m.get_payload().unwrap();
-        if payload.contains("\"123\"") {
-            break payload;
-        }
-    };
+    let msg = support::wait_message(&mut pubsub, "\"123\"");
     let json: serde_json::Value = serde_json::from_str(&msg).unwrap();
     assert_eq!(json, serde_json::json!({"entity": "user", "id": "123"}));
     assert_eq!(
@@ -317,31 +326,20 @@ fn run_refuses_rules_the_replica_identity_cannot_serve_and_allkeys_eviction() {
 
 #[test]
 fn patterns_and_default_messages_end_to_end() {
-    let pg = PgCluster::start();
-    let redis = RedisServer::start();
-    pg.psql("CREATE TABLE feeds (id int PRIMARY KEY, owner text NOT NULL, title text)");
-    pg.psql(support::SYNC_PROBE_TABLE);
     let mapping = r#"
 [[table]]
 name = "feeds"
 patterns = ["feed:*:owner:{owner}"]
 channels = ["cache:feeds"]
 "#;
-    let cfg = WorkerConfig::new(
-        &pg,
-        &redis,
-        &[
-            ("feeds.toml", mapping),
-            ("probe.toml", support::SYNC_PROBE_MAPPING),
-        ],
-        "",
-    );
     // The pattern uses `owner`, which can change: old rows need REPLICA IDENTITY FULL.
-    let (code, out, err) = cfg.command(&["setup", "--replica-identity-full"]);
-    assert_eq!(code, 0, "{out}{err}");
+    let (pg, redis, _cfg, _worker) = one_table(
+        "CREATE TABLE feeds (id int PRIMARY KEY, owner text NOT NULL, title text)",
+        ("feeds.toml", mapping),
+        "",
+        &["--replica-identity-full"],
+    );
     let mut r = RedisProbe::new(&redis);
-    let _worker = cfg.spawn_worker();
-    sync(&pg, &redis);
     pg.psql("INSERT INTO feeds VALUES (1, 'ann', 'x'), (2, '*', 'y')");
     sync(&pg, &redis);
 
@@ -356,9 +354,7 @@ channels = ["cache:feeds"]
         r.set(key, "cached");
     }
     let mut sub_conn = redis.client().get_connection().unwrap();
-    let mut pubsub = sub_conn.as_pubsub();
-    pubsub.subscribe("cache:feeds").unwrap();
-    pubsub.set_read_timeout(Some(WAIT)).unwrap();
+    let mut pubsub = support::subscribe(&mut sub_conn, "cache:feeds", WAIT);
 
     pg.psql("UPDATE feeds SET title = 'z' WHERE id = 1");
     r.wait_gone("feed:1:owner:ann", WAIT);
@@ -388,30 +384,19 @@ channels = ["cache:feeds"]
 
 #[test]
 fn an_overlong_value_fires_the_tables_truncate_as_a_counted_fallback() {
-    let pg = PgCluster::start();
-    let redis = RedisServer::start();
-    pg.psql("CREATE TABLE docs (id int PRIMARY KEY, slug text NOT NULL)");
-    pg.psql(support::SYNC_PROBE_TABLE);
     let mapping = r#"
 [[table]]
 name = "docs"
 keys = ["doc:{slug}"]
 on = ["insert"]
 "#;
-    let cfg = WorkerConfig::new(
-        &pg,
-        &redis,
-        &[
-            ("docs.toml", mapping),
-            ("probe.toml", support::SYNC_PROBE_MAPPING),
-        ],
+    let (pg, redis, _cfg, worker) = one_table(
+        "CREATE TABLE docs (id int PRIMARY KEY, slug text NOT NULL)",
+        ("docs.toml", mapping),
         "max_key_bytes = 1024",
+        &[],
     );
-    let (code, out, err) = cfg.command(&["setup"]);
-    assert_eq!(code, 0, "{out}{err}");
     let mut r = RedisProbe::new(&redis);
-    let worker = cfg.spawn_worker();
-    sync(&pg, &redis);
     r.set("doc:short", "cached");
     r.set("doc:other", "cached");
     r.set("control:4", "kept");

@@ -6,6 +6,9 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use cache_invalidator::sink::identity::{self, Identity, IdentityCheck};
+use cache_invalidator::sink::RedisSink;
+
 use super::common::{free_port, signal, wait_for, wait_or_kill, ScratchDir, START_TIMEOUT};
 
 /// A throwaway `redis-server`: no persistence unless asked, its own port and dir.
@@ -139,6 +142,14 @@ impl RedisServer {
         redis::Client::open(self.url()).expect("redis url")
     }
 
+    /// An async connection, as an application's reader or writer holds one.
+    pub async fn async_connection(&self) -> redis::aio::MultiplexedConnection {
+        self.client()
+            .get_multiplexed_async_connection()
+            .await
+            .expect("redis async connection")
+    }
+
     /// Graceful shutdown (SIGTERM), waiting for it.
     pub fn stop(&mut self) {
         if let Some(mut child) = self.child.take() {
@@ -229,4 +240,59 @@ pub fn sink_options(url: impl Into<String>) -> cache_invalidator::sink::SinkOpti
         redelete_after: None,
         tls: Default::default(),
     }
+}
+
+/// Subscribes `conn` to `channel`; every read waits at most `timeout`.
+pub fn subscribe<'a>(
+    conn: &'a mut redis::Connection,
+    channel: &str,
+    timeout: Duration,
+) -> redis::PubSub<'a> {
+    let mut pubsub = conn.as_pubsub();
+    pubsub.subscribe(channel).expect("SUBSCRIBE");
+    pubsub
+        .set_read_timeout(Some(timeout))
+        .expect("read timeout");
+    pubsub
+}
+
+/// Reads messages until one whose payload contains `needle`, and returns
+/// that payload (a read that times out fails the test).
+pub fn wait_message(pubsub: &mut redis::PubSub<'_>, needle: &str) -> String {
+    loop {
+        let m = pubsub.get_message().expect("a pub/sub message");
+        let payload: String = m.get_payload().expect("a text payload");
+        if payload.contains(needle) {
+            return payload;
+        }
+    }
+}
+
+/// The identity the worker of slot `slot1` (PostgreSQL system 42, timeline
+/// 1) would keep in `sink`'s Redis: its key and its value.
+pub async fn slot1_identity(sink: &RedisSink) -> (String, Identity) {
+    let mut conn = sink.connection();
+    let current = Identity {
+        redis_run_id: identity::redis_run_id(&mut conn, sink.target())
+            .await
+            .expect("the Redis run id"),
+        pg_system_id: "42".into(),
+        pg_timeline: 1,
+    };
+    (identity::identity_key("slot1"), current)
+}
+
+/// Stores `current` under `key` through `sink`'s connection and checks it
+/// then reads as unchanged.
+pub async fn store_identity(sink: &RedisSink, key: &str, current: &Identity) {
+    let mut conn = sink.connection();
+    identity::store(&mut conn, sink.target(), key, current)
+        .await
+        .expect("store the identity");
+    assert_eq!(
+        identity::check(&mut conn, sink.target(), key, current)
+            .await
+            .expect("check the identity"),
+        IdentityCheck::Unchanged
+    );
 }

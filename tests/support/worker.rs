@@ -19,6 +19,37 @@ pub const SYNC_PROBE_TABLE: &str =
 pub const SYNC_PROBE_MAPPING: &str =
     "[[table]]\nname = \"sync_probe\"\nkeys = [\"sync:{id}\"]\ntruncate = \"none\"\n";
 
+/// Creates [`SYNC_PROBE_TABLE`] on `pg` and returns `mappings` with its
+/// mapping (`zz_sync.toml`) added: what a config needs for [`sync_worker`].
+pub fn with_sync_probe<'a>(
+    pg: &PgCluster,
+    mappings: &[(&'a str, &'a str)],
+) -> Vec<(&'a str, &'a str)> {
+    pg.psql(SYNC_PROBE_TABLE);
+    let mut files = mappings.to_vec();
+    files.push(("zz_sync.toml", SYNC_PROBE_MAPPING));
+    files
+}
+
+/// A config for `pg`/`redis` with `mappings` and the sync probe (extra
+/// `[worker]` lines `worker_toml`), `setup` run with `setup_flags`, and a
+/// worker that applied everything committed so far (waiting at most
+/// `timeout`). The worker's log is in the config's directory: keep both.
+pub fn running_worker(
+    pg: &PgCluster,
+    redis: &RedisServer,
+    mappings: &[(&str, &str)],
+    worker_toml: &str,
+    setup_flags: &[&str],
+    timeout: Duration,
+) -> (WorkerConfig, WorkerProcess) {
+    let cfg = WorkerConfig::new(pg, redis, &with_sync_probe(pg, mappings), worker_toml);
+    cfg.run_setup(setup_flags);
+    let worker = cfg.spawn_worker();
+    sync_worker(pg, redis, timeout);
+    (cfg, worker)
+}
+
 /// Commits a change to `sync_probe` row `id` and returns a WAL position
 /// inside that transaction: once a slot confirms it, the worker has applied
 /// everything committed before (and the change itself).
@@ -242,6 +273,15 @@ impl WorkerConfig {
             String::from_utf8_lossy(&out.stdout).into_owned(),
             String::from_utf8_lossy(&out.stderr).into_owned(),
         )
+    }
+
+    /// Runs `setup` with `flags`, asserts it succeeded, and returns its stdout.
+    pub fn run_setup(&self, flags: &[&str]) -> String {
+        let mut args = vec!["setup"];
+        args.extend_from_slice(flags);
+        let (code, out, err) = self.command(&args);
+        assert_eq!(code, 0, "setup failed:\n{out}\n{err}");
+        out
     }
 
     /// Starts `run` in the background.
