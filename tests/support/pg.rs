@@ -428,24 +428,33 @@ impl Drop for PgServer {
     }
 }
 
+/// Implements `Deref` and `DerefMut` from `$t` to the [`PgServer`] in its
+/// field `server`.
+macro_rules! deref_to_server {
+    ($t:ty) => {
+        impl std::ops::Deref for $t {
+            type Target = PgServer;
+            fn deref(&self) -> &PgServer {
+                &self.server
+            }
+        }
+
+        impl std::ops::DerefMut for $t {
+            fn deref_mut(&mut self) -> &mut PgServer {
+                &mut self.server
+            }
+        }
+    };
+}
+pub(crate) use deref_to_server;
+
 /// A throwaway PostgreSQL cluster; its [`PgServer`] (port, URL, `psql`,
 /// stop and restart) through `Deref`.
 pub struct PgCluster {
     server: PgServer,
 }
 
-impl std::ops::Deref for PgCluster {
-    type Target = PgServer;
-    fn deref(&self) -> &PgServer {
-        &self.server
-    }
-}
-
-impl std::ops::DerefMut for PgCluster {
-    fn deref_mut(&mut self) -> &mut PgServer {
-        &mut self.server
-    }
-}
+deref_to_server!(PgCluster);
 
 impl PgCluster {
     /// Starts a cluster with `wal_level=logical` and the default options.

@@ -17,7 +17,9 @@ use std::process::Command;
 use std::time::Duration;
 
 use super::common::{free_port, wait_for, ScratchDir, START_TIMEOUT};
-use super::pg::{as_owner, chown_tree, pg_bindir, pg_owner, PgCluster, PgOptions, PgServer};
+use super::pg::{
+    as_owner, chown_tree, deref_to_server, pg_bindir, pg_owner, PgCluster, PgOptions, PgServer,
+};
 
 /// A hot standby streaming from a [`PgCluster`]; its [`PgServer`] (port,
 /// URL, `psql`, stop and restart) through `Deref`.
@@ -26,18 +28,7 @@ pub struct Standby {
     slot: String,
 }
 
-impl std::ops::Deref for Standby {
-    type Target = PgServer;
-    fn deref(&self) -> &PgServer {
-        &self.server
-    }
-}
-
-impl std::ops::DerefMut for Standby {
-    fn deref_mut(&mut self) -> &mut PgServer {
-        &mut self.server
-    }
-}
+deref_to_server!(Standby);
 
 impl Standby {
     /// Base-backs up `primary` and starts a hot standby streaming from it.
