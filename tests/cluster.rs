@@ -124,20 +124,15 @@ fn every_strategy_across_slots_and_masters() {
 fn hash_tagged_tags_use_the_single_slot_script() {
     let pg = PgCluster::start();
     let cluster = RedisCluster::start();
-    pg.psql(support::SYNC_PROBE_TABLE);
     pg.psql("CREATE TABLE accounts (id int PRIMARY KEY, n int NOT NULL DEFAULT 0); INSERT INTO accounts (id) SELECT g FROM generate_series(1, 10) g");
     let mapping = "[[table]]\nname = \"accounts\"\ntags = [\"{{user:{id}}}\"]\n";
     let cfg = WorkerConfig::with_redis(
         &pg,
         &cluster.redis_toml(),
-        &[
-            ("accounts.toml", mapping),
-            ("zz_sync.toml", support::SYNC_PROBE_MAPPING),
-        ],
+        &support::with_sync_probe(&pg, &[("accounts.toml", mapping)]),
         "",
     );
-    let (code, out, err) = cfg.command(&["setup", "--replica-identity-full"]);
-    assert_eq!(code, 0, "setup failed:\n{out}\n{err}");
+    cfg.run_setup(&["--replica-identity-full"]);
     let mut r = cluster.connection();
     let worker = cfg.spawn_worker();
     let log = || worker.log();

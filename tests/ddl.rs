@@ -10,9 +10,7 @@ mod support;
 
 use std::time::{Duration, Instant};
 
-use support::{
-    PgCluster, RedisProbe, RedisServer, WorkerConfig, SYNC_PROBE_MAPPING, SYNC_PROBE_TABLE,
-};
+use support::{PgCluster, RedisProbe, RedisServer, WorkerConfig, SYNC_PROBE_MAPPING};
 
 /// Generous: the machine is shared and has two cores.
 const WAIT: Duration = Duration::from_secs(60);
@@ -55,12 +53,11 @@ keys = [\"dropme:{id}\"]
 const CONTROL: &str = "control:key";
 
 fn prepare(pg: &PgCluster, redis: &RedisServer, worker_toml: &str) -> WorkerConfig {
-    pg.psql(SYNC_PROBE_TABLE);
     pg.psql(SCHEMA);
     WorkerConfig::new(
         pg,
         redis,
-        &[("app.toml", MAPPINGS), ("zz_sync.toml", SYNC_PROBE_MAPPING)],
+        &support::with_sync_probe(pg, &[("app.toml", MAPPINGS)]),
         worker_toml,
     )
 }

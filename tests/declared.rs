@@ -40,19 +40,14 @@ CREATE TRIGGER likes_changed AFTER UPDATE ON likes FOR EACH ROW EXECUTE FUNCTION
 ";
 
 fn prepare(pg: &PgCluster, redis: &RedisServer, worker_toml: &str) -> WorkerConfig {
-    pg.psql(SYNC_PROBE_TABLE);
     pg.psql(ITEMS_SQL);
     let cfg = WorkerConfig::new(
         pg,
         redis,
-        &[
-            ("items.toml", ITEMS_MAPPING),
-            ("zz_sync.toml", SYNC_PROBE_MAPPING),
-        ],
+        &support::with_sync_probe(pg, &[("items.toml", ITEMS_MAPPING)]),
         worker_toml,
     );
-    let (code, out, err) = cfg.command(&["setup"]);
-    assert_eq!(code, 0, "setup failed:\n{out}\n{err}");
+    let out = cfg.run_setup(&[]);
     assert!(
         out.contains("CREATE OR REPLACE FUNCTION cache_invalidator.invalidate("),
         "setup prints the API it installs:\n{out}"

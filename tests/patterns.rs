@@ -49,7 +49,6 @@ fn prepare() -> (PgCluster, RedisServer, WorkerConfig) {
 fn prepare_with(filler: u32, worker_lines: &str) -> (PgCluster, RedisServer, WorkerConfig) {
     let pg = PgCluster::start();
     let redis = RedisServer::start();
-    pg.psql(support::SYNC_PROBE_TABLE);
     pg.psql(
         "CREATE TABLE posts (id int PRIMARY KEY, title text);
          CREATE TABLE items (id int PRIMARY KEY, v int NOT NULL DEFAULT 0);
@@ -59,15 +58,13 @@ fn prepare_with(filler: u32, worker_lines: &str) -> (PgCluster, RedisServer, Wor
     let cfg = WorkerConfig::new(
         &pg,
         &redis,
-        &[
-            ("posts.toml", POSTS_MAPPING),
-            ("items.toml", ITEMS_MAPPING),
-            ("zz_sync.toml", support::SYNC_PROBE_MAPPING),
-        ],
+        &support::with_sync_probe(
+            &pg,
+            &[("posts.toml", POSTS_MAPPING), ("items.toml", ITEMS_MAPPING)],
+        ),
         worker_lines,
     );
-    let (code, out, err) = cfg.command(&["setup"]);
-    assert_eq!(code, 0, "setup failed:\n{out}\n{err}");
+    cfg.run_setup(&[]);
     fill(&redis, filler);
     (pg, redis, cfg)
 }
@@ -266,20 +263,15 @@ impl Lcg {
 fn a_thousand_patterns_in_one_batch_delete_what_each_would_alone() {
     let pg = PgCluster::start();
     let redis = RedisServer::start();
-    pg.psql(support::SYNC_PROBE_TABLE);
     pg.psql("CREATE TABLE docs (name text PRIMARY KEY, v int NOT NULL DEFAULT 0)");
     let mapping = "[[table]]\nname = \"docs\"\npatterns = [\"doc:{name}:*\"]\n";
     let cfg = WorkerConfig::new(
         &pg,
         &redis,
-        &[
-            ("docs.toml", mapping),
-            ("zz_sync.toml", support::SYNC_PROBE_MAPPING),
-        ],
+        &support::with_sync_probe(&pg, &[("docs.toml", mapping)]),
         "",
     );
-    let (code, out, err) = cfg.command(&["setup"]);
-    assert_eq!(code, 0, "setup failed:\n{out}\n{err}");
+    cfg.run_setup(&[]);
 
     let alphabet = b"ab:*?[]\\^-1";
     let mut rng = Lcg(17);

@@ -55,19 +55,14 @@ fn start_on(
     mapping: &str,
     worker_toml: &str,
 ) -> (WorkerConfig, WorkerProcess) {
-    pg.psql(support::SYNC_PROBE_TABLE);
     pg.psql(SCHEMA);
     let cfg = WorkerConfig::with_redis(
         pg,
         redis_toml,
-        &[
-            ("profiles.toml", mapping),
-            ("zz_sync.toml", support::SYNC_PROBE_MAPPING),
-        ],
+        &support::with_sync_probe(pg, &[("profiles.toml", mapping)]),
         worker_toml,
     );
-    let (code, out, err) = cfg.command(&["setup"]);
-    assert_eq!(code, 0, "setup failed:\n{out}\n{err}");
+    cfg.run_setup(&[]);
     let w = cfg.spawn_worker();
     w.wait_log("flush marker: firing", WAIT);
     (cfg, w)
