@@ -289,10 +289,11 @@ pub async fn server_prerequisites(
         Ok(row) => row,
         Err(e) => {
             out.push((
-                Finding::error(format!(
-                    "PostgreSQL ({url}): reading the server settings failed: {}",
-                    crate::pg::describe(&e)
-                )),
+                Finding::error(
+                    crate::pg::PgError::query("reading the server settings", e)
+                        .at(url)
+                        .to_string(),
+                ),
                 true,
             ));
             return out;

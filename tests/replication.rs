@@ -139,7 +139,12 @@ async fn connects_over_tcp_and_unix_socket_and_identifies_the_system() {
     assert!(!sql.publication_exists("nope").await.unwrap());
     let err = sql.check_publication("nope").await.unwrap_err();
     assert!(
-        matches!(err, SourceError::PublicationMissing { .. }),
+        matches!(
+            err,
+            pg::PgError::Source {
+                source: SourceError::PublicationMissing { .. }
+            }
+        ),
         "{err}"
     );
     let lsn = sql

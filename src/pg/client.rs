@@ -5,10 +5,10 @@
 //! parsed) or [`connect_url`] (a config's URL and password): the worker's side
 //! tasks, the visibility checks, `check`, `setup`, `status`, `record`, `demo`.
 //!
-//! Connection failures are [`SourceError`]s, classified like the replication
-//! connection's (a retry class, the fix in the message). [`SqlClient`]'s own
-//! statements fail with [`SourceError::Sql`]; the catalog reads in
-//! [`super::catalog`] and [`super::failover`] with [`PgError`].
+//! Everything here fails with [`PgError`]: connection failures as the
+//! replication connection's [`SourceError`]s (a retry class, the fix in the
+//! message), [`SqlClient`]'s statements like the catalog reads in
+//! [`super::catalog`] and [`super::failover`], with the URL they ran on.
 
 use tokio::task::JoinHandle;
 use tokio_postgres::config::SslMode as PgSslMode;
@@ -37,7 +37,7 @@ impl std::fmt::Debug for SqlClient {
 /// Opens a SQL connection from the settings (unix sockets via `host_path`).
 /// Several hosts are tried in order; with `target_session_attrs=read-write`
 /// a read-only server (a standby) is skipped. The error is the last host's.
-pub async fn connect(settings: &ConnectionSettings) -> Result<SqlClient, SourceError> {
+pub async fn connect(settings: &ConnectionSettings) -> Result<SqlClient, PgError> {
     settings
         .connect_first(|candidate| async move {
             let client = connect_one(&candidate).await?;
@@ -51,7 +51,8 @@ pub async fn connect(settings: &ConnectionSettings) -> Result<SqlClient, SourceE
                     return Err(SourceError::NotReadWrite {
                         target: candidate.target(),
                         url: client.url.clone(),
-                    });
+                    }
+                    .into());
                 }
             }
             Ok(client)
@@ -63,14 +64,11 @@ pub async fn connect(settings: &ConnectionSettings) -> Result<SqlClient, SourceE
 /// unix sockets) and connects as [`connect`] does; `password`, when given,
 /// overrides the one in `url`.
 pub async fn connect_url(url: &str, password: Option<&str>) -> Result<SqlClient, PgError> {
-    let settings = ConnectionSettings::parse(url, password.map(str::to_owned))
-        .map_err(|source| PgError::Source { source })?;
-    connect(&settings)
-        .await
-        .map_err(|source| PgError::Source { source })
+    let settings = ConnectionSettings::parse(url, password.map(str::to_owned))?;
+    connect(&settings).await
 }
 
-async fn connect_one(settings: &ConnectionSettings) -> Result<SqlClient, SourceError> {
+async fn connect_one(settings: &ConnectionSettings) -> Result<SqlClient, PgError> {
     let url = settings.to_string();
     let tls = crate::source::tls::setup(settings)?;
     let mut config = tokio_postgres::Config::new();
@@ -89,7 +87,7 @@ async fn connect_one(settings: &ConnectionSettings) -> Result<SqlClient, SourceE
         config.password(pw);
     }
     let log_url = url.clone();
-    let failed = |source| sql_error(source, "connect", &url, &settings.user, settings);
+    let failed = |source| connect_error(source, &url, settings);
     let (client, handle) = match tls {
         None => {
             config.ssl_mode(PgSslMode::Disable);
@@ -130,13 +128,14 @@ where
     })
 }
 
-fn sql_error(
+/// A failed connection attempt as the replication connection would report
+/// it (authentication, TLS, an unreachable server); other failures (a
+/// missing database, too many connections) as a failed statement.
+fn connect_error(
     source: tokio_postgres::Error,
-    during: &str,
     url: &str,
-    user: &str,
     settings: &ConnectionSettings,
-) -> SourceError {
+) -> PgError {
     if let Some(db) = source.as_db_error() {
         if matches!(db.code().code(), "28P01" | "28000") {
             let server = ServerError {
@@ -146,10 +145,18 @@ fn sql_error(
                 detail: db.detail().map(str::to_string),
                 hint: db.hint().map(str::to_string),
             };
-            return crate::source::error::classify(server, during, url, user, None, None);
+            return crate::source::error::classify(
+                server,
+                "connect",
+                url,
+                &settings.user,
+                None,
+                None,
+            )
+            .into();
         }
     }
-    if during == "connect" && source.as_db_error().is_none() {
+    if source.as_db_error().is_none() {
         let text = source.to_string();
         let mut reason = String::new();
         let mut cause = std::error::Error::source(&source);
@@ -162,14 +169,16 @@ fn sql_error(
                 target: settings.target(),
                 sslmode: settings.sslmode.as_str(),
                 url: url.to_string(),
-            };
+            }
+            .into();
         }
         if text.contains("TLS handshake") {
             return SourceError::TlsHandshake {
                 target: settings.target(),
                 url: url.to_string(),
                 reason,
-            };
+            }
+            .into();
         }
         if let Some(io) =
             std::error::Error::source(&source).and_then(|s| s.downcast_ref::<std::io::Error>())
@@ -178,14 +187,11 @@ fn sql_error(
                 target: settings.target(),
                 url: url.to_string(),
                 source: std::io::Error::new(io.kind(), io.to_string()),
-            };
+            }
+            .into();
         }
     }
-    SourceError::Sql {
-        during: during.to_string(),
-        url: url.to_string(),
-        source,
-    }
+    PgError::query("connecting", source).at(url)
 }
 
 impl SqlClient {
@@ -205,17 +211,14 @@ impl SqlClient {
         &self.url
     }
 
-    fn err(&self, during: &str, source: tokio_postgres::Error) -> SourceError {
-        SourceError::Sql {
-            during: during.to_string(),
-            url: self.url.clone(),
-            source,
-        }
+    /// A failed statement of this connection, naming its URL.
+    pub fn err(&self, what: impl Into<String>, source: tokio_postgres::Error) -> PgError {
+        PgError::query(what, source).at(&self.url)
     }
 
     /// `current_setting('wal_level')`.
-    pub async fn wal_level(&self) -> Result<String, SourceError> {
-        let during = "read wal_level";
+    pub async fn wal_level(&self) -> Result<String, PgError> {
+        let during = "reading wal_level";
         let row = self
             .client
             .query_one("SELECT current_setting('wal_level')", &[])
@@ -225,8 +228,8 @@ impl SqlClient {
     }
 
     /// Whether the publication exists.
-    pub async fn publication_exists(&self, publication: &str) -> Result<bool, SourceError> {
-        let during = "read pg_publication";
+    pub async fn publication_exists(&self, publication: &str) -> Result<bool, PgError> {
+        let during = format!("reading publication {publication:?}");
         let row = self
             .client
             .query_opt(
@@ -238,15 +241,17 @@ impl SqlClient {
         Ok(row.is_some())
     }
 
-    /// Fails with [`SourceError::PublicationMissing`] when it does not exist.
-    pub async fn check_publication(&self, publication: &str) -> Result<(), SourceError> {
+    /// Fails with [`SourceError::PublicationMissing`] (what the replication
+    /// connection reports for it too) when it does not exist.
+    pub async fn check_publication(&self, publication: &str) -> Result<(), PgError> {
         if self.publication_exists(publication).await? {
             Ok(())
         } else {
             Err(SourceError::PublicationMissing {
                 publication: publication.to_string(),
                 url: self.url.clone(),
-            })
+            }
+            .into())
         }
     }
 
@@ -256,7 +261,7 @@ impl SqlClient {
         transactional: bool,
         prefix: &str,
         content: &str,
-    ) -> Result<Lsn, SourceError> {
+    ) -> Result<Lsn, PgError> {
         let during = "pg_logical_emit_message";
         let row = self
             .client
@@ -267,8 +272,8 @@ impl SqlClient {
             .await
             .map_err(|e| self.err(during, e))?;
         let lsn: String = row.try_get(0).map_err(|e| self.err(during, e))?;
-        lsn.parse().map_err(|_| SourceError::Protocol {
-            during: during.into(),
+        lsn.parse().map_err(|_| PgError::Answer {
+            what: during.into(),
             url: self.url.clone(),
             reason: format!("not an LSN: {lsn:?}"),
         })
@@ -280,8 +285,8 @@ impl SqlClient {
     pub async fn blocking_transactions(
         &self,
         exclude_pid: i32,
-    ) -> Result<Vec<BlockingTransaction>, SourceError> {
-        let during = "read pg_stat_activity";
+    ) -> Result<Vec<BlockingTransaction>, PgError> {
+        let during = "reading the transactions in pg_stat_activity";
         let rows = self
             .client
             .query(

@@ -293,12 +293,14 @@ impl ConnectionSettings {
     }
 
     /// Runs `connect` on each of [`Self::candidates`] in order until one
-    /// succeeds; the error is the last host's. The one multi-host loop of the
+    /// succeeds; the error is the last host's (a [`SourceError`], or the SQL
+    /// side's error built from one). The one multi-host loop of the
     /// replication connection and the SQL one (`pg::connect`).
-    pub async fn connect_first<T, F, Fut>(&self, mut connect: F) -> Result<T, SourceError>
+    pub async fn connect_first<T, E, F, Fut>(&self, mut connect: F) -> Result<T, E>
     where
         F: FnMut(ConnectionSettings) -> Fut,
-        Fut: std::future::Future<Output = Result<T, SourceError>>,
+        Fut: std::future::Future<Output = Result<T, E>>,
+        E: fmt::Display + From<SourceError>,
     {
         let mut last = None;
         for candidate in self.candidates() {
@@ -313,12 +315,13 @@ impl ConnectionSettings {
                 }
             }
         }
-        Err(
-            last.unwrap_or_else(|| SourceError::InvalidConnectionString {
+        Err(last.unwrap_or_else(|| {
+            SourceError::InvalidConnectionString {
                 masked: self.to_string(),
                 reason: "no host".into(),
-            }),
-        )
+            }
+            .into()
+        }))
     }
 
     /// The unix socket file, for a [`Host::Unix`].

@@ -93,7 +93,8 @@ impl fmt::Display for ServerError {
 
 impl std::error::Error for ServerError {}
 
-/// Everything that can go wrong on the replication connection or its SQL sibling.
+/// Everything that can go wrong on the replication connection, and in
+/// connecting the SQL one (`pg::PgError` wraps it).
 #[derive(Debug, thiserror::Error)]
 pub enum SourceError {
     /// The connection string does not parse.
@@ -332,17 +333,6 @@ pub enum SourceError {
         /// What was wrong.
         reason: String,
     },
-    /// An error from the SQL connection (tokio-postgres).
-    #[error("SQL query failed ({during}, {url})")]
-    Sql {
-        /// What we were doing.
-        during: String,
-        /// Masked URL.
-        url: String,
-        /// The cause.
-        #[source]
-        source: tokio_postgres::Error,
-    },
     /// The connection was left unusable by an earlier error (e.g. a timed-out command).
     #[error("the replication connection to {url} is unusable after an earlier error; reconnect")]
     Poisoned {
@@ -380,15 +370,12 @@ impl SourceError {
             | SlotActive { .. } => RetryClass::BackOffAndRetry,
             ConnectionLost { .. } | Protocol { .. } | Poisoned { .. } => RetryClass::Reconnect,
             Server { server, .. } => class_of_sqlstate(&server.code),
-            Sql { source, .. } => match source.code() {
-                Some(code) => class_of_sqlstate(code.code()),
-                None => RetryClass::Reconnect,
-            },
         }
     }
 }
 
-/// Retry class of a SQLSTATE that no specific variant covers.
+/// Retry class of a SQLSTATE that no specific variant covers (`pg::PgError`
+/// classifies its failed statements with it too).
 pub fn class_of_sqlstate(code: &str) -> RetryClass {
     match code {
         // Connection exceptions; admin shutdown / crash shutdown / cannot connect now.

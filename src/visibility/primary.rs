@@ -19,9 +19,9 @@ use std::time::{Duration, Instant};
 
 use crate::log_fields::{ELAPSED_MS, ERROR, XID};
 use crate::metrics::{Health, Metrics};
-use crate::pg::{self, SqlClient};
+use crate::pg::{self, PgError, SqlClient};
 use crate::repeats::Repeats;
-use crate::source::{self, ConnectionSettings, RetryClass};
+use crate::source::{ConnectionSettings, RetryClass};
 
 /// First re-poll delay while a transaction is not visible yet.
 const POLL_FIRST: Duration = Duration::from_millis(1);
@@ -206,7 +206,7 @@ impl PrimaryVisibility {
                     tokio::time::sleep(delay).await;
                     delay = (delay * 2).min(POLL_MAX);
                 }
-                Err((err, class)) => {
+                Err(err) => {
                     self.client = None;
                     let why = err.to_string();
                     if let Some(count) = failures.tick_for(&why) {
@@ -221,7 +221,7 @@ impl PrimaryVisibility {
                         }
                     }
                     let wait = reconnect.next_delay();
-                    if class == RetryClass::Fatal {
+                    if err.retry_class() == RetryClass::Fatal {
                         tokio::time::sleep(wait.max(Duration::from_secs(1))).await;
                     } else {
                         tokio::time::sleep(wait).await;
@@ -245,13 +245,10 @@ impl PrimaryVisibility {
 
     /// One `pg_current_snapshot()`, connecting first if needed; the
     /// connection is kept only when the query succeeded.
-    async fn snapshot(&mut self) -> Result<Snapshot, (source::SourceError, RetryClass)> {
+    async fn snapshot(&mut self) -> Result<Snapshot, PgError> {
         let client = match self.client.take() {
             Some(client) => client,
-            None => pg::connect(&self.settings).await.map_err(|e| {
-                let class = e.retry_class();
-                (e, class)
-            })?,
+            None => pg::connect(&self.settings).await?,
         };
         let snapshot = query_snapshot(&client).await?;
         self.client = Some(client);
@@ -260,36 +257,22 @@ impl PrimaryVisibility {
 }
 
 /// `SELECT pg_current_snapshot()`, parsed, under [`QUERY_TIMEOUT`].
-async fn query_snapshot(client: &SqlClient) -> Result<Snapshot, (source::SourceError, RetryClass)> {
+async fn query_snapshot(client: &SqlClient) -> Result<Snapshot, PgError> {
     const DURING: &str = "SELECT pg_current_snapshot() (visibility check)";
-    let protocol = |reason: String| {
-        (
-            source::SourceError::Protocol {
-                during: DURING.into(),
-                url: client.url().to_owned(),
-                reason,
-            },
-            RetryClass::Reconnect,
-        )
-    };
-    let sql = |source: tokio_postgres::Error| {
-        let err = source::SourceError::Sql {
-            during: DURING.into(),
-            url: client.url().to_owned(),
-            source,
-        };
-        let class = err.retry_class();
-        (err, class)
+    let answer = |reason: String| PgError::Answer {
+        what: DURING.into(),
+        url: client.url().to_owned(),
+        reason,
     };
     let query = client
         .client()
         .query_one("SELECT pg_current_snapshot()::text", &[]);
     let row = match tokio::time::timeout(QUERY_TIMEOUT, query).await {
-        Ok(result) => result.map_err(sql)?,
-        Err(_) => return Err(protocol(format!("no answer in {QUERY_TIMEOUT:?}"))),
+        Ok(result) => result.map_err(|e| client.err(DURING, e))?,
+        Err(_) => return Err(answer(format!("no answer in {QUERY_TIMEOUT:?}"))),
     };
-    let text: String = row.try_get(0).map_err(sql)?;
-    Snapshot::parse(&text).map_err(|e| protocol(e.to_string()))
+    let text: String = row.try_get(0).map_err(|e| client.err(DURING, e))?;
+    Snapshot::parse(&text).map_err(|e| answer(e.to_string()))
 }
 
 #[cfg(test)]

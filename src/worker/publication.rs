@@ -199,11 +199,7 @@ impl Gaps {
 }
 
 /// Emits `due`'s flush markers (transactional, in one go each) and says so.
-async fn emit(
-    client: &SqlClient,
-    publication: &str,
-    due: &Due,
-) -> Result<(), crate::source::SourceError> {
+async fn emit(client: &SqlClient, publication: &str, due: &Due) -> Result<(), crate::pg::PgError> {
     let what = if due.all {
         "the publication was missing or dropped and recreated".to_string()
     } else {
