@@ -198,22 +198,7 @@ pub async fn probe(config: &Config) -> Result<Status, CliError> {
         safe_wal_size,
         client: streaming_client,
         ..
-    } = slot.clone().unwrap_or(SlotFacts {
-        plugin: None,
-        slot_type: String::new(),
-        database: None,
-        active: false,
-        active_pid: None,
-        confirmed_flush_lsn: None,
-        restart_lsn: None,
-        wal_status: None,
-        safe_wal_size: None,
-        current_lsn: String::new(),
-        lag_bytes: None,
-        retained_wal_bytes: None,
-        streaming: false,
-        client: None,
-    });
+    } = slot.clone().unwrap_or_default();
     // Ours when it carries the application_name our config sets (a URL may
     // name another than the default the catalog query compares with).
     let streaming = match crate::source::ConnectionSettings::parse(

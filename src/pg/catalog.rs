@@ -318,8 +318,9 @@ async fn unmapped_tables(client: &Client) -> Result<Vec<TableName>, PgError> {
 }
 
 /// A replication slot as `pg_replication_slots` shows it, with the server's
-/// current WAL position and the distances `status` reports.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// current WAL position and the distances `status` reports. The default is
+/// the slot that does not exist: nothing known, inactive.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct SlotFacts {
     /// `plugin` (`pgoutput` for ours).
     pub plugin: Option<String>,
