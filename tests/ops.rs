@@ -597,3 +597,38 @@ fn setup_names_the_transaction_its_slot_creation_waits_for() {
         "{out}"
     );
 }
+
+/// `setup` run by a role that may not create the publication stops with
+/// PostgreSQL's error once (no `caused by: db error` line under it) and says
+/// which role would have the privilege.
+#[test]
+fn setup_without_a_privilege_says_which_role_has_it() {
+    let pg = PgCluster::start();
+    pg.psql(
+        "CREATE TABLE items (id int PRIMARY KEY); \
+         CREATE ROLE weak LOGIN REPLICATION; GRANT SELECT ON items TO weak",
+    );
+    let url = pg.url().replace("postgres://postgres@", "postgres://weak@");
+    let ws = WorkerConfig::urls(&url, "redis://127.0.0.1:1/0", "cache_invalidator");
+    ws.mapping(
+        "items.toml",
+        "[[table]]\nname = \"items\"\nkeys = [\"item:{id}\"]\n",
+    );
+    let (code, out, err) = ws.command(&["setup"]);
+    assert_eq!(code, 1, "{out}\n{err}");
+    let lines: Vec<&str> = err
+        .lines()
+        .filter(|l| l.starts_with("error:") || l.starts_with("  caused by:"))
+        .collect();
+    assert_eq!(lines.len(), 2, "{err}");
+    assert!(
+        lines[0].contains("lacks a privilege") && lines[0].contains("CREATE on the database"),
+        "{err}"
+    );
+    assert!(
+        lines[1].contains("CREATE PUBLICATION")
+            && lines[1].contains("permission denied for database postgres (SQLSTATE 42501)"),
+        "{err}"
+    );
+    assert_eq!(pg.psql("SELECT count(*) FROM pg_publication"), "0");
+}

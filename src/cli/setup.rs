@@ -133,7 +133,8 @@ pub async fn run_with_env(
             &pg.slot,
             replica_identity_full,
         )
-        .await?;
+        .await
+        .map_err(with_privilege_hint)?;
     if created {
         // The flush:all marker covers everything cached before the slot; record
         // the Redis it is meant for, so the worker's first start does not flush
@@ -143,7 +144,10 @@ pub async fn run_with_env(
             println!("note: could not record the Redis identity ({why}); the worker's first start will flush once more");
         }
     }
-    let not_installed = setup.sql_api(&checked.mappings, options).await?;
+    let not_installed = setup
+        .sql_api(&checked.mappings, options)
+        .await
+        .map_err(with_privilege_hint)?;
     if setup.ran == 0 && not_installed.is_none() {
         println!(
             "nothing to do: publication {:?} has every mapped table, slot {:?} exists and the SQL API is current",
@@ -154,6 +158,25 @@ pub async fn run_with_env(
     match not_installed {
         Some(why) => Err(CliError::runtime(why)),
         None => Ok(()),
+    }
+}
+
+/// A statement the setup user may not run (SQLSTATE 42501,
+/// `insufficient_privilege`) fails with what to do first: PostgreSQL's error
+/// names the object, not the role that would have the privilege.
+fn with_privilege_hint(err: CliError) -> CliError {
+    match err {
+        CliError::Runtime(e)
+            if e.downcast_ref::<PgError>().and_then(PgError::sqlstate) == Some("42501") =>
+        {
+            CliError::runtime(Because::new(
+                "setup's user lacks a privilege for this step: run setup as the owner of the mapped \
+                 tables with CREATE on the database (publication, SQL API) and REPLICATION (slot), \
+                 or as a superuser; docs/operations.md, \"Privileges\", lists what each statement needs",
+                e,
+            ))
+        }
+        other => other,
     }
 }
 

@@ -27,11 +27,13 @@ pub enum PgError {
         what: String,
         /// The masked URL, when the caller knows it.
         url: Option<String>,
-        /// The server's message, flattened.
+        /// The server's message with its detail and hint, or the client's
+        /// error with its causes: the whole chain, flattened.
         detail: String,
-        /// The cause.
-        #[source]
-        source: tokio_postgres::Error,
+        /// The error itself, for its SQLSTATE. Not a `source`: `detail`
+        /// already says all of it, and the CLI prints a source's chain again
+        /// (`caused by: db error`).
+        cause: tokio_postgres::Error,
     },
     /// The server's answer was not what the statement returns (or did not
     /// come in time): the connection is not to be trusted, reconnect.
@@ -54,12 +56,12 @@ impl From<SourceError> for PgError {
 
 impl PgError {
     /// Wraps a failed statement.
-    pub fn query(what: impl Into<String>, source: tokio_postgres::Error) -> PgError {
+    pub fn query(what: impl Into<String>, cause: tokio_postgres::Error) -> PgError {
         PgError::Query {
             what: what.into(),
             url: None,
-            detail: describe(&source),
-            source,
+            detail: describe(&cause),
+            cause,
         }
     }
 
@@ -74,7 +76,7 @@ impl PgError {
     /// The SQLSTATE code of a server error, if this is one.
     pub fn sqlstate(&self) -> Option<&str> {
         match self {
-            PgError::Query { source, .. } => source.as_db_error().map(|e| e.code().code()),
+            PgError::Query { cause, .. } => cause.as_db_error().map(|e| e.code().code()),
             PgError::Source { .. } | PgError::Answer { .. } => None,
         }
     }
@@ -85,7 +87,7 @@ impl PgError {
     pub fn retry_class(&self) -> RetryClass {
         match self {
             PgError::Source { source } => source.retry_class(),
-            PgError::Query { source, .. } => match source.code() {
+            PgError::Query { cause, .. } => match cause.code() {
                 Some(code) => class_of_sqlstate(code.code()),
                 None => RetryClass::Reconnect,
             },
