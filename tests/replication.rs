@@ -251,6 +251,25 @@ async fn create_slot(conn: &mut ReplicationConnection, slot: &str) -> Result<(),
     conn.simple_query(&cmd, Some(slot), None).await.map(|_| ())
 }
 
+/// A command abandoned mid-way (its future dropped, as a timeout does) leaves
+/// the replication connection unusable: the next command fails at once with
+/// `Poisoned`, which reconnects, instead of reading the abandoned command's
+/// answer as its own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_abandoned_command_leaves_the_connection_unusable() {
+    let pg = PgCluster::start();
+    let mut conn = connect(&settings(&pg.url())).await.unwrap();
+    let abandoned = tokio::time::timeout(
+        Duration::from_millis(300),
+        conn.simple_query("SELECT pg_sleep(3)", None, None),
+    )
+    .await;
+    assert!(abandoned.is_err(), "pg_sleep(3) answered within 300 ms");
+    let err = conn.identify_system().await.unwrap_err();
+    assert!(matches!(err, SourceError::Poisoned { .. }), "{err:?}");
+    assert_eq!(err.retry_class(), RetryClass::Reconnect);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn slot_errors_missing_in_use_and_no_free_slots() {
     let pg = PgCluster::start_with(PgOptions::default().set("max_replication_slots", "2"));
