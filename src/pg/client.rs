@@ -7,7 +7,9 @@
 //!
 //! Everything here fails with [`PgError`]: connection failures as the
 //! replication connection's [`SourceError`]s (a retry class, the fix in the
-//! message), [`SqlClient`]'s statements like the catalog reads in
+//! message), except a refusal by the server other than authentication (a
+//! missing database, too many connections), which is classified by its
+//! SQLSTATE like [`SqlClient`]'s statements and the catalog reads in
 //! [`super::catalog`] and [`super::failover`], with the URL they ran on.
 
 use tokio::task::JoinHandle;

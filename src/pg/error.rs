@@ -1,8 +1,10 @@
 //! [`PgError`]: the one error of the SQL side, whatever asked (the worker's
 //! side tasks, the visibility checks, the commands). It keeps its cause and
 //! knows its [`RetryClass`]: a failed connection is the replication side's
-//! [`SourceError`] (authentication, TLS, a read-only server: the same
-//! messages and classes), a failed statement is classified by its SQLSTATE.
+//! [`SourceError`] (authentication, TLS, an unreachable or read-only server:
+//! the same messages and classes); a failed statement, and a connection the
+//! server refused otherwise (a missing database, too many connections), is
+//! classified by its SQLSTATE.
 //! It lives in `pg`, not `source`, because `source` may not import `pg`
 //! (ARCHITECTURE.md, "Modules") and needs nothing of it.
 
