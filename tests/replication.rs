@@ -302,6 +302,51 @@ async fn slot_errors_missing_in_use_and_no_free_slots() {
     assert_eq!(catalog::slot(sql.client(), "s3").await.unwrap(), None);
 }
 
+/// `catalog::slot` measures a slot's distances from a WAL position read no
+/// earlier than the slot: while the slot follows the newest WAL (a second
+/// connection writing and advancing it), a distance is never negative.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slot_distances_are_never_negative_while_the_slot_moves() {
+    let pg = PgCluster::start();
+    pg.psql("CREATE TABLE w (x int); SELECT pg_create_physical_replication_slot('moving', true)");
+    let mover = pg::connect(&settings(&pg.url())).await.unwrap();
+    let (stop, stopped) = watch::channel(false);
+    let moving = tokio::spawn(async move {
+        while !*stopped.borrow() {
+            mover
+                .client()
+                .batch_execute(
+                    "INSERT INTO w VALUES (1); \
+                     SELECT pg_replication_slot_advance('moving', pg_current_wal_flush_lsn())",
+                )
+                .await
+                .expect("write and advance the slot");
+        }
+    });
+    let sql = pg::connect(&settings(&pg.url())).await.unwrap();
+    let mut negative = Vec::new();
+    for _ in 0..300 {
+        let slot = catalog::slot(sql.client(), "moving")
+            .await
+            .unwrap()
+            .expect("the slot");
+        let retained = slot
+            .retained_wal_bytes
+            .expect("a physical slot with WAL reserved");
+        if retained < 0 {
+            negative.push((retained, slot.restart_lsn, slot.current_lsn));
+        }
+    }
+    stop.send(true).unwrap();
+    moving.await.unwrap();
+    assert!(
+        negative.is_empty(),
+        "{} of 300 reads: {:?}",
+        negative.len(),
+        &negative[..negative.len().min(5)]
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn status_updates_confirm_only_what_was_acknowledged() {
     let pg = PgCluster::start_with(PgOptions::default().set("wal_sender_timeout", "3s"));

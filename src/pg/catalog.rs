@@ -387,27 +387,35 @@ pub async fn current_wal_lsn(client: &Client) -> Result<Option<Lsn>, PgError> {
     Ok(row.get::<_, Option<String>>(0).and_then(|s| s.parse().ok()))
 }
 
-/// The slot `name`, `None` when it does not exist.
+/// The slot `name`, `None` when it does not exist. Its distances are
+/// measured from the server's WAL position read after the slot, which its
+/// positions only ever trail: they are never negative (on a primary), however
+/// fast the slot moves.
 pub async fn slot(client: &Client, name: &str) -> Result<Option<SlotFacts>, PgError> {
-    let current = current_wal_lsn(client).await?.map(|l| l.to_string());
     let what = || format!("reading replication slot {name:?}");
     let Some(r) = client
         .query_opt(
-            "WITH cur AS (SELECT $3::text::pg_lsn AS lsn) \
-             SELECT s.plugin::text, s.slot_type, s.database::text, s.active, s.active_pid, \
+            "SELECT s.plugin::text, s.slot_type, s.database::text, s.active, s.active_pid, \
                     s.confirmed_flush_lsn::text, s.restart_lsn::text, s.wal_status, s.safe_wal_size, \
-                    (cur.lsn - s.confirmed_flush_lsn)::int8, (cur.lsn - s.restart_lsn)::int8, \
                     coalesce(r.application_name = $2, false), r.pid IS NOT NULL, r.application_name, \
                     host(r.client_addr), r.client_hostname, r.client_port, r.backend_start::text \
-             FROM pg_replication_slots s CROSS JOIN cur \
+             FROM pg_replication_slots s \
              LEFT JOIN pg_stat_replication r ON r.pid = s.active_pid \
              WHERE s.slot_name = $1",
-            &[&name, &super::APPLICATION_NAME, &current],
+            &[&name, &super::APPLICATION_NAME],
         )
         .await
         .map_err(|e| PgError::query(what(), e))?
     else {
         return Ok(None);
+    };
+    let current = current_wal_lsn(client).await?;
+    let confirmed_flush_lsn: Option<String> = r.get(5);
+    let restart_lsn: Option<String> = r.get(6);
+    // `current - lsn` in bytes, as PostgreSQL's `(pg_lsn - pg_lsn)::int8`.
+    let distance = |lsn: &Option<String>| {
+        let lsn: Lsn = lsn.as_deref()?.parse().ok()?;
+        i64::try_from(i128::from(current?.0) - i128::from(lsn.0)).ok()
     };
     Ok(Some(SlotFacts {
         plugin: r.get(0),
@@ -415,20 +423,20 @@ pub async fn slot(client: &Client, name: &str) -> Result<Option<SlotFacts>, PgEr
         database: r.get(2),
         active: r.get(3),
         active_pid: r.get(4),
-        confirmed_flush_lsn: r.get(5),
-        restart_lsn: r.get(6),
+        lag_bytes: distance(&confirmed_flush_lsn),
+        retained_wal_bytes: distance(&restart_lsn),
+        confirmed_flush_lsn,
+        restart_lsn,
         wal_status: r.get(7),
         safe_wal_size: r.get(8),
-        current_lsn: current.unwrap_or_default(),
-        lag_bytes: r.get(9),
-        retained_wal_bytes: r.get(10),
-        streaming: r.get(11),
-        client: r.get::<_, bool>(12).then(|| StreamingClient {
-            application_name: r.get(13),
-            client_addr: r.get(14),
-            client_hostname: r.get(15),
-            client_port: r.get(16),
-            backend_start: r.get(17),
+        current_lsn: current.map(|l| l.to_string()).unwrap_or_default(),
+        streaming: r.get(9),
+        client: r.get::<_, bool>(10).then(|| StreamingClient {
+            application_name: r.get(11),
+            client_addr: r.get(12),
+            client_hostname: r.get(13),
+            client_port: r.get(14),
+            backend_start: r.get(15),
         }),
     }))
 }
