@@ -572,20 +572,42 @@ fn setup_names_the_transaction_its_slot_creation_waits_for() {
         "items.toml",
         "[[table]]\nname = \"items\"\nkeys = [\"item:{id}\"]\n",
     );
-    // An unmapped table's write holds a transaction id for four seconds.
+    // An unmapped table's write holds a transaction id until the test ends
+    // it, once the slot creation has waited for it long enough for setup's
+    // second connection (it polls every second) to have named it: no race
+    // with how fast setup gets there on a loaded machine.
     let mut blocker = pg
         .psql_command()
         .arg("-c")
-        .arg("BEGIN; INSERT INTO other VALUES (1); SELECT pg_sleep(4); COMMIT;")
+        .arg("BEGIN; INSERT INTO other VALUES (1); SELECT pg_sleep(120); COMMIT;")
         .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
         .spawn()
         .expect("psql");
     let pid = support::wait_for("the blocking transaction", Duration::from_secs(10), || {
         let pid = pg.psql("SELECT pid FROM pg_stat_activity WHERE backend_xid IS NOT NULL");
         (!pid.is_empty()).then_some(pid)
     });
-    let (code, out, err) = ws.command(&["setup"]);
-    blocker.wait().expect("psql");
+    let (code, out, err) = std::thread::scope(|scope| {
+        scope.spawn(|| {
+            support::wait_for(
+                "the slot creation to wait 5 s",
+                Duration::from_secs(60),
+                || {
+                    let waiting = pg.psql(
+                        "SELECT count(*) FROM pg_stat_activity WHERE state = 'active' \
+                     AND query LIKE '%pg_create_logical_replication_slot%' \
+                     AND query NOT LIKE '%pg_stat_activity%' \
+                     AND now() - query_start > interval '5 s'",
+                    );
+                    (waiting == "1").then_some(())
+                },
+            );
+            pg.psql(&format!("SELECT pg_terminate_backend({pid})"));
+        });
+        ws.command(&["setup"])
+    });
+    let _ = blocker.wait();
     assert_eq!(code, 0, "{out}\n{err}");
     let named = err
         .lines()
