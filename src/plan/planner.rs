@@ -350,9 +350,9 @@ impl Planner {
             return;
         };
         st.counters.count_op(change.op);
-        if let Some(mapped) = st.mapped.clone() {
+        if let Some(mapped) = &st.mapped {
             if change.op == Op::Truncate {
-                self.fire_truncate(&mapped);
+                self.fire_truncate(mapped);
             } else {
                 let mut fell_back = false;
                 for rr in &st.rules {
@@ -363,7 +363,7 @@ impl Planner {
                             .or_insert(0) += 1;
                         if !fell_back {
                             st.counters.count_fallback(reason);
-                            self.fire_truncate(&mapped);
+                            self.fire_truncate(mapped);
                             fell_back = true;
                         }
                     }
