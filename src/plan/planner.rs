@@ -543,9 +543,7 @@ fn push_all<T: PartialEq>(out: &mut Vec<T>, items: impl Iterator<Item = T>) {
 
 fn insert_all(set: &mut crate::plan::KeySet, items: &[String]) {
     for i in items {
-        if !set.contains(i) {
-            set.insert(i);
-        }
+        set.insert(i);
     }
 }
 

@@ -71,24 +71,32 @@ impl Planner {
             // Tombstone rules mark keys and tag sets at the commit LSN, the
             // others unlink them; either way a key drops the refresh of it an
             // earlier change planned.
-            render_keys_and_tags(
-                rule,
+            render_set(
+                &rule.keys,
                 rr,
                 img,
-                &ctx.tag_prefix,
+                "",
                 &mut sc.buf,
                 &mut Unlinks {
                     inner: ByMode::new(rule.mode, &mut plan.keys, &mut plan.tombstones, self.lsn),
                     refresh: &mut plan.refresh,
                     now,
                 },
+                collect.then_some(&mut sc.keys),
+            );
+            render_set(
+                &rule.tags,
+                rr,
+                img,
+                &ctx.tag_prefix,
+                &mut sc.buf,
                 &mut ByMode::new(
                     rule.mode,
                     &mut plan.tags,
                     &mut plan.tombstone_tags,
                     self.lsn,
                 ),
-                collect.then_some((&mut sc.keys, &mut sc.tags)),
+                collect.then_some(&mut sc.tags),
             );
             render_set(
                 &rule.versions,
@@ -233,25 +241,4 @@ impl Planner {
             self.scratch.keys.push(key.to_owned());
         }
     }
-}
-
-/// Renders a rule's keys into `keys` and its tag sets (with `tag_prefix`)
-/// into `tags`; `collected` also receives them, for the rule's messages.
-#[allow(clippy::too_many_arguments)]
-fn render_keys_and_tags(
-    rule: &Rule,
-    rr: &ResolvedRule,
-    img: Image<'_>,
-    tag_prefix: &str,
-    buf: &mut String,
-    keys: &mut impl RenderTarget,
-    tags: &mut impl RenderTarget,
-    collected: Option<(&mut Vec<String>, &mut Vec<String>)>,
-) {
-    let (collect_keys, collect_tags) = match collected {
-        Some((k, t)) => (Some(k), Some(t)),
-        None => (None, None),
-    };
-    render_set(&rule.keys, rr, img, "", buf, keys, collect_keys);
-    render_set(&rule.tags, rr, img, tag_prefix, buf, tags, collect_tags);
 }

@@ -290,12 +290,6 @@ impl<T: RenderTarget> RenderTarget for Unlinks<'_, T> {
     }
 }
 
-impl RenderTarget for &mut crate::plan::KeySet {
-    fn add(&mut self, name: &str) {
-        self.insert(name);
-    }
-}
-
 /// Row-level patterns: a new pattern drops the refreshes of earlier changes it matches.
 pub(super) struct Patterns<'a> {
     pub(super) set: &'a mut crate::plan::KeySet,
