@@ -11,7 +11,7 @@ use crate::error::CliError;
 use crate::map::TableName;
 use crate::plan::{Plan, Planner};
 use crate::retry::Backoff;
-use crate::sink::{ApplySink, ApplyStats, RetryClass, Sink, SinkOptions};
+use crate::sink::{ApplySink, ApplyStats, RetryClass, Sink, SinkError, SinkOptions};
 
 /// Attempts to apply a plan on a transient error.
 const ATTEMPTS: u32 = 4;
@@ -21,30 +21,35 @@ const CONNECT_ATTEMPTS: u32 = 2;
 /// Connects to Redis (the cluster of `cluster` when it lists seed URLs),
 /// retrying transient failures with a short backoff.
 pub async fn connect_sink(options: &SinkOptions, cluster: &[String]) -> Result<Sink, CliError> {
-    let mut attempt = 1;
-    let mut backoff = flush_backoff();
-    loop {
-        match Sink::connect(options, cluster).await {
-            Ok(s) => return Ok(s),
-            Err(e) if e.retry_class() == RetryClass::BackOff && attempt < CONNECT_ATTEMPTS => {
-                tracing::warn!(error = %e, attempt, "cannot reach Redis; retrying");
-                tokio::time::sleep(backoff.next_delay()).await;
-                attempt += 1;
-            }
-            Err(e) => return Err(CliError::runtime(e)),
-        }
-    }
+    retry_transient(CONNECT_ATTEMPTS, "cannot reach Redis", async || {
+        Sink::connect(options, cluster).await
+    })
+    .await
 }
 
 /// Applies one plan, retrying it whole on transient errors (it is idempotent).
 pub async fn apply_with_retry(sink: &mut Sink, plan: &Plan) -> Result<ApplyStats, CliError> {
+    retry_transient(ATTEMPTS, "applying the plan failed", async || {
+        sink.apply(plan).await
+    })
+    .await
+}
+
+/// Runs `op` up to `attempts` times while it fails with
+/// [`RetryClass::BackOff`], waiting [`flush_backoff`]'s delays between
+/// attempts; `failed` says what went wrong in the warning of each retry.
+async fn retry_transient<T>(
+    attempts: u32,
+    failed: &str,
+    mut op: impl AsyncFnMut() -> Result<T, SinkError>,
+) -> Result<T, CliError> {
     let mut attempt = 1;
     let mut backoff = flush_backoff();
     loop {
-        match sink.apply(plan).await {
-            Ok(s) => return Ok(s),
-            Err(e) if e.retry_class() == RetryClass::BackOff && attempt < ATTEMPTS => {
-                tracing::warn!(error = %e, attempt, "applying the plan failed; retrying");
+        match op().await {
+            Ok(v) => return Ok(v),
+            Err(e) if e.retry_class() == RetryClass::BackOff && attempt < attempts => {
+                tracing::warn!(error = %e, attempt, "{failed}; retrying");
                 tokio::time::sleep(backoff.next_delay()).await;
                 attempt += 1;
             }
