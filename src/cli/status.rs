@@ -140,7 +140,12 @@ pub async fn run(config_path: &Path, json: bool) -> Result<(), CliError> {
 /// Reads the slot and the publication.
 pub async fn probe(config: &Config) -> Result<Status, CliError> {
     let pg = &config.postgres;
-    let sql = crate::pg::connect_url(&pg.url, pg.password.as_ref().map(|p| p.expose()))
+    let settings = crate::source::ConnectionSettings::parse(
+        &pg.url,
+        pg.password.as_ref().map(|p| p.expose().to_owned()),
+    )
+    .map_err(|e| CliError::runtime(crate::pg::PgError::from(e)))?;
+    let sql = crate::pg::connect(&settings)
         .await
         .map_err(CliError::runtime)?;
     let client = sql.client();
@@ -189,7 +194,6 @@ pub async fn probe(config: &Config) -> Result<Status, CliError> {
         plugin,
         active,
         active_pid,
-        streaming,
         confirmed_flush_lsn,
         restart_lsn,
         lag_bytes,
@@ -199,17 +203,11 @@ pub async fn probe(config: &Config) -> Result<Status, CliError> {
         client: streaming_client,
         ..
     } = slot.clone().unwrap_or_default();
-    // Ours when it carries the application_name our config sets (a URL may
-    // name another than the default the catalog query compares with).
-    let streaming = match crate::source::ConnectionSettings::parse(
-        &pg.url,
-        pg.password.as_ref().map(|p| p.expose().to_owned()),
-    ) {
-        Ok(settings) => streaming_client.as_ref().is_some_and(|c| {
-            c.application_name.as_deref() == Some(settings.application_name.as_str())
-        }),
-        Err(_) => streaming,
-    };
+    // Ours when it carries the application_name our config sets (by
+    // default `cache-invalidator`, but a URL may name another).
+    let streaming = streaming_client
+        .as_ref()
+        .is_some_and(|c| c.application_name.as_deref() == Some(settings.application_name.as_str()));
     let replicas = crate::visibility::report::inspect_all(
         client,
         &pg.replicas,

@@ -346,9 +346,6 @@ pub struct SlotFacts {
     pub lag_bytes: Option<i64>,
     /// `current - restart_lsn` in bytes.
     pub retained_wal_bytes: Option<i64>,
-    /// Whether the active walsender is ours: a `pg_stat_replication` row with
-    /// `application_name = 'cache-invalidator'` for `active_pid`.
-    pub streaming: bool,
     /// Who the active walsender streams to (`None` when the slot is inactive).
     pub client: Option<StreamingClient>,
 }
@@ -397,12 +394,12 @@ pub async fn slot(client: &Client, name: &str) -> Result<Option<SlotFacts>, PgEr
         .query_opt(
             "SELECT s.plugin::text, s.slot_type, s.database::text, s.active, s.active_pid, \
                     s.confirmed_flush_lsn::text, s.restart_lsn::text, s.wal_status, s.safe_wal_size, \
-                    coalesce(r.application_name = $2, false), r.pid IS NOT NULL, r.application_name, \
+                    r.pid IS NOT NULL, r.application_name, \
                     host(r.client_addr), r.client_hostname, r.client_port, r.backend_start::text \
              FROM pg_replication_slots s \
              LEFT JOIN pg_stat_replication r ON r.pid = s.active_pid \
              WHERE s.slot_name = $1",
-            &[&name, &super::APPLICATION_NAME],
+            &[&name],
         )
         .await
         .map_err(|e| PgError::query(what(), e))?
@@ -430,13 +427,12 @@ pub async fn slot(client: &Client, name: &str) -> Result<Option<SlotFacts>, PgEr
         wal_status: r.get(7),
         safe_wal_size: r.get(8),
         current_lsn: current.map(|l| l.to_string()).unwrap_or_default(),
-        streaming: r.get(9),
-        client: r.get::<_, bool>(10).then(|| StreamingClient {
-            application_name: r.get(11),
-            client_addr: r.get(12),
-            client_hostname: r.get(13),
-            client_port: r.get(14),
-            backend_start: r.get(15),
+        client: r.get::<_, bool>(9).then(|| StreamingClient {
+            application_name: r.get(10),
+            client_addr: r.get(11),
+            client_hostname: r.get(12),
+            client_port: r.get(13),
+            backend_start: r.get(14),
         }),
     }))
 }
