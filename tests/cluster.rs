@@ -318,3 +318,51 @@ async fn tombstones_across_slots() {
     let left: usize = r.scard("tag:t").unwrap();
     assert_eq!(left, members.len(), "members stay in the set");
 }
+
+/// `redelete_after` on a cluster: keys on every master and the members of a
+/// tag set, refilled right after the invalidation, are deleted again by the
+/// delayed second delete.
+#[tokio::test(flavor = "multi_thread")]
+async fn redelete_after_deletes_refilled_keys_across_slots() {
+    use cache_invalidator::plan::Plan;
+    use cache_invalidator::sink::ClusterSink;
+
+    let cluster = RedisCluster::start();
+    let mut options = support::sink_options("");
+    options.redelete_after = Some(Duration::from_millis(300));
+    let mut sink = ClusterSink::connect(&cluster.urls(), &options)
+        .await
+        .expect("connect");
+    let keys: Vec<String> = (0..20).map(|i| format!("k:{i}")).collect();
+    let members: Vec<String> = (0..20).map(|i| format!("m:{i}")).collect();
+    let fill = || {
+        let mut r = cluster.connection();
+        for k in keys.iter().chain(&members) {
+            let _: () = r.set(k, "cached").unwrap();
+        }
+        for m in &members {
+            let _: () = r.sadd("tag:r", m).unwrap();
+        }
+    };
+    fill();
+    let mut plan = Plan::default();
+    for k in &keys {
+        plan.keys.insert(k);
+    }
+    plan.tags.insert("tag:r");
+    let stats = sink.apply(&plan).await.expect("apply");
+    assert_eq!(stats.keys as usize, keys.len());
+    assert_eq!(stats.tag_members as usize, members.len());
+    // Readers that read the old rows fill the cache after the first delete...
+    fill();
+    // ...and the delayed second delete removes every key and member again.
+    let mut r = cluster.connection();
+    support::wait_for("the second delete", WAIT, || {
+        let left = keys
+            .iter()
+            .chain(&members)
+            .filter(|k| r.exists::<_, bool>(k.as_str()).unwrap())
+            .count();
+        (left == 0).then_some(())
+    });
+}

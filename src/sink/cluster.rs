@@ -33,7 +33,6 @@ mod tags;
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
-use futures_util::stream::{self, StreamExt, TryStreamExt};
 use redis::cluster::ClusterClient;
 use redis::cluster_async::ClusterConnection;
 use redis::cluster_routing::{RoutingInfo, SingleNodeRoutingInfo};
@@ -51,7 +50,7 @@ use super::shared::{
 use super::{scripts, ApplyStats, SinkOptions};
 use crate::lsn::Lsn;
 use crate::plan::Plan;
-use slots::{timed, unlink_grouped, COMMAND_TIMEOUT, CONCURRENCY};
+use slots::{concurrently, timed, unlink_grouped, COMMAND_TIMEOUT};
 use tags::TagOutcome;
 
 /// Executes plans against a Redis Cluster. Cheap to clone (one shared client).
@@ -274,14 +273,17 @@ impl ClusterSink {
         if !has_patterns(plan) {
             self.settings.pacer.other_work();
         }
-        self.run(Found::of_plan(plan), &mut stats).await?;
+        let keys: Vec<&str> = plan.keys.iter().collect();
+        let tags: Vec<&str> = plan.tags.iter().collect();
+        let versions: Vec<&str> = plan.versions.iter().collect();
+        self.run(&keys, &tags, &versions, &mut stats).await?;
         if !plan.tombstones.is_empty() {
-            let items: Vec<(String, Lsn)> = plan
+            let items: Vec<(&str, Lsn)> = plan
                 .tombstones
                 .iter()
-                .map(|(k, lsn)| (k.clone(), *lsn))
+                .map(|(k, lsn)| (k.as_str(), *lsn))
                 .collect();
-            stats.tombstones += self.tombstone_keys(items).await?;
+            stats.tombstones += self.tombstone_keys(&items).await?;
         }
         for (tag, lsn) in &plan.tombstone_tags {
             stats.tombstone_members += self.tombstone_tag(tag, *lsn, &mut stats).await?;
@@ -326,40 +328,44 @@ impl ClusterSink {
                 let sink = self.clone();
                 spawn_redelete(delay, async move {
                     let mut stats = ApplyStats::default();
-                    sink.run(found, &mut stats).await
+                    sink.run_found(&found, &mut stats).await
                 });
             }
         }
         Ok(stats)
     }
 
-    /// Keys, then tags, then versions.
-    async fn run(&self, found: Found, stats: &mut ApplyStats) -> Result<(), SinkError> {
-        if !found.keys.is_empty() {
-            stats.keys += unlink_grouped(&self.conn(), &found.keys)
+    /// Keys, then tags, then versions, borrowed: tag sets and version keys
+    /// run concurrently on this sink, no copy per key.
+    async fn run<K: AsRef<str> + Sync>(
+        &self,
+        keys: &[K],
+        tags: &[K],
+        versions: &[K],
+        stats: &mut ApplyStats,
+    ) -> Result<(), SinkError> {
+        if !keys.is_empty() {
+            stats.keys += unlink_grouped(&self.conn(), keys)
                 .await
                 .map_err(self.err("UNLINK"))?;
         }
-        let outcomes: Vec<TagOutcome> = stream::iter(found.tags.into_iter().map(|tag| {
-            let sink = self.clone();
-            async move { sink.invalidate_tag(&tag).await }
-        }))
-        .buffer_unordered(CONCURRENCY)
-        .try_collect()
-        .await?;
+        let tag_runs = tags.iter().map(|tag| self.invalidate_tag(tag.as_ref()));
+        let outcomes: Vec<TagOutcome> = concurrently(tag_runs.collect()).await?;
         for (members, repaired) in outcomes {
             stats.tag_members += members;
             stats.repaired += repaired;
         }
-        let repaired: Vec<u64> = stream::iter(found.versions.into_iter().map(|version| {
-            let sink = self.clone();
-            async move { sink.bump(&version).await }
-        }))
-        .buffer_unordered(CONCURRENCY)
-        .try_collect()
-        .await?;
+        let bumps = versions.iter().map(|version| self.bump(version.as_ref()));
+        let repaired = concurrently(bumps.collect()).await?;
         stats.repaired += repaired.iter().sum::<u64>();
         Ok(())
+    }
+
+    /// [`ClusterSink::run`] over what a SCAN pass found or the delayed second
+    /// delete repeats.
+    async fn run_found(&self, found: &Found, stats: &mut ApplyStats) -> Result<(), SinkError> {
+        self.run(&found.keys, &found.tags, &found.versions, stats)
+            .await
     }
 
     /// Bumps one version key; returns 1 when a key of the wrong type was
@@ -430,7 +436,8 @@ impl ClusterSink {
             // A pass under way, matches found but not all invalidated.
             crate::failpoint::failpoint(crate::failpoint::IN_PATTERN_PASS);
             if found.len() >= UNLINK_CHUNK {
-                self.run(std::mem::take(&mut found), &mut stats).await?;
+                self.run_found(&std::mem::take(&mut found), &mut stats)
+                    .await?;
             }
             cursor = next;
             if cursor == 0 {
@@ -438,7 +445,7 @@ impl ClusterSink {
             }
             self.settings.pacer.rest(call).await;
         }
-        self.run(found, &mut stats).await?;
+        self.run_found(&found, &mut stats).await?;
         Ok(stats)
     }
 }

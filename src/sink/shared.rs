@@ -91,29 +91,17 @@ impl Found {
         self.keys.len() + self.tags.len() + self.versions.len()
     }
 
-    /// The plan's keys, tag sets and version keys.
-    pub(super) fn of_plan(plan: &Plan) -> Found {
-        Found {
-            versions: plan.versions.iter().map(str::to_owned).collect(),
-            ..Found::deletes_of(plan)
-        }
-    }
-
     /// What the delayed second delete repeats: the plan's keys and tag sets,
     /// or `None` when it has neither.
     pub(super) fn redelete(plan: &Plan) -> Option<Found> {
         if plan.keys.is_empty() && plan.tags.is_empty() {
             return None;
         }
-        Some(Found::deletes_of(plan))
-    }
-
-    fn deletes_of(plan: &Plan) -> Found {
-        Found {
+        Some(Found {
             keys: plan.keys.iter().map(str::to_owned).collect(),
             tags: plan.tags.iter().map(str::to_owned).collect(),
             versions: Vec::new(),
-        }
+        })
     }
 
     /// Sorts the keys one SCAN call returned by the kind of pattern they

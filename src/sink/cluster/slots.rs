@@ -4,6 +4,8 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
+use std::future::Future;
+
 use futures_util::stream::{self, StreamExt, TryStreamExt};
 use redis::aio::ConnectionLike;
 use redis::cluster_async::ClusterConnection;
@@ -13,7 +15,7 @@ use redis::{Cmd, Pipeline, RedisError, RedisFuture, Value};
 use super::UNLINK_CHUNK;
 
 /// Commands in flight at once.
-pub(super) const CONCURRENCY: usize = 64;
+const CONCURRENCY: usize = 64;
 
 /// A command without a reply after this long fails the plan (retried whole)
 /// and the connection is replaced: during slot migrations the cluster client
@@ -75,40 +77,49 @@ pub(super) fn is_cross_slot(e: &RedisError) -> bool {
         || text.contains("same slot")
 }
 
-/// `keys` grouped by hash slot, in chunks of at most [`UNLINK_CHUNK`].
-fn slot_groups(keys: &[String]) -> Vec<Vec<String>> {
-    let mut groups: HashMap<Slot, Vec<String>> = HashMap::new();
-    for key in keys {
-        groups
-            .entry(Slot::for_key(key))
-            .or_default()
-            .push(key.clone());
+/// `keys` grouped by hash slot, borrowed.
+fn slot_groups<K: AsRef<str>>(keys: &[K]) -> Vec<Vec<&str>> {
+    let mut groups: HashMap<Slot, Vec<&str>> = HashMap::new();
+    for key in keys.iter().map(AsRef::as_ref) {
+        groups.entry(Slot::for_key(key)).or_default().push(key);
     }
-    groups
-        .into_values()
-        .flat_map(|g| {
-            g.chunks(UNLINK_CHUNK)
-                .map(<[String]>::to_vec)
-                .collect::<Vec<_>>()
-        })
-        .collect()
+    groups.into_values().collect()
 }
 
-/// UNLINKs `keys`, one command per slot group, concurrently.
-pub(super) async fn unlink_grouped(conn: &ClusterConn, keys: &[String]) -> Result<u64, RedisError> {
-    stream::iter(slot_groups(keys).into_iter().map(|chunk| {
-        let mut conn = conn.clone();
-        async move {
-            let _: i64 = redis::cmd("UNLINK")
-                .arg(&chunk)
-                .query_async(&mut conn)
-                .await?;
-            Ok::<u64, RedisError>(chunk.len() as u64)
-        }
-    }))
-    .buffer_unordered(CONCURRENCY)
-    .try_fold(0u64, |sum, n| async move { Ok(sum + n) })
-    .await
+/// Runs `calls`, at most [`CONCURRENCY`] at a time; the first error fails
+/// them all. The calls come collected: a lazy map over borrowed names would
+/// make the sink's futures not Send (a rustc limitation).
+pub(super) async fn concurrently<T, E>(
+    calls: Vec<impl Future<Output = Result<T, E>>>,
+) -> Result<Vec<T>, E> {
+    stream::iter(calls)
+        .buffer_unordered(CONCURRENCY)
+        .try_collect()
+        .await
+}
+
+/// UNLINKs `keys`, one command per slot group (in chunks of at most
+/// [`UNLINK_CHUNK`]), concurrently.
+pub(super) async fn unlink_grouped<K: AsRef<str> + Sync>(
+    conn: &ClusterConn,
+    keys: &[K],
+) -> Result<u64, RedisError> {
+    let groups = slot_groups(keys);
+    let unlinks: Vec<_> = groups
+        .iter()
+        .flat_map(|group| group.chunks(UNLINK_CHUNK))
+        .map(|chunk| {
+            let mut conn = conn.clone();
+            async move {
+                let _: i64 = redis::cmd("UNLINK")
+                    .arg(chunk)
+                    .query_async(&mut conn)
+                    .await?;
+                Ok::<u64, RedisError>(chunk.len() as u64)
+            }
+        })
+        .collect();
+    Ok(concurrently(unlinks).await?.iter().sum())
 }
 
 #[cfg(test)]
@@ -126,8 +137,7 @@ mod tests {
 
     #[test]
     fn groups_keys_by_slot() {
-        let keys: Vec<String> = vec!["{a}1".into(), "{a}2".into(), "b".into()];
-        let groups = slot_groups(&keys);
+        let groups = slot_groups(&["{a}1", "{a}2", "b"]);
         assert_eq!(groups.len(), 2);
         assert!(groups.iter().any(|g| g.len() == 2));
     }

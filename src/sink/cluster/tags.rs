@@ -2,10 +2,9 @@
 //! repairing a key of the wrong type, and tombstones (per key, and every
 //! member of a tag set).
 
-use futures_util::stream::{self, StreamExt, TryStreamExt};
 use redis::RedisError;
 
-use super::slots::{has_hash_tag, is_cross_slot, unlink_grouped, ClusterConn, CONCURRENCY};
+use super::slots::{concurrently, has_hash_tag, is_cross_slot, unlink_grouped, ClusterConn};
 use super::{is_wrong_type, scripts, ApplyStats, ClusterSink, Lsn, SinkError};
 use crate::cache::tombstone::lsn_hex;
 
@@ -104,25 +103,28 @@ impl ClusterSink {
     }
 
     /// TOMBSTONE_SET per key (one key per call: one slot), concurrently.
-    pub(super) async fn tombstone_keys(&self, items: Vec<(String, Lsn)>) -> Result<u64, SinkError> {
-        stream::iter(items.into_iter().map(|(key, lsn)| {
-            let mut conn = self.conn();
-            let script = self.tombstone_set.clone();
-            let hold = self.settings.tombstone_ms;
-            async move {
-                let _: i64 = script
-                    .key(&key)
-                    .arg(hold)
-                    .arg(lsn_hex(lsn))
-                    .invoke_async(&mut conn)
-                    .await?;
-                Ok::<u64, RedisError>(1)
-            }
-        }))
-        .buffer_unordered(CONCURRENCY)
-        .try_fold(0u64, |sum, n| async move { Ok(sum + n) })
-        .await
-        .map_err(self.err("EVALSHA tombstone-set"))
+    pub(super) async fn tombstone_keys(&self, items: &[(&str, Lsn)]) -> Result<u64, SinkError> {
+        let hold = self.settings.tombstone_ms;
+        let calls: Vec<_> = items
+            .iter()
+            .map(|&(key, lsn)| {
+                let mut conn = self.conn();
+                async move {
+                    let _: i64 = self
+                        .tombstone_set
+                        .key(key)
+                        .arg(hold)
+                        .arg(lsn_hex(lsn))
+                        .invoke_async(&mut conn)
+                        .await?;
+                    Ok::<u64, RedisError>(1)
+                }
+            })
+            .collect();
+        let done = concurrently(calls)
+            .await
+            .map_err(self.err("EVALSHA tombstone-set"))?;
+        Ok(done.iter().sum())
     }
 
     /// Tombstones every member of a tag set (SSCAN here, TOMBSTONE_SET per
@@ -146,8 +148,8 @@ impl ClusterSink {
                 Err(e) => return Err(self.err("SSCAN")(e)),
             };
             seen += chunk.len() as u64;
-            self.tombstone_keys(chunk.into_iter().map(|k| (k, lsn)).collect())
-                .await?;
+            let items: Vec<(&str, Lsn)> = chunk.iter().map(|k| (k.as_str(), lsn)).collect();
+            self.tombstone_keys(&items).await?;
             cursor = next;
             if cursor == 0 {
                 return Ok(seen);
