@@ -247,7 +247,7 @@ async fn postgres(config: &Config, mappings: &Mappings) -> Part {
             }
             part.broken = broken_tables(mappings, &snap);
             part.findings.extend(
-                check_catalog(mappings, &snap, crate::pg::APPLICATION_NAME)
+                check_catalog(mappings, &snap, &settings.application_name)
                     .into_iter()
                     // Said above, with what to run.
                     .filter(|f| !f.message.starts_with("the publication does not exist yet")),

@@ -476,6 +476,30 @@ fn status_names_the_worker_that_streams_the_slot() {
     streaming("billing-cache");
 }
 
+/// `check` warns when `synchronous_standby_names` names the worker: by the
+/// application name its own URL sets, not only the default.
+#[test]
+fn check_warns_when_synchronous_standby_names_names_the_worker() {
+    let pg = PgCluster::start();
+    let redis = RedisServer::start();
+    let cfg = WorkerConfig::new(&pg, &redis, &support::with_sync_probe(&pg, &[]), "");
+    cfg.run_setup(&[]);
+    let text = std::fs::read_to_string(cfg.path()).expect("config");
+    let url = pg.url();
+    assert!(text.contains(&url), "{text}");
+    let text = text.replace(&url, &format!("{url}?application_name=billing-cache"));
+    std::fs::write(cfg.path(), text).expect("write config");
+    // Read-only from here: a commit would wait for that standby.
+    pg.psql("ALTER SYSTEM SET synchronous_standby_names = '\"billing-cache\"'");
+    pg.psql("SELECT pg_reload_conf()");
+    let (code, out, err) = cfg.command(&["check"]);
+    assert_eq!(code, 0, "{out}\n{err}");
+    assert!(
+        err.contains("matches `billing-cache`: the worker would become a synchronous standby"),
+        "{out}\n{err}"
+    );
+}
+
 /// A failed command keeps its cause: `main` prints the message (what failed,
 /// what to do) and then the cause on its own line, and a cause the message
 /// already names is not printed twice.

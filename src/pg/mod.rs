@@ -23,7 +23,3 @@ pub mod failover;
 
 pub use client::{connect, connect_url, BlockingTransaction, SqlClient};
 pub use error::{describe, PgError};
-
-/// The `application_name` of every connection this service opens (unless the
-/// URL sets another).
-pub const APPLICATION_NAME: &str = crate::source::conninfo::DEFAULT_APPLICATION_NAME;
