@@ -132,50 +132,50 @@ pub async fn apply_cluster<C: ConnectionLike + Clone + Send + 'static>(
     script: &Script,
     refresh: &RefreshMap,
 ) -> Result<RefreshOutcome, RedisError> {
-    // Owned items: a future borrowing the map is not `Send` for every
-    // lifetime the executors' trait asks for.
-    let items: Vec<(String, RefreshSet)> = refresh
+    // Collected first, borrowing the map: a lazy map over it would make the
+    // sink's future not Send (a rustc limitation), and cloning every key and
+    // row to dodge that costs allocations per key.
+    let calls: Vec<_> = refresh
         .iter()
-        .map(|(k, s)| (k.clone(), s.clone()))
-        .collect();
-    stream::iter(items.into_iter().map(|(key, set)| {
-        let mut conn = conn.clone();
-        let script = script.clone();
-        async move {
-            let mut invocation = script.key(key.as_str());
-            invocation
-                .arg(set.version.to_string())
-                .arg(set.ttl_s.unwrap_or(0));
-            match &set.value {
-                RefreshValue::Json(text) => {
-                    invocation
-                        .arg(RefreshFormat::Json.as_str())
-                        .arg(1)
-                        .arg(text.as_str());
-                }
-                RefreshValue::Hash(fields) => {
-                    invocation
-                        .arg(RefreshFormat::Hash.as_str())
-                        .arg(fields.len() * 2);
-                    for (field, value) in fields {
-                        invocation.arg(field.as_str()).arg(value.as_str());
+        .map(|(key, set)| {
+            let mut conn = conn.clone();
+            async move {
+                let mut invocation = script.key(key.as_str());
+                invocation
+                    .arg(set.version.to_string())
+                    .arg(set.ttl_s.unwrap_or(0));
+                match &set.value {
+                    RefreshValue::Json(text) => {
+                        invocation
+                            .arg(RefreshFormat::Json.as_str())
+                            .arg(1)
+                            .arg(text.as_str());
+                    }
+                    RefreshValue::Hash(fields) => {
+                        invocation
+                            .arg(RefreshFormat::Hash.as_str())
+                            .arg(fields.len() * 2);
+                        for (field, value) in fields {
+                            invocation.arg(field.as_str()).arg(value.as_str());
+                        }
                     }
                 }
+                let set: i64 = invocation.invoke_async(&mut conn).await?;
+                Ok::<RefreshOutcome, RedisError>(if set > 0 {
+                    RefreshOutcome { set: 1, kept: 0 }
+                } else {
+                    RefreshOutcome { set: 0, kept: 1 }
+                })
             }
-            let set: i64 = invocation.invoke_async(&mut conn).await?;
-            Ok::<RefreshOutcome, RedisError>(if set > 0 {
-                RefreshOutcome { set: 1, kept: 0 }
-            } else {
-                RefreshOutcome { set: 0, kept: 1 }
-            })
-        }
-    }))
-    .buffer_unordered(CLUSTER_CONCURRENCY)
-    .try_fold(RefreshOutcome::default(), |sum, o| async move {
-        Ok(RefreshOutcome {
-            set: sum.set + o.set,
-            kept: sum.kept + o.kept,
         })
-    })
-    .await
+        .collect();
+    stream::iter(calls)
+        .buffer_unordered(CLUSTER_CONCURRENCY)
+        .try_fold(RefreshOutcome::default(), |sum, o| async move {
+            Ok(RefreshOutcome {
+                set: sum.set + o.set,
+                kept: sum.kept + o.kept,
+            })
+        })
+        .await
 }
