@@ -163,7 +163,9 @@ pub async fn run(config_path: &Path) -> Result<(), CliError> {
                     checked.mappings.tables().into_iter().cloned().collect();
                 findings.extend(ddl_tracking(sql.client(), &tables).await);
             }
-            Err(e) => findings.push(warning(format!("failover checks skipped: {e}"))),
+            Err(e) => findings.push(warning(format!(
+                "failover and DDL tracking checks skipped: {e}"
+            ))),
         }
     }
 
@@ -226,7 +228,7 @@ async fn ddl_tracking(client: &tokio_postgres::Client, tables: &[TableName]) -> 
     };
     if !installed {
         return vec![warning(
-            "DDL is not tracked: the event triggers of `cache-invalidator setup --ddl-trigger` are not installed, so a rewrite              (ALTER COLUMN ... TYPE), a partition DROP/DETACH/ATTACH, a DROP of a mapped table or a REFRESH of a mapped              materialized view leaves stale entries until `cache-invalidator flush --table T`"
+            "DDL is not tracked: the event triggers of `cache-invalidator setup --ddl-trigger` are not installed, so a rewrite (ALTER COLUMN ... TYPE), a partition DROP/DETACH/ATTACH, a DROP of a mapped table or a REFRESH of a mapped materialized view leaves stale entries until `cache-invalidator flush --table T`"
                 .into(),
         )];
     }
