@@ -177,9 +177,7 @@ impl Telemetry {
     /// A mapping fell back to the table's truncate invalidations, or (the
     /// `refresh_*` reasons) a refreshed key is unlinked instead of set.
     pub fn fallback(&self, table: &str, reason: crate::plan::FallbackReason, count: u64) {
-        for _ in 0..count {
-            self.metrics.fallback(table, reason.as_str());
-        }
+        self.metrics.fallback(table, reason.as_str(), count);
         if reason.is_refresh() {
             let outcome = if reason == crate::plan::FallbackReason::RefreshTooLarge {
                 RefreshOutcome::TooLarge

@@ -354,7 +354,7 @@ impl Metrics {
 
     /// One change fell back to its table's truncate invalidations; `reason` is
     /// a stable name such as [`crate::plan::FallbackReason::as_str`].
-    pub fn fallback(&self, table: &str, reason: &'static str) {
+    pub fn fallback(&self, table: &str, reason: &'static str, n: u64) {
         self.fallback_cache
             .get(table, reason, || {
                 self.fallbacks.get_or_create_owned(&TableReasonLabels {
@@ -362,7 +362,7 @@ impl Metrics {
                     reason,
                 })
             })
-            .inc();
+            .inc_by(n);
     }
 
     /// `n` declared invalidations of one kind planned (`source="declared"`).

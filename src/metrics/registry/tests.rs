@@ -21,9 +21,9 @@ fn exposition_after_a_known_sequence_has_exact_values_and_labels() {
     m.refreshes(RefreshOutcome::Set, 5);
     m.refreshes(RefreshOutcome::Kept, 2);
     m.refreshes(RefreshOutcome::Set, 1);
-    m.fallback("public.users", "unknown_value");
-    m.fallback("public.users", "unknown_value");
-    m.fallback("public.users", "missing_column");
+    m.fallback("public.users", "unknown_value", 1);
+    m.fallback("public.users", "unknown_value", 1);
+    m.fallback("public.users", "missing_column", 1);
     m.flush(FlushReason::MarkerAll);
     m.redis_error("connection");
     m.redis_error("connection");
@@ -105,7 +105,7 @@ fn exposition_after_a_known_sequence_has_exact_values_and_labels() {
 fn every_metric_name_is_exposed() {
     let m = Metrics::new();
     m.change("t", Op::Insert);
-    m.fallback("t", "unknown_value");
+    m.fallback("t", "unknown_value", 1);
     m.redis_error("oom");
     m.visibility_wait(Duration::from_millis(2));
     m.replica_up("10.0.0.2:5432", true);
