@@ -5,6 +5,7 @@
 use super::apply::ApplySink;
 use super::cluster::ClusterSink;
 use super::identity::{self, Identity, IdentityCheck};
+use super::shared::redis_err;
 use super::{ApplyStats, RedisSink, SinkError, SinkOptions, SinkTuning};
 use crate::plan::Plan;
 
@@ -94,11 +95,7 @@ impl ApplySink for Sink {
                 let _: String = redis::cmd("PING")
                     .query_async(&mut s.connection())
                     .await
-                    .map_err(|source| SinkError::Redis {
-                        command: "PING",
-                        target: s.target().to_owned(),
-                        source,
-                    })?;
+                    .map_err(redis_err(s.target(), "PING"))?;
                 Ok(())
             }
             Sink::Cluster(s) => s.ping().await,

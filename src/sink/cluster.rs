@@ -95,15 +95,13 @@ impl ClusterSink {
         if let Some(password) = &options.password {
             builder = builder.password(password.clone());
         }
-        let err = |source| SinkError::Redis {
-            command: "connect",
-            target: target.clone(),
-            source,
-        };
         let client = builder.build().map_err(|e| {
             SinkError::Config(format!("{target}: {}", super::client::redact(&e, options)))
         })?;
-        let conn = client.get_async_connection().await.map_err(err)?;
+        let conn = client
+            .get_async_connection()
+            .await
+            .map_err(redis_err(&target, "connect"))?;
         Ok(ClusterSink {
             client,
             conn: Arc::new(RwLock::new(conn)),

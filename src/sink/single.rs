@@ -138,11 +138,7 @@ impl RedisSink {
         let conn = client
             .get_connection_manager_with_config(config)
             .await
-            .map_err(|source| SinkError::Redis {
-                command: "connect",
-                target: target.clone(),
-                source,
-            })?;
+            .map_err(redis_err(&target, "connect"))?;
         Ok(RedisSink {
             conn,
             target,
