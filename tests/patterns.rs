@@ -235,24 +235,12 @@ fn a_worker_killed_during_a_pass_loses_nothing() {
     assert!(r.exists("filler:1"));
 }
 
-/// A small deterministic generator (no dependency needed for 1,000 names).
-struct Lcg(u64);
-
-impl Lcg {
-    fn next(&mut self, n: usize) -> usize {
-        self.0 = self
-            .0
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407);
-        ((self.0 >> 33) % n as u64) as usize
-    }
-
-    fn word(&mut self, alphabet: &[u8], max: usize) -> String {
-        let len = 1 + self.next(max);
-        (0..len)
-            .map(|_| alphabet[self.next(alphabet.len())] as char)
-            .collect()
-    }
+/// A name of 1 to `max` characters of `alphabet`.
+fn word(rng: &mut support::Rng, alphabet: &[u8], max: u64) -> String {
+    let len = 1 + rng.below(max);
+    (0..len)
+        .map(|_| alphabet[rng.below(alphabet.len() as u64) as usize] as char)
+        .collect()
 }
 
 /// One transaction updates 1,000 rows of a table whose rule has the pattern
@@ -274,10 +262,10 @@ fn a_thousand_patterns_in_one_batch_delete_what_each_would_alone() {
     cfg.run_setup(&[]);
 
     let alphabet = b"ab:*?[]\\^-1";
-    let mut rng = Lcg(17);
+    let mut rng = support::Rng(17);
     let mut names = BTreeSet::new();
     while names.len() < 1000 {
-        names.insert(rng.word(alphabet, 6));
+        names.insert(word(&mut rng, alphabet, 6));
     }
     let values: Vec<String> = names
         .iter()
@@ -299,8 +287,8 @@ fn a_thousand_patterns_in_one_batch_delete_what_each_would_alone() {
         keys.insert(format!("doc:{n}x:1"));
     }
     for _ in 0..3000 {
-        keys.insert(format!("doc:{}", rng.word(alphabet, 9)));
-        keys.insert(rng.word(alphabet, 9));
+        keys.insert(format!("doc:{}", word(&mut rng, alphabet, 9)));
+        keys.insert(word(&mut rng, alphabet, 9));
     }
     let mut conn = redis.client().get_connection().expect("redis");
     for chunk in keys.iter().collect::<Vec<_>>().chunks(500) {
