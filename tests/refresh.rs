@@ -251,6 +251,16 @@ fn insert_update_move_delete_leave_exactly_the_new_row() {
     pg.psql("BEGIN; INSERT INTO profiles (id, name) VALUES (4, 'c'); DELETE FROM profiles WHERE id = 4; COMMIT");
     support::sync_worker(&pg, &redis, WAIT);
     assert!(!probe.exists("user:4:profile") && !probe.exists("user:4:h"));
+
+    // A declared invalidation after an update of the same transaction: the
+    // later one wins, its key stays unlinked; the other key is refreshed.
+    pg.psql(r#"BEGIN; UPDATE profiles SET name = 'd' WHERE id = 3; SELECT pg_logical_emit_message(true, 'cache-invalidator', 'invalidate:v1:{"keys": ["user:3:profile"]}'); COMMIT"#);
+    support::sync_worker(&pg, &redis, WAIT);
+    assert!(!probe.exists("user:3:profile"));
+    assert_eq!(
+        hgetall(&redis, "user:3:h").get("name").map(String::as_str),
+        Some("d")
+    );
     assert_eq!(w.stop(WAIT), Some(0), "{}", w.log());
     assert!(!w.log().contains("could not be rendered"), "{}", w.log());
 }

@@ -5,6 +5,7 @@ use std::sync::Arc;
 
 use serde::Serialize;
 
+use super::render::{ByMode, Patterns, RenderTarget, Unlinks};
 use super::*;
 
 /// At most 60 bytes of a content, for an error message.
@@ -75,10 +76,18 @@ impl Planner {
         c.versions += d.versions.len() as u64;
         c.patterns += d.patterns.len() as u64;
         c.publish += d.channels.len() as u64;
+        // Keys and patterns drop a refresh an earlier change of the batch
+        // planned, as a mapped rule's do (docs/pre-warm.md).
+        let now = self.now();
         let plan = &mut self.plan;
         let buf = &mut self.scratch.buf;
+        let mut keys = Unlinks {
+            inner: ByMode::Unlink(&mut plan.keys),
+            refresh: &mut plan.refresh,
+            now,
+        };
         for k in &d.keys {
-            plan.keys.insert(k);
+            keys.add(k);
         }
         for (set, prefix, names) in [
             (&mut plan.tags, &self.ctx.tag_prefix, &d.tags),
@@ -91,8 +100,13 @@ impl Planner {
                 set.insert(buf);
             }
         }
+        let mut patterns = Patterns {
+            set: &mut plan.patterns,
+            refresh: &mut plan.refresh,
+            now,
+        };
         for p in &d.patterns {
-            plan.patterns.insert(p);
+            patterns.add(p);
         }
         if d.channels.is_empty() {
             return;

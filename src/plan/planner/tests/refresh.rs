@@ -157,6 +157,33 @@ fn refresh_delete_unlinks_and_a_later_unlink_wins() {
 }
 
 #[test]
+fn a_later_declared_key_or_pattern_drops_the_refresh() {
+    let (mut p, r) = profiles();
+    p.change(&change(&r, Op::Insert, None, Some(&user("1", "a"))));
+    p.change(&change(&r, Op::Insert, None, Some(&user("2", "b"))));
+    p.message(
+        crate::plan::planner::MESSAGE_PREFIX,
+        br#"invalidate:v1:{"keys": ["user:1:profile"], "patterns": ["user:2:*"]}"#,
+        Lsn(0x10),
+    );
+    let plan = p.take();
+    assert_eq!(
+        plan.refresh.keys().map(String::as_str).collect::<Vec<_>>(),
+        ["user:1:h"],
+        "the declared key and pattern came later"
+    );
+    assert!(plan.keys.contains("user:1:profile"));
+    // A refresh after the declared key (a later change) is kept.
+    p.message(
+        crate::plan::planner::MESSAGE_PREFIX,
+        br#"invalidate:v1:{"keys": ["user:1:profile"]}"#,
+        Lsn(0x10),
+    );
+    p.change(&change(&r, Op::Insert, None, Some(&user("1", "a"))));
+    assert!(p.take().refresh.contains_key("user:1:profile"));
+}
+
+#[test]
 fn refresh_of_a_moved_row_unlinks_the_old_key() {
     let (mut p, r) = profiles();
     p.change(&change(
