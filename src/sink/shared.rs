@@ -57,14 +57,19 @@ pub(super) struct Settings {
 }
 
 impl Settings {
+    /// `options`' WAIT and second delete, and [`SinkTuning::default`]: the
+    /// defaults are written once, there.
     pub(super) fn new(options: &SinkOptions) -> Settings {
-        Settings {
-            tombstone_ms: DEFAULT_TOMBSTONE_MS,
-            scan_count: patterns::DEFAULT_SCAN_COUNT,
+        let mut settings = Settings {
+            // Set by `tune` below.
+            tombstone_ms: 0,
+            scan_count: 0,
             wait_replicas: options.wait_replicas,
             redelete_after: options.redelete_after,
             pacer: PassPacer::new(false),
-        }
+        };
+        settings.tune(&SinkTuning::default());
+        settings
     }
 
     /// Takes `tuning` (tombstone hold at least 1 ms, SCAN count at least 1).
@@ -167,4 +172,29 @@ pub(super) fn spawn_redelete(
             tracing::warn!(error = %err, "the delayed second delete (redelete_after_ms) failed; the first one succeeded");
         }
     });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_untuned_sink_runs_the_default_tuning() {
+        let options = SinkOptions {
+            url: "redis://127.0.0.1:6379".to_owned(),
+            password: None,
+            wait_replicas: 2,
+            redelete_after: None,
+            tls: Default::default(),
+        };
+        let settings = Settings::new(&options);
+        let defaults = SinkTuning::default();
+        assert_eq!(
+            Duration::from_millis(settings.tombstone_ms),
+            defaults.tombstone_hold
+        );
+        assert_eq!(settings.scan_count, defaults.pattern_scan_count);
+        assert_eq!(settings.tombstone_ms, DEFAULT_TOMBSTONE_MS);
+        assert_eq!(settings.wait_replicas, 2);
+    }
 }
