@@ -10,7 +10,7 @@
 
 use futures_util::stream::{self, StreamExt, TryStreamExt};
 use redis::aio::ConnectionLike;
-use redis::{Cmd, RedisError, Script, Value};
+use redis::{Cmd, RedisError, Script, ScriptInvocation, ToRedisArgs, Value};
 
 use crate::map::RefreshFormat;
 use crate::plan::{RefreshMap, RefreshSet, RefreshValue};
@@ -32,17 +32,40 @@ pub struct RefreshOutcome {
     pub kept: u64,
 }
 
+/// What a REFRESH_SET call's arguments are appended to: an EVALSHA command
+/// (one server) or a script invocation (a cluster).
+trait Args {
+    fn push<T: ToRedisArgs>(&mut self, arg: T);
+}
+
+impl Args for Cmd {
+    fn push<T: ToRedisArgs>(&mut self, arg: T) {
+        self.arg(arg);
+    }
+}
+
+impl Args for ScriptInvocation<'_> {
+    fn push<T: ToRedisArgs>(&mut self, arg: T) {
+        self.arg(arg);
+    }
+}
+
 /// Appends one key's arguments to a REFRESH_SET call (after its keys).
-fn push_args(cmd: &mut Cmd, set: &RefreshSet) {
-    cmd.arg(set.version.to_string()).arg(set.ttl_s.unwrap_or(0));
+fn push_args(call: &mut impl Args, set: &RefreshSet) {
+    call.push(set.version.to_string());
+    call.push(set.ttl_s.unwrap_or(0));
     match &set.value {
         RefreshValue::Json(text) => {
-            cmd.arg(RefreshFormat::Json.as_str()).arg(1).arg(text);
+            call.push(RefreshFormat::Json.as_str());
+            call.push(1);
+            call.push(text);
         }
         RefreshValue::Hash(fields) => {
-            cmd.arg(RefreshFormat::Hash.as_str()).arg(fields.len() * 2);
+            call.push(RefreshFormat::Hash.as_str());
+            call.push(fields.len() * 2);
             for (field, value) in fields {
-                cmd.arg(field).arg(value);
+                call.push(field);
+                call.push(value);
             }
         }
     }
@@ -141,25 +164,7 @@ pub async fn apply_cluster<C: ConnectionLike + Clone + Send + 'static>(
             let mut conn = conn.clone();
             async move {
                 let mut invocation = script.key(key.as_str());
-                invocation
-                    .arg(set.version.to_string())
-                    .arg(set.ttl_s.unwrap_or(0));
-                match &set.value {
-                    RefreshValue::Json(text) => {
-                        invocation
-                            .arg(RefreshFormat::Json.as_str())
-                            .arg(1)
-                            .arg(text.as_str());
-                    }
-                    RefreshValue::Hash(fields) => {
-                        invocation
-                            .arg(RefreshFormat::Hash.as_str())
-                            .arg(fields.len() * 2);
-                        for (field, value) in fields {
-                            invocation.arg(field.as_str()).arg(value.as_str());
-                        }
-                    }
-                }
+                push_args(&mut invocation, set);
                 let set: i64 = invocation.invoke_async(&mut conn).await?;
                 Ok::<RefreshOutcome, RedisError>(if set > 0 {
                     RefreshOutcome { set: 1, kept: 0 }
