@@ -81,7 +81,10 @@ pub enum SourceItem {
     /// (dropped, not yet recreated) and skipped it: the walsender's WARNING
     /// "skipped loading publication", in stream order after everything
     /// decoded before that change. The changes of that window are never
-    /// sent, so every mapped table must be flushed here. Durable without us:
+    /// sent, so every mapped table must be flushed here. The walsender warns
+    /// once, at the window's first change: later ones while the publication
+    /// is still missing are skipped silently, and the publication watch's
+    /// flush:all covers them (docs/failure-modes.md). Durable without us:
     /// until a later position is acknowledged, a restart decodes the window
     /// again and the walsender warns again. (Before 18 the walsender fails
     /// with "publication does not exist" instead.)
