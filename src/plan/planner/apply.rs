@@ -176,28 +176,37 @@ impl Planner {
         collect: bool,
     ) {
         let now = self.now();
+        // A key that is only unlinked renders into the scratch buffer; only
+        // the key that is set is allocated.
+        let mut unlinked = std::mem::take(&mut self.scratch.buf);
+        unlinked.clear();
+        if op == Op::Delete {
+            if rf
+                .key
+                .render_into(&mut unlinked, |i| value_text(rr, primary, i))
+                .is_ok()
+            {
+                self.unlink(mode, &unlinked, now, collect);
+            }
+            self.scratch.buf = unlinked;
+            return;
+        }
         let mut key = String::new();
         let new_key = rf
             .key
             .render_into(&mut key, |i| value_text(rr, primary, i))
             .is_ok();
-        if op == Op::Delete {
-            if new_key {
-                self.unlink(mode, &key, now, collect);
-            }
-            return;
-        }
         if let Some(old) = secondary {
-            let mut old_key = String::new();
             if rf
                 .key
-                .render_into(&mut old_key, |i| value_text(rr, old, i))
+                .render_into(&mut unlinked, |i| value_text(rr, old, i))
                 .is_ok()
-                && (!new_key || old_key != key)
+                && (!new_key || unlinked != key)
             {
-                self.unlink(mode, &old_key, now, collect);
+                self.unlink(mode, &unlinked, now, collect);
             }
         }
+        self.scratch.buf = unlinked;
         if !new_key {
             return; // a NULL in the key: no key
         }
