@@ -12,6 +12,10 @@ use support::{PgCluster, RedisProbe, RedisServer, WorkerConfig, WorkerProcess};
 
 const WAIT: Duration = Duration::from_secs(60);
 
+/// The publication `setup` creates for `items` and the sync probe, created
+/// again by hand.
+const RECREATE_PUBLICATION: &str = "CREATE PUBLICATION cache_invalidator FOR TABLE items, sync_probe WITH (publish_via_partition_root = true)";
+
 const ITEMS: &str = "[[table]]\nname = \"items\"\nkeys = [\"item:{id}\"]\n";
 
 /// Waits until `/readyz` answers `want` with a body containing `needle`.
@@ -47,6 +51,16 @@ fn start(
     support::sync_worker(pg, redis, WAIT);
     wait_readyz(port, 200, "ok");
     (cfg, worker, port)
+}
+
+/// Stops `worker` gracefully (exit code 0, else its log).
+fn stop_cleanly(mut worker: WorkerProcess) {
+    assert_eq!(
+        worker.stop(Duration::from_secs(10)),
+        Some(0),
+        "{}",
+        worker.log()
+    );
 }
 
 /// Servers, with the table `items` holding rows `ids` (v = 0) and then
@@ -187,7 +201,7 @@ fn a_dropped_publication_is_recreated_by_setup_with_the_slot_and_a_full_flush() 
     pg.psql("DROP PUBLICATION cache_invalidator");
     probe.set("item:2", "stale");
     pg.psql("UPDATE items SET v = 1 WHERE id = 2");
-    pg.psql("CREATE PUBLICATION cache_invalidator FOR TABLE items, sync_probe WITH (publish_via_partition_root = true)");
+    pg.psql(RECREATE_PUBLICATION);
     if support::pg_major() >= 18 {
         probe.wait_gone("item:2", WAIT);
         worker.wait_log("PostgreSQL skipped those changes", WAIT);
@@ -216,19 +230,14 @@ fn a_dropped_publication_is_recreated_by_setup_with_the_slot_and_a_full_flush() 
 #[test]
 fn a_publication_recreated_while_the_worker_was_down_is_flushed_in_the_stream() {
     let (pg, redis) = servers(&[1, 2], "");
-    let (cfg, mut worker, _port) = start(&pg, &redis, &[("items.toml", ITEMS)]);
-    assert_eq!(
-        worker.stop(Duration::from_secs(10)),
-        Some(0),
-        "{}",
-        worker.log()
-    );
+    let (cfg, worker, _port) = start(&pg, &redis, &[("items.toml", ITEMS)]);
+    stop_cleanly(worker);
     let mut probe = RedisProbe::new(&redis);
     probe.set("item:1", "stale");
     probe.set("item:2", "flushed too");
     pg.psql("DROP PUBLICATION cache_invalidator");
     pg.psql("UPDATE items SET v = 1 WHERE id = 1");
-    pg.psql("CREATE PUBLICATION cache_invalidator FOR TABLE items, sync_probe WITH (publish_via_partition_root = true)");
+    pg.psql(RECREATE_PUBLICATION);
     if support::pg_major() < 18 {
         let (code, out, err) = cfg.command(&["setup"]);
         assert_eq!(code, 0, "{out}\n{err}");
@@ -273,7 +282,7 @@ fn a_change_after_the_skipped_publication_warning_is_flushed_by_the_watch() {
     // After the in-stream flush: skipped without a warning.
     probe.set("item:2", "stale");
     pg.psql("UPDATE items SET v = 1 WHERE id = 2");
-    pg.psql("CREATE PUBLICATION cache_invalidator FOR TABLE items, sync_probe WITH (publish_via_partition_root = true)");
+    pg.psql(RECREATE_PUBLICATION);
     probe.wait_gone("item:2", WAIT);
     wait_readyz(port, 200, "ok");
     streams_on_precisely(
@@ -288,13 +297,8 @@ fn a_change_after_the_skipped_publication_warning_is_flushed_by_the_watch() {
 #[test]
 fn a_dropped_publication_is_repaired_by_auto_setup_loudly() {
     let (pg, redis) = servers(&[1, 2], "");
-    let (cfg, mut worker, port) = start(&pg, &redis, &[("items.toml", ITEMS)]);
-    assert_eq!(
-        worker.stop(Duration::from_secs(10)),
-        Some(0),
-        "{}",
-        worker.log()
-    );
+    let (cfg, worker, port) = start(&pg, &redis, &[("items.toml", ITEMS)]);
+    stop_cleanly(worker);
     cfg.set_auto_setup();
     let worker = cfg.spawn_worker();
     support::sync_worker(&pg, &redis, WAIT);
@@ -375,16 +379,10 @@ fn a_dropped_template_column_runs_that_table_in_fallback_after_a_restart() {
     );
     let codes =
         "[[table]]\nname = \"codes\"\nkeys = [\"code:{code}\"]\nassume_unchanged = [\"code\"]\n";
-    let (cfg, mut worker, port) =
-        start(&pg, &redis, &[("items.toml", ITEMS), ("codes.toml", codes)]);
+    let (cfg, worker, port) = start(&pg, &redis, &[("items.toml", ITEMS), ("codes.toml", codes)]);
     let mut probe = RedisProbe::new(&redis);
     pg.psql("ALTER TABLE codes DROP COLUMN code");
-    assert_eq!(
-        worker.stop(Duration::from_secs(10)),
-        Some(0),
-        "{}",
-        worker.log()
-    );
+    stop_cleanly(worker);
 
     let (code, out, err) = cfg.command(&["check"]);
     assert_eq!(code, 2, "{out}\n{err}");

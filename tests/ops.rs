@@ -427,6 +427,15 @@ fn replay_apply_deletes_the_keys_of_a_recorded_file() {
     assert!(probe.exists("post:9") && probe.exists("control:keep"));
 }
 
+/// Makes `cfg`'s `[postgres] url` (`pg`'s) set `application_name = name`.
+fn set_application_name(cfg: &WorkerConfig, pg: &PgCluster, name: &str) {
+    let text = std::fs::read_to_string(cfg.path()).expect("config");
+    let url = pg.url();
+    assert!(text.contains(&url), "{text}");
+    let text = text.replace(&url, &format!("{url}?application_name={name}"));
+    std::fs::write(cfg.path(), text).expect("write config");
+}
+
 /// `status` names the worker streaming the slot (its application name and
 /// address from `pg_stat_replication`), not only the walsender's PID, and
 /// recognises it by the application name its own config sets.
@@ -468,11 +477,7 @@ fn status_names_the_worker_that_streams_the_slot() {
     streaming("cache-invalidator");
 
     // Another application_name in the URL: still recognised as ours.
-    let text = std::fs::read_to_string(cfg.path()).expect("config");
-    let url = pg.url();
-    assert!(text.contains(&url), "{text}");
-    let text = text.replace(&url, &format!("{url}?application_name=billing-cache"));
-    std::fs::write(cfg.path(), text).expect("write config");
+    set_application_name(&cfg, &pg, "billing-cache");
     streaming("billing-cache");
 }
 
@@ -484,11 +489,7 @@ fn check_warns_when_synchronous_standby_names_names_the_worker() {
     let redis = RedisServer::start();
     let cfg = WorkerConfig::new(&pg, &redis, &support::with_sync_probe(&pg, &[]), "");
     cfg.run_setup(&[]);
-    let text = std::fs::read_to_string(cfg.path()).expect("config");
-    let url = pg.url();
-    assert!(text.contains(&url), "{text}");
-    let text = text.replace(&url, &format!("{url}?application_name=billing-cache"));
-    std::fs::write(cfg.path(), text).expect("write config");
+    set_application_name(&cfg, &pg, "billing-cache");
     // Read-only from here: a commit would wait for that standby.
     pg.psql("ALTER SYSTEM SET synchronous_standby_names = '\"billing-cache\"'");
     pg.psql("SELECT pg_reload_conf()");
