@@ -176,3 +176,36 @@ fn setup_refuses_wal_level_replica_before_changing_anything() {
     assert_eq!(code, 2, "{log}");
     assert!(log.contains("wal_level is \"replica\""), "{log}");
 }
+
+/// A listed replica that accepts the connection and never answers (a hung
+/// server, a black-holing proxy) is a warning, as an unreachable one is:
+/// `check` and `run`'s start-up do not wait for it.
+#[test]
+fn a_replica_that_never_answers_is_a_warning_not_a_wait() {
+    let pg = PgCluster::start();
+    let redis = RedisServer::start();
+    pg.psql("CREATE TABLE items (id int PRIMARY KEY, v int)");
+    // The kernel completes the handshake; nothing ever reads or answers.
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = silent.local_addr().expect("port").port();
+    let cfg = with_replica(
+        config(&pg, &format!("url = \"{}\"", redis.url()), None, ITEMS),
+        &format!("postgres://postgres@127.0.0.1:{port}/postgres"),
+    );
+    let (code, out, err) = cfg.command(&["setup"]);
+    assert_eq!(code, 0, "{out}\n{err}");
+    let started = Instant::now();
+    let (code, out, err) = cfg.command(&["check"]);
+    assert_eq!(code, 0, "{out}\n{err}");
+    assert!(
+        err.contains(&format!(
+            "[postgres] replicas: replica 127.0.0.1:{port}: unreachable"
+        )),
+        "{err}"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(20),
+        "{:?}",
+        started.elapsed()
+    );
+}

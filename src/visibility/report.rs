@@ -6,7 +6,15 @@
 
 use serde::Serialize;
 
+use std::time::Duration;
+
 use crate::lsn::Lsn;
+
+/// How long connecting to a replica, and then its one query, may take: a
+/// server that accepts the connection and never answers is reported like an
+/// unreachable one instead of holding `check`, `status` and `run`'s start-up
+/// (`connect_timeout` bounds only the TCP connection).
+const ANSWER_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// One replica as `check` and `status` report it. Field names are stable
 /// (`status --json`).
@@ -100,31 +108,39 @@ async fn inspect(
         problem: None,
     };
     let password = if own_password { None } else { password };
-    let sql = match crate::pg::connect_url(url, password).await {
-        Ok(sql) => sql,
-        Err(e) => {
-            report.problem = Some(format!("unreachable ({e}): not waited for while down"));
-            return report;
-        }
-    };
-    let row = sql
-        .client()
-        .query_one(
-            "SELECT (SELECT system_identifier::text FROM pg_control_system()), pg_is_in_recovery(), \
+    let no_answer = || format!("no answer within {ANSWER_TIMEOUT:?}");
+    let unreachable = |why: String| Some(format!("unreachable ({why}): not waited for while down"));
+    let sql =
+        match tokio::time::timeout(ANSWER_TIMEOUT, crate::pg::connect_url(url, password)).await {
+            Ok(Ok(sql)) => sql,
+            Ok(Err(e)) => {
+                report.problem = unreachable(e.to_string());
+                return report;
+            }
+            Err(_) => {
+                report.problem = unreachable(no_answer());
+                return report;
+            }
+        };
+    let query = sql.client().query_one(
+        "SELECT (SELECT system_identifier::text FROM pg_control_system()), pg_is_in_recovery(), \
              pg_last_wal_replay_lsn()::text, \
              CASE WHEN pg_last_wal_receive_lsn() IS NULL \
                     OR pg_last_wal_replay_lsn() >= pg_last_wal_receive_lsn() THEN 0::float8 \
                   ELSE extract(epoch FROM now() - pg_last_xact_replay_timestamp())::float8 END",
-            &[],
-        )
-        .await;
-    let row = match row {
-        Ok(r) => r,
-        Err(e) => {
+        &[],
+    );
+    let row = match tokio::time::timeout(ANSWER_TIMEOUT, query).await {
+        Ok(Ok(r)) => r,
+        Ok(Err(e)) => {
             report.problem = Some(format!(
                 "cannot read its replay position: {}",
                 crate::pg::describe(&e)
             ));
+            return report;
+        }
+        Err(_) => {
+            report.problem = Some(format!("cannot read its replay position: {}", no_answer()));
             return report;
         }
     };
