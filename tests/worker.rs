@@ -270,7 +270,8 @@ fn a_failed_check_exits_at_once_while_redis_is_unreachable() {
 }
 
 /// Redis down when the worker starts (setup done, so the checks pass): the
-/// worker waits, retrying with backoff, and invalidates once Redis is back.
+/// worker waits, retrying with backoff, says so once, and invalidates once
+/// Redis is back.
 #[test]
 fn a_worker_started_while_redis_is_down_streams_once_it_returns() {
     let (pg, mut redis, cfg) = demo();
@@ -282,7 +283,16 @@ fn a_worker_started_while_redis_is_down_streams_once_it_returns() {
             .contains("Redis unreachable; retrying")
             .then_some(())
     });
-    assert_eq!(worker.try_exit_code(), None, "{}", worker.log());
+    // Several attempts in 3 s (backoff from 100 ms), one line (repeats.rs:
+    // the next one is due after 30 s, with the count).
+    std::thread::sleep(Duration::from_secs(3));
+    let log = worker.log();
+    assert_eq!(
+        log.matches("Redis unreachable; retrying").count(),
+        1,
+        "{log}"
+    );
+    assert_eq!(worker.try_exit_code(), None, "{log}");
     redis.restart();
     sync(&pg, &redis);
     let mut r = RedisProbe::new(&redis);
