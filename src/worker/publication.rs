@@ -243,7 +243,6 @@ fn report(
         telemetry.health.set_drift(None);
         return;
     }
-    let new = now != last;
     let reason = now.join("; ");
     if let Some(count) = repeats.tick_for(&reason) {
         tracing::error!(
@@ -255,7 +254,7 @@ fn report(
     }
     telemetry
         .metrics
-        .set_publication_drift(Some(new && !now.iter().all(|l| last.contains(l))));
+        .set_publication_drift(Some(now.iter().any(|l| !last.contains(l))));
     telemetry.health.set_drift(Some(reason));
 }
 
